@@ -1,0 +1,56 @@
+"""Shared option aliases and the one place that turns known errors into a readable line."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional, TypeVar
+
+import typer
+from rich.console import Console
+
+from ..errors import GradcoupleError
+
+console = Console(stderr=True)
+F = TypeVar("F", bound=Callable)
+
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="YAML config (sections data/model/extract/couple/ripple/report); flags override it.", exists=True, dir_okay=False),
+]
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="Hub id, local directory, .gguf file, or alias (smollm2-135m, gemma3-270m, gpt2-tiny-random, llama-tiny-random)."),
+]
+LayersOpt = Annotated[
+    Optional[str],
+    typer.Option("--layers", "-l", help="Target blocks: 'last4' (default), 'all', a range '26-29', a list '0,5,11', or a module-name regex 're:...'."),
+]
+RunDirOpt = Annotated[Path, typer.Option("--run", "-r", help="Run directory made by `gradcouple extract --out` or `gradcouple run --out`.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace artifacts made under a different configuration.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N, mps or auto.")]
+
+
+def handle_errors(fn: F) -> F:
+    """Print a GradcoupleError as one red line and exit with its code (traceback with GRADCOUPLE_DEBUG=1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GradcoupleError as e:
+            if os.environ.get("GRADCOUPLE_DEBUG"):
+                raise
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]: completed shards are kept; rerun the same command to resume.")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def stdout_is_tty() -> bool:
+    return sys.stdout.isatty()

@@ -1,0 +1,148 @@
+"""One pydantic ``RunConfig`` shared by every stage, loadable from YAML, saved resolved per run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+from .io import write_json
+from .pieces import DEFAULT_PROMPT_TEMPLATE
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Which knowledge pieces to score and how their prompts read."""
+
+    pieces: Optional[Path] = Field(default=None, description="pieces.jsonl; None = the bundled real sample")
+    limit: Optional[int] = Field(default=None, ge=1, description="Use only the first N pieces")
+    prompt_template: str = Field(default=DEFAULT_PROMPT_TEMPLATE, description="Template for question pieces; must contain {question}")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_slot(cls, v: str) -> str:
+        if "{question}" not in v:
+            raise ValueError("must contain the placeholder {question}")
+        return v
+
+
+class ModelConfig(_Section):
+    """The causal LM and the layers whose weights define theta."""
+
+    name: str = Field(default=DEFAULT_MODEL, description="Hub id, local dir, .gguf file or alias")
+    revision: Optional[str] = Field(default=None, description="Hub revision (branch, tag or commit)")
+    layers: str = Field(default="last4", description="'last4', 'lastN', 'all', '26-29', '0,5,11' or 're:<module regex>'")
+    module: Optional[str] = Field(default=None, description="Module name inside each block, e.g. 'mlp.down_proj'; None = the architecture's default")
+    device: str = Field(default="auto", description="cpu, cuda, cuda:N, mps or auto")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Compute dtype (autocast on GPU)")
+
+
+class ExtractConfig(_Section):
+    """Per-example gradient extraction into fp16 shards."""
+
+    store: Literal["factors", "dense", "projected"] = Field(default="factors", description="Shard format")
+    batch_size: int = Field(default=16, ge=1, description="Pieces per forward/backward (halved on CUDA OOM)")
+    shard_size: int = Field(default=256, ge=1, description="Pieces per shard file")
+    proj_dim: int = Field(default=64, ge=1, description="k_in = k_out of the Kronecker projection (store=projected)")
+    seed: int = Field(default=0, description="Projection seed")
+    max_length: int = Field(default=256, ge=4, description="Token limit of prompt+answer; longer prompts are cut from the left")
+
+
+class CoupleConfig(_Section):
+    """Gram / cosine (GradSim) computation."""
+
+    block_size: int = Field(default=256, ge=1, description="Pieces per block of the blocked all-pairs product")
+    top_k: Optional[int] = Field(default=None, ge=1, description="Keep only the K nearest pieces per row instead of N x N")
+    max_memory: Optional[float] = Field(default=None, gt=0, description="Memory bound in GiB (default: 1/4 of RAM)")
+    top_pairs: int = Field(default=50, ge=1, description="Rows of pairs.csv")
+    thresholds: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7], description="Cosine thresholds counted in stats.json")
+    method: Literal["auto", "factored", "dense"] = Field(default="auto", description="Gram algorithm for the factors store")
+
+
+class RippleConfig(_Section):
+    """Real edits and their measured ripple effect."""
+
+    n_edits: int = Field(default=5, ge=1, description="How many pieces to edit (one at a time)")
+    method: Literal["finetune", "rome"] = Field(default="finetune", description="Edit method on the target layers")
+    steps: int = Field(default=10, ge=1, description="Gradient steps per edit (finetune)")
+    lr: float = Field(default=1e-3, gt=0, description="Adam learning rate of the edit (finetune)")
+    seed: int = Field(default=0, description="Choice of edited pieces and substitute counterfactuals")
+    top_k: int = Field(default=10, ge=1, description="k of precision@k")
+
+
+class ReportConfig(_Section):
+    """HTML report."""
+
+    max_heatmap: int = Field(default=200, ge=2, description="Largest N drawn as a full heatmap")
+
+
+class RunConfig(_Section):
+    """Every stage's settings. ``extract_hash`` covers exactly what changes the gradients."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    couple: CoupleConfig = Field(default_factory=CoupleConfig)
+    ripple: RippleConfig = Field(default_factory=RippleConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    def extract_hash(self) -> str:
+        """sha256 (16 hex) of the settings that determine the shards' contents."""
+        d = {
+            "data": self.data.model_dump(mode="json"),
+            "model": self.model.model_dump(mode="json", exclude={"device"}),
+            "extract": self.extract.model_dump(mode="json", exclude={"batch_size"}),
+        }
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the resolved config as JSON (atomic)."""
+        write_json(path, self.model_dump(mode="json"))
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a YAML or JSON config and apply dotted overrides like ``{"model.name": "gpt2"}``.
+
+    ``None`` override values are ignored, so CLI flags left unset keep the file's values.
+
+    Raises:
+        ConfigError: unreadable file or invalid field; the message names the file and field.
+    """
+    raw: dict[str, Any] = {}
+    src = "flags"
+    if path is not None:
+        src = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            raw = yaml.safe_load(text) or {}
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config ({e.strerror}).") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e}).") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a config is a mapping with sections data/model/extract/couple/ripple/report.")
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, field = key.partition(".")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{src}: section '{section}' must be a mapping.")
+        raw[section][field] = value
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise ConfigError(f"{src}: field '{loc}': {err['msg']} (got {err.get('input')!r}).") from None

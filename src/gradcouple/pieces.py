@@ -1,0 +1,124 @@
+"""Knowledge pieces: the facts behind a multi-hop question, one pydantic record per JSONL line."""
+
+from __future__ import annotations
+
+import json
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Iterable, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import DataError
+from .io import atomic_open
+
+DEFAULT_PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
+
+
+class PieceKind(str, Enum):
+    """How a piece's prompt reads: a single-hop question, a cloze prefix, or the whole multi-hop question."""
+
+    single_hop = "single_hop"
+    cloze = "cloze"
+    multi_hop = "multi_hop"
+
+
+class Triple(BaseModel):
+    """A (subject, relation, object) fact."""
+
+    model_config = ConfigDict(extra="forbid")
+    subject: str
+    relation: str
+    object: str
+
+
+class KnowledgePiece(BaseModel):
+    """One knowledge piece: a prompt whose answer the model is scored on.
+
+    ``id`` is stable across runs: ``dataset:record:hop`` (``hop`` is ``q`` for the whole
+    multi-hop question). ``prompt`` is the question text for question kinds (rendered with the
+    config's ``prompt_template`` at scoring time) and the verbatim prefix for cloze pieces.
+    ``owners`` lists every multi-hop question id that yielded an identical (prompt, answer)
+    piece after deduplication; ``question_id`` is the first of them.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="Stable id dataset:record:hop")
+    dataset: str = Field(description="Source dataset name, e.g. 'musique'")
+    question_id: str = Field(description="Id of the multi-hop question this piece belongs to")
+    hop: Optional[int] = Field(default=None, description="0-based hop index; None for the multi-hop question")
+    kind: PieceKind
+    prompt: str = Field(min_length=1)
+    answer: str = Field(min_length=1)
+    aliases: list[str] = Field(default_factory=list)
+    support: Optional[str] = Field(default=None, description="Supporting text the fact comes from")
+    triple: Optional[Triple] = None
+    counterfactual: Optional[str] = Field(default=None, description="Answer an edit rewrites this piece to")
+    owners: list[str] = Field(default_factory=list, description="All question ids sharing this piece")
+
+    @field_validator("prompt", "answer")
+    @classmethod
+    def _strip_nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+    def render(self, template: str = DEFAULT_PROMPT_TEMPLATE) -> tuple[str, str]:
+        """Return the exact (prompt, answer) strings that are scored.
+
+        Question kinds go through ``template`` (which must contain ``{question}``); cloze
+        prefixes are used as is. The answer gets a leading space unless the prompt already
+        ends in whitespace, so that BPE and SentencePiece vocabularies see a word start.
+        """
+        prompt = self.prompt if self.kind == PieceKind.cloze else template.format(question=self.prompt)
+        answer = self.answer.strip()
+        if not prompt[-1:].isspace():
+            answer = " " + answer
+        return prompt, answer
+
+
+def write_pieces(path: str | os.PathLike, pieces: Iterable[KnowledgePiece]) -> int:
+    """Atomically write pieces as JSONL; return how many were written."""
+    n = 0
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        for p in pieces:
+            fh.write(p.model_dump_json(exclude_none=True) + "\n")
+            n += 1
+    return n
+
+
+def read_pieces(path: str | os.PathLike) -> list[KnowledgePiece]:
+    """Read a pieces JSONL file.
+
+    Raises:
+        DataError: the file is missing or empty, a line is not JSON, or a field is invalid;
+            the message names the file, the line and the field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such pieces file; make one with `gradcouple download DATASET --out DIR`.")
+    pieces: list[KnowledgePiece] = []
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}).") from None
+            try:
+                piece = KnowledgePiece.model_validate(obj)
+            except ValidationError as e:
+                err = e.errors()[0]
+                field = ".".join(str(x) for x in err["loc"]) or "<record>"
+                raise DataError(f"{path}:{lineno}: field '{field}': {err['msg']}.") from None
+            if piece.id in seen:
+                raise DataError(f"{path}:{lineno}: field 'id': duplicate piece id {piece.id!r}.")
+            seen.add(piece.id)
+            pieces.append(piece)
+    if not pieces:
+        raise DataError(f"{path}: contains no pieces.")
+    return pieces

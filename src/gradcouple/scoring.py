@@ -1,0 +1,144 @@
+"""What is differentiated: the answer log-probability log P(a | q), summed over all answer tokens.
+
+Prompt and answer are tokenized together and the answer tokens located by character offsets,
+because tokenizing them separately gives different tokens at the boundary for BPE and
+SentencePiece vocabularies. Logits are computed only at the positions that predict answer
+tokens: the LM head is the largest matmul of a small model, and most positions need none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .errors import DataError, ModelError
+
+
+@dataclass(frozen=True)
+class EncodedPiece:
+    """Token ids of prompt+answer and where the answer starts.
+
+    ``ids[answer_start:]`` are the answer tokens; ``ids[:answer_start]`` the prompt tokens
+    (after left truncation to ``max_length``).
+    """
+
+    ids: tuple[int, ...]
+    answer_start: int
+    prompt: str
+    answer: str
+
+    @property
+    def n_prompt_tokens(self) -> int:
+        return self.answer_start
+
+    @property
+    def n_answer_tokens(self) -> int:
+        return len(self.ids) - self.answer_start
+
+    @property
+    def n_inputs(self) -> int:
+        """Positions fed to the model: the last answer token is only ever a target."""
+        return len(self.ids) - 1
+
+
+def encode(tokenizer, prompt: str, answer: str, max_length: int = 256, where: str = "") -> EncodedPiece:
+    """Tokenize ``prompt + answer`` once and locate the answer tokens by offsets.
+
+    A token belongs to the answer when its character span ends after the answer's first
+    non-space character, so a word-initial token that carries the separating space
+    (" Paris", "▁Paris") counts as an answer token.
+
+    Raises:
+        DataError: the answer yields no token, or nothing precedes it.
+    """
+    text = prompt + answer
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    while ids and ids[-1] in special and offsets[-1][1] <= offsets[-1][0]:
+        ids.pop(), offsets.pop()  # trailing EOS some tokenizers append
+    a_char = len(prompt) + (len(answer) - len(answer.lstrip()))
+    start = next((i for i, (s, e) in enumerate(offsets) if e > a_char and e > s), None)
+    if start is None:
+        raise DataError(f"{where}answer {answer!r} produced no tokens after prompt {prompt[-40:]!r}.")
+    if start == 0:
+        raise DataError(f"{where}prompt {prompt!r} produced no token before the answer; give the piece a prompt.")
+    if len(ids) > max_length:
+        cut = len(ids) - max_length
+        if cut >= start:
+            raise DataError(f"{where}answer {answer[:40]!r} is longer than extract.max_length={max_length} tokens; raise --max-length.")
+        ids, start = ids[cut:], start - cut
+    return EncodedPiece(tuple(ids), start, prompt, answer)
+
+
+@dataclass
+class Batch:
+    """Right-padded inputs and the scored positions of a batch of B pieces.
+
+    input_ids, attention_mask: (B, T) int64, T = max n_inputs. pos_b, pos_t, targets: (M,)
+    int64, one entry per answer token: logits at (pos_b, pos_t) predict ``targets``.
+    lengths: (B,) int64 = n_inputs per piece.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pos_b: torch.Tensor
+    pos_t: torch.Tensor
+    targets: torch.Tensor
+    lengths: torch.Tensor
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.pos_b, self.pos_t, self.targets, self.lengths)))
+
+
+def collate(pieces: Sequence[EncodedPiece], pad_id: int = 0) -> Batch:
+    """Build a right-padded :class:`Batch` (padded positions are masked and never scored)."""
+    B = len(pieces)
+    T = max(p.n_inputs for p in pieces)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    pb, pt, tg = [], [], []
+    for b, p in enumerate(pieces):
+        n = p.n_inputs
+        input_ids[b, :n] = torch.tensor(p.ids[:n])
+        mask[b, :n] = 1
+        for k in range(p.answer_start, len(p.ids)):
+            pb.append(b), pt.append(k - 1), tg.append(p.ids[k])
+    lengths = torch.tensor([p.n_inputs for p in pieces], dtype=torch.long)
+    return Batch(input_ids, mask, torch.tensor(pb), torch.tensor(pt), torch.tensor(tg), lengths)
+
+
+def _final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ModelError(f"{type(model).__name__} has no output embedding (LM head); gradcouple needs a causal LM.")
+    logits = head(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    scale = getattr(model.config, "logits_scaling", None)
+    if scale:
+        logits = logits / scale
+    return logits
+
+
+def answer_logprob(model, batch: Batch) -> torch.Tensor:
+    """log P(answer | prompt) per piece, in nats: (B,) float32, differentiable.
+
+    Runs the base model (no LM head) over the batch and applies the LM head only at the M
+    scored positions: logits (M, V) instead of (B, T, V).
+    """
+    out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    logits = _final_logits(model, hidden[batch.pos_b, batch.pos_t])
+    token_lp = logits.log_softmax(-1).gather(1, batch.targets[:, None])[:, 0]
+    return torch.zeros(batch.input_ids.shape[0], dtype=token_lp.dtype, device=token_lp.device).index_add(0, batch.pos_b, token_lp)
+
+
+def full_logits_logprob(model, batch: Batch) -> torch.Tensor:
+    """Reference log P(answer | prompt) from the model's own full forward (all logits), (B,) float32."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits.float()
+    lp = logits[batch.pos_b, batch.pos_t].log_softmax(-1).gather(1, batch.targets[:, None])[:, 0]
+    return torch.zeros(batch.input_ids.shape[0], dtype=lp.dtype).index_add(0, batch.pos_b.cpu(), lp.cpu())

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from gradcouple.scoring import EncodedPiece
+
+VOCAB = 97
+
+
+def tiny_gpt2() -> torch.nn.Module:
+    torch.manual_seed(1)
+    m = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=3, n_head=4,
+                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    with torch.no_grad():  # non-zero biases, so the bias column is really tested
+        for blk in m.transformer.h:
+            blk.mlp.c_proj.bias.normal_(0, 0.5)
+    return m.eval().requires_grad_(False)
+
+
+def tiny_llama() -> torch.nn.Module:
+    torch.manual_seed(2)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    return m.eval().requires_grad_(False)
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def tiny_model(request):
+    return tiny_gpt2() if request.param == "gpt2" else tiny_llama()
+
+
+def random_pieces(n: int, seed: int = 0, min_len: int = 3, max_len: int = 14) -> list[EncodedPiece]:
+    """Random token sequences of unequal lengths, 1-3 answer tokens each."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        L = rng.randint(min_len, max_len)
+        n_ans = rng.randint(1, min(3, L - 1))
+        ids = tuple(rng.randrange(VOCAB) for _ in range(L))
+        out.append(EncodedPiece(ids, L - n_ans, f"p{i}", f"a{i}"))
+    return out

@@ -1,0 +1,88 @@
+"""fp16 shards round-trip, and the blocked Gram/cosine code against the float64 oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradcouple.gradients import batch_factors
+from gradcouple.gram import cosine_from_gram, gram_matrix, plan_layers, topk_cosine
+from gradcouple.layers import select_targets
+from gradcouple.scoring import collate
+from gradcouple.store import GradientStore
+
+from conftest import random_pieces, tiny_gpt2, tiny_llama
+from oracle import cosine_from_gram as ref_cosine, oracle_gram
+from storeutil import write_store
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def setup(request):
+    model = tiny_gpt2() if request.param == "gpt2" else tiny_llama()
+    targets = select_targets(model, "all")
+    pieces = random_pieces(10, seed=11)
+    factors = batch_factors(model, targets, collate(pieces))
+    ref, _ = oracle_gram(model, targets, pieces)
+    return model, targets, pieces, factors, ref
+
+
+@pytest.mark.parametrize("method", ["factored", "dense"])
+def test_cosine_from_fp16_factor_shards(tmp_path, setup, method):
+    _, targets, _, factors, ref = setup
+    write_store(tmp_path, targets, factors, order=[3, 1, 4, 0, 5, 9, 2, 6, 8, 7])
+    G = gram_matrix(GradientStore(tmp_path), block_size=4, method=method)
+    err = (cosine_from_gram(G) - ref_cosine(ref)).abs().max().item()
+    assert err < 1e-3
+    assert torch.allclose(G, ref, rtol=3e-3, atol=3e-3 * ref.abs().max().item())
+
+
+def test_dense_store_roundtrip(tmp_path, setup):
+    _, targets, _, factors, ref = setup
+    write_store(tmp_path, targets, factors, store="dense")
+    G = gram_matrix(GradientStore(tmp_path), block_size=3)
+    assert (cosine_from_gram(G) - ref_cosine(ref)).abs().max().item() < 1e-3
+
+
+def test_tiny_gradients_do_not_underflow(tmp_path, setup):
+    """Gradients of magnitude ~1e-9 (far below fp16's normal range) keep their cosines."""
+    _, targets, _, factors, ref = setup
+    for f in factors:
+        for n in f.d:
+            f.d[n] = f.d[n] * 1e-9
+    assert max(f.d[n].abs().max().item() for f in factors for n in f.d) < 1e-6
+    write_store(tmp_path, targets, factors)
+    store = GradientStore(tmp_path)
+    shard = store.shard(0)
+    assert all((v["d"] != 0).any() for v in shard["layers"].values())
+    cos = cosine_from_gram(gram_matrix(store, block_size=5))
+    assert (cos - ref_cosine(ref)).abs().max().item() < 1e-3
+
+
+def test_topk_matches_full_matrix(tmp_path, setup):
+    _, targets, _, factors, _ = setup
+    write_store(tmp_path, targets, factors, order=list(range(9, -1, -1)))
+    store = GradientStore(tmp_path)
+    cos = cosine_from_gram(gram_matrix(store, block_size=4))
+    idx, vals = topk_cosine(store, k=3, block_size=4)
+    cos.fill_diagonal_(-2)
+    ref_vals, ref_idx = cos.topk(3, dim=1)
+    assert torch.allclose(vals.double(), ref_vals, atol=1e-5)
+    assert torch.equal(idx, ref_idx)
+
+
+def test_shard_checksum_is_verified(tmp_path, setup):
+    _, targets, _, factors, _ = setup
+    write_store(tmp_path, targets, factors)
+    with open(tmp_path / "shard-00001.pt", "ab") as fh:
+        fh.write(b"x")
+    from gradcouple.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="shard-00001.pt"):
+        GradientStore(tmp_path)
+
+
+def test_cost_model_picks_cheaper_method(tmp_path, setup):
+    _, targets, _, factors, _ = setup
+    write_store(tmp_path, targets, factors)
+    for p in plan_layers(GradientStore(tmp_path)):
+        assert p.method == ("factored" if p.factored_cost <= p.dense_cost else "dense")
