@@ -74,9 +74,9 @@ class RippleConfig(_Section):
     """Real edits and their measured ripple effect."""
 
     n_edits: int = Field(default=5, ge=1, description="How many pieces to edit (one at a time)")
-    method: Literal["finetune", "rome"] = Field(default="finetune", description="Edit method on the target layers")
-    steps: int = Field(default=10, ge=1, description="Gradient steps per edit (finetune)")
-    lr: float = Field(default=1e-3, gt=0, description="Adam learning rate of the edit (finetune)")
+    method: Literal["finetune"] = Field(default="finetune", description="Edit method on the target layers (Adam steps on theta)")
+    steps: int = Field(default=10, ge=1, description="Adam steps per edit; small edits stay in the first-order regime")
+    lr: float = Field(default=1e-4, gt=0, description="Adam learning rate of the edit (finetune)")
     seed: int = Field(default=0, description="Choice of edited pieces and substitute counterfactuals")
     top_k: int = Field(default=10, ge=1, description="k of precision@k")
 

@@ -25,7 +25,7 @@ from .gradients import batch_factors
 from .io import sha256_file
 from .layers import select_targets
 from .models import LoadedModel, load_model
-from .pieces import KnowledgePiece, read_pieces
+from .pieces import KnowledgePiece, read_pieces, write_pieces
 from .runinfo import device_info, peak_rss_bytes
 from .scoring import EncodedPiece, collate, encode
 from .store import GradientStore, Manifest, ShardWriter
@@ -116,8 +116,10 @@ def extract(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel
             shutil.rmtree(gdir)
             previous = {}
     gdir.mkdir(parents=True, exist_ok=True)
+    write_pieces(run_dir / "pieces.jsonl", pieces)
 
     encoded = encode_pieces(loaded.tokenizer, pieces, cfg)
+    t_loop = time.perf_counter()
     order = sorted(range(len(pieces)), key=lambda i: (encoded[i].n_inputs, i))
     S = cfg.extract.shard_size
     shard_rows = [order[k:k + S] for k in range(0, len(order), S)]
@@ -133,7 +135,7 @@ def extract(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     autocast = device.type == "cuda" and cfg.model.dtype != "float32"
     bs = cfg.extract.batch_size
-    resumed = 0
+    resumed = computed = 0
     columns = [TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TextColumn("pieces"), TimeRemainingColumn()]
     with Progress(*columns, disable=not show_progress, transient=False) as prog:
         task = prog.add_task("extract", total=len(pieces))
@@ -162,17 +164,21 @@ def extract(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel
                 for r, pf in zip(chunk, result):
                     writer.add(r, pf)
                     e = encoded[r]
-                    meta[r] = {"index": r, "id": pieces[r].id, "prompt": e.prompt, "answer": e.answer,
+                    pc = pieces[r]
+                    meta[r] = {"index": r, "id": pc.id, "question_id": pc.question_id, "kind": pc.kind.value,
+                               "hop": pc.hop, "prompt": e.prompt, "answer": e.answer,
                                "n_prompt_tokens": e.n_prompt_tokens, "n_answer_tokens": e.n_answer_tokens,
                                "n_inputs": e.n_inputs, "logprob": pf.logprob, "sq_norm": pf.sq_norm, "shard": k}
                 prog.advance(task, len(chunk))
                 i += len(chunk)
+                computed += len(chunk)
             shards.append(writer.flush(gdir / fname))
             Manifest({**header, "complete": False, "batch_size": bs, "shards": shards, "pieces": meta}).save(mpath)
     seconds = time.perf_counter() - t0
-    computed = len(pieces) - sum(len(s["rows"]) for s in shards[:resumed])
+    loop_s = time.perf_counter() - t_loop
     dev = device_info(device)
-    timing = {"seconds": seconds, "pieces_per_s": computed / seconds if seconds else 0.0,
+    timing = {"seconds": seconds, "extract_seconds": loop_s, "load_seconds": t_loop - t0,
+              "pieces_per_s": computed / loop_s if loop_s > 0 else 0.0,
               "peak_rss_bytes": peak_rss_bytes(), **dev}
     Manifest({**header, "complete": True, "batch_size": bs, "shards": shards, "pieces": meta, "timing": timing}).save(mpath)
     cfg.save(run_dir / "config.json")

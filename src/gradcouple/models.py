@@ -149,7 +149,9 @@ def load_model(name: str, *, revision: str | None = None, device: str = "auto", 
         ModelError: not found, not loadable, no fast tokenizer, or the Hub is unreachable.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     dev = resolve_device(device)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     if dev.type == "cpu":

@@ -54,3 +54,30 @@ def handle_errors(fn: F) -> F:
 
 def stdout_is_tty() -> bool:
     return sys.stdout.isatty()
+
+
+def build_config(config: Optional[Path], run_dir: Optional[Path], overrides: dict):
+    """Resolve a RunConfig: ``--config`` file, else the run directory's saved config.json, then flags."""
+    from ..config import load_config
+
+    base = config
+    if base is None and run_dir is not None and (Path(run_dir) / "config.json").is_file():
+        base = Path(run_dir) / "config.json"
+    return load_config(base, overrides)
+
+
+def summary_table(title: str, rows: list[tuple[str, object]]):
+    """A two-column rich table for the one-screen summary that ends every stage."""
+    from rich.table import Table
+
+    t = Table(title=title, show_header=False, title_justify="left", title_style="bold")
+    t.add_column(style="cyan")
+    t.add_column()
+    for k, v in rows:
+        t.add_row(k, str(v))
+    return t
+
+
+def print_path(path: Path) -> None:
+    """The stage's main output path, last, on stdout (for shell pipelines)."""
+    typer.echo(str(path))

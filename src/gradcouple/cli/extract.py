@@ -1,0 +1,54 @@
+"""``gradcouple extract``: per-piece gradients into fp16 shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import app
+from ._common import (ConfigOpt, DeviceOpt, LayersOpt, ModelOpt, OverwriteOpt, build_config, console, handle_errors,
+                      print_path, summary_table)
+
+EPILOG = """Examples:
+
+  gradcouple extract --data data/musique/pieces.jsonl --out runs/musique
+
+  gradcouple extract --data pieces.jsonl --model gpt2 --layers all --store dense --out runs/gpt2
+"""
+
+
+@app.command(epilog=EPILOG)
+@handle_errors
+def extract(
+    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="pieces.jsonl from `gradcouple download`.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory; gradients go to OUT/gradients.")] = Path("runs/default"),
+    model: ModelOpt = None,
+    layers: LayersOpt = None,
+    module: Annotated[Optional[str], typer.Option(help="Module inside each block, e.g. mlp.down_proj.")] = None,
+    store: Annotated[Optional[str], typer.Option(help="factors (exact, default), dense (exact) or projected.")] = None,
+    proj_dim: Annotated[Optional[int], typer.Option("--proj-dim", help="k_in = k_out of the projection (store=projected).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Pieces per forward/backward.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (GPU only; CPU computes in float32).")] = None,
+    device: DeviceOpt = None,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N pieces.")] = None,
+    config: ConfigOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Compute every piece's gradient of log P(answer | prompt) on the target layers."""
+    from ..extract import extract as run_extract
+    from ..runinfo import human_bytes
+
+    cfg = build_config(config, out, {
+        "data.pieces": str(data) if data else None, "data.limit": limit, "model.name": model, "model.layers": layers,
+        "model.module": module, "model.device": device, "model.dtype": dtype, "extract.store": store,
+        "extract.proj_dim": proj_dim, "extract.batch_size": batch_size})
+    res = run_extract(cfg, out, overwrite=overwrite)
+    console.print(summary_table("extract", [
+        ("pieces", res.n_pieces), ("shards", f"{res.n_shards} ({res.resumed_shards} resumed)"),
+        ("model", cfg.model.name), ("layers", cfg.model.layers), ("store", cfg.extract.store),
+        ("time", f"{res.seconds:.1f} s"), ("throughput", f"{res.pieces_per_s:.1f} pieces/s"),
+        ("on disk", human_bytes(res.bytes_on_disk)), ("peak RSS", human_bytes(res.peak_rss_bytes)),
+        ("device", res.device.get("gpu") or res.device["device"])]))
+    print_path(out / "gradients" / "manifest.json")

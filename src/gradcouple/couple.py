@@ -1,0 +1,183 @@
+"""The ``couple`` stage: GradSim (cosine of per-piece gradients) from the shards.
+
+Outputs in ``RUN/coupling`` (all loadable without gradcouple):
+``gram.pt`` / ``cosine.pt`` (``{"ids": [...], "gram"|"cosine": (N, N) float64}``, pieces.jsonl
+order; with ``top_k``: ``topk.pt`` ``{"ids", "indices" (N, k) int64, "cosine" (N, k) float32}``
+instead), ``pairs.csv`` (the most coupled pairs with both pieces' texts) and ``stats.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .config import RunConfig
+from .errors import ArtifactError
+from .gram import cosine_from_gram, gram_matrix, store_plans, topk_cosine
+from .io import atomic_open, atomic_torch_save, write_json
+from .runinfo import peak_rss_bytes
+from .store import GradientStore
+
+PAIR_FIELDS = ["rank", "cosine", "same_question", "id_a", "id_b", "question_a", "question_b",
+               "prompt_a", "answer_a", "prompt_b", "answer_b"]
+
+
+@dataclass
+class CoupleResult:
+    """Where the outputs are, and the headline figures."""
+
+    out_dir: Path
+    n: int
+    mode: str
+    seconds: float
+    stats: dict
+
+
+def _memory_budget(cfg: RunConfig) -> float:
+    if cfg.couple.max_memory:
+        return cfg.couple.max_memory * 2**30
+    import psutil
+
+    return psutil.virtual_memory().total / 4
+
+
+def pair_stats(cos: torch.Tensor, questions: list[set[str]], thresholds: list[float]) -> dict:
+    """Statistics of the off-diagonal cosines (each unordered pair once).
+
+    ``same_question`` pairs share an owning multi-hop question id; ``cross_question`` pairs do not.
+    Counts above a threshold t count pairs with cosine > t and with |cosine| > t.
+    """
+    n = cos.shape[0]
+    iu = torch.triu_indices(n, n, offset=1)
+    vals = cos[iu[0], iu[1]]
+    same = torch.tensor([bool(questions[i] & questions[j]) for i, j in zip(iu[0].tolist(), iu[1].tolist())], dtype=torch.bool)
+
+    def summary(v: torch.Tensor) -> dict:
+        if v.numel() == 0:
+            return {"pairs": 0, "mean": None, "std": None, "min": None, "max": None}
+        return {"pairs": int(v.numel()), "mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0,
+                "min": float(v.min()), "max": float(v.max())}
+
+    out = {"n_pieces": n, **summary(vals), "median": float(vals.median()) if vals.numel() else None,
+           "above": {str(t): int((vals > t).sum()) for t in thresholds},
+           "abs_above": {str(t): int((vals.abs() > t).sum()) for t in thresholds},
+           "same_question": summary(vals[same]), "cross_question": summary(vals[~same])}
+    return out
+
+
+def _owners(meta: dict, piece_owners: dict[str, list[str]]) -> set[str]:
+    return set(piece_owners.get(meta["id"]) or [meta.get("question_id", meta["id"])])
+
+
+def write_pairs(path: Path, cos: torch.Tensor, metas: list[dict], questions: list[set[str]], top: int) -> None:
+    """Atomically write the ``top`` most coupled unordered pairs as CSV (columns PAIR_FIELDS)."""
+    n = cos.shape[0]
+    iu = torch.triu_indices(n, n, offset=1)
+    vals = cos[iu[0], iu[1]]
+    k = min(top, vals.numel())
+    best = vals.topk(k).indices if k else torch.empty(0, dtype=torch.long)
+    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=PAIR_FIELDS)
+        w.writeheader()
+        for rank, b in enumerate(best.tolist(), 1):
+            i, j = int(iu[0, b]), int(iu[1, b])
+            a, c = metas[i], metas[j]
+            w.writerow({"rank": rank, "cosine": f"{float(cos[i, j]):.6f}", "same_question": bool(questions[i] & questions[j]),
+                        "id_a": a["id"], "id_b": c["id"], "question_a": a.get("question_id"), "question_b": c.get("question_id"),
+                        "prompt_a": a["prompt"], "answer_a": a["answer"], "prompt_b": c["prompt"], "answer_b": c["answer"]})
+
+
+def couple(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) -> CoupleResult:
+    """Compute GradSim for every pair of pieces in ``run_dir`` (or the top-k per piece).
+
+    The full matrix is used when ``couple.top_k`` is unset and 3 N^2 float64 numbers fit in
+    the memory budget (``couple.max_memory`` GiB, default a quarter of RAM).
+
+    Raises:
+        ArtifactError: no complete extraction in ``run_dir``.
+    """
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    store = GradientStore(run_dir / "gradients")
+    metas = store.manifest["pieces"]
+    owners: dict[str, list[str]] = {}
+    ppath = run_dir / "pieces.jsonl"
+    if ppath.is_file():
+        for line in ppath.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                obj = json.loads(line)
+                owners[obj["id"]] = obj.get("owners") or [obj["question_id"]]
+    questions = [_owners(m, owners) for m in metas]
+    out = run_dir / "coupling"
+    out.mkdir(parents=True, exist_ok=True)
+    N = store.n
+    budget = _memory_budget(cfg)
+    top_k = cfg.couple.top_k
+    if top_k is None and 3 * N * N * 8 > budget:
+        top_k = 10
+    bs = cfg.couple.block_size
+    n_blocks = math.ceil(N / bs)
+    plans = store_plans(store, cfg.couple.method, bs)
+    ids = [m["id"] for m in metas]
+    cols = [TextColumn("[bold]couple"), BarColumn(), MofNCompleteColumn(), TextColumn("blocks"), TimeRemainingColumn()]
+    with Progress(*cols, disable=not show_progress) as prog:
+        if top_k is None:
+            task = prog.add_task("couple", total=n_blocks * (n_blocks + 1) // 2)
+            G = gram_matrix(store, bs, cfg.couple.method, progress=lambda k: prog.advance(task, k))
+            cos = cosine_from_gram(G)
+            atomic_torch_save({"ids": ids, "gram": G}, out / "gram.pt")
+            atomic_torch_save({"ids": ids, "cosine": cos}, out / "cosine.pt")
+            stats = pair_stats(cos, questions, cfg.couple.thresholds)
+            write_pairs(out / "pairs.csv", cos, metas, questions, cfg.couple.top_pairs)
+            mode = "full"
+        else:
+            task = prog.add_task("couple", total=n_blocks * n_blocks)
+            idx, vals = topk_cosine(store, top_k, bs, cfg.couple.method, progress=lambda k: prog.advance(task, k))
+            atomic_torch_save({"ids": ids, "indices": idx, "cosine": vals}, out / "topk.pt")
+            stats = _topk_stats(idx, vals, metas, questions, out / "pairs.csv", cfg.couple.top_pairs)
+            mode = f"top{top_k}"
+    seconds = time.perf_counter() - t0
+    stats.update({"mode": mode, "store": store.store, "n_params": store.manifest.get("n_params"),
+                  "methods": {p.name: p.method for p in plans}, "seconds": seconds,
+                  "peak_rss_bytes": peak_rss_bytes(), "config_hash": store.manifest.get("config_hash"),
+                  "pieces_sha256": store.manifest.get("pieces_sha256")})
+    write_json(out / "stats.json", stats)
+    return CoupleResult(out, N, mode, seconds, stats)
+
+
+def _topk_stats(idx, vals, metas, questions, pairs_path: Path, top: int) -> dict:
+    n, k = idx.shape
+    rows = [(float(vals[i, c]), i, int(idx[i, c])) for i in range(n) for c in range(k) if i < int(idx[i, c])]
+    rows.sort(reverse=True)
+    with atomic_open(pairs_path, "w", encoding="utf-8", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=PAIR_FIELDS)
+        w.writeheader()
+        for rank, (c, i, j) in enumerate(rows[:top], 1):
+            a, b = metas[i], metas[j]
+            w.writerow({"rank": rank, "cosine": f"{c:.6f}", "same_question": bool(questions[i] & questions[j]),
+                        "id_a": a["id"], "id_b": b["id"], "question_a": a.get("question_id"), "question_b": b.get("question_id"),
+                        "prompt_a": a["prompt"], "answer_a": a["answer"], "prompt_b": b["prompt"], "answer_b": b["answer"]})
+    v = vals.flatten().double()
+    return {"n_pieces": n, "note": f"statistics over each piece's {k} nearest neighbours only",
+            "pairs": int(v.numel()), "mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
+
+
+def load_cosine(run_dir: str | Path) -> tuple[list[str], torch.Tensor]:
+    """(ids, (N, N) float64 cosine) from ``run_dir/coupling/cosine.pt``.
+
+    Raises:
+        ArtifactError: not computed yet, or computed in top-k mode.
+    """
+    p = Path(run_dir) / "coupling" / "cosine.pt"
+    if not p.is_file():
+        raise ArtifactError(f"{p}: no full coupling matrix; run `gradcouple couple --run {run_dir}` (without --top-k) first.")
+    d = torch.load(p, weights_only=True)
+    return d["ids"], d["cosine"]
