@@ -43,3 +43,41 @@ def random_pieces(n: int, seed: int = 0, min_len: int = 3, max_len: int = 14) ->
         ids = tuple(rng.randrange(VOCAB) for _ in range(L))
         out.append(EncodedPiece(ids, L - n_ans, f"p{i}", f"a{i}"))
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model (SmolLM2-135M-Instruct GGUF), loaded once per test session."""
+    from gradcouple.models import load_model
+
+    return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_loaded():
+    """llama-tiny-random: a random 4-block LLaMA with the real SmolLM2 tokenizer."""
+    from gradcouple.models import load_model
+
+    return load_model("llama-tiny-random", device="cpu")
+
+
+def write_fact_pieces(path, n=None):
+    """A pieces.jsonl of real single-hop facts and their multi-hop questions (hand-written)."""
+    from gradcouple.pieces import KnowledgePiece, write_pieces
+
+    facts = [
+        ("q1", 0, "single_hop", "Who wrote Hamlet?", "William Shakespeare", "Christopher Marlowe"),
+        ("q1", 1, "single_hop", "In which town was William Shakespeare born?", "Stratford-upon-Avon", None),
+        ("q1", None, "multi_hop", "In which town was the author of Hamlet born?", "Stratford-upon-Avon", None),
+        ("q2", 0, "cloze", "The capital of France is", "Paris", "Rome"),
+        ("q2", 1, "single_hop", "Which river flows through Paris?", "the Seine", None),
+        ("q2", None, "multi_hop", "Which river flows through the capital of France?", "the Seine", None),
+        ("q3", 0, "cloze", "The Eiffel Tower is located in the city of", "Paris", None),
+        ("q3", 1, "single_hop", "What is the largest planet in the Solar System?", "Jupiter", "Saturn"),
+        ("q4", 0, "cloze", "Water is made of hydrogen and", "oxygen", None),
+        ("q4", 1, "single_hop", "Who painted the Mona Lisa?", "Leonardo da Vinci", None),
+    ]
+    pieces = [KnowledgePiece(id=f"facts:{q}:{'q' if h is None else h}", dataset="facts", question_id=q, hop=h, kind=k,
+                             prompt=p, answer=a, counterfactual=cf) for q, h, k, p, a, cf in facts[:n]]
+    write_pieces(path, pieces)
+    return pieces

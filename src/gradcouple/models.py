@@ -138,6 +138,20 @@ def _load_gguf(path: Path) -> tuple[torch.nn.Module, object, str]:
     return model, tok, sha
 
 
+def _require_hub(name: str) -> None:
+    """Fail within seconds, not minutes of retries, when the Hub cannot be reached."""
+    from huggingface_hub import constants
+
+    from .datasets.hub import _env_offline, _reachable
+
+    if _env_offline() or constants.HF_HUB_OFFLINE:
+        raise ModelError(f"--model {name}: not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+                         f"download it on a machine with network or pass a local directory / .gguf file.")
+    if not _reachable(constants.ENDPOINT):
+        raise ModelError(f"--model {name}: not in the Hugging Face cache and the Hub ({constants.ENDPOINT}) is unreachable; "
+                         f"pass a local directory, a .gguf file, or an alias ({', '.join([*GGUF_ALIASES, *RANDOM_ALIASES])}).")
+
+
 def load_model(name: str, *, revision: str | None = None, device: str = "auto", dtype: str = "float32") -> LoadedModel:
     """Load a causal LM and its (fast) tokenizer, in eval mode, with every parameter frozen.
 
@@ -172,8 +186,15 @@ def load_model(name: str, *, revision: str | None = None, device: str = "auto", 
         source = str(p) if p.is_dir() else name
         kw = {"revision": revision, "token": os.environ.get("HF_TOKEN")}
         try:
-            tok = AutoTokenizer.from_pretrained(source, **kw)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kw)
+            try:  # the HF cache first: no network round trip when the files are there
+                tok = AutoTokenizer.from_pretrained(source, local_files_only=True, **kw)
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=True, **kw)
+            except OSError:
+                if p.is_dir():
+                    raise
+                _require_hub(name)
+                tok = AutoTokenizer.from_pretrained(source, **kw)
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kw)
         except OSError as e:
             if p.exists() or name.startswith((".", "/")):
                 raise ModelError(f"{name}: cannot load a causal LM from this path ({e}).") from None
