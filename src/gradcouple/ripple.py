@@ -3,8 +3,8 @@
 An edit moves theta by Delta theta to make piece i answer a*. To first order every piece j
 moves by Delta log P_j ~= <g_j, Delta theta> (``first_order``, from the actual update and the
 stored gradients). The coupling prediction uses only GradSim and norms: the part of the edit
-along g_i changes piece j by Delta log P_i * cos(i, j) * |g_j| / |g_i| (``coupling``), where
-Delta log P_i is the edit's measured effect on piece i's own (true) answer.
+along g_i changes piece j by <g_i, Delta theta> * cos(i, j) * |g_j| / |g_i| (``coupling``): only
+that scalar depends on the edit, the ranking over j comes from coupling and norms.
 
 Each edit here is gradient-step fine-tuning of the target layers (Adam on -log P(a* | q_i));
 the touched weights are copied before and restored bit for bit after, as EasyEdit does.

@@ -13,12 +13,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-from . import couple, download, extract, ripple, run  # noqa: E402,F401  (each registers its command)
-
-try:  # TEMP until report lands
-    from . import report  # noqa: F401
-except ModuleNotFoundError:
-    pass
+from . import couple, download, extract, report, ripple, run  # noqa: E402,F401  (each registers its command)
 
 
 def main() -> None:

@@ -1,0 +1,395 @@
+"""Multi-hop QA datasets -> knowledge pieces (``pieces.jsonl``), the ``download`` stage.
+
+:data:`SOURCES` is the registry (name -> :class:`Source`); :func:`download` reads a source from
+the Hugging Face Hub, a local file or dataset directory, or the small real sample bundled with
+the package, converts every record with its format's parser (one module per format:
+``hotpotqa``, ``musique``, ``twowiki``, ``wikihop``, ``bamboogle``, ``mquake``, ``plain``),
+deduplicates, and writes ``out_dir/pieces.jsonl`` and ``out_dir/download.json`` atomically.
+
+Bad input raises a :class:`~gradcouple.errors.DataError` naming the file, line (record number
+for JSON arrays, parquet and Hub datasets) and field, unless ``skip_bad`` is set: then the record
+is skipped and counted by reason. Records skipped by design (unanswerable MuSiQue questions) and
+pieces left out (answer leaks, HotpotQA sentences without a usable mention) are always counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+from .. import __version__
+from ..errors import DataError
+from ..io import sha256_file, write_json
+from ..pieces import KnowledgePiece, write_pieces
+from . import hub
+from ._common import RecordContext, RecordError, SkipRecord, deduplicate
+from .hub import PARSERS, BadRecord, sniff_format
+
+__all__ = [
+    "SOURCES",
+    "ALIASES",
+    "FORMATS",
+    "Source",
+    "DownloadResult",
+    "download",
+    "list_sources",
+    "resolve_source",
+    "sample_path",
+    "sample_files",
+    "sniff_format",
+]
+
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
+#: Parser names accepted by ``format=`` / ``--format``.
+FORMATS = tuple(PARSERS)
+SKIP_HINT = "Fix the record, or pass --skip-bad (skip_bad=True) to skip bad records; they are counted in download.json."
+
+_MQUAKE_RAW = "https://raw.githubusercontent.com/princeton-nlp/MQuAKE/{revision}/datasets/"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One downloadable dataset: where it lives on the Hub, and how its records are parsed.
+
+    ``hub_id`` is a Hugging Face Hub dataset id (``data_files`` picks a repository's files per
+    split). Datasets published only as files (MQuAKE on GitHub) have ``url`` instead, a template
+    with ``{revision}``; ``hub`` and ``hub_file`` then say where, for people.
+    """
+
+    name: str
+    format: str
+    hub_id: Optional[str]
+    hub_config: Optional[str]
+    splits: tuple[str, ...]
+    default_split: Optional[str]
+    license: str
+    #: approximate number of records per split, in the order of ``splits``
+    size: str
+    description: str
+    sample: Optional[str] = None
+    data_files: Optional[Mapping[str, Mapping[str, str]]] = None
+    aliases: tuple[str, ...] = ()
+    hub: Optional[str] = None
+    hub_file: Optional[str] = None
+    url: Optional[str] = None
+
+    @property
+    def parser(self):
+        """The parser module for this source's records."""
+        return PARSERS[self.format]
+
+    @property
+    def location(self) -> str:
+        """Where the data comes from, for people."""
+        if self.hub:
+            return self.hub + (f"/{self.hub_file}" if self.hub_file else "")
+        if not self.hub_id:
+            return self.url.format(revision="main") if self.url else "(local files only)"
+        return self.hub_id + (f" ({self.hub_config})" if self.hub_config else "")
+
+
+def _musique_files(kind: str) -> dict[str, dict[str, str]]:
+    return {s: {s: f"musique_{kind}_v1.0_{f}.jsonl"} for s, f in (("train", "train"), ("validation", "dev"))}
+
+
+_TABLE = [
+    Source("hotpotqa", "hotpotqa", "hotpotqa/hotpot_qa", "distractor", ("train", "validation"), "validation",
+           "CC BY-SA 4.0", "90,447 / 7,405", "HotpotQA, distractor setting",
+           "hotpotqa_dev_distractor.sample.jsonl", aliases=("hotpotqa-distractor", "hotpot_qa")),
+    Source("hotpotqa-fullwiki", "hotpotqa", "hotpotqa/hotpot_qa", "fullwiki", ("train", "validation", "test"), "validation",
+           "CC BY-SA 4.0", "90,447 / 7,405 / 7,405", "HotpotQA, full-wiki setting (test: no answers)"),
+    Source("musique", "musique", "bdsaglam/musique", None, ("train", "validation"), "validation",
+           "CC BY 4.0", "19,938 / 2,417", "MuSiQue-Answerable (native format)",
+           "musique_ans_dev.sample.jsonl", data_files=_musique_files("ans"), aliases=("musique-ans",)),
+    Source("musique-full", "musique", "bdsaglam/musique", None, ("train", "validation"), "validation",
+           "CC BY 4.0", "39,876 / 4,834", "MuSiQue-Full: answerable + unanswerable (skipped)",
+           data_files=_musique_files("full")),
+    Source("2wikimultihopqa", "2wikimultihopqa", "framolfese/2WikiMultihopQA", None, ("train", "validation", "test"), "validation",
+           "Apache-2.0", "167,454 / 12,576 / 12,576", "2WikiMultiHopQA",
+           "2wikimultihopqa_dev.sample.jsonl", aliases=("2wiki", "2wikimultihop")),
+    Source("wikihop", "wikihop", "qangaroo", "wikihop", ("train", "validation"), "validation",
+           "CC BY-SA 3.0", "43,738 / 5,129", "QAngaroo WikiHop (unmasked)",
+           "wikihop_dev.sample.jsonl", aliases=("qangaroo",)),
+    Source("bamboogle", "bamboogle", "chiayewken/bamboogle", None, ("test",), "test",
+           "MIT (unverified)", "125", "Bamboogle (Self-Ask)",
+           "bamboogle_test.sample.jsonl"),
+    Source("mquake", "mquake", None, None, ("all",), "all",
+           "MIT", "3,000", "MQuAKE-CF-3k-v2 (the sample is MQuAKE-hard, same format)",
+           "mquake_hard.sample.jsonl", url=_MQUAKE_RAW + "MQuAKE-CF-3k-v2.json",
+           hub="github:princeton-nlp/MQuAKE", hub_file="MQuAKE-CF-3k-v2.json"),
+    Source("mquake-cf-3k", "mquake", None, None, ("all",), "all", "MIT", "3,000", "MQuAKE-CF-3k",
+           url=_MQUAKE_RAW + "MQuAKE-CF-3k.json", hub="github:princeton-nlp/MQuAKE", hub_file="MQuAKE-CF-3k.json"),
+    Source("mquake-cf-3k-v2", "mquake", None, None, ("all",), "all", "MIT", "3,000", "MQuAKE-CF-3k-v2",
+           url=_MQUAKE_RAW + "MQuAKE-CF-3k-v2.json", hub="github:princeton-nlp/MQuAKE", hub_file="MQuAKE-CF-3k-v2.json"),
+    Source("mquake-t", "mquake", None, None, ("all",), "all", "MIT", "1,825", "MQuAKE-T (temporal updates)",
+           url=_MQUAKE_RAW + "MQuAKE-T.json", hub="github:princeton-nlp/MQuAKE", hub_file="MQuAKE-T.json"),
+    Source("mquake-hard", "mquake", None, None, ("all",), "all",
+           "MIT (MQuAKE)", "429", "MQuAKE-hard (DeepEdit), 4 edits per case",
+           "mquake_hard.sample.jsonl",
+           url="https://raw.githubusercontent.com/wangywUST/DeepEdit/{revision}/datasets/MQuAKE-hard.json",
+           hub="github:wangywUST/DeepEdit", hub_file="MQuAKE-hard.json"),
+    Source("pieces", "pieces", None, None, (), None, "yours", "-",
+           "Plain pieces file (prompt, answer, ...): your own facts; needs --from"),
+]
+
+#: name -> Source, one row per dataset.
+SOURCES: dict[str, Source] = {s.name: s for s in _TABLE}
+#: alternative name -> canonical name.
+ALIASES: dict[str, str] = {a: s.name for s in _TABLE for a in s.aliases}
+
+
+def resolve_source(name: str) -> Source:
+    """The Source called ``name`` (case-insensitive; aliases accepted).
+
+    Raises:
+        DataError: no such source; the message lists the known ones.
+    """
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in SOURCES:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(SOURCES)} (aliases: {', '.join(ALIASES)}). See `gradcouple download --list`.")
+    return SOURCES[key]
+
+
+def _resolve_format(name: str) -> str:
+    key = name.strip().lower()
+    if key in PARSERS:
+        return key
+    key = ALIASES.get(key, key)
+    if key in SOURCES:
+        return SOURCES[key].format
+    raise DataError(f"unknown format {name!r}; use one of {', '.join(FORMATS)} (or a dataset name from `gradcouple download --list`).")
+
+
+def list_sources() -> list[dict[str, Any]]:
+    """One row per source for ``gradcouple download --list``: name, aliases, Hub location,
+    splits, default split, license, approximate size, bundled sample, description."""
+    return [
+        {
+            "name": s.name,
+            "aliases": list(s.aliases),
+            "hub": s.hub or s.location,
+            "hub_file": s.hub_file,
+            "hub_id": s.hub_id,
+            "url": s.url,
+            "config": s.hub_config,
+            "splits": list(s.splits),
+            "default_split": s.default_split,
+            "license": s.license,
+            "size": s.size,
+            "sample": s.sample,
+            "format": s.format,
+            "description": s.description,
+        }
+        for s in _TABLE
+    ]
+
+
+def sample_files() -> list[str]:
+    """File names of the bundled samples (the first 12 records of each shared sample)."""
+    return sorted(p.name for p in SAMPLE_DIR.glob("*.jsonl"))
+
+
+def sample_path(name: str) -> Path:
+    """Path of the bundled real sample of source ``name`` (or of a bundled file by its name).
+
+    Raises:
+        DataError: the source has no bundled sample, or no such file.
+    """
+    if (SAMPLE_DIR / name).is_file() and name.endswith(".jsonl"):
+        return SAMPLE_DIR / name
+    source = resolve_source(name)
+    if not source.sample:
+        have = ", ".join(s.name for s in _TABLE if s.sample)
+        raise DataError(f"{source.name} has no bundled sample; bundled samples exist for: {have}. Use --from PATH for a local copy.")
+    return SAMPLE_DIR / source.sample
+
+
+@dataclass
+class DownloadResult:
+    """What :func:`download` did: output paths, the pieces, and the counts in ``download.json``."""
+
+    out_dir: Path
+    pieces_path: Path
+    meta_path: Path
+    pieces: list[KnowledgePiece]
+    meta: dict[str, Any]
+    records_read: int = 0
+    records_used: int = 0
+    records_skipped: dict[str, int] = field(default_factory=dict)
+    pieces_skipped: dict[str, int] = field(default_factory=dict)
+    pieces_per_kind: dict[str, int] = field(default_factory=dict)
+
+
+def _open_input(
+    source: Optional[Source], from_path: Optional[str], split: Optional[str], revision: Optional[str]
+) -> tuple[Iterator[tuple[int, str, Any]], dict[str, Any], str]:
+    """Records, provenance, and the label used in messages."""
+    if from_path is not None and (from_path == "sample" or from_path.startswith("sample:")):
+        if from_path == "sample" and source is None:
+            raise DataError("--sample needs a dataset name, e.g. `gradcouple download musique --sample`.")
+        path = sample_path(from_path[7:] if from_path.startswith("sample:") else source.name)  # type: ignore[union-attr]
+        return hub.iter_local_file(path), {"kind": "sample", "path": str(path), "sha256": sha256_file(path)}, str(path)
+    if from_path is not None:
+        path = Path(from_path).expanduser()
+        if path.is_dir():
+            recs, info = hub.load_records(
+                str(path), config=source.hub_config if source else None, split=split or (source.default_split if source else None),
+                split_given=split is not None,
+            )
+            return recs, {"kind": "dataset_dir", "path": str(path.resolve()), **info}, str(path)
+        return hub.iter_local_file(path), {"kind": "file", "path": str(path.resolve()), "sha256": sha256_file(path) if path.is_file() else None}, str(path)
+    if source is None:
+        raise DataError("name a dataset (see `gradcouple download --list`) or pass --from PATH.")
+    if not source.hub_id and not source.url:
+        raise DataError(f"{source.name}: there is nothing to download; pass your file with --from PATH.")
+    split = split or source.default_split
+    if source.splits and split not in source.splits:
+        raise DataError(f"{source.name} has no split {split!r}; choose one of {', '.join(source.splits)}.")
+    sample_name = next((s.name for s in (source, *_TABLE) if s.sample and s.format == source.format), None)
+    if source.url:
+        url = source.url.format(revision=revision or "main")
+        path = hub.fetch_file(url, sample_name=sample_name)
+        info = {"kind": "url", "url": url, "path": str(path), "sha256": sha256_file(path), "split": split}
+        return hub.iter_local_file(path), info, url
+    data_files = source.data_files.get(split) if source.data_files else None
+    recs, info = hub.load_records(source.hub_id, config=source.hub_config, split=split, revision=revision,
+                                  data_files=data_files, sample_name=sample_name)
+    if source.hub:
+        info["hub"] = source.hub
+    return recs, {"kind": "hub", **info}, source.location
+
+
+def download(
+    name: Optional[str],
+    out_dir: str | Path,
+    *,
+    from_path: Optional[str | Path] = None,
+    format: Optional[str] = None,
+    split: Optional[str] = None,
+    revision: Optional[str] = None,
+    limit: Optional[int] = None,
+    skip_bad: bool = False,
+) -> DownloadResult:
+    """Convert a multi-hop QA dataset into knowledge pieces: ``out_dir/pieces.jsonl`` + ``download.json``.
+
+    Args:
+        name: a source from :data:`SOURCES` (aliases accepted); may be None with ``from_path``,
+            the format then coming from ``format`` or sniffed from the first record's keys.
+        out_dir: output directory (created).
+        from_path: a local ``.json`` (array, or object with a ``data`` list), ``.jsonl`` or
+            ``.parquet`` file; a local dataset directory (``save_to_disk`` output or a directory
+            of data files, loaded like the Hub); ``"sample"`` for the bundled real sample of
+            ``name``; or ``"sample:FILE"`` for a bundled file by name. None downloads from the Hub.
+        format: parser to use (``hotpotqa``, ``musique``, ``2wikimultihopqa``, ``wikihop``,
+            ``bamboogle``, ``mquake``, ``pieces``, or a source name).
+        split, revision: Hub split (default: the source's) and revision.
+        limit: read at most this many records.
+        skip_bad: skip and count malformed records instead of failing on the first.
+
+    Raises:
+        DataError: unknown source/format, unreadable input, a bad record (without
+            ``skip_bad``), mixed formats in one input, or no pieces at all.
+        NetworkError: the Hub is needed but unreachable (fails within seconds).
+    """
+    source = resolve_source(name) if name else None
+    fmt = _resolve_format(format) if format else None
+    if source and fmt and fmt != source.format:
+        raise DataError(f"--format {format} does not match {source.name}, whose records are in the {source.format} format; drop one of them.")
+    if limit is not None and limit < 1:
+        raise DataError(f"--limit must be at least 1, got {limit}.")
+    records, provenance, label = _open_input(source, str(from_path) if from_path is not None else None, split, revision)
+    fmt = fmt or (source.format if source else None)
+    dataset = source.name if source else None
+
+    pieces: list[KnowledgePiece] = []
+    records_skipped: Counter = Counter()
+    pieces_skipped: Counter = Counter()
+    seen_ids: dict[str, str] = {}
+    n_read = n_used = 0
+
+    def bad(where: str, problem: str, reason: str) -> None:
+        if not skip_bad:
+            raise DataError(f"{where}: {problem}. {SKIP_HINT}")
+        records_skipped[reason] += 1
+
+    for index, where, rec in records:
+        if limit is not None and n_read >= limit:
+            break
+        n_read += 1
+        if isinstance(rec, BadRecord):
+            bad(where, rec.problem, rec.reason)
+            continue
+        if not isinstance(rec, Mapping):
+            bad(where, f"expected a JSON object, got {type(rec).__name__}", "not a JSON object")
+            continue
+        sniffed = sniff_format(rec)
+        if fmt is None:
+            if sniffed is None:
+                keys = ", ".join(list(rec)[:12]) or "none"
+                raise DataError(f"{where}: unknown record format (keys: {keys}); pass --format with one of {', '.join(FORMATS)}.")
+            fmt = sniffed
+        parser = PARSERS[fmt]
+        if not parser.sniff(rec) and sniffed not in (None, fmt, "bamboogle"):
+            bad(where, f"mixed formats: this record looks like {sniffed}, but the input is read as {fmt}", "mixed formats")
+            continue
+        ctx = RecordContext(dataset or fmt, index)
+        try:
+            parser.parse(rec, ctx)
+        except SkipRecord as e:
+            records_skipped[e.reason] += 1
+            continue
+        except RecordError as e:
+            bad(where, str(e), e.reason)
+            continue
+        dup = next((p.id for p in ctx.pieces if p.id in seen_ids), None)
+        if dup is not None:
+            bad(where, f"field 'id': duplicate piece id {dup!r} (already made by {seen_ids[dup]}); record ids must be unique", "duplicate id")
+            continue
+        for p in ctx.pieces:
+            seen_ids[p.id] = where
+        pieces.extend(ctx.pieces)
+        pieces_skipped.update(ctx.skipped)
+        n_used += 1
+
+    if n_read == 0:
+        raise DataError(f"{label}: no records to read.")
+    kept, merged, conflicts = deduplicate(pieces)
+    if not kept:
+        raise DataError(
+            f"{label}: {n_read} record(s) read but no knowledge pieces made "
+            f"(records skipped: {dict(records_skipped) or 'none'}; pieces skipped: {dict(pieces_skipped) or 'none'})."
+        )
+    per_kind = Counter(p.kind.value for p in kept)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pieces_path, meta_path = out / "pieces.jsonl", out / "download.json"
+    write_pieces(pieces_path, kept)
+    meta = {
+        "source": source.name if source else None,
+        "format": fmt,
+        "dataset": dataset or fmt,
+        "input": provenance,
+        "split": provenance.get("split", split),
+        "revision": revision,
+        "limit": limit,
+        "skip_bad": skip_bad,
+        "records_read": n_read,
+        "records_used": n_used,
+        "records_skipped": dict(sorted(records_skipped.items())),
+        "pieces_made": len(kept),
+        "pieces_per_kind": {k: per_kind[k] for k in ("single_hop", "cloze", "multi_hop") if per_kind[k]},
+        "pieces_merged_as_duplicates": dict(sorted(merged.items())),
+        "counterfactual_conflicts_first_kept": conflicts,
+        "pieces_skipped": dict(sorted(pieces_skipped.items())),
+        "leak_rule": "answer mentioned in its prompt: case-insensitive, not inside a longer word",
+        "package_version": __version__,
+    }
+    write_json(meta_path, meta)
+    return DownloadResult(
+        out_dir=out, pieces_path=pieces_path, meta_path=meta_path, pieces=kept, meta=meta,
+        records_read=n_read, records_used=n_used, records_skipped=meta["records_skipped"],
+        pieces_skipped=meta["pieces_skipped"], pieces_per_kind=meta["pieces_per_kind"],
+    )

@@ -1,0 +1,77 @@
+"""The command line: help with examples, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from gradcouple.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("cmd", ["download", "extract", "couple", "ripple", "report", "run"])
+def test_help_has_examples(cmd):
+    res = runner.invoke(app, [cmd, "--help"])
+    assert res.exit_code == 0 and "Examples" in res.output
+
+
+def test_no_args_shows_help():
+    res = runner.invoke(app, [])
+    assert "download" in res.output and "couple" in res.output
+
+
+def test_missing_pieces_file_is_one_line_error(tmp_path):
+    res = runner.invoke(app, ["extract", "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2
+    assert "nope.jsonl" in res.output and "gradcouple download" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_bad_pieces_line_names_file_line_field(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"id": "a", "dataset": "x", "question_id": "q", "kind": "cloze", "prompt": "The sky is", "answer": "blue"}\n'
+                 '{"id": "b", "dataset": "x", "question_id": "q", "kind": "cloze", "prompt": "Grass is", "answer": ""}\n')
+    res = runner.invoke(app, ["extract", "--data", str(p), "--model", "llama-tiny-random", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2
+    assert "p.jsonl:2" in res.output and "answer" in res.output
+
+
+def test_couple_without_extraction(tmp_path):
+    res = runner.invoke(app, ["couple", "--run", str(tmp_path)])
+    assert res.exit_code == 5 and "gradcouple extract" in res.output
+
+
+def test_bad_layers_flag(tmp_path):
+    from conftest import write_fact_pieces
+
+    write_fact_pieces(tmp_path / "p.jsonl", n=2)
+    res = runner.invoke(app, ["extract", "--data", str(tmp_path / "p.jsonl"), "--model", "llama-tiny-random",
+                              "--layers", "9-12", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "--layers" in res.output
+
+
+def test_config_file_and_flag_override(tmp_path):
+    from conftest import write_fact_pieces
+
+    write_fact_pieces(tmp_path / "p.jsonl", n=4)
+    cfgf = tmp_path / "c.yaml"
+    cfgf.write_text("model:\n  name: llama-tiny-random\n  layers: last2\nextract:\n  store: dense\n")
+    res = runner.invoke(app, ["extract", "--config", str(cfgf), "--data", str(tmp_path / "p.jsonl"),
+                              "--layers", "all", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    import json
+
+    saved = json.loads((tmp_path / "r/config.json").read_text())
+    assert saved["model"]["layers"] == "all" and saved["extract"]["store"] == "dense"
+    assert saved["model"]["name"] == "llama-tiny-random"
+    res = runner.invoke(app, ["couple", "--run", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip().splitlines()[-1].endswith("stats.json")
+
+
+def test_invalid_config_value(tmp_path):
+    cfgf = tmp_path / "c.yaml"
+    cfgf.write_text("extract:\n  store: sparse\n")
+    res = runner.invoke(app, ["extract", "--config", str(cfgf), "--data", "x.jsonl", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "extract.store" in res.output
