@@ -75,3 +75,15 @@ def test_invalid_config_value(tmp_path):
     cfgf.write_text("extract:\n  store: sparse\n")
     res = runner.invoke(app, ["extract", "--config", str(cfgf), "--data", "x.jsonl", "--out", str(tmp_path / "r")])
     assert res.exit_code == 2 and "extract.store" in res.output
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    from gradcouple.config import RunConfig, load_config
+
+    files = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert len(files) >= 3
+    for f in files:
+        load_config(f)
+    assert load_config(files[[f.name for f in files].index("default.yaml")]) == RunConfig()

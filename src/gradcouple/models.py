@@ -142,12 +142,12 @@ def _require_hub(name: str) -> None:
     """Fail within seconds, not minutes of retries, when the Hub cannot be reached."""
     from huggingface_hub import constants
 
-    from .datasets.hub import _env_offline, _reachable
+    from .datasets.hub import env_offline, reachable
 
-    if _env_offline() or constants.HF_HUB_OFFLINE:
+    if env_offline() or constants.HF_HUB_OFFLINE:
         raise ModelError(f"--model {name}: not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
                          f"download it on a machine with network or pass a local directory / .gguf file.")
-    if not _reachable(constants.ENDPOINT):
+    if not reachable(constants.ENDPOINT):
         raise ModelError(f"--model {name}: not in the Hugging Face cache and the Hub ({constants.ENDPOINT}) is unreachable; "
                          f"pass a local directory, a .gguf file, or an alias ({', '.join([*GGUF_ALIASES, *RANDOM_ALIASES])}).")
 

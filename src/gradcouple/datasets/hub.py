@@ -152,7 +152,6 @@ def reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
 
 
 # Older spellings, imported elsewhere in gradcouple.
-_env_offline, _reachable = env_offline, reachable
 
 
 @contextlib.contextmanager
