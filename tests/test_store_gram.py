@@ -86,3 +86,18 @@ def test_cost_model_picks_cheaper_method(tmp_path, setup):
     write_store(tmp_path, targets, factors)
     for p in plan_layers(GradientStore(tmp_path)):
         assert p.method == ("factored" if p.factored_cost <= p.dense_cost else "dense")
+
+
+def test_memory_bound_lowers_block_size_and_keeps_results(tmp_path, setup):
+    from gradcouple.gram import block_bytes, fit_block_size, store_plans
+
+    _, targets, _, factors, ref = setup
+    write_store(tmp_path, targets, factors)
+    store = GradientStore(tmp_path)
+    plans = store_plans(store)
+    loaded, scratch = block_bytes(store, plans, 8)
+    budget = 2 * (2 * loaded + scratch)
+    assert fit_block_size(store, plans, 8, budget) == 8
+    assert fit_block_size(store, plans, 8, budget / 8) < 8
+    G = gram_matrix(store, block_size=8, max_memory=budget / 8)
+    assert (cosine_from_gram(G) - ref_cosine(ref)).abs().max().item() < 1e-3

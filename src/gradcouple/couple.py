@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .config import RunConfig
 from .errors import ArtifactError
-from .gram import cosine_from_gram, gram_matrix, store_plans, topk_cosine
+from .gram import cosine_from_gram, fit_block_size, gram_matrix, store_plans, topk_cosine
 from .io import atomic_open, atomic_torch_save, write_json
 from .runinfo import peak_rss_bytes
 from .store import GradientStore
@@ -123,15 +123,15 @@ def couple(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) -
     top_k = cfg.couple.top_k
     if top_k is None and 3 * N * N * 8 > budget:
         top_k = 10
-    bs = cfg.couple.block_size
+    plans = store_plans(store, cfg.couple.method, cfg.couple.block_size)
+    bs = fit_block_size(store, plans, cfg.couple.block_size, budget)
     n_blocks = math.ceil(N / bs)
-    plans = store_plans(store, cfg.couple.method, bs)
     ids = [m["id"] for m in metas]
     cols = [TextColumn("[bold]couple"), BarColumn(), MofNCompleteColumn(), TextColumn("blocks"), TimeRemainingColumn()]
     with Progress(*cols, disable=not show_progress) as prog:
         if top_k is None:
             task = prog.add_task("couple", total=n_blocks * (n_blocks + 1) // 2)
-            G = gram_matrix(store, bs, cfg.couple.method, progress=lambda k: prog.advance(task, k))
+            G = gram_matrix(store, bs, cfg.couple.method, progress=lambda k: prog.advance(task, k), max_memory=budget)
             cos = cosine_from_gram(G)
             atomic_torch_save({"ids": ids, "gram": G}, out / "gram.pt")
             atomic_torch_save({"ids": ids, "cosine": cos}, out / "cosine.pt")
@@ -140,13 +140,13 @@ def couple(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) -
             mode = "full"
         else:
             task = prog.add_task("couple", total=n_blocks * n_blocks)
-            idx, vals = topk_cosine(store, top_k, bs, cfg.couple.method, progress=lambda k: prog.advance(task, k))
+            idx, vals = topk_cosine(store, top_k, bs, cfg.couple.method, progress=lambda k: prog.advance(task, k), max_memory=budget)
             atomic_torch_save({"ids": ids, "indices": idx, "cosine": vals}, out / "topk.pt")
             stats = _topk_stats(idx, vals, metas, questions, out / "pairs.csv", cfg.couple.top_pairs)
             mode = f"top{top_k}"
     seconds = time.perf_counter() - t0
     stats.update({"mode": mode, "store": store.store, "n_params": store.manifest.get("n_params"),
-                  "methods": {p.name: p.method for p in plans}, "seconds": seconds,
+                  "methods": {p.name: p.method for p in plans}, "block_size": bs, "seconds": seconds,
                   "peak_rss_bytes": peak_rss_bytes(), "config_hash": store.manifest.get("config_hash"),
                   "pieces_sha256": store.manifest.get("pieces_sha256")})
     write_json(out / "stats.json", stats)

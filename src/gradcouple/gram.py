@@ -13,6 +13,7 @@ blocks are summed in float64.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -67,12 +68,18 @@ def _dense_block(x: torch.Tensor, d: torch.Tensor, seg: torch.Tensor, scale: tor
 
 
 class _BlockLoader:
-    """Loads and caches one row block's per-target data in float32."""
+    """Loads blocks of rows as float32 compute-ready data, keeping recent blocks up to ``cache_bytes``."""
 
-    def __init__(self, store: GradientStore, plans: list[LayerPlan]):
-        self.store, self.plans = store, plans
+    def __init__(self, store: GradientStore, plans: list[LayerPlan], cache_bytes: float = 0):
+        self.store, self.plans, self.cache_bytes = store, plans, cache_bytes
+        self._cache: OrderedDict[tuple[int, int], tuple[dict, int]] = OrderedDict()
+        self._held = 0
 
     def load(self, start: int, stop: int) -> dict:
+        key = (start, stop)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key][0]
         n = stop - start
         out = {}
         for p in self.plans:
@@ -85,7 +92,41 @@ class _BlockLoader:
             else:
                 g, sc = self.store.matrices(start, stop, p.name)
                 out[p.name] = ("dense", g.float().flatten(1) * sc[:, None])
+        size = sum(t.numel() * t.element_size() for v in out.values() for t in v[1:])
+        if size <= self.cache_bytes:
+            self._cache[key] = (out, size)
+            self._held += size
+            while self._held > self.cache_bytes:
+                _, (_, sz) = self._cache.popitem(last=False)
+                self._held -= sz
         return out
+
+
+def block_bytes(store: GradientStore, plans: list[LayerPlan], block_size: int) -> tuple[float, float]:
+    """Estimated bytes of one loaded block, and of the scratch for one block pair (float32)."""
+    T = max(1.0, store.mean_tokens()) if store.store == "factors" else 1.0
+    loaded = scratch = 0.0
+    for p, t in zip(plans, store.targets):
+        d_in = t["d_in"] + int(t["bias"])
+        if store.store != "factors":
+            k = store.manifest.get("proj_dim") or 0
+            loaded += block_size * (k * k if store.store == "projected" else d_in * t["d_out"]) * 4
+        elif p.method == "dense":
+            loaded += block_size * d_in * t["d_out"] * 4
+        else:
+            loaded += block_size * T * (d_in + t["d_out"] + block_size) * 4
+            scratch = max(scratch, 3 * (block_size * T) ** 2 * 4)
+    return loaded, scratch
+
+
+def fit_block_size(store: GradientStore, plans: list[LayerPlan], block_size: int, budget: float) -> int:
+    """Largest block size <= ``block_size`` whose two loaded blocks and pair scratch fit in half the budget."""
+    while block_size > 1:
+        loaded, scratch = block_bytes(store, plans, block_size)
+        if 2 * loaded + scratch <= budget / 2:
+            break
+        block_size //= 2
+    return block_size
 
 
 def _block_product(a: dict, b: dict) -> torch.Tensor:
@@ -108,14 +149,16 @@ def store_plans(store: GradientStore, method: str = "auto", block_size: int = 25
 
 
 def gram_matrix(store: GradientStore, block_size: int = 256, method: str = "auto",
-                progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+                progress: Optional[Callable[[int], None]] = None, max_memory: float = 4 * 2**30) -> torch.Tensor:
     """Full (N, N) float64 Gram matrix in *pieces.jsonl order* (not store order).
 
-    Symmetric blocks are computed once. ``progress(k)`` is called with the number of block
-    pairs done.
+    Symmetric blocks are computed once. ``block_size`` is lowered until two loaded blocks and
+    their scratch fit in half of ``max_memory`` (bytes); the other half caches loaded blocks.
+    ``progress(k)`` is called with the number of block pairs done.
     """
     plans = store_plans(store, method, block_size)
-    loader = _BlockLoader(store, plans)
+    block_size = fit_block_size(store, plans, block_size, max_memory)
+    loader = _BlockLoader(store, plans, cache_bytes=max_memory / 2 - 8 * store.n**2)
     N = store.n
     G = torch.zeros(N, N, dtype=torch.float64)
     starts = list(range(0, N, block_size))
@@ -157,15 +200,17 @@ def gram_diagonal(store: GradientStore, block_size: int = 256) -> torch.Tensor:
 
 
 def topk_cosine(store: GradientStore, k: int, block_size: int = 256, method: str = "auto",
-                progress: Optional[Callable[[int], None]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                progress: Optional[Callable[[int], None]] = None, max_memory: float = 4 * 2**30) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most similar other pieces per piece without forming the N x N matrix.
 
     Returns (indices (N, k) int64, cosines (N, k) float32), rows and indices in pieces.jsonl
-    order, cosines sorted descending. Memory: one row stripe (block_size, N) float64 plus two
-    blocks of shard data.
+    order, cosines sorted descending. Memory: one row stripe (block_size, N) float64, two
+    blocks of shard data and their scratch (block size lowered to fit half of ``max_memory``
+    bytes), and a cache of loaded blocks in the other half.
     """
     plans = store_plans(store, method, block_size)
-    loader = _BlockLoader(store, plans)
+    block_size = fit_block_size(store, plans, block_size, max_memory)
+    loader = _BlockLoader(store, plans, cache_bytes=max_memory / 2 - 8 * block_size * store.n)
     N = store.n
     k = min(k, N - 1)
     norms = gram_diagonal(store, block_size).sqrt().clamp_min(1e-300)
