@@ -54,7 +54,8 @@ class ExtractConfig(_Section):
     store: Literal["factors", "dense", "projected"] = Field(default="factors", description="Shard format")
     batch_size: int = Field(default=16, ge=1, description="Pieces per forward/backward (halved on CUDA OOM)")
     shard_size: int = Field(default=256, ge=1, description="Pieces per shard file")
-    proj_dim: int = Field(default=64, ge=1, description="k_in = k_out of the Kronecker projection (store=projected)")
+    proj_dim: int = Field(default=4, ge=1, description="k_in = k_out of each Kronecker sketch (store=projected)")
+    proj_blocks: int = Field(default=256, ge=1, description="Independent k x k sketches per target (store=projected); blocks*k^2 numbers")
     seed: int = Field(default=0, description="Projection seed")
     max_length: int = Field(default=256, ge=4, description="Token limit of prompt+answer; longer prompts are cut from the left")
 

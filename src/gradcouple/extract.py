@@ -100,6 +100,7 @@ def extract(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel
         "model": loaded.identity(), "targets": shapes, "n_params": sum(s["n_params"] for s in shapes),
         "store": cfg.extract.store, "dtype": "float16", "compute_dtype": cfg.model.dtype,
         "proj_dim": cfg.extract.proj_dim if cfg.extract.store == "projected" else None,
+        "proj_blocks": cfg.extract.proj_blocks if cfg.extract.store == "projected" else None,
         "seed": cfg.extract.seed, "prompt_template": cfg.data.prompt_template, "shard_size": cfg.extract.shard_size,
     }
     mpath = gdir / "manifest.json"
@@ -130,7 +131,7 @@ def extract(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel
         if p_old is not None:
             meta[p_old["index"]] = p_old
 
-    writer = ShardWriter(cfg.extract.store, shapes, cfg.extract.proj_dim, cfg.extract.seed)
+    writer = ShardWriter(cfg.extract.store, shapes, cfg.extract.proj_dim, cfg.extract.seed, cfg.extract.proj_blocks)
     device = loaded.device
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     autocast = device.type == "cuda" and cfg.model.dtype != "float32"

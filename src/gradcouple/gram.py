@@ -109,8 +109,8 @@ def block_bytes(store: GradientStore, plans: list[LayerPlan], block_size: int) -
     for p, t in zip(plans, store.targets):
         d_in = t["d_in"] + int(t["bias"])
         if store.store != "factors":
-            k = store.manifest.get("proj_dim") or 0
-            loaded += block_size * (k * k if store.store == "projected" else d_in * t["d_out"]) * 4
+            k, m = store.manifest.get("proj_dim") or 0, store.manifest.get("proj_blocks") or 1
+            loaded += block_size * (m * k * k if store.store == "projected" else d_in * t["d_out"]) * 4
         elif p.method == "dense":
             loaded += block_size * d_in * t["d_out"] * 4
         else:

@@ -39,7 +39,7 @@ from .models import LoadedModel, load_model
 from .pieces import KnowledgePiece, PieceKind, read_pieces
 from .runinfo import device_info
 from .scoring import EncodedPiece, answer_logprob, collate, encode
-from .store import GradientStore, projection_matrices
+from .store import GradientStore, KroneckerProjection
 
 
 @dataclass
@@ -103,15 +103,15 @@ def first_order(store: GradientStore, deltas: dict[str, torch.Tensor], block: in
     """<g_j, Delta theta> for every piece j from the shards: (N,) float64 in pieces.jsonl order.
 
     factors: sum(Delta_j * (X_j Delta W^T)); dense: <G_j, Delta W>; projected: the unbiased
-    estimate <P_out G_j P_in^T, P_out Delta W P_in^T>.
+    estimate from both sketched with the same :class:`KroneckerProjection`.
     """
     out = torch.zeros(store.n, dtype=torch.float64)
     proj = {}
     if store.store == "projected":
-        k, seed = store.manifest["proj_dim"], store.manifest["seed"]
+        k, m, seed = store.manifest["proj_dim"], store.manifest.get("proj_blocks") or 1, store.manifest["seed"]
         for t in store.targets:
-            p_in, p_out = projection_matrices(t["name"], t["d_in"] + int(t["bias"]), t["d_out"], k, seed)
-            proj[t["name"]] = p_out @ deltas[t["name"]] @ p_in.t()
+            kp = KroneckerProjection(t["name"], t["d_in"] + int(t["bias"]), t["d_out"], k, m, seed)
+            proj[t["name"]] = kp.from_matrix(deltas[t["name"]])
     for i0 in range(0, store.n, block):
         i1 = min(store.n, i0 + block)
         for name in store.names:

@@ -28,7 +28,8 @@ def extract(
     layers: LayersOpt = None,
     module: Annotated[Optional[str], typer.Option(help="Module inside each block, e.g. mlp.down_proj.")] = None,
     store: Annotated[Optional[str], typer.Option(help="factors (exact, default), dense (exact) or projected.")] = None,
-    proj_dim: Annotated[Optional[int], typer.Option("--proj-dim", help="k_in = k_out of the projection (store=projected).")] = None,
+    proj_dim: Annotated[Optional[int], typer.Option("--proj-dim", help="k_in = k_out of each Kronecker sketch (store=projected).")] = None,
+    proj_blocks: Annotated[Optional[int], typer.Option("--proj-blocks", help="Independent sketches per target (store=projected).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Pieces per forward/backward.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (GPU only; CPU computes in float32).")] = None,
     device: DeviceOpt = None,
@@ -43,7 +44,7 @@ def extract(
     cfg = build_config(config, out, {
         "data.pieces": str(data) if data else None, "data.limit": limit, "model.name": model, "model.layers": layers,
         "model.module": module, "model.device": device, "model.dtype": dtype, "extract.store": store,
-        "extract.proj_dim": proj_dim, "extract.batch_size": batch_size})
+        "extract.proj_dim": proj_dim, "extract.proj_blocks": proj_blocks, "extract.batch_size": batch_size})
     res = run_extract(cfg, out, overwrite=overwrite)
     console.print(summary_table("extract", [
         ("pieces", res.n_pieces), ("shards", f"{res.n_shards} ({res.resumed_shards} resumed)"),
