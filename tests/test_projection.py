@@ -71,6 +71,28 @@ def test_projected_inner_products_are_unbiased(setup, pair):
     assert float(est.std()) < 5 * math.sqrt(float(ref[i, i]) * float(ref[j, j]))
 
 
+@pytest.mark.parametrize("k,blocks", [(8, 1), (2, 16)])
+def test_projected_store_is_unbiased_over_seeds(tmp_path, setup, k, blocks):
+    """Through the store itself (feature map, fp16 shards, Gram): the mean over 20 seeds of each
+    projected inner product lies within 3 standard errors of the exact one, for one k x k sketch
+    and for several small ones (the default layout)."""
+    _, targets, _, factors, ref = setup
+    grams = []
+    for s in range(SEEDS):
+        d = tmp_path / f"s{s}"
+        write_store(d, targets, factors, store="projected", proj_dim=k, proj_blocks=blocks, seed=s, shard_size=8)
+        grams.append(gram_matrix(GradientStore(d), block_size=8))
+    est = torch.stack(grams)  # (seeds, N, N)
+    mean, se = est.mean(0), est.std(0) / math.sqrt(SEEDS)
+    assert (se > 0).all()
+    z = (mean - ref) / se
+    # 36 distinct entries, t with 19 d.o.f.: ~0.25 of them are expected beyond 3 s.e. by chance
+    iu = torch.triu_indices(8, 8)
+    distinct = z.abs()[iu[0], iu[1]]
+    assert int((distinct > 3).sum()) <= 2, z
+    assert float(distinct.max()) < 5, z
+
+
 def test_projected_store_gram_approaches_exact(tmp_path, setup):
     """The `projected` store's Gram converges to the exact one as k grows (error ~ 1/sqrt(k))."""
     _, targets, _, factors, ref = setup
