@@ -289,6 +289,10 @@ def write_report(path: Path, R: dict) -> None:
         for key, label in names:
             L.append(f"| {label} | {s[key]:.3f} | {100 * s[key] / tot:.1f}% |")
         L.append(f"| **total** | **{tot:.3f}** | 100% |")
+        if prof.get("max_abs_err") is not None:
+            L += ["", f"Cosines from these fp32 factors before the fp16 cast (float64 factored Gram) differ from the "
+                      f"float64 reference by at most **{prof['max_abs_err']:.1e}** (mean {prof['mean_abs_err']:.1e}); "
+                      f"the float32 model's own rounding is most of it."]
         L += ["", "couple on the same store:", "", "| stage | seconds |", "|---|---:|",
               f"| open store (sha256 of every shard) | {s['couple_open_verify']:.3f} |",
               f"| gram_matrix (blocked, factored) | {s['couple_gram']:.3f} |",

@@ -323,7 +323,7 @@ def run_profile(loaded, targets, encoded, args) -> dict:
         s = dict.fromkeys(["collate", "forward_no_grad", "forward_capture", "backward", "factor_copy", "norms",
                            "shard_add_fp16", "shard_flush"], 0.0)
         writer = ShardWriter("factors", shapes)
-        rows_meta = []
+        rows_meta, fp32 = [], {}
         t_all = time.perf_counter()
         for chunk in batches:
             t = time.perf_counter()
@@ -362,6 +362,7 @@ def run_profile(loaded, targets, encoded, args) -> dict:
             s["norms"] += tn
             t = time.perf_counter()
             for i, pf in zip(chunk, pfs):
+                fp32[i] = pf
                 writer.add(i, pf)
                 rows_meta.append({"index": i, "id": str(i), "prompt": "", "answer": "", "n_inputs": encoded[i].n_inputs,
                                   "sq_norm": pf.sq_norm, "logprob": 0.0})
@@ -389,7 +390,22 @@ def run_profile(loaded, targets, encoded, args) -> dict:
         s["couple_cosine_stats"] = time.perf_counter() - t
         if best is None or s["extract_total"] < best["extract_total"]:
             best = s
-    return {"seconds": best["extract_total"], "cosine": None, "splits": best}
+    return {"seconds": best["extract_total"], "cosine": _fp32_factor_cosine(fp32, targets), "splits": best}
+
+
+def _fp32_factor_cosine(factors: dict, targets) -> torch.Tensor:
+    """GradSim from the fp32 factors before the fp16 cast: float64 factored Gram, (N, N)."""
+    n = len(factors)
+    seg = torch.cat([torch.full((factors[i].x[targets[0].name].shape[0],), i) for i in range(n)])
+    S = torch.zeros(n, seg.numel(), dtype=torch.float64)
+    S[seg, torch.arange(seg.numel())] = 1.0
+    G = torch.zeros(n, n, dtype=torch.float64)
+    for t in targets:
+        X = torch.cat([factors[i].x[t.name] for i in range(n)]).double()
+        D = torch.cat([factors[i].d[t.name] for i in range(n)]).double()
+        G += S @ ((X @ X.t()) * (D @ D.t())) @ S.t()
+    norm = G.diagonal().sqrt()
+    return G / (norm[:, None] * norm[None, :])
 
 
 METHODS = ["reference", "seed", "torchfunc", "opacus", "gc-factors", "gc-dense", "gc-projected", "floor", "profile"]

@@ -139,7 +139,7 @@ def couple(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) -
             write_pairs(out / "pairs.csv", cos, metas, questions, cfg.couple.top_pairs)
             mode = "full"
         else:
-            task = prog.add_task("couple", total=n_blocks * n_blocks)
+            task = prog.add_task("couple", total=n_blocks * (n_blocks + 1) // 2)
             idx, vals = topk_cosine(store, top_k, bs, cfg.couple.method, progress=lambda k: prog.advance(task, k), max_memory=budget)
             atomic_torch_save({"ids": ids, "indices": idx, "cosine": vals}, out / "topk.pt")
             stats = _topk_stats(idx, vals, metas, questions, out / "pairs.csv", cfg.couple.top_pairs)

@@ -204,34 +204,45 @@ def topk_cosine(store: GradientStore, k: int, block_size: int = 256, method: str
     """The k most similar other pieces per piece without forming the N x N matrix.
 
     Returns (indices (N, k) int64, cosines (N, k) float32), rows and indices in pieces.jsonl
-    order, cosines sorted descending. Memory: one row stripe (block_size, N) float64, two
-    blocks of shard data and their scratch (block size lowered to fit half of ``max_memory``
-    bytes), and a cache of loaded blocks in the other half.
+    order, cosines sorted descending. Each symmetric block pair is computed once and merged
+    into the running top-k of both its row and its column pieces. Memory: the running top-k
+    (N, k), two blocks of shard data and their scratch (block size lowered to fit half of
+    ``max_memory`` bytes), and a cache of loaded blocks in the other half.
     """
     plans = store_plans(store, method, block_size)
     block_size = fit_block_size(store, plans, block_size, max_memory)
-    loader = _BlockLoader(store, plans, cache_bytes=max_memory / 2 - 8 * block_size * store.n)
+    loader = _BlockLoader(store, plans, cache_bytes=max_memory / 2 - 16 * k * store.n)
     N = store.n
     k = min(k, N - 1)
     norms = gram_diagonal(store, block_size).sqrt().clamp_min(1e-300)
+    best_v = torch.full((N, k), -float("inf"), dtype=torch.float64)
+    best_i = torch.zeros((N, k), dtype=torch.long)
+
+    def merge(r0: int, r1: int, vals: torch.Tensor, c0: int) -> None:
+        cols = torch.arange(c0, c0 + vals.shape[1]).expand(vals.shape[0], -1)
+        v, pos = torch.cat([best_v[r0:r1], vals], 1).topk(k, dim=1)
+        best_i[r0:r1] = torch.cat([best_i[r0:r1], cols], 1).gather(1, pos)
+        best_v[r0:r1] = v
+
+    starts = list(range(0, N, block_size))
+    for bi, i0 in enumerate(starts):
+        i1 = min(N, i0 + block_size)
+        a = loader.load(i0, i1)
+        for j0 in starts[bi:]:
+            j1 = min(N, j0 + block_size)
+            cos = _block_product(a, a if j0 == i0 else loader.load(j0, j1)) / (norms[i0:i1, None] * norms[None, j0:j1])
+            if j0 == i0:
+                cos.fill_diagonal_(-float("inf"))
+            merge(i0, i1, cos, j0)
+            if j0 != i0:
+                merge(j0, j1, cos.t(), i0)
+            if progress:
+                progress(1)
     order = torch.tensor(store.order)
     idx_out = torch.empty(N, k, dtype=torch.long)
     cos_out = torch.empty(N, k, dtype=torch.float32)
-    starts = list(range(0, N, block_size))
-    for i0 in starts:
-        i1 = min(N, i0 + block_size)
-        a = loader.load(i0, i1)
-        stripe = torch.empty(i1 - i0, N, dtype=torch.float64)
-        for j0 in starts:
-            j1 = min(N, j0 + block_size)
-            stripe[:, j0:j1] = _block_product(a, a if j0 == i0 else loader.load(j0, j1))
-            if progress:
-                progress(1)
-        cos = stripe / (norms[i0:i1, None] * norms[None, :])
-        cos[torch.arange(i1 - i0), torch.arange(i0, i1)] = -float("inf")
-        vals, cols = cos.topk(k, dim=1)
-        idx_out[order[i0:i1]] = order[cols]
-        cos_out[order[i0:i1]] = vals.float()
+    idx_out[order] = order[best_i]
+    cos_out[order] = best_v.float()
     return idx_out, cos_out
 
 

@@ -10,7 +10,18 @@ import torch
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far, in bytes (ru_maxrss)."""
+    """Peak resident set size of this process so far, in bytes.
+
+    Linux: ``VmHWM`` of /proc/self/status (``ru_maxrss`` carries a parent's peak across exec);
+    elsewhere ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r if sys.platform == "darwin" else r * 1024)
 
