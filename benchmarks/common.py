@@ -12,8 +12,6 @@ import importlib.metadata as md
 import json
 import os
 import platform
-import resource
-import sys
 from pathlib import Path
 
 import torch
@@ -30,14 +28,9 @@ def peak_rss() -> int:
     the parent's peak; ``VmHWM`` (the high-water mark of this address space) does not, and
     equals ``ru_maxrss`` when the parent is small. Falls back to ``ru_maxrss`` elsewhere.
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r if sys.platform == "darwin" else r * 1024)
+    from gradcouple.runinfo import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 def prepare_pieces(work: Path, n: int) -> Path:

@@ -87,3 +87,19 @@ def test_shipped_configs_are_valid():
     for f in files:
         load_config(f)
     assert load_config(files[[f.name for f in files].index("default.yaml")]) == RunConfig()
+
+
+def test_couple_with_model_extracts_first_then_reuses(tmp_path, monkeypatch):
+    from conftest import write_fact_pieces
+
+    monkeypatch.chdir(tmp_path)
+    write_fact_pieces(tmp_path / "p.jsonl", n=5)
+    args = ["couple", "--model", "llama-tiny-random", "--data", "p.jsonl"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "extracting first" in first.output
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("llama-tiny-random-")
+    assert (runs[0] / "coupling" / "cosine.pt").is_file()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "extracting first" not in again.output

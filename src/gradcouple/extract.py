@@ -9,6 +9,7 @@ from its last complete shard.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import __version__
 from .config import RunConfig
-from .errors import ConfigError, DataError
+from .errors import ConfigError
 from .gradients import batch_factors
 from .io import sha256_file
 from .layers import select_targets
@@ -106,8 +107,6 @@ def extract(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel
     mpath = gdir / "manifest.json"
     previous: dict = {}
     if mpath.is_file():
-        import json
-
         previous = json.loads(mpath.read_text(encoding="utf-8"))
         bad = _compatible(previous, header)
         if bad and not overwrite:

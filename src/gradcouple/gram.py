@@ -142,6 +142,17 @@ def _block_product(a: dict, b: dict) -> torch.Tensor:
     return total
 
 
+def _upper_block_pairs(loader: _BlockLoader, N: int, block_size: int):
+    """Yield ((i0, i1), (j0, j1), Gram block (i1-i0, j1-j0) float64) for every block pair with j0 >= i0."""
+    starts = list(range(0, N, block_size))
+    for bi, i0 in enumerate(starts):
+        i1 = min(N, i0 + block_size)
+        a = loader.load(i0, i1)
+        for j0 in starts[bi:]:
+            j1 = min(N, j0 + block_size)
+            yield (i0, i1), (j0, j1), _block_product(a, a if j0 == i0 else loader.load(j0, j1))
+
+
 def store_plans(store: GradientStore, method: str = "auto", block_size: int = 256) -> list[LayerPlan]:
     if store.store == "factors":
         return plan_layers(store, method, block_size)
@@ -161,18 +172,11 @@ def gram_matrix(store: GradientStore, block_size: int = 256, method: str = "auto
     loader = _BlockLoader(store, plans, cache_bytes=max_memory / 2 - 8 * store.n**2)
     N = store.n
     G = torch.zeros(N, N, dtype=torch.float64)
-    starts = list(range(0, N, block_size))
-    for bi, i0 in enumerate(starts):
-        i1 = min(N, i0 + block_size)
-        a = loader.load(i0, i1)
-        for j0 in starts[bi:]:
-            j1 = min(N, j0 + block_size)
-            b = a if j0 == i0 else loader.load(j0, j1)
-            blk = _block_product(a, b)
-            G[i0:i1, j0:j1] = blk
-            G[j0:j1, i0:i1] = blk.t()
-            if progress:
-                progress(1)
+    for (i0, i1), (j0, j1), blk in _upper_block_pairs(loader, N, block_size):
+        G[i0:i1, j0:j1] = blk
+        G[j0:j1, i0:i1] = blk.t()
+        if progress:
+            progress(1)
     order = torch.tensor(store.order)
     out = torch.empty_like(G)
     out[order[:, None], order[None, :]] = G
@@ -224,20 +228,15 @@ def topk_cosine(store: GradientStore, k: int, block_size: int = 256, method: str
         best_i[r0:r1] = torch.cat([best_i[r0:r1], cols], 1).gather(1, pos)
         best_v[r0:r1] = v
 
-    starts = list(range(0, N, block_size))
-    for bi, i0 in enumerate(starts):
-        i1 = min(N, i0 + block_size)
-        a = loader.load(i0, i1)
-        for j0 in starts[bi:]:
-            j1 = min(N, j0 + block_size)
-            cos = _block_product(a, a if j0 == i0 else loader.load(j0, j1)) / (norms[i0:i1, None] * norms[None, j0:j1])
-            if j0 == i0:
-                cos.fill_diagonal_(-float("inf"))
-            merge(i0, i1, cos, j0)
-            if j0 != i0:
-                merge(j0, j1, cos.t(), i0)
-            if progress:
-                progress(1)
+    for (i0, i1), (j0, j1), blk in _upper_block_pairs(loader, N, block_size):
+        cos = blk / (norms[i0:i1, None] * norms[None, j0:j1])
+        if j0 == i0:
+            cos.fill_diagonal_(-float("inf"))
+        merge(i0, i1, cos, j0)
+        if j0 != i0:
+            merge(j0, j1, cos.t(), i0)
+        if progress:
+            progress(1)
     order = torch.tensor(store.order)
     idx_out = torch.empty(N, k, dtype=torch.long)
     cos_out = torch.empty(N, k, dtype=torch.float32)
