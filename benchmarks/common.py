@@ -18,7 +18,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
-DATASETS = ("musique", "hotpotqa", "mquake")
+DATASETS = ("musique", "hotpotqa", "mquake-hard")
 
 
 def peak_rss() -> int:

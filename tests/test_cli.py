@@ -103,3 +103,10 @@ def test_couple_with_model_extracts_first_then_reuses(tmp_path, monkeypatch):
     assert (runs[0] / "coupling" / "cosine.pt").is_file()
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "extracting first" not in again.output
+
+
+def test_bad_flag_value_names_the_flag(tmp_path):
+    res = runner.invoke(app, ["ripple", "--run", str(tmp_path), "--edits", "0"])
+    assert res.exit_code == 2 and "--edits 0" in res.output
+    res = runner.invoke(app, ["extract", "--data", "x.jsonl", "--store", "bogus", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "--store 'bogus'" in res.output

@@ -54,6 +54,9 @@ def test_extract_couple_match_oracle(tmp_path, tiny_llama_loaded):
     stats = json.loads((tmp_path / "run/coupling/stats.json").read_text())
     assert stats["same_question"]["pairs"] == 3 + 3 + 1 + 1  # q1, q2: 3 pieces each; q3, q4: 2 each
     assert stats["same_question"]["pairs"] + stats["cross_question"]["pairs"] == 45
+    # Paris (q2, q3) and Stratford-upon-Avon, the Seine (q1, q2 hop and question): 3 same-answer pairs
+    assert stats["same_answer"]["pairs"] == 3 and stats["different_answer"]["pairs"] == 42
+    assert stats["same_question_different_answer"]["pairs"] == 8 - 2
 
 def test_interrupted_extract_resumes(tmp_path, tiny_llama_loaded, monkeypatch):
     write_fact_pieces(tmp_path / "p.jsonl")
@@ -87,7 +90,7 @@ def test_extract_refuses_other_config_without_overwrite(tmp_path, tiny_llama_loa
     cfg = _cfg(tmp_path / "p.jsonl")
     extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
     cfg.model.layers = "last2"
-    with pytest.raises(ConfigError, match="--overwrite"):
+    with pytest.raises(ConfigError, match=r"model\.layers: 'all' -> 'last2'.*--overwrite"):
         extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
     res = extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, overwrite=True, show_progress=False)
     assert res.resumed_shards == 0

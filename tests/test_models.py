@@ -45,6 +45,10 @@ def test_llama_default_targets_and_specs():
         select_targets(m, "7")
     with pytest.raises(ConfigError, match="--layers"):
         select_targets(m, "re:nothing")
+    with pytest.raises(ConfigError, match="last1..last6"):
+        select_targets(m, "last50")
+    with pytest.raises(ConfigError, match="--module 'mlp.up_projj'.*mlp.up_proj"):
+        select_targets(m, "last2", module="mlp.up_projj")
 
 
 def test_local_directory_model(tmp_path, tiny_llama_loaded):

@@ -19,7 +19,7 @@ SECTIONS = ["metadata", "knowledge_pieces", "gradient_analysis", "coupling_analy
 @pytest.mark.slow
 def test_run_real_model_real_records(tmp_path):
     out = tmp_path / "run"
-    res = CliRunner().invoke(app, ["run", "--datasets", "musique,mquake", "--limit", "24", "--edits", "2",
+    res = CliRunner().invoke(app, ["run", "--datasets", "musique,mquake-hard", "--limit", "24", "--edits", "2",
                                    "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert res.stdout.strip().splitlines()[-1] == str(out / "report" / "index.html")
@@ -28,7 +28,7 @@ def test_run_real_model_real_records(tmp_path):
               "ripple/edits.jsonl", "ripple/summary.json", "report/index.html", "report/summary.json"]:
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     pieces = read_pieces(out / "pieces.jsonl")
-    assert len(pieces) == 24 and {p.dataset for p in pieces} <= {"musique", "mquake"}
+    assert len(pieces) == 24 and {p.dataset for p in pieces} <= {"musique", "mquake-hard"}
     assert {p.kind.value for p in pieces} >= {"single_hop", "multi_hop"}
     man = json.loads((out / "gradients/manifest.json").read_text())
     assert man["model"]["name"] == "smollm2-135m" and man["model"]["architecture"] == "llama"

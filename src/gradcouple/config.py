@@ -53,7 +53,7 @@ class ExtractConfig(_Section):
 
     store: Literal["factors", "dense", "projected"] = Field(default="factors", description="Shard format")
     batch_size: int = Field(default=16, ge=1, description="Pieces per forward/backward (halved on CUDA OOM)")
-    shard_size: int = Field(default=256, ge=1, description="Pieces per shard file")
+    shard_size: int = Field(default=64, ge=1, description="Pieces per shard file (the unit of resume)")
     proj_dim: int = Field(default=4, ge=1, description="k_in = k_out of each Kronecker sketch (store=projected)")
     proj_blocks: int = Field(default=256, ge=1, description="Independent k x k sketches per target (store=projected); blocks*k^2 numbers")
     seed: int = Field(default=0, description="Projection seed")
@@ -74,7 +74,7 @@ class CoupleConfig(_Section):
 class RippleConfig(_Section):
     """Real edits and their measured ripple effect."""
 
-    n_edits: int = Field(default=5, ge=1, description="How many pieces to edit (one at a time)")
+    n_edits: int = Field(default=10, ge=1, description="How many pieces to edit (one at a time)")
     method: Literal["finetune"] = Field(default="finetune", description="Edit method on the target layers (Adam steps on theta)")
     steps: int = Field(default=10, ge=1, description="Adam steps per edit; small edits stay in the first-order regime")
     lr: float = Field(default=1e-4, gt=0, description="Adam learning rate of the edit (finetune)")
@@ -112,10 +112,12 @@ class RunConfig(_Section):
         write_json(path, self.model_dump(mode="json"))
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+                flag_names: dict[str, str] | None = None) -> RunConfig:
     """Load a YAML or JSON config and apply dotted overrides like ``{"model.name": "gpt2"}``.
 
-    ``None`` override values are ignored, so CLI flags left unset keep the file's values.
+    ``None`` override values are ignored, so CLI flags left unset keep the file's values. An
+    invalid override is reported under its flag name from ``flag_names`` when given.
 
     Raises:
         ConfigError: unreadable file or invalid field; the message names the file and field.
@@ -146,4 +148,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
+        given = (overrides or {}).get(loc)
+        if given is not None:
+            flag = (flag_names or {}).get(loc, loc)
+            raise ConfigError(f"{flag} {given!r}: {err['msg']}.") from None
         raise ConfigError(f"{src}: field '{loc}': {err['msg']} (got {err.get('input')!r}).") from None
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable 'section.field: old -> new' lines where two config dicts differ."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out

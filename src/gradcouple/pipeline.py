@@ -11,7 +11,7 @@ from .config import RunConfig
 from .io import write_json
 from .pieces import read_pieces, write_pieces
 
-DEFAULT_SAMPLES = ("musique", "hotpotqa", "mquake")
+DEFAULT_SAMPLES = ("musique", "hotpotqa", "mquake-hard")
 
 
 def sample_pieces(out_dir: Path, datasets: Sequence[str] = DEFAULT_SAMPLES) -> Path:

@@ -383,6 +383,9 @@ def _summary_from(run: _Run) -> dict:
     cross_pot = {
         "same_question": same, "cross_question": cross, "difference": diff,
         "ratio": same["mean"] / cross["mean"] if diff is not None and cross["mean"] else None,
+        "same_answer": stats.get("same_answer"), "different_answer": stats.get("different_answer"),
+        "same_question_different_answer": stats.get("same_question_different_answer"),
+        "cross_question_different_answer": stats.get("cross_question_different_answer"),
         "source": source, "n_questions_with_pairs": len(v["per_question"]),
         "top_questions": v["per_question"][:TOP_QUESTIONS],
     }
@@ -446,6 +449,15 @@ def build_summary(run_dir: str | Path) -> dict:
 
 def _e(x: Any) -> str:
     return html.escape("" if x is None else str(x))
+
+
+def _device(d: Any) -> str:
+    """A ``runinfo.device_info`` dict as one phrase, e.g. 'cpu (x86_64, 2 threads)' or the GPU name."""
+    if not isinstance(d, dict):
+        return str(d) if d is not None else "n/a"
+    if d.get("gpu"):
+        return f"{d['gpu']} ({d.get('device')})"
+    return f"{d.get('device')} ({d.get('cpu')}, {d.get('threads')} threads, no GPU)"
 
 
 def _num(x: Any, nd: int = 4) -> str:
@@ -618,7 +630,11 @@ DEFINITIONS = [
     ("GradSim (coupling)", "The cosine of two pieces' gradients of log P(answer | prompt) with respect to the target "
      "layers' weights and biases θ: GradSim(i, j) = ⟨g_i, g_j⟩ / (|g_i| |g_j|), from −1 to 1."),
     ("same-question / cross-question", "A pair is same-question when both pieces belong to one multi-hop question "
-     "(its hops and the whole question), otherwise cross-question."),
+     "(its hops and the whole question), otherwise cross-question. After deduplication a piece can belong to several "
+     "questions (its owners), so two pieces listed under different question ids can still be same-question."),
+    ("same-answer / different-answer", "Whether the two pieces score the same answer string (case-insensitive). "
+     "Pieces with the same answer tokens get similar gradients for that reason alone, so coupling between different "
+     "facts is best read on different-answer pairs."),
     ("edit and ripple", "An edit changes θ by Δθ so that the edited piece answers a counterfactual; the ripple on "
      "another piece j is its measured change of log P(answer | prompt) in nats (after minus before)."),
     ("coupling prediction", "Piece j's change predicted from GradSim alone, scaled by the edit's own size: "
@@ -661,7 +677,8 @@ def _html_from(run: _Run, summary: dict, cfg: RunConfig) -> str:
     cpu_desc = f"{_e(perf.get('cpu'))}, {_e(perf.get('threads'))} threads"
     device_line = (f"GPU: {_e(perf['gpu'])} ({_e(perf.get('device'))})" if perf.get("gpu")
                    else f"CPU only — no GPU was used ({cpu_desc})")
-    parts.append(f"<h1>gradcouple report</h1><p class='note'>Model <b>{_e(model.get('name'))}</b> · run "
+    parts.append(f"<h1>gradcouple report</h1><p class='note'>Model <b>{_e(model.get('name'))}</b> "
+                 f"({_e(model.get('description') or model.get('architecture'))}) · run "
                  f"<code>{_e(run.dir)}</code> · created {_e(meta.get('created'))} · gradcouple {_e(meta.get('package_version'))}"
                  f"<br>Extraction device: {device_line}</p>")
 
@@ -679,6 +696,11 @@ def _html_from(run: _Run, summary: dict, cfg: RunConfig) -> str:
         ("cross-question mean GradSim", f"{_num(cq.get('mean'))} ({_num(cq.get('pairs'))} pairs)"),
         ("same − cross", _num(cp.get("difference"))),
     ]
+    sqd, cqd, sa = (cp.get(k) or {} for k in ("same_question_different_answer", "cross_question_different_answer", "same_answer"))
+    if sa.get("mean") is not None:
+        head += [("same-answer pairs (any question)", f"{_num(sa.get('mean'))} ({_num(sa.get('pairs'))} pairs)"),
+                 ("same- vs cross-question, different answers only",
+                  f"{_num(sqd.get('mean'))} ({_num(sqd.get('pairs'))} pairs) vs {_num(cqd.get('mean'))} ({_num(cqd.get('pairs'))} pairs)")]
     if ready["ripple_done"]:
         head += [("edits", _num(ready.get("ripple_n_edits"))),
                  ("mean Spearman's ρ per edit (coupling / first order)",
@@ -714,7 +736,7 @@ def _html_from(run: _Run, summary: dict, cfg: RunConfig) -> str:
     else:
         rip = run.ripple
         parts.append(f"<p class='note'>Method {_e(rip.get('method'))}, {_e(rip.get('steps'))} steps, lr {_e(rip.get('lr'))}, "
-                     f"device {_e(rip.get('device'))}, {_secs(rip.get('seconds'))}. One colour per edit; diamonds are "
+                     f"device {_e(_device(rip.get('device')))}, {_secs(rip.get('seconds'))}. One colour per edit; diamonds are "
                      f"pieces of the edited piece's own question. Use the menu to switch to the first-order prediction.</p>")
         if run.ripple_rows:
             parts.append(fig_html(_ripple_fig(run), "fig-ripple"))
@@ -764,7 +786,7 @@ def _html_from(run: _Run, summary: dict, cfg: RunConfig) -> str:
     targets = meta.get("targets") or []
     trows = [[_e(t.get("name")), _num(t.get("d_out")), _num(t.get("d_in")), _num(bool(t.get("bias"))), _num(t.get("n_params"))]
              for t in targets]
-    mrows = [("model", _e(model.get("name"))), ("source", _e(model.get("source"))),
+    mrows = [("model", _e(model.get("name"))), ("description", _e(model.get("description"))), ("source", _e(model.get("source"))),
              ("revision", _e(model.get("revision") or "—")), ("file sha256", _e(model.get("file_sha256") or "—")),
              ("architecture", _e(model.get("architecture"))), ("compute dtype", _e(meta.get("compute_dtype"))),
              ("config hash", _e(meta.get("config_hash"))),
@@ -780,7 +802,7 @@ def _html_from(run: _Run, summary: dict, cfg: RunConfig) -> str:
               else "— (no GPU)" if not perf.get("gpu") else "—"),
              ("coupling time / peak RSS", f"{_secs(perf.get('couple_seconds'))} / {_bytes(perf.get('couple_peak_rss_bytes'))}")]
     if ready["ripple_done"]:
-        mrows.append(("ripple device / time", f"{_e(perf.get('ripple_device'))} / {_secs(perf.get('ripple_seconds'))}"))
+        mrows.append(("ripple device / time", f"{_e(_device(perf.get('ripple_device')))} / {_secs(perf.get('ripple_seconds'))}"))
     parts.append("<h2>Model, device and timing</h2>" + _kv(mrows) + "<h3>Target layers (θ)</h3>"
                  + _table(["module", "d_out", "d_in", "bias", "parameters"], trows))
 

@@ -37,7 +37,7 @@ from .io import atomic_open, write_json
 from .layers import Target, select_targets
 from .models import LoadedModel, load_model
 from .pieces import KnowledgePiece, PieceKind, read_pieces
-from .runinfo import device_info
+from .runinfo import progress_console, device_info
 from .scoring import EncodedPiece, answer_logprob, collate, encode
 from .store import GradientStore, KroneckerProjection
 
@@ -171,6 +171,15 @@ def _mean(xs: list) -> Optional[float]:
     return sum(xs) / len(xs) if xs else None
 
 
+def _spread(xs: list) -> dict:
+    """n, mean, std, min, max of the non-missing values (the per-edit spread of a metric)."""
+    v = torch.tensor([x for x in xs if x is not None], dtype=torch.float64)
+    if v.numel() == 0:
+        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+    return {"n": int(v.numel()), "mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0,
+            "min": float(v.min()), "max": float(v.max())}
+
+
 def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel] = None, show_progress: bool = True) -> RippleResult:
     """Edit ``ripple.n_edits`` pieces one at a time and measure every piece's log-prob change.
 
@@ -207,7 +216,7 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
     out_dir.mkdir(parents=True, exist_ok=True)
     records, pooled = [], {"c": [], "f": [], "m": []}
     with atomic_open(out_dir / "edits.jsonl", "w", encoding="utf-8") as fh, \
-            Progress(TextColumn("[bold]ripple"), BarColumn(), MofNCompleteColumn(), TextColumn("edits"), disable=not show_progress) as prog:
+            Progress(TextColumn("[bold]ripple"), BarColumn(), MofNCompleteColumn(), TextColumn("edits"), console=progress_console(), disable=not show_progress) as prog:
         task = prog.add_task("ripple", total=len(edits))
         for e, (i, new_answer, source) in enumerate(edits):
             te = time.perf_counter()
@@ -261,6 +270,8 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
                "spearman_first_order_mean": _mean([r["spearman_first_order"] for r in records]),
                "spearman_coupling_mean_successful": _mean([r["spearman_coupling"] for r in ok]),
                "precision_at_k_mean": _mean([r["precision_at_k"] for r in records]),
+               "per_edit": {m: _spread([r[m] for r in records]) for m in
+                            ("spearman_coupling", "spearman_first_order", "pearson_first_order", "precision_at_k")},
                "pooled": {"spearman_coupling": _spearman(pc, pm), "spearman_first_order": _spearman(pf, pm),
                           "pearson_first_order": _pearson(pf, pm), "n_points": int(pm.numel())},
                "baseline_logprob_max_abs_diff_vs_manifest": float((before - torch.tensor(

@@ -42,3 +42,10 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n} B"
+
+
+def progress_console():
+    """Progress bars go to stderr, so stdout carries only results (for shell pipelines)."""
+    from rich.console import Console
+
+    return Console(stderr=True)

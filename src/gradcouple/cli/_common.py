@@ -22,7 +22,8 @@ ConfigOpt = Annotated[
 ]
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", help="Hub id, local directory, .gguf file, or alias (smollm2-135m, gemma3-270m, gpt2-tiny-random, llama-tiny-random)."),
+    typer.Option("--model", "-m", help="Hub id, local directory, .gguf file, or alias: smollm2-135m (default; SmolLM2-135M-Instruct, "
+                 "Q4_1 GGUF dequantised to float32), gemma3-270m, gpt2-tiny-random, llama-tiny-random."),
 ]
 LayersOpt = Annotated[
     Optional[str],
@@ -56,6 +57,16 @@ def stdout_is_tty() -> bool:
     return sys.stdout.isatty()
 
 
+FLAG_NAMES = {
+    "data.pieces": "--data", "data.limit": "--limit", "model.name": "--model", "model.layers": "--layers",
+    "model.module": "--module", "model.device": "--device", "model.dtype": "--dtype", "extract.store": "--store",
+    "extract.proj_dim": "--proj-dim", "extract.proj_blocks": "--proj-blocks", "extract.batch_size": "--batch-size",
+    "extract.shard_size": "--shard-size", "couple.top_k": "--top-k", "couple.max_memory": "--max-memory",
+    "couple.block_size": "--block-size", "couple.method": "--method", "ripple.n_edits": "--edits",
+    "ripple.steps": "--steps", "ripple.lr": "--lr", "ripple.seed": "--seed",
+}
+
+
 def build_config(config: Optional[Path], run_dir: Optional[Path], overrides: dict):
     """Resolve a RunConfig: ``--config`` file, else the run directory's saved config.json, then flags."""
     from ..config import load_config
@@ -63,7 +74,7 @@ def build_config(config: Optional[Path], run_dir: Optional[Path], overrides: dic
     base = config
     if base is None and run_dir is not None and (Path(run_dir) / "config.json").is_file():
         base = Path(run_dir) / "config.json"
-    return load_config(base, overrides)
+    return load_config(base, overrides, FLAG_NAMES)
 
 
 def summary_table(title: str, rows: list[tuple[str, object]]):

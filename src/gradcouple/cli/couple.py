@@ -69,6 +69,10 @@ def couple(
         rows.append(("same-question mean", f"{s['same_question']['mean']:.4f} ({s['same_question']['pairs']} pairs)"))
     if "cross_question" in s and s["cross_question"]["mean"] is not None:
         rows.append(("cross-question mean", f"{s['cross_question']['mean']:.4f} ({s['cross_question']['pairs']} pairs)"))
+    for key, label in (("same_answer", "same-answer mean"), ("same_question_different_answer", "same-question, different answers"),
+                       ("cross_question_different_answer", "cross-question, different answers")):
+        if s.get(key, {}).get("mean") is not None:
+            rows.append((label, f"{s[key]['mean']:.4f} ({s[key]['pairs']} pairs)"))
     rows.append(("time", f"{res.seconds:.1f} s"))
     console.print(summary_table("couple", rows))
     print_path(res.out_dir / "stats.json")

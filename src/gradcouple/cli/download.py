@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich import box
+from rich.console import Console
 from rich.table import Table
 
 from .. import datasets as ds
@@ -80,10 +81,11 @@ def _print_sources() -> None:
         name = row["name"] + ("\n[dim](sample)[/]" if row["sample"] else "")
         hub = row["hub"] if not row["hub_file"] else f"{row['hub']}\n{row['hub_file']}"
         table.add_row(name, f"{hub}\n{splits}\n[dim]license: {row['license']}[/]")
-    console.print(table, highlight=False)
+    out = Console()
+    out.print(table, highlight=False)
     aliases = "; ".join(f"{a} = {n}" for a, n in ds.ALIASES.items())
-    console.print(f"aliases: {aliases}", highlight=False)
-    console.print("(sample): `--sample` reads a bundled real sample (first 12 records); sources and licenses in gradcouple/NOTICE.", highlight=False)
+    out.print(f"aliases: {aliases}", highlight=False)
+    out.print("(sample): `--sample` reads a bundled real sample (first 12 records); sources and licenses in gradcouple/NOTICE.", highlight=False)
 
 
 def _print_summary(result: ds.DownloadResult) -> None:

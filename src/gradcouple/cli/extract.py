@@ -31,6 +31,7 @@ def extract(
     proj_dim: Annotated[Optional[int], typer.Option("--proj-dim", help="k_in = k_out of each Kronecker sketch (store=projected).")] = None,
     proj_blocks: Annotated[Optional[int], typer.Option("--proj-blocks", help="Independent sketches per target (store=projected).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Pieces per forward/backward.")] = None,
+    shard_size: Annotated[Optional[int], typer.Option("--shard-size", help="Pieces per shard file, the unit of resume (default 64).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (GPU only; CPU computes in float32).")] = None,
     device: DeviceOpt = None,
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N pieces.")] = None,
@@ -44,8 +45,11 @@ def extract(
     cfg = build_config(config, out, {
         "data.pieces": str(data) if data else None, "data.limit": limit, "model.name": model, "model.layers": layers,
         "model.module": module, "model.device": device, "model.dtype": dtype, "extract.store": store,
-        "extract.proj_dim": proj_dim, "extract.proj_blocks": proj_blocks, "extract.batch_size": batch_size})
+        "extract.proj_dim": proj_dim, "extract.proj_blocks": proj_blocks, "extract.batch_size": batch_size,
+        "extract.shard_size": shard_size})
     res = run_extract(cfg, out, overwrite=overwrite)
+    if res.resumed_shards == res.n_shards:
+        console.print(f"nothing to do: all {res.n_shards} shards in {out / 'gradients'} are complete and match this configuration.")
     console.print(summary_table("extract", [
         ("pieces", res.n_pieces), ("shards", f"{res.n_shards} ({res.resumed_shards} resumed)"),
         ("model", cfg.model.name), ("layers", cfg.model.layers), ("store", cfg.extract.store),

@@ -42,7 +42,8 @@ def ripple(
     s = res.summary
     console.print(summary_table("ripple", [
         ("edits", f"{s['n_edits']} ({s['n_successful']} successful)"),
-        ("Spearman rho, coupling (mean over edits)", _f(s["spearman_coupling_mean"])),
+        ("Spearman rho, coupling (mean ± std over edits)",
+         f"{_f(s['spearman_coupling_mean'])} ± {s['per_edit']['spearman_coupling']['std'] or 0:.3f}"),
         ("Spearman rho, first order (mean over edits)", _f(s["spearman_first_order_mean"])),
         ("Spearman rho, coupling (pooled)", _f(s["pooled"]["spearman_coupling"])),
         ("precision@k (mean)", _f(s["precision_at_k_mean"])),

@@ -27,7 +27,7 @@ EPILOG = """Examples:
 def run(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/default"),
     data: Annotated[Optional[Path], typer.Option("--data", "-d", help="pieces.jsonl; default: the bundled real samples.")] = None,
-    datasets: Annotated[str, typer.Option(help="Bundled samples to use when --data is not given (comma-separated).")] = "musique,hotpotqa,mquake",
+    datasets: Annotated[str, typer.Option(help="Bundled samples to use when --data is not given (comma-separated).")] = "musique,hotpotqa,mquake-hard",
     model: ModelOpt = None,
     layers: LayersOpt = None,
     store: Annotated[Optional[str], typer.Option(help="factors (default), dense or projected.")] = None,
@@ -54,6 +54,11 @@ def run(
             ("mean GradSim", f"{cs['mean']:.4f}")]
     if cs.get("same_question", {}).get("mean") is not None:
         rows.append(("same- vs cross-question", f"{cs['same_question']['mean']:.4f} vs {cs['cross_question']['mean']:.4f}"))
+    if cs.get("same_question_different_answer", {}).get("mean") is not None:
+        rows.append(("same- vs cross-question, different answers",
+                     f"{cs['same_question_different_answer']['mean']:.4f} vs {cs['cross_question_different_answer']['mean']:.4f}"))
+    if cs.get("same_answer", {}).get("mean") is not None:
+        rows.append(("same-answer pairs", f"{cs['same_answer']['mean']:.4f} ({cs['same_answer']['pairs']} pairs)"))
     if res.ripple is not None:
         r = res.ripple.summary
         fmt = lambda x: "n/a" if x is None else f"{x:+.3f}"  # noqa: E731
