@@ -108,13 +108,17 @@ def read_pieces(path: str | os.PathLike) -> list[KnowledgePiece]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}).") from None
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}; column {e.colno}).") from None
             try:
                 piece = KnowledgePiece.model_validate(obj)
             except ValidationError as e:
                 err = e.errors()[0]
                 field = ".".join(str(x) for x in err["loc"]) or "<record>"
-                raise DataError(f"{path}:{lineno}: field '{field}': {err['msg']}.") from None
+                hint = ""
+                if isinstance(obj, dict) and "id" not in obj and {"prompt", "answer"} <= set(obj):
+                    hint = (f" This looks like a plain facts file: convert it with "
+                            f"`gradcouple download --from {path} --format pieces --out DIR`.")
+                raise DataError(f"{path}:{lineno}: field '{field}': {err['msg']}.{hint}") from None
             if piece.id in seen:
                 raise DataError(f"{path}:{lineno}: field 'id': duplicate piece id {piece.id!r}.")
             seen.add(piece.id)

@@ -83,7 +83,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, str, Any]]:
             try:
                 obj: Any = json.loads(line)
             except json.JSONDecodeError as e:
-                obj = BadRecord(f"not valid JSON ({e.msg} at column {e.colno})", "not valid JSON")
+                obj = BadRecord(f"not valid JSON ({e.msg}; column {e.colno})", "not valid JSON")
             yield index, where, obj
             index += 1
 
@@ -95,7 +95,7 @@ def _iter_json(path: Path) -> Iterator[tuple[int, str, Any]]:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         hint = " (it looks like JSON Lines: rename it to .jsonl)" if e.msg == "Extra data" else ""
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}){hint}. Fix the file; one broken JSON document cannot be skipped record by record.") from None
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}; column {e.colno}){hint}. Fix the file; one broken JSON document cannot be skipped record by record.") from None
     if isinstance(doc, Mapping):
         data = doc.get("data")
         if not isinstance(data, list):
