@@ -12,7 +12,9 @@ from gradcouple.couple import couple
 from gradcouple.extract import encode_pieces, extract
 from gradcouple.layers import select_targets
 from gradcouple.pieces import read_pieces
-from gradcouple.ripple import choose_edits, finetune_edit, first_order, restore, ripple, snapshot
+from gradcouple.scoring import collate
+from gradcouple.edits import finetune_edit, restore, snapshot
+from gradcouple.ripple import choose_edits, first_order, ripple
 from gradcouple.store import GradientStore
 
 from conftest import write_fact_pieces
@@ -91,3 +93,58 @@ def test_ripple_stage(tmp_path, tiny_llama_loaded):
         rows = [x for x in lines if x["edited_id"] == e["piece_id"]]
         sign = 1 if e["first_order_self"] > 0 else -1
         assert all((x["predicted_coupling"] * sign >= 0) == (x["cosine"] >= 0) for x in rows if abs(x["cosine"]) > 1e-9)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_rome_edit_is_rank_one_and_moves_the_key_by_delta(arch):
+    from conftest import random_pieces, tiny_gpt2, tiny_llama
+    from gradcouple.edits import rome_edit
+    from gradcouple.scoring import answer_logprob
+
+    model = tiny_gpt2() if arch == "gpt2" else tiny_llama()
+    targets = select_targets(model, "all")
+    t = targets[1]
+    piece = random_pieces(1, seed=9, min_len=8)[0]
+    batch = collate([piece])
+    with torch.no_grad():
+        before_lp = float(answer_logprob(model, batch))
+    keys = []
+    h = t.module.register_forward_hook(lambda m, a, o: keys.append(a[0][0, piece.answer_start - 1].double()))
+    with torch.no_grad():
+        answer_logprob(model, batch)
+    h.remove()
+    k = torch.cat([keys[0], torch.ones(1, dtype=torch.float64)]) if t.has_bias else keys[0]
+    saved = snapshot(targets)
+    w0 = t.weight_matrix().double()
+    cov = torch.eye(t.d_in_aug, dtype=torch.float64) * 2.0
+    deltas = rome_edit(model, targets, t, piece, cov, steps=10, lr=0.5)
+    dw = deltas[t.name].double()
+    assert torch.allclose(t.weight_matrix().double() - w0, dw, atol=1e-5)
+    s = torch.linalg.svdvals(dw)
+    assert s[1] < 1e-5 * s[0]
+    # with C = 2 I: dW = delta k^T / (k^T k), so dW k = delta and dW = (dW k) k^T / (k^T k)
+    assert torch.allclose(dw, torch.outer(dw @ k, k) / (k @ k), atol=1e-6 * float(dw.abs().max()))
+    assert all(float(deltas[o.name].abs().max()) == 0 for o in targets if o.name != t.name)
+    with torch.no_grad():
+        assert float(answer_logprob(model, batch)) > before_lp
+    assert restore(targets, saved)
+    assert torch.equal(t.weight_matrix(), w0.float())
+
+
+def test_ripple_stage_with_rome(tmp_path, tiny_llama_loaded):
+    cfg = _run(tmp_path, tiny_llama_loaded)
+    cfg.ripple.n_edits = 2
+    cfg.ripple.method = "rome"
+    res = ripple(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
+    s = res.summary
+    assert s["method"] == "rome" and all(e["restored"] for e in s["edits"])
+    assert all(e["logprob_new_after"] > e["logprob_new_before"] for e in s["edits"])
+
+
+def test_rome_needs_factors_store(tmp_path, tiny_llama_loaded):
+    from gradcouple.errors import ArtifactError
+
+    cfg = _run(tmp_path, tiny_llama_loaded, store="dense")
+    cfg.ripple.method = "rome"
+    with pytest.raises(ArtifactError, match="--store factors"):
+        ripple(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)

@@ -75,9 +75,13 @@ class RippleConfig(_Section):
     """Real edits and their measured ripple effect."""
 
     n_edits: int = Field(default=10, ge=1, description="How many pieces to edit (one at a time)")
-    method: Literal["finetune"] = Field(default="finetune", description="Edit method on the target layers (Adam steps on theta)")
+    method: Literal["finetune", "rome"] = Field(default="finetune", description="finetune: Adam steps on all target layers; rome: rank-one update of one target layer")
     steps: int = Field(default=10, ge=1, description="Adam steps per edit; small edits stay in the first-order regime")
     lr: float = Field(default=1e-4, gt=0, description="Adam learning rate of the edit (finetune)")
+    rome_layer: int = Field(default=0, description="Index into the target layers of the layer a rome edit changes (0 = lowest)")
+    rome_steps: int = Field(default=20, ge=1, description="Adam steps optimising the rome value vector")
+    rome_lr: float = Field(default=0.5, gt=0, description="Adam learning rate of the rome value vector")
+    rome_clamp: float = Field(default=4.0, gt=0, description="Max |delta| of the rome value as a multiple of |W k*|")
     seed: int = Field(default=0, description="Choice of edited pieces and substitute counterfactuals")
     top_k: int = Field(default=10, ge=1, description="k of precision@k")
 

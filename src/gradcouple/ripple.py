@@ -6,8 +6,9 @@ stored gradients). The coupling prediction uses only GradSim and norms: the part
 along g_i changes piece j by <g_i, Delta theta> * cos(i, j) * |g_j| / |g_i| (``coupling``): only
 that scalar depends on the edit, the ranking over j comes from coupling and norms.
 
-Each edit here is gradient-step fine-tuning of the target layers (Adam on -log P(a* | q_i));
-the touched weights are copied before and restored bit for bit after, as EasyEdit does.
+Each edit (:mod:`gradcouple.edits`) is either gradient-step fine-tuning of the target layers
+(Adam on -log P(a* | q_i)) or a ROME-style rank-one update of one target layer; the touched
+weights are copied before and restored bit for bit after, as EasyEdit does.
 Every piece's log-probability is measured before and after. Metrics, each defined once:
 
 * ``spearman_*``: Spearman's rho between predicted and measured Delta log P over j != i.
@@ -31,10 +32,11 @@ from scipy import stats as sstats
 
 from .config import RunConfig
 from .couple import load_cosine
+from .edits import finetune_edit, key_covariance, restore, rome_edit, snapshot
 from .errors import ArtifactError, DataError
 from .extract import encode_pieces
 from .io import atomic_open, write_json
-from .layers import Target, select_targets
+from .layers import select_targets
 from .models import LoadedModel, load_model
 from .pieces import KnowledgePiece, PieceKind, read_pieces
 from .runinfo import progress_console, device_info
@@ -59,44 +61,6 @@ def measure_logprobs(model, encoded: list[EncodedPiece], batch_size: int = 16, p
             lp = answer_logprob(model, collate([encoded[i] for i in idx], pad_id).to(device))
             out[idx] = lp.double().cpu()
     return out
-
-
-def finetune_edit(model, targets: list[Target], new: EncodedPiece, steps: int, lr: float, pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Adam steps on the target weights toward ``new``'s answer; returns Delta theta per target,
-    (d_out, d_in + bias) float32. The caller restores the weights (see :func:`snapshot`)."""
-    before = {t.name: t.weight_matrix() for t in targets}
-    params = [t.module.weight for t in targets] + [t.module.bias for t in targets if t.has_bias]
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        opt = torch.optim.Adam(params, lr=lr)
-        batch = collate([new], pad_id).to(next(model.parameters()).device)
-        with torch.enable_grad():
-            for _ in range(steps):
-                opt.zero_grad(set_to_none=True)
-                (-answer_logprob(model, batch).sum()).backward()
-                opt.step()
-    finally:
-        for p in params:
-            p.requires_grad_(False)
-            p.grad = None
-    return {t.name: t.weight_matrix() - before[t.name] for t in targets}
-
-
-def snapshot(targets: list[Target]) -> dict[str, list[torch.Tensor]]:
-    """Exact copies of the target weights (and biases)."""
-    return {t.name: [p.detach().clone() for p in (t.module.weight, t.module.bias) if p is not None] for t in targets}
-
-
-def restore(targets: list[Target], saved: dict[str, list[torch.Tensor]]) -> bool:
-    """Copy the saved tensors back; True when every weight is bit-for-bit equal to the copy."""
-    ok = True
-    with torch.no_grad():
-        for t in targets:
-            for p, s in zip([p for p in (t.module.weight, t.module.bias) if p is not None], saved[t.name]):
-                p.copy_(s)
-                ok &= torch.equal(p, s)
-    return ok
 
 
 def first_order(store: GradientStore, deltas: dict[str, torch.Tensor], block: int = 256) -> torch.Tensor:
@@ -204,6 +168,12 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
     targets = select_targets(model, cfg.model.layers, cfg.model.module)
     if [t.name for t in targets] != store.names:
         raise ArtifactError(f"target layers {[t.name for t in targets]} differ from the extraction's {store.names}.")
+    if cfg.ripple.method == "rome":
+        if store.store != "factors":
+            raise ArtifactError(f"--method rome needs the factors store (its inputs are ROME's keys); {run_dir} has "
+                                f"'{store.store}': rerun extract with --store factors.")
+        if not -len(targets) <= cfg.ripple.rome_layer < len(targets):
+            raise ArtifactError(f"ripple.rome_layer={cfg.ripple.rome_layer}: there are {len(targets)} target layers.")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     encoded = encode_pieces(tok, pieces, cfg)
     edits = choose_edits(pieces, cfg.ripple.n_edits, cfg.ripple.seed)
@@ -214,7 +184,7 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
     questions = [set(p.owners or [p.question_id]) for p in pieces]
     out_dir = run_dir / "ripple"
     out_dir.mkdir(parents=True, exist_ok=True)
-    records, pooled = [], {"c": [], "f": [], "m": []}
+    records, pooled, covs = [], {"c": [], "f": [], "m": []}, {}
     with atomic_open(out_dir / "edits.jsonl", "w", encoding="utf-8") as fh, \
             Progress(TextColumn("[bold]ripple"), BarColumn(), MofNCompleteColumn(), TextColumn("edits"), console=progress_console(), disable=not show_progress) as prog:
         task = prog.add_task("ripple", total=len(edits))
@@ -225,7 +195,13 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
             enc_new = encode(tok, prompt, new_ans, cfg.extract.max_length, where=f"edit of {pieces[i].id}: ")
             new_before = float(measure_logprobs(model, [enc_new], 1, pad_id)[0])
             saved = snapshot(targets)
-            deltas = finetune_edit(model, targets, enc_new, cfg.ripple.steps, cfg.ripple.lr, pad_id)
+            if cfg.ripple.method == "rome":
+                t_rome = targets[cfg.ripple.rome_layer]
+                cov = covs.setdefault(t_rome.name, key_covariance(store, t_rome.name))
+                deltas = rome_edit(model, targets, t_rome, enc_new, cov, cfg.ripple.rome_steps, cfg.ripple.rome_lr,
+                                   cfg.ripple.rome_clamp, pad_id)
+            else:
+                deltas = finetune_edit(model, targets, enc_new, cfg.ripple.steps, cfg.ripple.lr, pad_id)
             after = measure_logprobs(model, encoded, cfg.extract.batch_size, pad_id)
             new_after = float(measure_logprobs(model, [enc_new], 1, pad_id)[0])
             restored = restore(targets, saved)

@@ -234,6 +234,16 @@ class GradientStore:
             r += k2 - k
         return torch.cat(xs), torch.cat(ds), torch.cat(segs), torch.cat(scales)
 
+    def input_scales(self, start: int, stop: int, name: str) -> torch.Tensor:
+        """Rows [start, stop) of a factors target: the fp32 scales of X alone, (n,) float32."""
+        out, r = [], start
+        while r < stop:
+            si, k = self.row_shard[r]
+            k2 = min(len(self.shards[si]["rows"]), k + (stop - r))
+            out.append(self.shard(si)["layers"][name]["x_scale"][k:k2])
+            r += k2 - k
+        return torch.cat(out)
+
     def matrices(self, start: int, stop: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [start, stop) of a dense/projected target as (g (n, a, b) fp16, scale (n,) float32)."""
         gs, ss = [], []

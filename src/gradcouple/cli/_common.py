@@ -62,7 +62,7 @@ FLAG_NAMES = {
     "model.module": "--module", "model.device": "--device", "model.dtype": "--dtype", "extract.store": "--store",
     "extract.proj_dim": "--proj-dim", "extract.proj_blocks": "--proj-blocks", "extract.batch_size": "--batch-size",
     "extract.shard_size": "--shard-size", "couple.top_k": "--top-k", "couple.max_memory": "--max-memory",
-    "couple.block_size": "--block-size", "couple.method": "--method", "ripple.n_edits": "--edits",
+    "couple.block_size": "--block-size", "couple.method": "--method", "ripple.n_edits": "--edits", "ripple.method": "--method",
     "ripple.steps": "--steps", "ripple.lr": "--lr", "ripple.seed": "--seed",
 }
 

@@ -15,6 +15,8 @@ EPILOG = """Examples:
   gradcouple ripple --run runs/musique
 
   gradcouple ripple --run runs/mquake --edits 20 --steps 5 --lr 5e-4
+
+  gradcouple ripple --run runs/mquake --method rome
 """
 
 
@@ -27,7 +29,8 @@ def _f(x) -> str:
 def ripple(
     run: RunDirOpt = Path("runs/default"),
     edits: Annotated[Optional[int], typer.Option("--edits", "-n", help="How many pieces to edit, one at a time.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Adam steps per edit.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="finetune (Adam on all target layers) or rome (rank-one update of one layer).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Adam steps per edit (finetune).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate of the edit.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for the choice of edited pieces.")] = None,
     device: DeviceOpt = None,
@@ -36,7 +39,7 @@ def ripple(
     """Edit pieces toward counterfactual answers and compare predicted with measured ripple."""
     from ..ripple import ripple as run_ripple
 
-    cfg = build_config(config, run, {"ripple.n_edits": edits, "ripple.steps": steps, "ripple.lr": lr,
+    cfg = build_config(config, run, {"ripple.n_edits": edits, "ripple.method": method, "ripple.steps": steps, "ripple.lr": lr,
                                      "ripple.seed": seed, "model.device": device})
     res = run_ripple(cfg, run)
     s = res.summary

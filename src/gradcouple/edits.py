@@ -1,0 +1,126 @@
+"""Edits of the target layers: gradient-step fine-tuning and a ROME-style rank-one update.
+
+Both return Delta theta per target as (d_out, d_in + bias) float32 matrices (zero for targets
+an edit does not touch) and leave the model edited; :func:`snapshot` / :func:`restore` put the
+weights back bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layers import Target
+from .scoring import EncodedPiece, answer_logprob, collate
+from .store import GradientStore
+
+
+def finetune_edit(model, targets: list[Target], new: EncodedPiece, steps: int, lr: float, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Adam steps on the target weights toward ``new``'s answer; returns Delta theta per target,
+    (d_out, d_in + bias) float32. The caller restores the weights (see :func:`snapshot`)."""
+    before = {t.name: t.weight_matrix() for t in targets}
+    params = [t.module.weight for t in targets] + [t.module.bias for t in targets if t.has_bias]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        opt = torch.optim.Adam(params, lr=lr)
+        batch = collate([new], pad_id).to(next(model.parameters()).device)
+        with torch.enable_grad():
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                (-answer_logprob(model, batch).sum()).backward()
+                opt.step()
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+    return {t.name: t.weight_matrix() - before[t.name] for t in targets}
+
+
+def snapshot(targets: list[Target]) -> dict[str, list[torch.Tensor]]:
+    """Exact copies of the target weights (and biases)."""
+    return {t.name: [p.detach().clone() for p in (t.module.weight, t.module.bias) if p is not None] for t in targets}
+
+
+def restore(targets: list[Target], saved: dict[str, list[torch.Tensor]]) -> bool:
+    """Copy the saved tensors back; True when every weight is bit-for-bit equal to the copy."""
+    ok = True
+    with torch.no_grad():
+        for t in targets:
+            for p, s in zip([p for p in (t.module.weight, t.module.bias) if p is not None], saved[t.name]):
+                p.copy_(s)
+                ok &= torch.equal(p, s)
+    return ok
+
+
+def key_covariance(store: GradientStore, name: str, ridge: float = 1e-2) -> torch.Tensor:
+    """C = E[k k^T] over every stored input position of target ``name``: (d_in', d_in') float64.
+
+    ROME estimates this second moment of the layer's keys on Wikipedia text; here it comes from
+    the pieces' own stored inputs X (the ``factors`` store). A ridge of ``ridge`` times the mean
+    eigenvalue keeps it invertible.
+
+    Raises:
+        ValueError: the store is not ``factors`` (dense/projected keep no inputs).
+    """
+    if store.store != "factors":
+        raise ValueError("ROME-style edits need the factors store (its inputs X are the keys)")
+    d = next(t["d_in"] + int(t["bias"]) for t in store.targets if t["name"] == name)
+    C = torch.zeros(d, d, dtype=torch.float64)
+    count = 0
+    for i0 in range(0, store.n, 256):
+        x, _, seg, _ = store.factors(i0, min(store.n, i0 + 256), name)
+        sx = store.input_scales(i0, min(store.n, i0 + 256), name).double()
+        xs = x.double() * sx[seg, None]
+        C += xs.t() @ xs
+        count += xs.shape[0]
+    C /= max(1, count)
+    return C + ridge * C.diagonal().mean() * torch.eye(d, dtype=torch.float64)
+
+
+def rome_edit(model, targets: list[Target], target: Target, new: EncodedPiece, cov: torch.Tensor,
+              steps: int = 20, lr: float = 0.5, clamp: float = 4.0, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """ROME-style rank-one edit of one linear layer (Meng et al. 2022, "Locating and Editing
+    Factual Associations in GPT"), toward ``new``'s answer.
+
+    The key k* is the layer's input at the last prompt position (ROME uses the last subject
+    token, which pieces do not mark). The value is found by optimising an additive delta on the
+    layer's output there to maximise log P(a* | q) (Adam, ``steps`` at ``lr``, |delta| clamped
+    to ``clamp`` * |W k*|). Then W <- W + delta u^T with u = C^-1 k* / (k*^T C^-1 k*), so W k* moves
+    by exactly delta while keys uncorrelated with k* under C barely move.
+    """
+    device = next(model.parameters()).device
+    batch = collate([new], pad_id).to(device)
+    pos = new.answer_start - 1
+    cache: dict[str, torch.Tensor] = {}
+    delta = torch.zeros(target.d_out, device=device, requires_grad=True)
+
+    def hook(module, args, output):
+        cache["k"] = args[0][0, pos].detach()
+        out = output.clone()
+        out[0, pos] = out[0, pos] + delta.to(out.dtype)
+        return out
+
+    h = target.module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            answer_logprob(model, batch)
+        k = cache["k"].double().cpu()
+        if target.has_bias:
+            k = torch.cat([k, torch.ones(1, dtype=torch.float64)])
+        wk_norm = float((target.weight_matrix().double() @ k).norm())
+        opt = torch.optim.Adam([delta], lr=lr)
+        with torch.enable_grad():
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                (-answer_logprob(model, batch).sum()).backward()
+                opt.step()
+                with torch.no_grad():
+                    n = float(delta.norm())
+                    if n > clamp * wk_norm > 0:
+                        delta.mul_(clamp * wk_norm / n)
+    finally:
+        h.remove()
+    ck = torch.linalg.solve(cov, k)
+    upd = (delta.detach().double().cpu()[:, None] * (ck / (k @ ck))[None, :]).float()
+    target.add_(upd.to(device))
+    return {t.name: (upd if t.name == target.name else torch.zeros(t.d_out, t.d_in_aug)) for t in targets}
