@@ -110,3 +110,12 @@ def test_bad_flag_value_names_the_flag(tmp_path):
     assert res.exit_code == 2 and "--edits 0" in res.output
     res = runner.invoke(app, ["extract", "--data", "x.jsonl", "--store", "bogus", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "--store 'bogus'" in res.output
+
+
+def test_run_without_editable_pieces_still_reports(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"id": "a", "dataset": "x", "question_id": "q", "kind": "cloze", '
+                                      '"prompt": "The sky is", "answer": "blue"}\n')
+    res = runner.invoke(app, ["run", "--data", str(tmp_path / "p.jsonl"), "--model", "llama-tiny-random",
+                              "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert "ripple skipped" in res.output and (tmp_path / "r/report/index.html").is_file()

@@ -72,3 +72,19 @@ def test_gpt2_conv1d_targets_are_transposed():
     t = select_targets(tiny_gpt2(), "0")[0]
     assert t.transposed and t.has_bias and (t.d_in, t.d_out) == (128, 32)
     assert t.weight_matrix().shape == (32, 129)
+
+
+def test_no_weight_gradient_and_no_graph_below_the_lowest_target(tiny_model):
+    from gradcouple.capture import FactorCapture
+    from gradcouple.scoring import answer_logprob
+
+    targets = select_targets(tiny_model, "last2")
+    batch = collate(random_pieces(3, seed=8))
+    with FactorCapture(targets) as cap:
+        with torch.enable_grad():
+            lp = answer_logprob(tiny_model, batch)
+            lp.sum().backward()
+        lowest = targets[0].name
+        assert not cap.inputs[lowest].requires_grad  # nothing below the lowest target was recorded
+        assert set(cap.grads) == {t.name for t in targets}
+    assert all(p.grad is None and not p.requires_grad for p in tiny_model.parameters())

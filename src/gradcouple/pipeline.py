@@ -38,6 +38,7 @@ class PipelineResult:
     couple: object = None
     ripple: object = None
     report: object = None
+    skipped: dict = field(default_factory=dict)
 
 
 def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, datasets: Sequence[str] = DEFAULT_SAMPLES,
@@ -51,7 +52,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, datasets: Sequence[str]
     from .extract import extract
     from .models import load_model
     from .report import report
-    from .ripple import ripple
+    from .ripple import NothingToEdit, ripple
 
     run_dir = Path(run_dir)
     res = PipelineResult(run_dir)
@@ -70,7 +71,10 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, datasets: Sequence[str]
     res.seconds["couple"] = time.perf_counter() - t
     if not skip_ripple:
         t = time.perf_counter()
-        res.ripple = ripple(cfg, run_dir, loaded=loaded, show_progress=show_progress)
+        try:
+            res.ripple = ripple(cfg, run_dir, loaded=loaded, show_progress=show_progress)
+        except NothingToEdit as e:
+            res.skipped["ripple"] = str(e)
         res.seconds["ripple"] = time.perf_counter() - t
     t = time.perf_counter()
     res.report = report(cfg, run_dir)

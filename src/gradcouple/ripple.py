@@ -44,6 +44,10 @@ from .scoring import EncodedPiece, answer_logprob, collate, encode
 from .store import GradientStore, KroneckerProjection
 
 
+class NothingToEdit(DataError):
+    """No piece has a counterfactual, and no two pieces of one kind have different answers."""
+
+
 @dataclass
 class RippleResult:
     out_dir: Path
@@ -178,7 +182,7 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
     encoded = encode_pieces(tok, pieces, cfg)
     edits = choose_edits(pieces, cfg.ripple.n_edits, cfg.ripple.seed)
     if not edits:
-        raise DataError(f"{run_dir}/pieces.jsonl: no piece can be edited (need a counterfactual or two distinct answers of one kind).")
+        raise NothingToEdit(f"{run_dir}/pieces.jsonl: no piece can be edited (need a counterfactual or two distinct answers of one kind).")
     norms = torch.tensor([sum(m["sq_norm"].values()) for m in store.manifest["pieces"]], dtype=torch.float64).sqrt()
     before = measure_logprobs(model, encoded, cfg.extract.batch_size, pad_id)
     questions = [set(p.owners or [p.question_id]) for p in pieces]

@@ -89,6 +89,11 @@ def summary_table(title: str, rows: list[tuple[str, object]]):
     return t
 
 
+def num(x, spec: str = ".4f") -> str:
+    """Format a number for a summary table; None (e.g. a mean over no pairs) reads 'n/a'."""
+    return "n/a" if x is None else format(x, spec)
+
+
 def print_path(path: Path) -> None:
     """The stage's main output path, last, on stdout (for shell pipelines)."""
     typer.echo(str(path))

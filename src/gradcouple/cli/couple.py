@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from ._common import ConfigOpt, DeviceOpt, LayersOpt, ModelOpt, build_config, console, handle_errors, print_path, summary_table
+from ._common import ConfigOpt, DeviceOpt, LayersOpt, ModelOpt, build_config, console, handle_errors, num, print_path, summary_table
 
 EPILOG = """Examples:
 
@@ -63,12 +63,12 @@ def couple(
         run_extract(cfg, run)
     res = run_couple(cfg, run)
     s = res.stats
-    rows = [("pieces", res.n), ("mode", res.mode), ("mean cosine", f"{s['mean']:.4f} ± {s['std']:.4f}"),
-            ("min / max", f"{s['min']:.4f} / {s['max']:.4f}")]
+    rows = [("pieces", res.n), ("mode", res.mode), ("mean cosine", f"{num(s['mean'])} ± {num(s['std'])}"),
+            ("min / max", f"{num(s['min'])} / {num(s['max'])}")]
     if "same_question" in s and s["same_question"]["mean"] is not None:
-        rows.append(("same-question mean", f"{s['same_question']['mean']:.4f} ({s['same_question']['pairs']} pairs)"))
+        rows.append(("same-question mean", f"{num(s['same_question']['mean'])} ({s['same_question']['pairs']} pairs)"))
     if "cross_question" in s and s["cross_question"]["mean"] is not None:
-        rows.append(("cross-question mean", f"{s['cross_question']['mean']:.4f} ({s['cross_question']['pairs']} pairs)"))
+        rows.append(("cross-question mean", f"{num(s['cross_question']['mean'])} ({s['cross_question']['pairs']} pairs)"))
     for key, label in (("same_answer", "same-answer mean"), ("same_question_different_answer", "same-question, different answers"),
                        ("cross_question_different_answer", "cross-question, different answers")):
         if s.get(key, {}).get("mean") is not None:

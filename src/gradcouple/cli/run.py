@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from ._common import (ConfigOpt, DeviceOpt, LayersOpt, ModelOpt, OverwriteOpt, build_config, console, handle_errors,
+from ._common import (ConfigOpt, DeviceOpt, LayersOpt, ModelOpt, OverwriteOpt, build_config, console, handle_errors, num,
                       print_path, summary_table)
 
 EPILOG = """Examples:
@@ -48,17 +48,19 @@ def run(
         "model.device": device, "extract.store": store, "extract.batch_size": batch_size, "ripple.n_edits": edits})
     res = run_pipeline(cfg, out, datasets=[d.strip() for d in datasets.split(",") if d.strip()],
                        skip_ripple=no_ripple, overwrite=overwrite)
+    for stage, why in res.skipped.items():
+        console.print(f"[yellow]{stage} skipped[/]: {why}")
     cs = res.couple.stats
     rows = [("pieces", res.extract.n_pieces), ("model", cfg.model.name),
             ("extract", f"{res.extract.pieces_per_s:.1f} pieces/s"),
-            ("mean GradSim", f"{cs['mean']:.4f}")]
+            ("mean GradSim", f"{num(cs['mean'])}")]
     if cs.get("same_question", {}).get("mean") is not None:
-        rows.append(("same- vs cross-question", f"{cs['same_question']['mean']:.4f} vs {cs['cross_question']['mean']:.4f}"))
+        rows.append(("same- vs cross-question", f"{num(cs['same_question']['mean'])} vs {num(cs['cross_question']['mean'])}"))
     if cs.get("same_question_different_answer", {}).get("mean") is not None:
         rows.append(("same- vs cross-question, different answers",
-                     f"{cs['same_question_different_answer']['mean']:.4f} vs {cs['cross_question_different_answer']['mean']:.4f}"))
+                     f"{num(cs['same_question_different_answer']['mean'])} vs {num(cs['cross_question_different_answer']['mean'])}"))
     if cs.get("same_answer", {}).get("mean") is not None:
-        rows.append(("same-answer pairs", f"{cs['same_answer']['mean']:.4f} ({cs['same_answer']['pairs']} pairs)"))
+        rows.append(("same-answer pairs", f"{num(cs['same_answer']['mean'])} ({cs['same_answer']['pairs']} pairs)"))
     if res.ripple is not None:
         r = res.ripple.summary
         fmt = lambda x: "n/a" if x is None else f"{x:+.3f}"  # noqa: E731
