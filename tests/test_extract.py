@@ -57,6 +57,11 @@ def test_extract_couple_match_oracle(tmp_path, tiny_llama_loaded):
     # Paris (q2, q3) and Stratford-upon-Avon, the Seine (q1, q2 hop and question): 3 same-answer pairs
     assert stats["same_answer"]["pairs"] == 3 and stats["different_answer"]["pairs"] == 42
     assert stats["same_question_different_answer"]["pairs"] == 8 - 2
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "run/coupling/pairs_different_answer.csv", encoding="utf-8")))
+    assert len(rows) == 42 and all(r["answer_a"].lower() != r["answer_b"].lower() for r in rows)
+    assert [float(r["cosine"]) for r in rows] == sorted((float(r["cosine"]) for r in rows), reverse=True)
 
 def test_interrupted_extract_resumes(tmp_path, tiny_llama_loaded, monkeypatch):
     write_fact_pieces(tmp_path / "p.jsonl")

@@ -3,7 +3,8 @@
 Outputs in ``RUN/coupling`` (all loadable without gradcouple):
 ``gram.pt`` / ``cosine.pt`` (``{"ids": [...], "gram"|"cosine": (N, N) float64}``, pieces.jsonl
 order; with ``top_k``: ``topk.pt`` ``{"ids", "indices" (N, k) int64, "cosine" (N, k) float32}``
-instead), ``pairs.csv`` (the most coupled pairs with both pieces' texts) and ``stats.json``.
+instead), ``pairs.csv`` (the most coupled pairs with both pieces' texts),
+``pairs_different_answer.csv`` (the same among pairs whose answers differ) and ``stats.json``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,26 @@ from .io import atomic_open, atomic_torch_save, write_json
 from .runinfo import progress_console, peak_rss_bytes
 from .store import GradientStore
 
-PAIR_FIELDS = ["rank", "cosine", "same_question", "id_a", "id_b", "question_a", "question_b",
+PAIR_FIELDS = ["rank", "cosine", "same_question", "same_answer", "id_a", "id_b", "question_a", "question_b",
                "prompt_a", "answer_a", "prompt_b", "answer_b"]
+
+
+def _same_answer(a: dict, b: dict) -> bool:
+    return a["answer"].strip().lower() == b["answer"].strip().lower()
+
+
+def _pair_row(rank: int, cosine: float, a: dict, b: dict, same_question: bool) -> dict:
+    """One pairs.csv row (columns PAIR_FIELDS) for manifest entries ``a`` and ``b``."""
+    return {"rank": rank, "cosine": f"{cosine:.6f}", "same_question": same_question, "same_answer": _same_answer(a, b),
+            "id_a": a["id"], "id_b": b["id"], "question_a": a.get("question_id"), "question_b": b.get("question_id"),
+            "prompt_a": a["prompt"], "answer_a": a["answer"], "prompt_b": b["prompt"], "answer_b": b["answer"]}
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=PAIR_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
 
 
 @dataclass
@@ -95,22 +114,25 @@ def _owners(meta: dict, piece_owners: dict[str, list[str]]) -> set[str]:
     return set(piece_owners.get(meta["id"]) or [meta.get("question_id", meta["id"])])
 
 
-def write_pairs(path: Path, cos: torch.Tensor, metas: list[dict], questions: list[set[str]], top: int) -> None:
-    """Atomically write the ``top`` most coupled unordered pairs as CSV (columns PAIR_FIELDS)."""
+def write_pairs(out_dir: Path, cos: torch.Tensor, metas: list[dict], questions: list[set[str]], top: int) -> None:
+    """Atomically write the ``top`` most coupled unordered pairs to ``pairs.csv``, and the ``top``
+    most coupled pairs whose answers differ to ``pairs_different_answer.csv`` (columns PAIR_FIELDS)."""
     n = cos.shape[0]
     iu = torch.triu_indices(n, n, offset=1)
     vals = cos[iu[0], iu[1]]
-    k = min(top, vals.numel())
-    best = vals.topk(k).indices if k else torch.empty(0, dtype=torch.long)
-    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=PAIR_FIELDS)
-        w.writeheader()
-        for rank, b in enumerate(best.tolist(), 1):
-            i, j = int(iu[0, b]), int(iu[1, b])
-            a, c = metas[i], metas[j]
-            w.writerow({"rank": rank, "cosine": f"{float(cos[i, j]):.6f}", "same_question": bool(questions[i] & questions[j]),
-                        "id_a": a["id"], "id_b": c["id"], "question_a": a.get("question_id"), "question_b": c.get("question_id"),
-                        "prompt_a": a["prompt"], "answer_a": a["answer"], "prompt_b": c["prompt"], "answer_b": c["answer"]})
+    order = vals.argsort(descending=True).tolist()
+    rows_all, rows_diff = [], []
+    for b in order:
+        if len(rows_all) >= top and len(rows_diff) >= top:
+            break
+        i, j = int(iu[0, b]), int(iu[1, b])
+        same_q = bool(questions[i] & questions[j])
+        if len(rows_all) < top:
+            rows_all.append(_pair_row(len(rows_all) + 1, float(cos[i, j]), metas[i], metas[j], same_q))
+        if len(rows_diff) < top and not _same_answer(metas[i], metas[j]):
+            rows_diff.append(_pair_row(len(rows_diff) + 1, float(cos[i, j]), metas[i], metas[j], same_q))
+    _write_rows(out_dir / "pairs.csv", rows_all)
+    _write_rows(out_dir / "pairs_different_answer.csv", rows_diff)
 
 
 def couple(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) -> CoupleResult:
@@ -154,7 +176,7 @@ def couple(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) -
             atomic_torch_save({"ids": ids, "gram": G}, out / "gram.pt")
             atomic_torch_save({"ids": ids, "cosine": cos}, out / "cosine.pt")
             stats = pair_stats(cos, questions, cfg.couple.thresholds, [m["answer"] for m in metas])
-            write_pairs(out / "pairs.csv", cos, metas, questions, cfg.couple.top_pairs)
+            write_pairs(out, cos, metas, questions, cfg.couple.top_pairs)
             mode = "full"
         else:
             task = prog.add_task("couple", total=n_blocks * (n_blocks + 1) // 2)
@@ -175,14 +197,8 @@ def _topk_stats(idx, vals, metas, questions, pairs_path: Path, top: int) -> dict
     n, k = idx.shape
     rows = [(float(vals[i, c]), i, int(idx[i, c])) for i in range(n) for c in range(k) if i < int(idx[i, c])]
     rows.sort(reverse=True)
-    with atomic_open(pairs_path, "w", encoding="utf-8", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=PAIR_FIELDS)
-        w.writeheader()
-        for rank, (c, i, j) in enumerate(rows[:top], 1):
-            a, b = metas[i], metas[j]
-            w.writerow({"rank": rank, "cosine": f"{c:.6f}", "same_question": bool(questions[i] & questions[j]),
-                        "id_a": a["id"], "id_b": b["id"], "question_a": a.get("question_id"), "question_b": b.get("question_id"),
-                        "prompt_a": a["prompt"], "answer_a": a["answer"], "prompt_b": b["prompt"], "answer_b": b["answer"]})
+    _write_rows(pairs_path, [_pair_row(rank, c, metas[i], metas[j], bool(questions[i] & questions[j]))
+                             for rank, (c, i, j) in enumerate(rows[:top], 1)])
     v = vals.flatten().double()
     return {"n_pieces": n, "note": f"statistics over each piece's {k} nearest neighbours only",
             "pairs": int(v.numel()), "mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max())}

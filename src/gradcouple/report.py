@@ -63,6 +63,7 @@ class _Run:
     indices: Optional[torch.Tensor]  # (N, k) int64 in top-k mode
     ripple: Optional[dict]
     ripple_rows: list[dict]
+    pairs_different_answer: list[dict] = field(default_factory=list)
     _views: Optional[dict] = field(default=None, repr=False)
 
     @property
@@ -130,13 +131,18 @@ def _load(run_dir: str | Path) -> _Run:
         raise ArtifactError(f"{spath}: computed from an extraction with config hash {stats['config_hash']}, but "
                             f"{mpath} has {manifest['config_hash']} (stale coupling); {stale}")
 
-    pairs = []
-    with open(ppath, encoding="utf-8", newline="") as fh:
-        for row in csv.DictReader(fh):
-            row["rank"] = int(row["rank"])
-            row["cosine"] = float(row["cosine"])
-            row["same_question"] = row.get("same_question") == "True"
-            pairs.append(row)
+    def read_pairs(path: Path) -> list[dict]:
+        rows = []
+        with open(path, encoding="utf-8", newline="") as fh:
+            for row in csv.DictReader(fh):
+                row["rank"] = int(row["rank"])
+                row["cosine"] = float(row["cosine"])
+                row["same_question"] = row.get("same_question") == "True"
+                rows.append(row)
+        return rows
+
+    pairs = read_pairs(ppath)
+    pairs_diff = read_pairs(cdir / "pairs_different_answer.csv") if (cdir / "pairs_different_answer.csv").is_file() else []
 
     pieces: dict[str, dict] = {}
     pj = run_dir / "pieces.jsonl"
@@ -165,7 +171,7 @@ def _load(run_dir: str | Path) -> _Run:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ArtifactError(f"{rj}:{n}: not valid JSON ({e.msg}); rerun `gradcouple ripple --run {run_dir}`.") from None
-    return _Run(run_dir, manifest, pieces, config, stats, pairs, mode, ids, cosine, indices, ripple, rows)
+    return _Run(run_dir, manifest, pieces, config, stats, pairs, mode, ids, cosine, indices, ripple, rows, pairs_diff)
 
 
 # ---------------------------------------------------------------- derived numbers
@@ -759,12 +765,20 @@ def _html_from(run: _Run, summary: dict, cfg: RunConfig) -> str:
              "Pearson r first order", "precision@k", "mean |measured| same / cross question (nats)", "weights restored",
              "time"], rows))
 
-    prow = [[str(r["rank"]), _num(r["cosine"]), _num(bool(r["same_question"])),
-             f"<b>{_e(r.get('id_a'))}</b><br>{_e(r.get('prompt_a'))} → {_e(r.get('answer_a'))}",
-             f"<b>{_e(r.get('id_b'))}</b><br>{_e(r.get('prompt_b'))} → {_e(r.get('answer_b'))}"]
-            for r in run.pairs[:TOP_PAIRS_HTML]]
+    def pair_rows(pairs: list[dict]) -> list[list[str]]:
+        return [[str(r["rank"]), _num(r["cosine"]), _num(bool(r["same_question"])),
+                 f"<b>{_e(r.get('id_a'))}</b><br>{_e(r.get('prompt_a'))} → {_e(r.get('answer_a'))}",
+                 f"<b>{_e(r.get('id_b'))}</b><br>{_e(r.get('prompt_b'))} → {_e(r.get('answer_b'))}"]
+                for r in pairs[:TOP_PAIRS_HTML]]
+
+    prow = pair_rows(run.pairs)
     parts.append(f"<h2>Most coupled pairs</h2><p class='note'>Top {len(prow)} of coupling/pairs.csv.</p>"
                  + _table(["rank", "GradSim", "same question", "piece A", "piece B"], prow, "pair"))
+    if run.pairs_different_answer:
+        drow = pair_rows(run.pairs_different_answer)
+        parts.append(f"<h2>Most coupled pairs with different answers</h2><p class='note'>Top {len(drow)} of "
+                     f"coupling/pairs_different_answer.csv: coupling that a shared answer string cannot explain.</p>"
+                     + _table(["rank", "GradSim", "same question", "piece A", "piece B"], drow, "pair"))
 
     qrows = [[_e(q["question_id"]), _e(_short(q.get("question"), 120)), _num(q["n_pieces"]), _num(q["pairs"]),
               _num(q["mean"]), _num(q["min"]), _num(q["max"])] for q in cp.get("top_questions") or []]
