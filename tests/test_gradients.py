@@ -88,3 +88,20 @@ def test_no_weight_gradient_and_no_graph_below_the_lowest_target(tiny_model):
         assert not cap.inputs[lowest].requires_grad  # nothing below the lowest target was recorded
         assert set(cap.grads) == {t.name for t in targets}
     assert all(p.grad is None and not p.requires_grad for p in tiny_model.parameters())
+
+
+def test_falcon_inplace_add_into_mlp_output():
+    """Falcon adds attention into the MLP output in place; the capture must not hand it a leaf."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    from oracle import oracle_gram
+
+    torch.manual_seed(3)
+    m = FalconForCausalLM(FalconConfig(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                       parallel_attn=True, new_decoder_architecture=False)).eval().requires_grad_(False)
+    targets = select_targets(m, "last2")
+    pieces = random_pieces(3, seed=12)
+    pf = batch_factors(m, targets, collate(pieces))
+    ref, _ = oracle_gram(m, targets, pieces)
+    norms = torch.tensor([sum(p.sq_norm.values()) for p in pf], dtype=torch.float64)
+    assert torch.allclose(norms, ref.diagonal(), rtol=1e-5)

@@ -148,3 +148,26 @@ def test_rome_needs_factors_store(tmp_path, tiny_llama_loaded):
     cfg.ripple.method = "rome"
     with pytest.raises(ArtifactError, match="--store factors"):
         ripple(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
+
+
+def test_finetune_edit_moves_bfloat16_weights():
+    from conftest import random_pieces, tiny_llama
+
+    model = tiny_llama().to(torch.bfloat16)
+    targets = select_targets(model, "all")
+    saved = snapshot(targets)
+    deltas = finetune_edit(model, targets, random_pieces(1, seed=2)[0], steps=3, lr=1e-4)
+    for d in deltas.values():
+        assert torch.isfinite(d).all() and d.device.type == "cpu"
+        assert (d != 0).float().mean() > 0.5  # fp32 master weights: small steps are not rounded away
+    assert restore(targets, saved)
+
+
+def test_ripple_refuses_coupling_from_another_extraction(tmp_path, tiny_llama_loaded):
+    from gradcouple.errors import ArtifactError
+
+    cfg = _run(tmp_path, tiny_llama_loaded)
+    cfg.model.layers = "last2"
+    extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, overwrite=True, show_progress=False)
+    with pytest.raises(ArtifactError, match="rerun `gradcouple couple"):
+        ripple(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)

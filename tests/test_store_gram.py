@@ -136,3 +136,28 @@ def test_block_sketches_unbiased_and_tighter(setup):
         assert abs(est.mean() - exact) < 3 * se
         spread[(k, m)] = float(est.std())
     assert spread[(2, 16)] < spread[(8, 1)]
+
+
+def test_topk_pairs_keep_pairs_found_from_either_side(tmp_path):
+    from gradcouple.couple import _topk_stats
+
+    metas = [{"id": f"p{i}", "question_id": f"q{i}", "prompt": "x", "answer": f"a{i}"} for i in range(3)]
+    idx = torch.tensor([[1], [0], [0]])
+    vals = torch.tensor([[0.9], [0.9], [0.8]])
+    _topk_stats(idx, vals, metas, [{"q0"}, {"q1"}, {"q2"}], tmp_path / "pairs.csv", 10)
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "pairs.csv", encoding="utf-8")))
+    assert [(r["id_a"], r["id_b"]) for r in rows] == [("p0", "p1"), ("p0", "p2")]
+
+
+def test_block_memory_is_sized_by_the_longest_block(tmp_path, setup):
+    from gradcouple.gram import max_block_tokens
+
+    _, targets, _, factors, _ = setup
+    write_store(tmp_path, targets, factors)
+    store = GradientStore(tmp_path)
+    lens = [m["n_inputs"] for m in store.manifest["pieces"]]
+    assert max_block_tokens(store, 1) == max(lens)
+    assert max_block_tokens(store, 10) == sum(lens)
+    assert max_block_tokens(store, 4) >= 4 * sum(lens) / len(lens) * 0.5

@@ -30,14 +30,17 @@ class FactorCapture:
             if not torch.is_grad_enabled():
                 return None
             self.inputs[name] = args[0].detach()
-            if not output.requires_grad:
-                output = output.detach().requires_grad_(True)
 
             def save_grad(g: torch.Tensor) -> None:
                 self.grads[name] = g.detach()
 
-            output.register_hook(save_grad)
-            return output
+            if output.requires_grad:
+                output.register_hook(save_grad)
+                return None
+            leaf = output.detach().requires_grad_(True)
+            leaf.register_hook(save_grad)
+            # a clone, because some blocks (Falcon) add into the MLP output in place, which a leaf forbids
+            return leaf.clone()
 
         return fwd
 

@@ -175,6 +175,7 @@ def couple(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) -
             cos = cosine_from_gram(G)
             atomic_torch_save({"ids": ids, "gram": G}, out / "gram.pt")
             atomic_torch_save({"ids": ids, "cosine": cos}, out / "cosine.pt")
+            (out / "topk.pt").unlink(missing_ok=True)
             stats = pair_stats(cos, questions, cfg.couple.thresholds, [m["answer"] for m in metas])
             write_pairs(out, cos, metas, questions, cfg.couple.top_pairs)
             mode = "full"
@@ -182,6 +183,8 @@ def couple(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) -
             task = prog.add_task("couple", total=n_blocks * (n_blocks + 1) // 2)
             idx, vals = topk_cosine(store, top_k, bs, cfg.couple.method, progress=lambda k: prog.advance(task, k), max_memory=budget)
             atomic_torch_save({"ids": ids, "indices": idx, "cosine": vals}, out / "topk.pt")
+            for stale in ("cosine.pt", "gram.pt", "pairs_different_answer.csv"):
+                (out / stale).unlink(missing_ok=True)
             stats = _topk_stats(idx, vals, metas, questions, out / "pairs.csv", cfg.couple.top_pairs)
             mode = f"top{top_k}"
     seconds = time.perf_counter() - t0
@@ -195,8 +198,12 @@ def couple(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) -
 
 def _topk_stats(idx, vals, metas, questions, pairs_path: Path, top: int) -> dict:
     n, k = idx.shape
-    rows = [(float(vals[i, c]), i, int(idx[i, c])) for i in range(n) for c in range(k) if i < int(idx[i, c])]
-    rows.sort(reverse=True)
+    seen: dict[tuple[int, int], float] = {}
+    for i in range(n):
+        for c in range(k):
+            j = int(idx[i, c])
+            seen[(min(i, j), max(i, j))] = float(vals[i, c])
+    rows = sorted(((c, i, j) for (i, j), c in seen.items()), reverse=True)
     _write_rows(pairs_path, [_pair_row(rank, c, metas[i], metas[j], bool(questions[i] & questions[j]))
                              for rank, (c, i, j) in enumerate(rows[:top], 1)])
     v = vals.flatten().double()

@@ -16,24 +16,34 @@ from .store import GradientStore
 
 def finetune_edit(model, targets: list[Target], new: EncodedPiece, steps: int, lr: float, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Adam steps on the target weights toward ``new``'s answer; returns Delta theta per target,
-    (d_out, d_in + bias) float32. The caller restores the weights (see :func:`snapshot`)."""
-    before = {t.name: t.weight_matrix() for t in targets}
+    (d_out, d_in + bias) float32 on the CPU. The caller restores the weights (see :func:`snapshot`).
+
+    Adam updates float32 master copies that are copied into the model after each step, so
+    bfloat16/float16 weights neither underflow Adam's moments nor round small steps away.
+    """
+    before = {t.name: t.weight_matrix().cpu() for t in targets}
     params = [t.module.weight for t in targets] + [t.module.bias for t in targets if t.has_bias]
+    masters = [p.detach().float().clone().requires_grad_(True) for p in params]
     for p in params:
         p.requires_grad_(True)
     try:
-        opt = torch.optim.Adam(params, lr=lr)
+        opt = torch.optim.Adam(masters, lr=lr)
         batch = collate([new], pad_id).to(next(model.parameters()).device)
         with torch.enable_grad():
             for _ in range(steps):
                 opt.zero_grad(set_to_none=True)
                 (-answer_logprob(model, batch).sum()).backward()
+                for p, m in zip(params, masters):
+                    m.grad, p.grad = p.grad.float(), None
                 opt.step()
+                with torch.no_grad():
+                    for p, m in zip(params, masters):
+                        p.copy_(m)
     finally:
         for p in params:
             p.requires_grad_(False)
             p.grad = None
-    return {t.name: t.weight_matrix() - before[t.name] for t in targets}
+    return {t.name: t.weight_matrix().cpu() - before[t.name] for t in targets}
 
 
 def snapshot(targets: list[Target]) -> dict[str, list[torch.Tensor]]:
@@ -107,7 +117,7 @@ def rome_edit(model, targets: list[Target], target: Target, new: EncodedPiece, c
         k = cache["k"].double().cpu()
         if target.has_bias:
             k = torch.cat([k, torch.ones(1, dtype=torch.float64)])
-        wk_norm = float((target.weight_matrix().double() @ k).norm())
+        wk_norm = float((target.weight_matrix().double().cpu() @ k).norm())
         opt = torch.optim.Adam([delta], lr=lr)
         with torch.enable_grad():
             for _ in range(steps):

@@ -102,9 +102,16 @@ class _BlockLoader:
         return out
 
 
+def max_block_tokens(store: GradientStore, block_size: int) -> int:
+    """Largest token total of any block of ``block_size`` consecutive store rows (rows are
+    length-sorted, so the last block holds the longest pieces)."""
+    tokens = [store.manifest["pieces"][i]["n_inputs"] for i in store.order]
+    return max((sum(tokens[k:k + block_size]) for k in range(0, len(tokens), block_size)), default=1)
+
+
 def block_bytes(store: GradientStore, plans: list[LayerPlan], block_size: int) -> tuple[float, float]:
-    """Estimated bytes of one loaded block, and of the scratch for one block pair (float32)."""
-    T = max(1.0, store.mean_tokens()) if store.store == "factors" else 1.0
+    """Estimated bytes of the largest loaded block, and of the scratch for one block pair (float32)."""
+    T = max_block_tokens(store, block_size) / block_size if store.store == "factors" else 1.0
     loaded = scratch = 0.0
     for p, t in zip(plans, store.targets):
         d_in = t["d_in"] + int(t["bias"])

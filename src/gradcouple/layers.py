@@ -20,7 +20,6 @@ from .errors import ConfigError, ModelError
 REGISTRY: dict[str, tuple[str, str]] = {
     "llama": ("model.layers", "mlp.down_proj"),
     "mistral": ("model.layers", "mlp.down_proj"),
-    "mixtral": ("model.layers", "block_sparse_moe.experts.0.w2"),
     "qwen2": ("model.layers", "mlp.down_proj"),
     "qwen3": ("model.layers", "mlp.down_proj"),
     "gemma": ("model.layers", "mlp.down_proj"),

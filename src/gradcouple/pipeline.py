@@ -69,7 +69,9 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, datasets: Sequence[str]
     t = time.perf_counter()
     res.couple = couple(cfg, run_dir, show_progress=show_progress)
     res.seconds["couple"] = time.perf_counter() - t
-    if not skip_ripple:
+    if not skip_ripple and res.couple.mode != "full":
+        res.skipped["ripple"] = f"the coupling is {res.couple.mode} (too many pieces for the full matrix); ripple needs the full matrix"
+    elif not skip_ripple:
         t = time.perf_counter()
         try:
             res.ripple = ripple(cfg, run_dir, loaded=loaded, show_progress=show_progress)

@@ -79,11 +79,11 @@ def first_order(store: GradientStore, deltas: dict[str, torch.Tensor], block: in
         k, m, seed = store.manifest["proj_dim"], store.manifest.get("proj_blocks") or 1, store.manifest["seed"]
         for t in store.targets:
             kp = KroneckerProjection(t["name"], t["d_in"] + int(t["bias"]), t["d_out"], k, m, seed)
-            proj[t["name"]] = kp.from_matrix(deltas[t["name"]])
+            proj[t["name"]] = kp.from_matrix(deltas[t["name"]].cpu())
     for i0 in range(0, store.n, block):
         i1 = min(store.n, i0 + block)
         for name in store.names:
-            dw = deltas[name].float()
+            dw = deltas[name].float().cpu()
             if store.store == "factors":
                 x, d, seg, sc = store.factors(i0, i1, name)
                 per_tok = ((x.float() @ dw.t()) * d.float()).sum(1).double()
@@ -161,6 +161,17 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
     run_dir = Path(run_dir)
     store = GradientStore(run_dir / "gradients")
     ids, cos = load_cosine(run_dir)
+    stats_path = run_dir / "coupling" / "stats.json"
+    stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else {}
+    for key in ("config_hash", "pieces_sha256"):
+        if stats.get(key) != store.manifest.get(key):
+            raise ArtifactError(f"{stats_path}: the coupling was computed from another extraction ({key} differs from "
+                                f"{run_dir}/gradients/manifest.json); rerun `gradcouple couple --run {run_dir}`.")
+    extracted = store.manifest.get("config") or {}
+    if extracted:  # score exactly the strings the gradients were extracted for
+        cfg = cfg.model_copy(deep=True)
+        cfg.data.prompt_template = extracted["data"]["prompt_template"]
+        cfg.extract.max_length = extracted["extract"]["max_length"]
     pieces = read_pieces(run_dir / "pieces.jsonl")
     if [p.id for p in pieces] != ids:
         raise ArtifactError(f"{run_dir}/coupling/cosine.pt does not match {run_dir}/pieces.jsonl; rerun `gradcouple couple --run {run_dir}`.")

@@ -66,10 +66,13 @@ def encode(tokenizer, prompt: str, answer: str, max_length: int = 256, where: st
     if start == 0:
         raise DataError(f"{where}prompt {prompt!r} produced no token before the answer; give the piece a prompt.")
     if len(ids) > max_length:
+        keep = 0  # leading special tokens (BOS) that carry no text stay: some models degrade badly without them
+        while keep < start and ids[keep] in special and offsets[keep][1] <= offsets[keep][0]:
+            keep += 1
         cut = len(ids) - max_length
-        if cut >= start:
+        if cut >= start - keep:
             raise DataError(f"{where}answer {answer[:40]!r} is longer than extract.max_length={max_length} tokens; raise --max-length.")
-        ids, start = ids[cut:], start - cut
+        ids, start = ids[:keep] + ids[keep + cut:], start - cut
     return EncodedPiece(tuple(ids), start, prompt, answer)
 
 
