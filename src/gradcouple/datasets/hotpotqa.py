@@ -26,7 +26,7 @@ Per record:
 from __future__ import annotations
 
 import re
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from ..pieces import PieceKind
 from ._common import (
@@ -65,25 +65,31 @@ def sniff(record: Mapping) -> bool:
     return has(record, "supporting_facts") and has(record, "context") and not has(record, "evidences")
 
 
-def paragraphs(record: Mapping) -> dict[str, list[str]]:
-    """``context`` as {title: [sentence, ...]} from either layout (native list of pairs, or
-    the Hub's {title: [...], sentences: [[...]]})."""
-    value, path = lookup(record, "context")
-    out: dict[str, list[str]] = {}
+def _title_pairs(record: Mapping, field: str, second: str, noun: str) -> tuple[list[tuple[Any, Any]], str]:
+    """[(title, value), ...] of ``field`` in either layout: the native list of [title, value]
+    pairs, or the Hub's dict of parallel lists {"title": [...], second: [...]}."""
+    value, path = lookup(record, field)
     if isinstance(value, Mapping) or (isinstance(value, str) and value.startswith("{")):
         value = req_dict(value, path)
         titles = req_list(value.get("title"), f"{path}.title")
-        sents = req_list(value.get("sentences"), f"{path}.sentences")
-        if len(titles) != len(sents):
-            raise RecordError(path, f"{len(titles)} titles but {len(sents)} sentence lists", f"title/sentences length mismatch: {path}")
-        pairs = list(zip(titles, sents))
-    else:
-        pairs = []
-        for i, item in enumerate(req_list(value, path)):
-            item = req_list(item, f"{path}[{i}]")
-            if len(item) != 2:
-                raise RecordError(f"{path}[{i}]", "expected [title, [sentences]]")
-            pairs.append((item[0], item[1]))
+        seconds = req_list(value.get(second), f"{path}.{second}")
+        if len(titles) != len(seconds):
+            raise RecordError(path, f"{len(titles)} titles but {len(seconds)} {noun}s", f"title/{second} length mismatch: {path}")
+        return list(zip(titles, seconds)), path
+    pairs = []
+    for i, item in enumerate(req_list(value, path)):
+        item = req_list(item, f"{path}[{i}]")
+        if len(item) != 2:
+            raise RecordError(f"{path}[{i}]", f"expected [title, {noun}]")
+        pairs.append((item[0], item[1]))
+    return pairs, path
+
+
+def paragraphs(record: Mapping) -> dict[str, list[str]]:
+    """``context`` as {title: [sentence, ...]} from either layout (native list of pairs, or
+    the Hub's {title: [...], sentences: [[...]]})."""
+    pairs, path = _title_pairs(record, "context", "sentences", "sentence list")
+    out: dict[str, list[str]] = {}
     for i, (title, sentences) in enumerate(pairs):
         if not isinstance(title, str):
             raise RecordError(f"{path}[{i}].title", "expected a string")
@@ -93,21 +99,7 @@ def paragraphs(record: Mapping) -> dict[str, list[str]]:
 
 def supporting_facts(record: Mapping) -> list[tuple[str, int]]:
     """``supporting_facts`` as [(title, sentence index), ...] from either layout."""
-    value, path = lookup(record, "supporting_facts")
-    if isinstance(value, Mapping) or (isinstance(value, str) and value.startswith("{")):
-        value = req_dict(value, path)
-        titles = req_list(value.get("title"), f"{path}.title")
-        ids = req_list(value.get("sent_id"), f"{path}.sent_id")
-        if len(titles) != len(ids):
-            raise RecordError(path, f"{len(titles)} titles but {len(ids)} sentence ids", f"title/sent_id length mismatch: {path}")
-        pairs = list(zip(titles, ids))
-    else:
-        pairs = []
-        for i, item in enumerate(req_list(value, path)):
-            item = req_list(item, f"{path}[{i}]")
-            if len(item) != 2:
-                raise RecordError(f"{path}[{i}]", "expected [title, sentence index]")
-            pairs.append((item[0], item[1]))
+    pairs, path = _title_pairs(record, "supporting_facts", "sent_id", "sentence index")
     out = []
     for i, (title, idx) in enumerate(pairs):
         if not isinstance(title, str) or isinstance(idx, bool) or not isinstance(idx, int):
