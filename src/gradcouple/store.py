@@ -209,10 +209,6 @@ class GradientStore:
             self._cache.popitem(last=False)
         return data
 
-    def piece_meta(self, row: int) -> dict:
-        """Manifest entry (id, prompt, answer, token counts, logprob, sq_norm) of store row ``row``."""
-        return self.manifest["pieces"][self.order[row]]
-
     def mean_tokens(self) -> float:
         """Mean stored positions per piece (the T of the cost model)."""
         return sum(p["n_inputs"] for p in self.manifest["pieces"]) / max(1, self.n)

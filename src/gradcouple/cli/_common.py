@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional, TypeVar
 
@@ -51,10 +50,6 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def stdout_is_tty() -> bool:
-    return sys.stdout.isatty()
 
 
 FLAG_NAMES = {
