@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/gradcouple run --out runs/demo
+	$(VENV)/bin/gradcouple run --out runs/demo --overwrite
 	@echo "report: runs/demo/report/index.html"
 
 test: $(STAMP)

@@ -69,17 +69,14 @@ def encode_all(loaded, pieces_path: Path):
     from gradcouple.extract import encode_pieces
     from gradcouple.pieces import read_pieces
 
-    return encode_pieces(loaded.tokenizer, read_pieces(pieces_path), RunConfig())
+    cfg = RunConfig()
+    return encode_pieces(loaded.tokenizer, read_pieces(pieces_path), cfg.data.prompt_template, cfg.extract.max_length)
 
 
 def sorted_batches(encoded, batch_size: int) -> list[list[int]]:
     """Piece indices, length-sorted as gradcouple extract sorts them, in chunks of ``batch_size``."""
     order = sorted(range(len(encoded)), key=lambda i: (encoded[i].n_inputs, i))
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-
-
-def pad_id(loaded) -> int:
-    return loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
 
 
 def flat_grad(targets, grads: dict) -> torch.Tensor:
@@ -153,33 +150,24 @@ def mib(n: float) -> str:
 
 
 def projection_config() -> dict:
-    """The library's default ``projected`` store settings: {"k": proj_dim, "blocks": proj_blocks}."""
+    """The library's default ``projected`` store settings: {"k": proj_dim, "blocks": proj_blocks, "seed": seed}."""
     from gradcouple.config import ExtractConfig
 
     cfg = ExtractConfig()
-    return {"k": cfg.proj_dim, "blocks": getattr(cfg, "proj_blocks", 1), "seed": cfg.seed}
+    return {"k": cfg.proj_dim, "blocks": cfg.proj_blocks, "seed": cfg.seed}
 
 
-def shard_writer(store: str, shapes: list[dict], k: int, blocks: int, seed: int = 0):
-    """``ShardWriter`` with the given projection settings, whichever of its signatures is present."""
-    from gradcouple.config import ExtractConfig
-    from gradcouple.store import ShardWriter
+def store_settings(store: str, proj: dict | None = None):
+    """``StoreSettings`` of ``store`` as ``extract`` records them: projection sizes only for ``projected``
+    (``proj`` = {"k", "blocks", "seed"}, default :func:`projection_config`)."""
+    from gradcouple.rundir import StoreSettings
 
-    if "proj_blocks" in ExtractConfig.model_fields:
-        return ShardWriter(store, shapes, k, seed, blocks)
-    if blocks != 1:
-        raise ValueError("this gradcouple has no proj_blocks")
-    return ShardWriter(store, shapes, k, seed)
+    proj = proj or projection_config()
+    projected = store == "projected"
+    return StoreSettings(kind=store, proj_dim=proj["k"] if projected else None,
+                         proj_blocks=proj["blocks"] if projected else None, seed=proj.get("seed", 0))
 
 
-def projection_features(name: str, d_in: int, d_out: int, k: int, blocks: int, seed: int):
-    """The ``projected`` store's feature map for one target: f(x (T, d_in'), d (T, d_out)) -> a
-    tensor whose dot products with another piece's estimate <G_i, G_j> (unbiasedly)."""
-    import gradcouple.store as st
-
-    if hasattr(st, "KroneckerProjection"):
-        return st.KroneckerProjection(name, d_in, d_out, k, blocks, seed).from_factors
-    if blocks != 1:
-        raise ValueError("this gradcouple has no blocked projection")
-    p_in, p_out = st.projection_matrices(name, d_in, d_out, k, seed)
-    return lambda x, d: (d.float() @ p_out.t()).t() @ (x.float() @ p_in.t())
+def bytes_per_piece(manifest) -> float:
+    """Shard bytes per piece of a gradient ``Manifest`` (what its shard entries record)."""
+    return sum(s.bytes for s in manifest.shards) / len(manifest.pieces)

@@ -2,7 +2,7 @@
 
     python benchmarks/couple_bench.py --json runs/bench/couple.json
 
-Writes synthetic shards with :class:`gradcouple.store.ShardWriter` and a manifest for N pieces
+Writes synthetic shards with :class:`gradcouple.stores.ShardWriter` and a manifest for N pieces
 of SmolLM2-135M's shapes (4 targets ``mlp.down_proj``, d_in 1536, d_out 576, T uniform in
 12..28 tokens, mean 20), then times ``couple(cfg, run_dir)`` in a fresh process per
 measurement (so peak RSS is that measurement's):
@@ -33,37 +33,40 @@ import common  # noqa: E402
 D_IN, D_OUT, N_LAYERS = 1536, 576, 4
 
 
-def targets_shapes(n_layers: int = N_LAYERS, d_in: int = D_IN, d_out: int = D_OUT) -> list[dict]:
-    return [{"name": f"model.layers.{26 + k}.mlp.down_proj", "d_in": d_in, "d_out": d_out, "bias": False,
-             "transposed": False, "n_params": d_in * d_out} for k in range(n_layers)]
+def targets_shapes(n_layers: int = N_LAYERS, d_in: int = D_IN, d_out: int = D_OUT) -> list:
+    from gradcouple.rundir import TargetShape
+
+    return [TargetShape(name=f"model.layers.{26 + k}.mlp.down_proj", d_in=d_in, d_out=d_out, bias=False,
+                        transposed=False, n_params=d_in * d_out) for k in range(n_layers)]
 
 
-def write_synthetic(run_dirs: dict[str, Path], n: int, shapes: list[dict], seed: int = 0, shard_size: int = 256,
+def write_synthetic(run_dirs: dict[str, Path], n: int, shapes: list, seed: int = 0, shard_size: int = 256,
                     proj: dict | None = None, t_min: int = 12, t_max: int = 28) -> dict[str, float]:
     """Write the same N synthetic pieces into one store per entry of ``run_dirs`` ({store: run_dir}).
 
-    ``proj`` = {"k", "blocks"} of the projected store (default: the library's defaults).
-    Returns seconds spent per store (generation shared)."""
-    proj = proj or common.projection_config()
+    ``shapes`` are ``TargetShape``s; ``proj`` = {"k", "blocks"} of the projected store (default: the
+    library's defaults). Returns seconds spent per store (generation shared)."""
+    proj = {**common.projection_config(), **(proj or {})}
     from gradcouple.gradients import PieceFactors
-    from gradcouple.store import Manifest
+    from gradcouple.rundir import Inputs, Manifest, ModelIdentity, PieceRecord, RunDir
+    from gradcouple.stores import ShardWriter
 
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(t_min, t_max + 1, (n,), generator=g).tolist()
-    writers = {s: common.shard_writer(s, shapes, proj["k"], proj["blocks"]) for s in run_dirs}
-    gdirs = {s: d / "gradients" for s, d in run_dirs.items()}
-    for d in run_dirs.values():
-        shutil.rmtree(d, ignore_errors=True)
-    for gd in gdirs.values():
-        gd.mkdir(parents=True)
+    runs = {s: RunDir(d) for s, d in run_dirs.items()}
+    settings = {s: common.store_settings(s, proj) for s in run_dirs}
+    writers = {s: ShardWriter(settings[s], shapes) for s in run_dirs}
+    for run in runs.values():
+        shutil.rmtree(run.root, ignore_errors=True)
+        run.gradients_dir.mkdir(parents=True)
     shards: dict[str, list] = {s: [] for s in run_dirs}
     spent = dict.fromkeys(run_dirs, 0.0)
     pieces = []
     for k0 in range(0, n, shard_size):
         rows = list(range(k0, min(n, k0 + shard_size)))
         tot = sum(lens[r] for r in rows)
-        xs = {t["name"]: torch.randn(tot, t["d_in"], generator=g) for t in shapes}
-        ds = {t["name"]: torch.randn(tot, t["d_out"], generator=g) * 1e-3 for t in shapes}
+        xs = {t.name: torch.randn(tot, t.d_in, generator=g) for t in shapes}
+        ds = {t.name: torch.randn(tot, t.d_out, generator=g) * 1e-3 for t in shapes}
         o = 0
         for r in rows:
             T = lens[r]
@@ -74,18 +77,19 @@ def write_synthetic(run_dirs: dict[str, Path], n: int, shapes: list[dict], seed:
                 t = time.perf_counter()
                 w.add(r, pf)
                 spent[s] += time.perf_counter() - t
-            pieces.append({"index": r, "id": f"synthetic:{r}", "question_id": f"synthetic:{r // 4}", "prompt": f"p{r}",
-                           "answer": f"a{r}", "n_prompt_tokens": lens[r] - 1, "n_answer_tokens": 2,
-                           "n_inputs": lens[r], "logprob": 0.0, "sq_norm": pf.sq_norm})
+            qid = f"synthetic:{r // 4}"
+            pieces.append(PieceRecord(index=r, id=f"synthetic:{r}", question_id=qid, owners=[qid], kind="single_hop",
+                                      prompt=f"p{r}", answer=f"a{r}", n_prompt_tokens=lens[r] - 1, n_answer_tokens=2,
+                                      n_inputs=lens[r], logprob=0.0, sq_norm=pf.sq_norm, shard=k0 // shard_size))
         for s, w in writers.items():
             t = time.perf_counter()
-            shards[s].append(w.flush(gdirs[s] / f"shard-{k0 // shard_size:05d}.pt"))
+            shards[s].append(w.flush(runs[s].shard_path(k0 // shard_size)))
             spent[s] += time.perf_counter() - t
-    for s, gd in gdirs.items():
-        Manifest({"complete": True, "store": s, "targets": shapes, "shards": shards[s], "pieces": pieces,
-                  "proj_dim": proj["k"] if s == "projected" else None,
-                  "proj_blocks": proj["blocks"] if s == "projected" else None, "seed": 0, "dtype": "float16",
-                  "n_params": sum(t["n_params"] for t in shapes)}).save(gd / "manifest.json")
+    for s, run in runs.items():
+        run.save_manifest(Manifest(inputs=Inputs(values={"pieces": f"synthetic:{n}:{seed}"}), pieces_file="synthetic",
+                                   model=ModelIdentity(name="synthetic", fingerprint="synthetic"), targets=shapes,
+                                   n_params=sum(t.n_params for t in shapes), store=settings[s], compute_dtype="float32",
+                                   config={}, batch_size=1, complete=True, shards=shards[s], pieces=pieces))
     return spent
 
 
@@ -101,7 +105,7 @@ def child(run_dir: Path, top_k: int | None, out: Path) -> None:
     res = couple(cfg, run_dir, show_progress=False)
     secs = time.perf_counter() - t
     common.write_json(out, {"seconds": secs, "mode": res.mode, "n": res.n, "peak_rss_bytes": common.peak_rss(),
-                            "rss_before_bytes": base, "methods": res.stats.get("methods")})
+                            "rss_before_bytes": base, "methods": res.stats.methods, "block_size": res.stats.block_size})
 
 
 def measure(run_dir: Path, top_k: int | None, tmp: Path) -> dict:
@@ -111,8 +115,10 @@ def measure(run_dir: Path, top_k: int | None, tmp: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def store_bytes(run_dir: Path) -> int:
-    return sum(p.stat().st_size for p in (run_dir / "gradients").glob("shard-*.pt"))
+def bytes_per_piece(run_dir: Path) -> float:
+    from gradcouple.rundir import RunDir
+
+    return common.bytes_per_piece(RunDir(run_dir).load_manifest())
 
 
 def main(argv=None) -> int:
@@ -134,7 +140,7 @@ def main(argv=None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     shapes = targets_shapes()
-    results = {"shapes": shapes, "top_k": args.top_k, "proj": common.projection_config(), "t_range": [12, 28], "rows": [],
+    results = {"shapes": [t.model_dump() for t in shapes], "top_k": args.top_k, "proj": common.projection_config(), "t_range": [12, 28], "rows": [],
                "factors_budget_s": args.factors_budget_s}
     prev_full = None  # (N, seconds) of the last full factors run
     for n in sizes:
@@ -147,7 +153,7 @@ def main(argv=None) -> int:
         print(f"N={n}: wrote {', '.join(dirs)} stores in {time.perf_counter() - t:.1f} s", flush=True)
         if want_factors:
             r = measure(dirs["factors"], None, work)
-            r.update({"n": n, "store": "factors", "what": "full matrix", "bytes_per_piece": store_bytes(dirs["factors"]) / n,
+            r.update({"n": n, "store": "factors", "what": "full matrix", "bytes_per_piece": bytes_per_piece(dirs["factors"]),
                       "write_s": spent["factors"]})
             results["rows"].append(r)
             prev_full = (n, r["seconds"])
@@ -159,7 +165,7 @@ def main(argv=None) -> int:
             print(f"  factors full   : skipped, estimated {est:.0f} s from N={prev_full[0]}", flush=True)
         r = measure(dirs["projected"], args.top_k, work)
         r.update({"n": n, "store": "projected", "what": f"top-{args.top_k}",
-                  "bytes_per_piece": store_bytes(dirs["projected"]) / n, "write_s": spent["projected"]})
+                  "bytes_per_piece": bytes_per_piece(dirs["projected"]), "write_s": spent["projected"]})
         results["rows"].append(r)
         print(f"  projected top{args.top_k}: {r['seconds']:.1f} s, peak RSS {common.gib(r['peak_rss_bytes'])}", flush=True)
         if not args.keep:

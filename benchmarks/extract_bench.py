@@ -70,13 +70,9 @@ def run_child(method: str, args, work: Path, out: Path) -> dict:
 def reference_key(args, pieces_path: Path) -> str:
     import hashlib
 
-    from gradcouple.models import GGUF_ALIASES, gguf_alias_path
-    from gradcouple.io import sha256_file
+    from gradcouple.models import model_fingerprint
 
-    model_id = args.model
-    if args.model in GGUF_ALIASES:
-        model_id += ":" + sha256_file(gguf_alias_path(args.model))
-    blob = json.dumps({"pieces": common.file_sha(pieces_path), "model": model_id, "layers": "last4", "v": 1})
+    blob = json.dumps({"pieces": common.file_sha(pieces_path), "model": model_fingerprint(args.model), "layers": "last4", "v": 2})
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -110,18 +106,19 @@ def spearman_projected(proj_cos, ref_cos) -> dict:
             "mean_abs_err": float((torch.tensor(a) - torch.tensor(b)).abs().mean()), "top5_overlap": overlap}
 
 
-def load_factors(store_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Every piece's stored fp16 factors (as float32, with their scale), in pieces.jsonl order,
-    and the store's targets."""
-    from gradcouple.store import GradientStore
+def load_factors(run_dir: Path) -> tuple[list[dict], list]:
+    """Every piece's stored fp16 factors (as float32, with the product of their two scales), in
+    pieces.jsonl order, and the store's targets (``TargetShape``)."""
+    from gradcouple.rundir import RunDir
+    from gradcouple.stores import GradientReader
 
-    store = GradientStore(store_dir)
-    facs: list[dict] = [{} for _ in range(store.n)]
-    for r, piece in enumerate(store.order):
-        for nm in store.names:
-            x, d, _, sc = store.factors(r, r + 1, nm)
-            facs[piece][nm] = (x.float(), d.float(), float(sc[0]))
-    return facs, store.targets
+    reader = GradientReader(RunDir(run_dir))
+    facs: list[dict] = [{} for _ in range(reader.n)]
+    for r, piece in enumerate(reader.order):
+        for nm in reader.names:
+            blk = reader.kind.load_block(reader, r, r + 1, nm, "factored")  # x, d float32; s (1, T) = x_scale * d_scale
+            facs[piece][nm] = (blk.x, blk.d, float(blk.s[0, 0]))
+    return facs, reader.manifest.targets
 
 
 def exact_gram(facs: list[dict]):
@@ -139,13 +136,14 @@ def exact_gram(facs: list[dict]):
     return G
 
 
-def projected_gram(facs: list[dict], targets: list[dict], k: int, blocks: int, seed: int):
+def projected_gram(facs: list[dict], targets: list, k: int, blocks: int, seed: int):
     """Gram of the `projected` store's features (its own feature map), float64, from the factors."""
     import torch
 
+    from gradcouple.stores import KroneckerProjection
+
     rows = []
-    maps = {t["name"]: common.projection_features(t["name"], t["d_in"] + int(t["bias"]), t["d_out"], k, blocks, seed)
-            for t in targets}
+    maps = {t.name: KroneckerProjection(t.name, t.d_in_aug, t.d_out, k, blocks, seed).from_factors for t in targets}
     for f in facs:
         rows.append(torch.cat([maps[nm](x, d).reshape(-1).double() * s for nm, (x, d, s) in f.items()]))
     F = torch.stack(rows)
@@ -161,14 +159,14 @@ def spearman_offdiag(cos, ref) -> float:
     return float(spearmanr(cos[iu[0], iu[1]].numpy(), ref[iu[0], iu[1]].numpy()).statistic)
 
 
-def projection_quality(store_dir: Path, ref_cos, default: dict, seeds: int = 20) -> dict:
+def projection_quality(run_dir: Path, ref_cos, default: dict, seeds: int = 20) -> dict:
     """Unbiasedness of the default projection over ``seeds`` seeds for a few pairs, and Spearman
     of equal-size alternatives (k, blocks) against the exact cosines, from the stored factors."""
     import torch
 
     from gradcouple.gram import cosine_from_gram
 
-    facs, targets = load_factors(store_dir)
+    facs, targets = load_factors(run_dir)
     Gx = exact_gram(facs)
     nx = Gx.diagonal().sqrt()
     n = ref_cos.shape[0]
@@ -191,10 +189,9 @@ def projection_quality(store_dir: Path, ref_cos, default: dict, seeds: int = 20)
     rho_default = [spearman_offdiag(cosine_from_gram(G), ref_cos) for G in grams[:3]]
     numbers = k * k * m
     alts = []
-    blocked = "proj_blocks" in __import__("gradcouple.config", fromlist=["ExtractConfig"]).ExtractConfig.model_fields
     for kk in (64, 32, 16, 8, 4, 2):
         mm = numbers // (kk * kk)
-        if mm < 1 or (mm > 1 and not blocked) or mm * kk * kk != numbers:
+        if mm < 1 or mm * kk * kk != numbers:
             continue
         rho = [spearman_offdiag(cosine_from_gram(projected_gram(facs, targets, kk, mm, s)), ref_cos) for s in range(3)]
         alts.append({"k": kk, "blocks": mm, "spearman_mean": sum(rho) / len(rho), "spearman_min": min(rho), "spearman_max": max(rho)})
@@ -293,11 +290,12 @@ def write_report(path: Path, R: dict) -> None:
             L += ["", f"Cosines from these fp32 factors before the fp16 cast (float64 factored Gram) differ from the "
                       f"float64 reference by at most **{prof['max_abs_err']:.1e}** (mean {prof['mean_abs_err']:.1e}); "
                       f"the float32 model's own rounding is most of it."]
+        gram_methods = ", ".join(sorted(set(prof.get("gram_methods", {}).values()))) or "auto"
         L += ["", "couple on the same store:", "", "| stage | seconds |", "|---|---:|",
               f"| open store (sha256 of every shard) | {s['couple_open_verify']:.3f} |",
-              f"| gram_matrix (blocked, factored) | {s['couple_gram']:.3f} |",
+              f"| plan_methods + fit_block_size + gram_matrix (blocked, {gram_methods}) | {s['couple_gram']:.3f} |",
               f"| gram_diagonal (top-k mode only) | {s['couple_gram_diagonal_topk_only']:.3f} |",
-              f"| cosine + pair_stats | {s['couple_cosine_stats']:.3f} |", ""]
+              f"| cosine_from_gram + upper_pairs + pair_split + threshold counts | {s['couple_cosine_stats']:.3f} |", ""]
         gf = res.get("gc-factors")
         if gf and not gf.get("failed"):
             L += [f"The full `extract()` + `couple()` call took {gf['seconds']:.2f} s (extract {gf['extract_s']:.2f} s, couple "
@@ -316,7 +314,7 @@ def write_report(path: Path, R: dict) -> None:
               f"(Pearson {sp['pearson']:.3f}; mean |error| {sp['mean_abs_err']:.3f}, max {sp['max_abs_err']:.3f}; "
               f"{100 * sp['top5_overlap']:.0f}% of each piece's 5 nearest neighbours kept).",
               f"- Unbiasedness: inner products of {len(ub['rows'])} pairs under {ub['seeds']} projection seeds "
-              f"(the store's own feature map, built on `gradcouple.store.projection_matrices`, seeds 0..{ub['seeds'] - 1}), "
+              f"(the store's own feature map, `gradcouple.stores.KroneckerProjection`, seeds 0..{ub['seeds'] - 1}), "
               f"from the stored fp16 factors, divided by the exact |g_i||g_j| of the same factors. "
               f"All within 3 standard errors: **{'yes' if ub['all_within_3se'] else 'NO'}**.", "",
               "| pair | exact | mean over seeds | s.e. | s.d. of one projection | z |", "|---|---:|---:|---:|---:|---:|"]
@@ -472,7 +470,7 @@ def main(argv=None) -> int:
     gp, gf, gd = results.get("gc-projected", {}), results.get("gc-factors", {}), results.get("gc-dense", {})
     if gp.get("cosine_path") and gf.get("run_dir"):
         R["projection"] = {"spearman": spearman_projected(torch.load(gp["cosine_path"], weights_only=True)["cosine"], ref),
-                           "unbiased": projection_quality(Path(gf["run_dir"]) / "gradients", ref, common.projection_config())}
+                           "unbiased": projection_quality(Path(gf["run_dir"]), ref, common.projection_config())}
         sp = R["projection"]["spearman"]
         print(f"projected: Spearman {sp['spearman']:.3f}, unbiased within 3 s.e.: {R['projection']['unbiased']['all_within_3se']}")
     if gf.get("bytes_per_piece") and gd.get("bytes_per_piece") and gp.get("bytes_per_piece"):

@@ -21,7 +21,7 @@ Methods (all on the same pieces, model and target layers; see benchmarks/README.
 * ``profile``   gradcouple's factors extract + couple, split by stage with perf_counter.
 
 Timing excludes model loading and tokenization-free setup: the clock runs from the first
-batch to the cosine matrix. Peak RSS is this process's ru_maxrss (model load included).
+batch to the cosine matrix. Peak RSS is this process's VmHWM (model load included).
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def run_torchfunc(loaded, targets, encoded, args) -> dict:
 
     per_example = vmap(grad(loss), in_dims=(None, 0, 0, 0, 0, 0))
     batches = common.sorted_batches(encoded, args.batch_size)
-    pad = common.pad_id(loaded)
+    pad = loaded.pad_id
     P = _n_params(targets)
     dtype = next(model.parameters()).dtype
 
@@ -220,7 +220,7 @@ def run_opacus(loaded, targets, encoded, args) -> dict:
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
     gsm.train()  # opacus 1.6 captures nothing in eval(); LLaMA has no dropout, so train() == eval()
     batches = common.sorted_batches(encoded, args.batch_size)
-    pad = common.pad_id(loaded)
+    pad = loaded.pad_id
     P = _n_params(targets)
 
     def once():
@@ -255,33 +255,32 @@ def _gc_cfg(args, store: str):
 
 
 def run_gradcouple(loaded, targets, encoded, args, store: str) -> dict:
-    import json
-
     from gradcouple.couple import couple
     from gradcouple.extract import extract
-    from gradcouple.store import bytes_per_piece
+    from gradcouple.rundir import RunDir
 
     cfg = _gc_cfg(args, store)
-    run_dir = Path(args.work) / f"gc-{store}"
+    run = RunDir(Path(args.work) / f"gc-{store}")
     splits = []
 
     def once():
-        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(run.root, ignore_errors=True)
         t0 = time.perf_counter()
-        extract(cfg, run_dir, loaded=loaded, overwrite=True, show_progress=False)
+        extract(cfg, run.root, loaded=loaded, overwrite=True, show_progress=False)
         t1 = time.perf_counter()
-        couple(cfg, run_dir, show_progress=False)
+        couple(cfg, run.root, show_progress=False)
         t2 = time.perf_counter()
         splits.append({"extract_s": t1 - t0, "couple_s": t2 - t1})
-        return torch.load(run_dir / "coupling" / "cosine.pt", weights_only=True)["cosine"]
+        return run.load_cosine()[1]
 
     best, times, cos = _timed(args.reps, once)
-    manifest = json.loads((run_dir / "gradients" / "manifest.json").read_text())
+    man = run.load_manifest()
+    records = man.records()
     k = times.index(best)
     return {"seconds": best, "all_seconds": times, "cosine": cos, "batch_size": args.batch_size, "order": "length-sorted",
-            "bytes_per_piece": bytes_per_piece(manifest), "mean_tokens": sum(p["n_inputs"] for p in manifest["pieces"]) / len(manifest["pieces"]),
+            "bytes_per_piece": common.bytes_per_piece(man), "mean_tokens": sum(r.n_inputs for r in records) / len(records),
             "extract_s": splits[k]["extract_s"], "couple_s": splits[k]["couple_s"],
-            "extract_loop_pieces_per_s": manifest["timing"]["pieces_per_s"], "run_dir": str(run_dir)}
+            "extract_loop_pieces_per_s": man.timing.pieces_per_s, "run_dir": str(run.root)}
 
 
 # ---------------------------------------------------------------- forward-only floor
@@ -289,7 +288,7 @@ def run_gradcouple(loaded, targets, encoded, args, store: str) -> dict:
 def run_floor(loaded, targets, encoded, args) -> dict:
     model = loaded.model
     batches = common.sorted_batches(encoded, args.batch_size)
-    pad = common.pad_id(loaded)
+    pad = loaded.pad_id
 
     def once():
         with torch.no_grad():
@@ -306,24 +305,31 @@ def run_profile(loaded, targets, encoded, args) -> dict:
     """Where gradcouple's time goes: batch_factors and ShardWriter unrolled with perf_counter
     splits (same operations, same order), then couple's parts."""
     from gradcouple.capture import FactorCapture
-    from gradcouple.gradients import factored_sq_norm
-    from gradcouple.gram import cosine_from_gram, gram_diagonal, gram_matrix
-    from gradcouple.couple import pair_stats
-    from gradcouple.store import GradientStore, Manifest, ShardWriter
+    from gradcouple.config import RunConfig
+    from gradcouple.couple import memory_budget, pair_split, upper_pairs
+    from gradcouple.gradients import PieceFactors, factored_sq_norm
+    from gradcouple.gram import cosine_from_gram, fit_block_size, gram_diagonal, gram_matrix, plan_methods
+    from gradcouple.pieces import read_pieces
+    from gradcouple.rundir import Inputs, Manifest, PieceRecord, RunDir
+    from gradcouple.stores import GradientReader, ShardWriter
 
+    cfg = RunConfig()
     model = loaded.model
+    pieces = read_pieces(Path(args.work) / "pieces.jsonl")
     batches = common.sorted_batches(encoded, args.batch_size)
-    pad = common.pad_id(loaded)
+    pad = loaded.pad_id
     shapes = [t.shape_info() for t in targets]
-    out_dir = Path(args.work) / "profile" / "gradients"
-    shutil.rmtree(out_dir.parent, ignore_errors=True)
-    out_dir.mkdir(parents=True)
+    settings = common.store_settings("factors")
+    run = RunDir(Path(args.work) / "profile")
+    shutil.rmtree(run.root, ignore_errors=True)
+    run.gradients_dir.mkdir(parents=True)
     best: dict | None = None
     for _ in range(args.reps):
         s = dict.fromkeys(["collate", "forward_no_grad", "forward_capture", "backward", "factor_copy", "norms",
                            "shard_add_fp16", "shard_flush"], 0.0)
-        writer = ShardWriter("factors", shapes)
-        rows_meta, fp32 = [], {}
+        writer = ShardWriter(settings, shapes)
+        records: list = [None] * len(encoded)
+        fp32 = {}
         t_all = time.perf_counter()
         for chunk in batches:
             t = time.perf_counter()
@@ -344,8 +350,7 @@ def run_profile(loaded, targets, encoded, args) -> dict:
                 t = time.perf_counter()
                 inputs = {tg.name: cap.inputs[tg.name].float().cpu() for tg in targets}
                 grads = {tg.name: cap.grads[tg.name].float().cpu() for tg in targets}
-            from gradcouple.gradients import PieceFactors
-
+            lps = lp.detach().double().cpu().tolist()
             pfs, tn = [], 0.0
             for b, n in enumerate(batch.lengths.tolist()):
                 xs, ds = {}, {}
@@ -357,40 +362,52 @@ def run_profile(loaded, targets, encoded, args) -> dict:
                 t2 = time.perf_counter()
                 norms = {tg.name: factored_sq_norm(xs[tg.name], ds[tg.name]) for tg in targets}
                 tn += time.perf_counter() - t2
-                pfs.append(PieceFactors(xs, ds, 0.0, norms))
+                pfs.append(PieceFactors(xs, ds, lps[b], norms))
             s["factor_copy"] += time.perf_counter() - t - tn
             s["norms"] += tn
             t = time.perf_counter()
             for i, pf in zip(chunk, pfs):
                 fp32[i] = pf
                 writer.add(i, pf)
-                rows_meta.append({"index": i, "id": str(i), "prompt": "", "answer": "", "n_inputs": encoded[i].n_inputs,
-                                  "sq_norm": pf.sq_norm, "logprob": 0.0})
             s["shard_add_fp16"] += time.perf_counter() - t
+            for i, pf in zip(chunk, pfs):  # bookkeeping extract does too, not timed
+                p, e = pieces[i], encoded[i]
+                records[i] = PieceRecord(index=i, id=p.id, question_id=p.question_id, owners=sorted(p.question_ids),
+                                         kind=p.kind.value, hop=p.hop, prompt=e.prompt, answer=e.answer,
+                                         n_prompt_tokens=e.n_prompt_tokens, n_answer_tokens=e.n_answer_tokens,
+                                         n_inputs=e.n_inputs, logprob=pf.logprob, sq_norm=pf.sq_norm, shard=0)
         t = time.perf_counter()
-        entry = writer.flush(out_dir / "shard-00000.pt")
+        entry = writer.flush(run.shard_path(0))
         s["shard_flush"] += time.perf_counter() - t
         s["extract_total"] = time.perf_counter() - t_all - s["forward_no_grad"]
-        meta = [None] * len(encoded)
-        for m in rows_meta:
-            meta[m["index"]] = m
-        Manifest({"complete": True, "store": "factors", "targets": shapes, "shards": [entry], "pieces": meta}).save(out_dir / "manifest.json")
+        man = Manifest(inputs=Inputs(values={"pieces": common.file_sha(Path(args.work) / "pieces.jsonl")}),
+                       pieces_file=str(Path(args.work) / "pieces.jsonl"), model=loaded.identity(), targets=shapes,
+                       n_params=sum(sh.n_params for sh in shapes), store=settings, compute_dtype="float32",
+                       config={}, batch_size=args.batch_size, complete=True, shards=[entry], pieces=records)
+        run.save_manifest(man)
         t = time.perf_counter()
-        store = GradientStore(out_dir)
+        reader = GradientReader(run)
         s["couple_open_verify"] = time.perf_counter() - t
         t = time.perf_counter()
-        G = gram_matrix(store, 256)
+        budget = memory_budget(cfg)
+        methods = plan_methods(reader, cfg.couple.method, cfg.couple.block_size)
+        bs = fit_block_size(reader, methods, cfg.couple.block_size, budget)
+        G = gram_matrix(reader, bs, methods, max_memory=budget)
         s["couple_gram"] = time.perf_counter() - t
         t = time.perf_counter()
-        gram_diagonal(store, 256)
+        gram_diagonal(reader, bs)
         s["couple_gram_diagonal_topk_only"] = time.perf_counter() - t
         t = time.perf_counter()
         cos = cosine_from_gram(G)
-        pair_stats(cos, [{str(i)} for i in range(len(encoded))], [0.1, 0.3, 0.5, 0.7])
+        pairs = upper_pairs(cos)
+        pair_split(*pairs, man.records())
+        v = pairs[2]
+        above = {str(th): [int((v > th).sum()), int((v.abs() > th).sum())] for th in cfg.couple.thresholds}
         s["couple_cosine_stats"] = time.perf_counter() - t
         if best is None or s["extract_total"] < best["extract_total"]:
             best = s
-    return {"seconds": best["extract_total"], "cosine": _fp32_factor_cosine(fp32, targets), "splits": best}
+    return {"seconds": best["extract_total"], "cosine": _fp32_factor_cosine(fp32, targets), "splits": best,
+            "gram_methods": methods, "block_size": bs, "above_and_abs_above": above}
 
 
 def _fp32_factor_cosine(factors: dict, targets) -> torch.Tensor:
@@ -440,7 +457,7 @@ def main(argv=None) -> int:
         res["cosine_path"] = str(out.with_suffix(".pt"))
     res.update({"method": args.method, "n": len(encoded), "pieces_per_s": len(encoded) / res["seconds"],
                 "peak_rss_bytes": common.peak_rss(), "rss_after_load_bytes": rss_after_load, "setup_s": setup_s,
-                "n_params": _n_params(targets), "targets": [t.shape_info() for t in targets],
+                "n_params": _n_params(targets), "targets": [t.shape_info().model_dump() for t in targets],
                 "mean_n_inputs": sum(e.n_inputs for e in encoded) / len(encoded), "threads": torch.get_num_threads()})
     common.write_json(out, res)
     print(f"{args.method}: {res['pieces_per_s']:.2f} pieces/s ({res['seconds']:.2f} s), peak RSS {common.gib(res['peak_rss_bytes'])}")

@@ -1,6 +1,21 @@
+"""Shared fixtures. Every cache the suite touches (gradcouple's dequantised models, the Hugging
+Face Hub and datasets caches) lives in one temporary directory made here, before any library is
+imported, and removed at exit: tests never write into the user's home."""
+
 from __future__ import annotations
 
+import atexit
+import os
 import random
+import shutil
+import tempfile
+
+_CACHE = tempfile.mkdtemp(prefix="gradcouple-tests-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ["GRADCOUPLE_CACHE"] = os.path.join(_CACHE, "gradcouple")
+os.environ["HF_HOME"] = os.path.join(_CACHE, "huggingface")
+os.environ.pop("HF_HUB_CACHE", None)
+os.environ.pop("HF_DATASETS_CACHE", None)
 
 import pytest
 import torch
@@ -55,7 +70,7 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def tiny_llama_loaded():
-    """llama-tiny-random: a random 4-block LLaMA with the real SmolLM2 tokenizer."""
+    """llama-tiny-random: a random 4-block LLaMA with the in-memory byte-level tokenizer."""
     from gradcouple.models import load_model
 
     return load_model("llama-tiny-random", device="cpu")

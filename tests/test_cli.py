@@ -1,108 +1,185 @@
-"""The command line: help with examples, exit codes, one-line errors."""
+"""The command line: what each command passes to the library, help with examples, and the one
+error boundary (one line, documented exit codes). Library calls are patched here; the stages
+themselves are specified in their own test files."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
 
 from gradcouple.cli import app
+from gradcouple.config import RunConfig, flag_names, load_config
+from gradcouple.errors import ArtifactError, ConfigError, DataError, ModelError, NetworkError
 
 runner = CliRunner()
+COMMANDS = ["download", "extract", "couple", "ripple", "report", "run"]
 
 
-@pytest.mark.parametrize("cmd", ["download", "extract", "couple", "ripple", "report", "run"])
-def test_help_has_examples(cmd):
+class Recorder:
+    """Stands in for a library stage: records its arguments, returns ``result``."""
+
+    def __init__(self, result=None, raises: BaseException | None = None):
+        self.calls, self.result, self.raises = [], result, raises
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        if self.raises is not None:
+            raise self.raises
+        return self.result
+
+
+@pytest.fixture
+def stages(monkeypatch):
+    """Patch every stage the CLI calls; results carry just what the summaries print."""
+    import gradcouple.couple as couple_mod
+    import gradcouple.extract as extract_mod
+    import gradcouple.ripple as ripple_mod
+    from gradcouple.metrics import Describe, Interval
+
+    d = Describe(n=1, mean=0.5, std=0.0, min=0.5, median=0.5, max=0.5)
+    pairs = SimpleNamespace(all=d, same_question=d, cross_question=d, same_answer=d, different_answer=d,
+                            same_question_different_answer=d, cross_question_different_answer=d)
+    iv = Interval(estimate=0.3, low=0.1, high=0.5, n=3)
+    rec = SimpleNamespace(
+        extract=Recorder(SimpleNamespace(resumed_shards=0, n_shards=1, n_pieces=2, seconds=1.0, pieces_per_s=2.0,
+                                         bytes_on_disk=10, peak_rss_bytes=10, device=None)),
+        ensure=Recorder(SimpleNamespace(changed=[], reused=True)),
+        couple=Recorder(SimpleNamespace(n=2, mode="full", seconds=1.0, out_dir=Path("R/coupling"),
+                                        stats=SimpleNamespace(pairs=pairs))),
+        ripple=Recorder(SimpleNamespace(summary=SimpleNamespace(
+            n_edits=3, n_successful=2, spearman_coupling=iv, spearman_first_order=iv, precision_at_k=iv,
+            pooled=SimpleNamespace(spearman_coupling=0.2), seconds=1.0))),
+    )
+    monkeypatch.setattr(extract_mod, "extract", rec.extract)
+    monkeypatch.setattr(extract_mod, "ensure_extraction", rec.ensure)
+    monkeypatch.setattr(couple_mod, "couple", rec.couple)
+    monkeypatch.setattr(ripple_mod, "ripple", rec.ripple)
+    return rec
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_every_command_help_has_examples(cmd):
     res = runner.invoke(app, [cmd, "--help"])
     assert res.exit_code == 0 and "Examples" in res.output
 
 
-def test_no_args_shows_help():
+def test_no_arguments_lists_the_commands():
     res = runner.invoke(app, [])
-    assert "download" in res.output and "couple" in res.output
+    assert all(c in res.output for c in COMMANDS)
 
 
-def test_missing_pieces_file_is_one_line_error(tmp_path):
-    res = runner.invoke(app, ["extract", "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "r")])
-    assert res.exit_code == 2
-    assert "nope.jsonl" in res.output and "gradcouple download" in res.output
-    assert "Traceback" not in res.output
+def test_extract_passes_flags_as_config_fields(stages, tmp_path):
+    res = runner.invoke(app, ["extract", "--data", "p.jsonl", "--out", str(tmp_path / "r"), "--model", "gpt2",
+                              "--layers", "all", "--store", "dense", "--batch-size", "4", "--shard-size", "8",
+                              "--max-length", "64", "--limit", "5", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    (cfg, out), kwargs = stages.extract.calls[0]
+    assert out == tmp_path / "r" and kwargs == {"overwrite": True}
+    assert (cfg.data.pieces, cfg.data.limit, cfg.model.name, cfg.model.layers) == (Path("p.jsonl"), 5, "gpt2", "all")
+    assert (cfg.extract.store, cfg.extract.batch_size, cfg.extract.shard_size, cfg.extract.max_length) == ("dense", 4, 8, 64)
 
 
-def test_bad_pieces_line_names_file_line_field(tmp_path):
-    p = tmp_path / "p.jsonl"
-    p.write_text('{"id": "a", "dataset": "x", "question_id": "q", "kind": "cloze", "prompt": "The sky is", "answer": "blue"}\n'
-                 '{"id": "b", "dataset": "x", "question_id": "q", "kind": "cloze", "prompt": "Grass is", "answer": ""}\n')
-    res = runner.invoke(app, ["extract", "--data", str(p), "--model", "llama-tiny-random", "--out", str(tmp_path / "r")])
-    assert res.exit_code == 2
-    assert "p.jsonl:2" in res.output and "answer" in res.output
+def test_extract_prints_the_manifest_path_last_on_stdout(stages, tmp_path):
+    res = runner.invoke(app, ["extract", "--data", "p.jsonl", "--out", str(tmp_path / "r")])
+    assert res.stdout.strip().splitlines()[-1] == str(tmp_path / "r" / "gradients" / "manifest.json")
 
 
-def test_couple_without_extraction(tmp_path):
-    res = runner.invoke(app, ["couple", "--run", str(tmp_path)])
-    assert res.exit_code == 5 and "gradcouple extract" in res.output
-
-
-def test_bad_layers_flag(tmp_path):
-    from conftest import write_fact_pieces
-
-    write_fact_pieces(tmp_path / "p.jsonl", n=2)
-    res = runner.invoke(app, ["extract", "--data", str(tmp_path / "p.jsonl"), "--model", "llama-tiny-random",
-                              "--layers", "9-12", "--out", str(tmp_path / "r")])
-    assert res.exit_code == 2 and "--layers" in res.output
-
-
-def test_config_file_and_flag_override(tmp_path):
-    from conftest import write_fact_pieces
-
-    write_fact_pieces(tmp_path / "p.jsonl", n=4)
+def test_flags_override_the_config_file(stages, tmp_path):
     cfgf = tmp_path / "c.yaml"
     cfgf.write_text("model:\n  name: llama-tiny-random\n  layers: last2\nextract:\n  store: dense\n")
-    res = runner.invoke(app, ["extract", "--config", str(cfgf), "--data", str(tmp_path / "p.jsonl"),
-                              "--layers", "all", "--out", str(tmp_path / "r")])
+    res = runner.invoke(app, ["extract", "--config", str(cfgf), "--data", "p.jsonl", "--layers", "all", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
-    import json
+    (cfg, _), _ = stages.extract.calls[0]
+    assert (cfg.model.name, cfg.model.layers, cfg.extract.store) == ("llama-tiny-random", "all", "dense")
 
-    saved = json.loads((tmp_path / "r/config.json").read_text())
-    assert saved["model"]["layers"] == "all" and saved["extract"]["store"] == "dense"
-    assert saved["model"]["name"] == "llama-tiny-random"
-    res = runner.invoke(app, ["couple", "--run", str(tmp_path / "r")])
+
+def test_later_stages_start_from_the_runs_saved_config(stages, tmp_path):
+    saved = RunConfig()
+    saved.model.name = "llama-tiny-random"
+    saved.couple.top_pairs = 7
+    saved.save(tmp_path / "config.json")
+    res = runner.invoke(app, ["couple", "--run", str(tmp_path), "--top-k", "3"])
     assert res.exit_code == 0, res.output
-    assert res.stdout.strip().splitlines()[-1].endswith("stats.json")
+    (cfg, run), _ = stages.couple.calls[0]
+    assert run == tmp_path and (cfg.model.name, cfg.couple.top_pairs, cfg.couple.top_k) == ("llama-tiny-random", 7, 3)
 
 
-def test_invalid_config_value(tmp_path):
-    cfgf = tmp_path / "c.yaml"
-    cfgf.write_text("extract:\n  store: sparse\n")
-    res = runner.invoke(app, ["extract", "--config", str(cfgf), "--data", "x.jsonl", "--out", str(tmp_path / "r")])
-    assert res.exit_code == 2 and "extract.store" in res.output
-
-
-def test_shipped_configs_are_valid():
-    from pathlib import Path
-
-    from gradcouple.config import RunConfig, load_config
-
-    files = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-    assert len(files) >= 3
-    for f in files:
-        load_config(f)
-    assert load_config(files[[f.name for f in files].index("default.yaml")]) == RunConfig()
-
-
-def test_couple_with_model_extracts_first_then_reuses(tmp_path, monkeypatch):
-    from conftest import write_fact_pieces
-
+def test_couple_with_model_extracts_if_needed_in_a_run_named_after_model_and_settings(stages, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write_fact_pieces(tmp_path / "p.jsonl", n=5)
-    args = ["couple", "--model", "llama-tiny-random", "--data", "p.jsonl"]
-    first = runner.invoke(app, args)
-    assert first.exit_code == 0, first.output
-    assert "extracting first" in first.output
-    runs = list((tmp_path / "runs").iterdir())
-    assert len(runs) == 1 and runs[0].name.startswith("llama-tiny-random-")
-    assert (runs[0] / "coupling" / "cosine.pt").is_file()
-    again = runner.invoke(app, args)
-    assert again.exit_code == 0 and "extracting first" not in again.output
+    res = runner.invoke(app, ["couple", "--model", "org/My Model", "--data", "p.jsonl"])
+    assert res.exit_code == 0, res.output
+    (cfg, run), kwargs = stages.ensure.calls[0]
+    assert run.parent == Path("runs") and run.name == f"org_My_Model-{cfg.extract_hash()[:8]}"
+    assert kwargs == {"replace_stale": True} and stages.couple.calls[0][0][1] == run
+
+
+def test_couple_without_run_or_model_names_the_flag(stages):
+    res = runner.invoke(app, ["couple"])
+    assert res.exit_code == 2 and "--run" in res.output
+
+
+def test_ripple_passes_its_flags(stages, tmp_path):
+    res = runner.invoke(app, ["ripple", "--run", str(tmp_path), "--edits", "4", "--method", "rome", "--steps", "3",
+                              "--lr", "0.01", "--seed", "5", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    (cfg, run), _ = stages.ripple.calls[0]
+    r = cfg.ripple
+    assert (run, r.n_edits, r.method, r.steps, r.lr, r.seed, cfg.model.device) == (tmp_path, 4, "rome", 3, 0.01, 5, "cpu")
+
+
+def test_ripple_summary_prints_the_interval(stages, tmp_path):
+    res = runner.invoke(app, ["ripple", "--run", str(tmp_path)])
+    assert "+0.300 [+0.100, +0.500]" in res.output
+
+
+def test_run_passes_datasets_and_overwrite(monkeypatch, tmp_path):
+    import gradcouple.pipeline as pipeline
+
+    rec = Recorder(raises=DataError("stop here"))
+    monkeypatch.setattr(pipeline, "run_pipeline", rec)
+    runner.invoke(app, ["run", "--out", str(tmp_path), "--datasets", "musique, mquake", "--edits", "2", "--overwrite", "--no-ripple"])
+    (cfg, out), kwargs = rec.calls[0]
+    assert out == tmp_path and cfg.ripple.n_edits == 2
+    assert kwargs == {"datasets": ["musique", "mquake"], "skip_ripple": True, "overwrite": True}
+
+
+@pytest.mark.parametrize("error", [DataError("d.jsonl:3: field 'answer': empty."), ConfigError("--layers 'x': bad."),
+                                   ModelError("--model m: not found."), NetworkError("offline."),
+                                   ArtifactError("R/gradients/manifest.json: missing.")])
+def test_gradcouple_errors_are_one_line_with_their_exit_code(stages, error, tmp_path):
+    stages.extract.raises = error
+    res = runner.invoke(app, ["extract", "--data", "p.jsonl", "--out", str(tmp_path)])
+    assert res.exit_code == error.exit_code
+    assert res.output.strip() == f"error: {error}" and "Traceback" not in res.output
+
+
+def test_unexpected_exceptions_are_one_line_naming_the_debug_switch(stages, tmp_path):
+    stages.extract.raises = ZeroDivisionError("division by zero")
+    res = runner.invoke(app, ["extract", "--data", "p.jsonl", "--out", str(tmp_path)])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
+    assert "ZeroDivisionError" in res.output and "GRADCOUPLE_DEBUG=1" in res.output
+
+
+def test_os_errors_name_the_file(stages, tmp_path):
+    stages.extract.raises = PermissionError(13, "Permission denied", "/ro/run/config.json")
+    res = runner.invoke(app, ["extract", "--data", "p.jsonl", "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "/ro/run/config.json: Permission denied" in res.output
+
+
+def test_debug_switch_shows_the_traceback(stages, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADCOUPLE_DEBUG", "1")
+    stages.extract.raises = ZeroDivisionError("division by zero")
+    res = runner.invoke(app, ["extract", "--data", "p.jsonl", "--out", str(tmp_path)])
+    assert isinstance(res.exception, ZeroDivisionError)
+
+
+def test_interrupt_says_what_resumes(stages, tmp_path):
+    stages.extract.raises = KeyboardInterrupt()
+    res = runner.invoke(app, ["extract", "--data", "p.jsonl", "--out", str(tmp_path)])
+    assert res.exit_code == 130 and "rerun the same command to resume" in res.output
 
 
 def test_bad_flag_value_names_the_flag(tmp_path):
@@ -112,10 +189,43 @@ def test_bad_flag_value_names_the_flag(tmp_path):
     assert res.exit_code == 2 and "--store 'bogus'" in res.output
 
 
+def test_invalid_config_file_value_names_the_field(tmp_path):
+    cfgf = tmp_path / "c.yaml"
+    cfgf.write_text("extract:\n  store: sparse\n")
+    res = runner.invoke(app, ["extract", "--config", str(cfgf), "--data", "x.jsonl", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "extract.store" in res.output
+
+
+def test_flag_map_covers_every_cli_option_that_sets_a_config_field():
+    assert flag_names()["extract.batch_size"] == "--batch-size" and flag_names()["ripple.n_edits"] == "--edits"
+    assert len(set(flag_names())) == len(flag_names())
+
+
+def test_shipped_configs_are_valid_and_default_is_the_default():
+    files = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert len(files) >= 3
+    for f in files:
+        load_config(f)
+    assert load_config(files[[f.name for f in files].index("default.yaml")]) == RunConfig()
+
+
+def test_missing_pieces_file_is_a_data_error_naming_it(tmp_path):
+    res = runner.invoke(app, ["extract", "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "r"),
+                              "--model", "llama-tiny-random"])
+    assert res.exit_code == 2 and "nope.jsonl" in res.output and "gradcouple download" in res.output
+
+
+def test_couple_without_extraction_is_an_artifact_error(tmp_path):
+    res = runner.invoke(app, ["couple", "--run", str(tmp_path)])
+    assert res.exit_code == 5 and "gradcouple extract" in res.output
+
+
 def test_run_without_editable_pieces_still_reports(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"id": "a", "dataset": "x", "question_id": "q", "kind": "cloze", '
-                                      '"prompt": "The sky is", "answer": "blue"}\n')
+                                      '"prompt": "The sky is", "answer": "blue"}\n'
+                                      '{"id": "b", "dataset": "x", "question_id": "q", "kind": "cloze", '
+                                      '"prompt": "Grass is", "answer": "green"}\n')
     res = runner.invoke(app, ["run", "--data", str(tmp_path / "p.jsonl"), "--model", "llama-tiny-random",
                               "--out", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output
-    assert "ripple skipped" in res.output and (tmp_path / "r/report/index.html").is_file()
+    assert (tmp_path / "r/report/index.html").is_file()

@@ -1,22 +1,26 @@
-"""The extract and couple stages end to end on a real tokenizer, against the autograd oracle."""
+"""The extract and couple stages end to end on a tokenizer, against the autograd oracle."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
 from gradcouple.config import RunConfig
-from gradcouple.couple import couple, load_cosine
+from gradcouple.couple import couple
 from gradcouple.errors import ConfigError
 from gradcouple.extract import encode_pieces, extract
 from gradcouple.layers import select_targets
 from gradcouple.pieces import read_pieces
-from gradcouple.store import ShardWriter
+from gradcouple.rundir import RunDir
+from gradcouple.stores import ShardWriter
 
 from conftest import write_fact_pieces
 from oracle import cosine_from_gram, oracle_gram
+
+COS_ATOL_FP16 = 2e-3   # cosines from fp16 shards vs the float64 oracle
+LOGPROB_ATOL = 1e-4    # nats
+SQ_NORM_RTOL = 1e-5    # squared norms are accumulated in float64 from float32 factors
+UNIT_DIAGONAL_ATOL = 1e-12
 
 
 def _cfg(pieces_path, **extract_kw) -> RunConfig:
@@ -29,46 +33,82 @@ def _cfg(pieces_path, **extract_kw) -> RunConfig:
     return cfg
 
 
-def test_extract_couple_match_oracle(tmp_path, tiny_llama_loaded):
-    write_fact_pieces(tmp_path / "p.jsonl")
+@pytest.fixture
+def extracted(tmp_path, tiny_llama_loaded):
+    """A run of the ten hand-written facts: (cfg, RunDir, oracle Gram, oracle log-probs)."""
+    pieces = write_fact_pieces(tmp_path / "p.jsonl")
     cfg = _cfg(tmp_path / "p.jsonl")
-    res = extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
-    assert res.n_pieces == 10 and res.n_shards == 3
+    extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
     couple(cfg, tmp_path / "run", show_progress=False)
-    ids, cos = load_cosine(tmp_path / "run")
-    pieces = read_pieces(tmp_path / "p.jsonl")
-    assert ids == [p.id for p in pieces]
-    encoded = encode_pieces(tiny_llama_loaded.tokenizer, pieces, cfg)
-    targets = select_targets(tiny_llama_loaded.model, "all")
-    ref, ref_lp = oracle_gram(tiny_llama_loaded.model, targets, encoded)
-    assert (cos - cosine_from_gram(ref)).abs().max().item() < 2e-3
-    man = json.loads((tmp_path / "run/gradients/manifest.json").read_text())
-    assert man["complete"] and man["n_params"] == sum(t.n_params for t in targets)
-    lp = torch.tensor([m["logprob"] for m in man["pieces"]], dtype=torch.float64)
-    assert torch.allclose(lp, torch.tensor(ref_lp, dtype=torch.float64), atol=1e-4)
-    sq = torch.tensor([sum(m["sq_norm"].values()) for m in man["pieces"]], dtype=torch.float64)
-    assert torch.allclose(sq, ref.diagonal(), rtol=1e-5)
-    first = man["pieces"][0]
-    assert first["prompt"] == "Question: Who wrote Hamlet?\nAnswer:" and first["answer"] == " William Shakespeare"
-    assert first["n_prompt_tokens"] + first["n_answer_tokens"] == first["n_inputs"] + 1
-    stats = json.loads((tmp_path / "run/coupling/stats.json").read_text())
-    assert stats["same_question"]["pairs"] == 3 + 3 + 1 + 1  # q1, q2: 3 pieces each; q3, q4: 2 each
-    assert stats["same_question"]["pairs"] + stats["cross_question"]["pairs"] == 45
-    # Paris (q2, q3) and Stratford-upon-Avon, the Seine (q1, q2 hop and question): 3 same-answer pairs
-    assert stats["same_answer"]["pairs"] == 3 and stats["different_answer"]["pairs"] == 42
-    assert stats["same_question_different_answer"]["pairs"] == 8 - 2
-    import csv
+    encoded = encode_pieces(tiny_llama_loaded.tokenizer, pieces, cfg.data.prompt_template, cfg.extract.max_length)
+    ref, ref_lp = oracle_gram(tiny_llama_loaded.model, select_targets(tiny_llama_loaded.model, "all"), encoded)
+    return cfg, RunDir(tmp_path / "run"), ref, ref_lp
 
-    rows = list(csv.DictReader(open(tmp_path / "run/coupling/pairs_different_answer.csv", encoding="utf-8")))
-    assert len(rows) == 42 and all(r["answer_a"].lower() != r["answer_b"].lower() for r in rows)
-    assert [float(r["cosine"]) for r in rows] == sorted((float(r["cosine"]) for r in rows), reverse=True)
 
-def test_interrupted_extract_resumes(tmp_path, tiny_llama_loaded, monkeypatch):
+def test_cosines_from_the_shards_match_the_oracle(extracted):
+    _, run, ref, _ = extracted
+    _, cos = run.load_cosine()
+    assert (cos - cosine_from_gram(ref)).abs().max().item() < COS_ATOL_FP16
+
+
+def test_cosine_matrix_is_in_pieces_file_order(extracted):
+    _, run, _, _ = extracted
+    ids, _ = run.load_cosine()
+    assert ids == [p.id for p in read_pieces(run.pieces_path)]
+
+
+def test_manifest_log_probs_match_the_oracle(extracted):
+    _, run, _, ref_lp = extracted
+    lp = torch.tensor([r.logprob for r in run.load_manifest().records()], dtype=torch.float64)
+    assert torch.allclose(lp, torch.tensor(ref_lp, dtype=torch.float64), atol=LOGPROB_ATOL)
+
+
+def test_manifest_squared_norms_match_the_oracle_diagonal(extracted):
+    _, run, ref, _ = extracted
+    sq = torch.tensor([sum(r.sq_norm.values()) for r in run.load_manifest().records()], dtype=torch.float64)
+    assert torch.allclose(sq, ref.diagonal(), rtol=SQ_NORM_RTOL)
+
+
+def test_manifest_counts_every_target_parameter(extracted, tiny_llama_loaded):
+    _, run, _, _ = extracted
+    assert run.load_manifest().n_params == sum(t.n_params for t in select_targets(tiny_llama_loaded.model, "all"))
+
+
+def test_manifest_records_the_exact_scored_strings(extracted):
+    _, run, _, _ = extracted
+    first = run.load_manifest().records()[0]
+    assert first.prompt == "Question: Who wrote Hamlet?\nAnswer:" and first.answer == " William Shakespeare"
+    assert first.n_prompt_tokens + first.n_answer_tokens == first.n_inputs + 1
+
+
+def test_pair_statistics_split_by_question_and_answer(extracted):
+    _, run, _, _ = extracted
+    p = run.load_stats().pairs
+    assert p.same_question.n == 3 + 3 + 1 + 1  # q1, q2: 3 pieces each; q3, q4: 2 each
+    assert p.same_question.n + p.cross_question.n == 45
+    # Paris (q2, q3), Stratford-upon-Avon and the Seine (a hop and its question): 3 same-answer pairs
+    assert p.same_answer.n == 3 and p.different_answer.n == 42
+    assert p.same_question_different_answer.n == 8 - 2
+
+
+def test_different_answer_pairs_are_sorted_and_differ(extracted):
+    _, run, _, _ = extracted
+    rows = run.load_pairs(different_answer=True)
+    assert len(rows) == 42 and all(r.answer_a.strip().lower() != r.answer_b.strip().lower() for r in rows)
+    assert [r.cosine for r in rows] == sorted((r.cosine for r in rows), reverse=True)
+
+
+def test_gradsim_matrix_is_exactly_symmetric(extracted):
+    _, run, _, _ = extracted
+    _, cos = run.load_cosine()
+    assert torch.equal(cos, cos.t())
+
+
+def test_interrupted_extract_resumes_bit_for_bit(tmp_path, tiny_llama_loaded, monkeypatch):
     write_fact_pieces(tmp_path / "p.jsonl")
     cfg = _cfg(tmp_path / "p.jsonl")
     clean = extract(cfg, tmp_path / "clean", loaded=tiny_llama_loaded, show_progress=False)
-    real_flush = ShardWriter.flush
-    calls = {"n": 0}
+    real_flush, calls = ShardWriter.flush, {"n": 0}
 
     def flaky_flush(self, path):
         calls["n"] += 1
@@ -80,32 +120,37 @@ def test_interrupted_extract_resumes(tmp_path, tiny_llama_loaded, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
     monkeypatch.setattr(ShardWriter, "flush", real_flush)
-    man = json.loads((tmp_path / "run/gradients/manifest.json").read_text())
-    assert not man["complete"] and len(man["shards"]) == 1
+    partial = RunDir(tmp_path / "run").load_manifest(complete=False)
+    assert not partial.complete and len(partial.shards) == 1
     assert not list((tmp_path / "run/gradients").glob("*.tmp"))
     res = extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
     assert res.resumed_shards == 1 and res.n_shards == clean.n_shards
-    a = json.loads((tmp_path / "run/gradients/manifest.json").read_text())
-    b = json.loads((tmp_path / "clean/gradients/manifest.json").read_text())
-    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+    a, b = RunDir(tmp_path / "run").load_manifest(), RunDir(tmp_path / "clean").load_manifest()
+    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
 
 
-def test_extract_refuses_other_config_without_overwrite(tmp_path, tiny_llama_loaded):
+def test_extract_refuses_other_settings_naming_them(tmp_path, tiny_llama_loaded):
     write_fact_pieces(tmp_path / "p.jsonl")
     cfg = _cfg(tmp_path / "p.jsonl")
     extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
     cfg.model.layers = "last2"
     with pytest.raises(ConfigError, match=r"model\.layers: 'all' -> 'last2'.*--overwrite"):
         extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
-    res = extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, overwrite=True, show_progress=False)
-    assert res.resumed_shards == 0
+
+
+def test_extract_with_overwrite_recomputes_every_shard(tmp_path, tiny_llama_loaded):
+    write_fact_pieces(tmp_path / "p.jsonl")
+    cfg = _cfg(tmp_path / "p.jsonl")
+    extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
+    cfg.model.layers = "last2"
+    assert extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, overwrite=True, show_progress=False).resumed_shards == 0
 
 
 @pytest.mark.parametrize("store", ["dense", "projected"])
-def test_other_stores_run_end_to_end(tmp_path, tiny_llama_loaded, store):
+def test_other_stores_give_unit_self_similarity(tmp_path, tiny_llama_loaded, store):
     write_fact_pieces(tmp_path / "p.jsonl")
     cfg = _cfg(tmp_path / "p.jsonl", store=store, proj_dim=8)
     extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
     couple(cfg, tmp_path / "run", show_progress=False)
-    _, cos = load_cosine(tmp_path / "run")
-    assert torch.allclose(cos.diagonal(), torch.ones(10, dtype=torch.float64), atol=1e-6)
+    _, cos = RunDir(tmp_path / "run").load_cosine()
+    assert (cos.diagonal() - 1).abs().max() < UNIT_DIAGONAL_ATOL

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
@@ -10,45 +9,82 @@ import torch
 from typer.testing import CliRunner
 
 from gradcouple.cli import app
-from gradcouple.pieces import read_pieces
+from gradcouple.report import SECTIONS
+from gradcouple.rundir import RunDir
 
-SECTIONS = ["metadata", "knowledge_pieces", "gradient_analysis", "coupling_analysis", "high_coupling_pairs",
-            "cross_pot_analysis", "generated_files", "gpu_performance", "experiment_readiness"]
+pytestmark = pytest.mark.slow
+
+UNIT_DIAGONAL_ATOL = 1e-6
+BASELINE_ATOL = 1e-3  # nats: the unedited model re-scores the manifest's log-probs
+PAIR_COS_ATOL = 1e-5  # pairs.csv keeps 6 decimals
 
 
-@pytest.mark.slow
-def test_run_real_model_real_records(tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "run"
     res = CliRunner().invoke(app, ["run", "--datasets", "musique,mquake-hard", "--limit", "24", "--edits", "2",
                                    "--out", str(out)])
     assert res.exit_code == 0, res.output
+    return out, res
+
+
+def test_run_prints_the_report_path_last(demo_run):
+    out, res = demo_run
     assert res.stdout.strip().splitlines()[-1] == str(out / "report" / "index.html")
-    for f in ["config.json", "pieces.jsonl", "gradients/manifest.json", "gradients/shard-00000.pt",
-              "coupling/cosine.pt", "coupling/gram.pt", "coupling/pairs.csv", "coupling/stats.json",
-              "ripple/edits.jsonl", "ripple/summary.json", "report/index.html", "report/summary.json"]:
-        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
-    pieces = read_pieces(out / "pieces.jsonl")
+
+
+def test_run_writes_every_artifact(demo_run):
+    out, _ = demo_run
+    run = RunDir(out)
+    for p in [run.config_path, run.pieces_path, run.manifest_path, run.shard_path(0), run.cosine_path, run.gram_path,
+              run.pairs_path, run.stats_path, run.edits_path, run.ripple_summary_path, run.index_path,
+              run.report_summary_path, run.timing_path]:
+        assert p.is_file() and p.stat().st_size > 0, p
+
+
+def test_run_scores_real_pieces_with_the_real_model(demo_run):
+    out, _ = demo_run
+    run = RunDir(out)
+    pieces = run.load_pieces()
     assert len(pieces) == 24 and {p.dataset for p in pieces} <= {"musique", "mquake-hard"}
     assert {p.kind.value for p in pieces} >= {"single_hop", "multi_hop"}
-    man = json.loads((out / "gradients/manifest.json").read_text())
-    assert man["model"]["name"] == "smollm2-135m" and man["model"]["architecture"] == "llama"
-    assert man["n_params"] == 4 * 576 * 1536
-    lp = torch.tensor([m["logprob"] for m in man["pieces"]])
+    man = run.load_manifest()
+    assert man.model.name == "smollm2-135m" and man.model.architecture == "llama"
+    assert man.n_params == 4 * 576 * 1536
+    lp = torch.tensor([r.logprob for r in man.records()])
     assert (lp < 0).all() and torch.isfinite(lp).all()
-    cos = torch.load(out / "coupling/cosine.pt", weights_only=True)["cosine"]
-    assert cos.shape == (24, 24) and torch.allclose(cos.diagonal(), torch.ones(24, dtype=cos.dtype), atol=1e-6)
-    assert torch.allclose(cos, cos.t())
-    stats = json.loads((out / "coupling/stats.json").read_text())
-    assert stats["same_question"]["pairs"] > 0 and stats["cross_question"]["pairs"] > 0
-    rows = list(csv.DictReader(open(out / "coupling/pairs.csv", encoding="utf-8")))
-    assert rows and float(rows[0]["cosine"]) == pytest.approx(float(cos.triu(1).max()), abs=1e-5)
-    rip = json.loads((out / "ripple/summary.json").read_text())
-    assert rip["n_edits"] == 2 and all(e["restored"] for e in rip["edits"])
-    assert all(e["logprob_new_after"] > e["logprob_new_before"] for e in rip["edits"])
-    assert rip["baseline_logprob_max_abs_diff_vs_manifest"] < 1e-3
-    assert -1 <= rip["spearman_first_order_mean"] <= 1
-    summary = json.loads((out / "report/summary.json").read_text())
-    assert list(summary)[:9] == SECTIONS
-    assert summary["coupling_analysis"]["mean"] == pytest.approx(stats["mean"])
-    html = (out / "report/index.html").read_text(encoding="utf-8")
-    assert "<script src=\"http" not in html and html.count("plotly-graph-div") >= 3
+
+
+def test_run_gradsim_is_a_symmetric_unit_diagonal_matrix(demo_run):
+    _, cos = RunDir(demo_run[0]).load_cosine()
+    assert cos.shape == (24, 24) and (cos.diagonal() - 1).abs().max() < UNIT_DIAGONAL_ATOL
+    assert torch.equal(cos, cos.t())
+
+
+def test_run_top_pair_is_the_largest_off_diagonal_cosine(demo_run):
+    run = RunDir(demo_run[0])
+    _, cos = run.load_cosine()
+    assert run.load_pairs()[0].cosine == pytest.approx(float(cos.triu(1).max()), abs=PAIR_COS_ATOL)
+
+
+def test_run_edits_are_real_and_restored(demo_run):
+    s, _ = RunDir(demo_run[0]).load_ripple()
+    assert s.n_edits == 2 and all(e.restored for e in s.edits)
+    assert all(e.logprob_new_after > e.logprob_new_before for e in s.edits)
+    assert s.baseline_logprob_max_abs_diff_vs_manifest < BASELINE_ATOL
+
+
+def test_run_report_summary_has_the_nine_sections_and_the_coupling_mean(demo_run):
+    run = RunDir(demo_run[0])
+    summary = json.loads(run.report_summary_path.read_text())
+    assert tuple(summary)[:9] == SECTIONS
+    assert summary["coupling_analysis"]["pairs"]["all"]["mean"] == pytest.approx(run.load_stats().pairs.all.mean)
+
+
+def test_rerun_reuses_the_current_extraction(demo_run):
+    out, _ = demo_run
+    shards = [s.sha256 for s in RunDir(out).load_manifest().shards]
+    res = CliRunner().invoke(app, ["run", "--datasets", "musique,mquake-hard", "--limit", "24", "--no-ripple",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "reused" in res.output and [s.sha256 for s in RunDir(out).load_manifest().shards] == shards

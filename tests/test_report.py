@@ -1,306 +1,347 @@
-"""The report stage on a small real run directory: fp16 factor shards written from random
-factors (no model), the real ``couple`` stage on them, and a clearly synthetic ``ripple/``."""
+"""The report stage, specified on a real small run: pieces written with the library, gradients
+extracted from the tiny random LLaMA, the real couple and ripple stages. Expected values are
+read back from the run's own files (stats.json, manifest.json, cosine.pt, ripple/summary.json)."""
 
 from __future__ import annotations
 
-import csv
 import json
+import os
+import re
 import shutil
+from collections import Counter
+from itertools import combinations
 from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from markupsafe import escape
 
-from gradcouple.cli import app
 from gradcouple.config import RunConfig
 from gradcouple.couple import couple
 from gradcouple.errors import ArtifactError
-from gradcouple.gradients import PieceFactors, factored_sq_norm
+from gradcouple.extract import extract
+from gradcouple.metrics import DEFINITIONS, Interval
 from gradcouple.pieces import KnowledgePiece, PieceKind, write_pieces
-from gradcouple.report import SECTIONS, _heatmap, _load, build_summary, render_html, report
-from gradcouple.store import Manifest, ShardWriter
+from gradcouple.report import SECTIONS, Headline, build_summary, load_run, render_html, report
+from gradcouple.report.figures import distribution, heatmap
+from gradcouple.ripple import ripple
 
-TARGETS = [{"name": "blk.0.fc", "d_in": 6, "d_out": 4, "bias": False, "transposed": False, "n_params": 24},
-           {"name": "blk.1.fc", "d_in": 5, "d_out": 4, "bias": True, "transposed": False, "n_params": 24}]
+ATOL = 1e-12  # float64 sums of the same numbers in another order
+HEATMAP_ROUNDING = 5e-5  # heatmap cells are rounded to 4 decimals
 NASTY = '<b>Tom & "Jerry"</b>'  # must reach the page escaped, never as markup
+PLOTLY_BUNDLE = "* plotly.js v"  # the header comment of the embedded plotly.js library
+FIGURE_DIV = 'class="plotly-graph-div"'
+# question/hop order with a natural sort: q2 before q10, the whole question after its hops
+HEATMAP_ORDER = ["toy:q1:0", "toy:q1:1", "toy:q1:q", "toy:q2:0", "toy:q2:1", "toy:q10:0", "toy:q10:1", "toy:q10:q"]
+
+
+def _piece(q: int, hop, prompt: str, answer: str, counterfactual=None) -> KnowledgePiece:
+    kind = PieceKind.multi_hop if hop is None else PieceKind.single_hop
+    return KnowledgePiece(id=f"toy:q{q}:{'q' if hop is None else hop}", dataset="toy", question_id=f"q{q}", hop=hop,
+                          kind=kind, prompt=prompt, answer=answer, counterfactual=counterfactual)
 
 
 def _pieces() -> list[KnowledgePiece]:
-    out = []
-    for q in (10, 2, 1):  # "q10" sorts after "q2" only with a natural sort
-        for hop in (1, 0):
-            prompt = f"Hop {hop} of {NASTY}?" if (q, hop) == (2, 0) else f"Hop {hop} of question {q}?"
-            out.append(KnowledgePiece(id=f"toy:q{q}:{hop}", dataset="toy", question_id=f"q{q}", hop=hop,
-                                      kind=PieceKind.single_hop, prompt=prompt, answer=f"A{q}{hop}",
-                                      counterfactual="B" if hop == 0 else None))
-        out.append(KnowledgePiece(id=f"toy:q{q}:q", dataset="toy", question_id=f"q{q}", kind=PieceKind.multi_hop,
-                                  prompt=f"Whole question {q}?", answer=f"A{q}1"))
-    out.append(KnowledgePiece(id="other:x:0", dataset="other", question_id="x", hop=0, kind=PieceKind.cloze,
-                              prompt="The capital of France is", answer="Paris"))
-    return out
+    """Eight pieces of three questions, written out of order; one counterfactual per question."""
+    return [
+        _piece(10, 1, "Which river flows through Paris?", "the Seine", counterfactual="the Thames"),
+        _piece(10, 0, "What is the capital of France?", "Paris"),
+        _piece(10, None, "Which river flows through the capital of France?", "the Seine"),
+        _piece(2, 0, f"Who chases whom in {NASTY}?", "Tom", counterfactual="Jerry"),
+        _piece(2, 1, "Which animal is Jerry?", "a mouse"),
+        _piece(1, 1, "In which town was William Shakespeare born?", "Stratford"),
+        _piece(1, 0, "Who wrote Hamlet?", "William Shakespeare", counterfactual="Christopher Marlowe"),
+        _piece(1, None, "In which town was the author of Hamlet born?", "Stratford"),
+    ]
 
 
-def _factors(pieces, seed=0) -> list[PieceFactors]:
-    """Random factors; pieces of one question share a direction, so same-question GradSim is high."""
-    g = torch.Generator().manual_seed(seed)
-    base = {}
-    out = []
-    for k, p in enumerate(pieces):
-        T = 2 + k % 3
-        x, d = {}, {}
-        for t in TARGETS:
-            cols = t["d_in"] + int(t["bias"])
-            key = (p.question_id, t["name"])
-            if key not in base:
-                base[key] = (torch.randn(1, cols, generator=g), torch.randn(1, t["d_out"], generator=g))
-            bx, bd = base[key]
-            x[t["name"]] = bx + 0.5 * torch.randn(T, cols, generator=g)
-            d[t["name"]] = bd + 0.5 * torch.randn(T, t["d_out"], generator=g)
-        sq = {n: factored_sq_norm(x[n], d[n]) for n in x}
-        out.append(PieceFactors(x, d, -1.5 - k, sq))
-    return out
-
-
-def _write_run(run: Path, cfg: RunConfig) -> None:
-    pieces = _pieces()
-    run.mkdir(parents=True)
-    write_pieces(run / "pieces.jsonl", pieces)
-    cfg.save(run / "config.json")
-    gdir = run / "gradients"
-    gdir.mkdir()
-    factors = _factors(pieces)
-    writer = ShardWriter("factors", TARGETS)
-    order = sorted(range(len(pieces)), key=lambda i: (factors[i].x["blk.0.fc"].shape[0], i))
-    shards = []
-    for s in range(0, len(order), 4):
-        for r in order[s:s + 4]:
-            writer.add(r, factors[r])
-        shards.append(writer.flush(gdir / f"shard-{s // 4:05d}.pt"))
-    metas = []
-    for i, (p, f) in enumerate(zip(pieces, factors)):
-        n_in = f.x["blk.0.fc"].shape[0]
-        metas.append({"index": i, "id": p.id, "question_id": p.question_id, "kind": p.kind.value, "hop": p.hop,
-                      "prompt": f"Question: {p.prompt}\nAnswer:", "answer": " " + p.answer, "n_prompt_tokens": n_in,
-                      "n_answer_tokens": 1 + i % 2, "n_inputs": n_in, "logprob": f.logprob, "sq_norm": f.sq_norm,
-                      "shard": 0})
-    Manifest({"format": "gradcouple-gradients", "version": 1, "package_version": "0.1.0", "config_hash": "feedc0de",
-              "model": {"name": "toy-random", "source": "synthetic", "revision": None, "file_sha256": None,
-                        "architecture": "toy"},
-              "targets": TARGETS, "n_params": 48, "store": "factors", "dtype": "float16", "compute_dtype": "float32",
-              "complete": True, "shards": shards, "pieces": metas,
-              "timing": {"seconds": 2.0, "extract_seconds": 1.5, "pieces_per_s": 8.0, "peak_rss_bytes": 123456789,
-                         "device": "cpu", "cpu": "x86_64", "threads": 2, "torch": torch.__version__, "gpu": None}
-              }).save(gdir / "manifest.json")
-    couple(cfg, run, show_progress=False)
-
-
-def _write_synthetic_ripple(run: Path) -> dict:
-    """A made-up ripple/ (not measured): two edits, predictions linear in the cosine."""
-    ids, cos = _load(run).ids, torch.load(run / "coupling" / "cosine.pt", weights_only=True)["cosine"]
-    q = {p.id: p.question_id for p in _pieces()}
-    rows, edits = [], []
-    for e, i in enumerate([0, 4]):
-        for j, pid in enumerate(ids):
-            if j != i:
-                c = float(cos[i, j])
-                rows.append({"edit": e, "edited_id": ids[i], "piece_id": pid, "same_question": q[pid] == q[ids[i]],
-                             "cosine": c, "predicted_coupling": 2 * c, "predicted_first_order": None if j == 3 else c - 0.1,
-                             "measured": c + 0.01 * j})
-        edits.append({"piece_id": ids[i], "question_id": q[ids[i]], "prompt": "p", "answer": "a",
-                      "new_answer": "SYNTHETIC<i>", "counterfactual_source": "substitute",
-                      "logprob_new_before": -9.0, "logprob_new_after": -0.5, "logprob_true_before": -1.0,
-                      "logprob_true_after": -7.0, "success": e == 0, "spearman_coupling": 0.4 + e / 10,
-                      "spearman_first_order": None, "pearson_first_order": 0.3, "precision_at_k": 0.5, "k": 4,
-                      "mean_abs_measured_same_question": 0.2, "mean_abs_measured_cross_question": 0.05,
-                      "restored": True, "seconds": 0.1})
-    summary = {"method": "finetune", "steps": 3, "lr": 1e-3, "n_edits": 2, "seconds": 0.2, "device": "cpu",
-               "spearman_coupling_mean": 0.45, "spearman_first_order_mean": None,
-               "pooled": {"spearman_coupling": 0.61, "spearman_first_order": 0.52, "pearson_first_order": None,
-                          "n_points": len(rows)}, "edits": edits}
-    (run / "ripple").mkdir()
-    (run / "ripple" / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
-    (run / "ripple" / "edits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return summary
+def _config(pieces: Path) -> RunConfig:
+    cfg = RunConfig()
+    cfg.data.pieces = pieces
+    cfg.model.name = "llama-tiny-random"
+    cfg.ripple.n_edits = 2
+    cfg.ripple.steps = 2
+    return cfg
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("report") / "run"
-    _write_run(run, RunConfig())
-    _write_synthetic_ripple(run)
-    return run
+def made(tmp_path_factory) -> tuple[Path, RunConfig]:
+    """A complete run (extract, couple, ripple) and its config; copy it before changing anything."""
+    root = tmp_path_factory.mktemp("made")
+    write_pieces(root / "pieces.jsonl", _pieces())
+    cfg = _config(root / "pieces.jsonl")
+    extract(cfg, root / "run", show_progress=False)
+    couple(cfg, root / "run", show_progress=False)
+    ripple(cfg, root / "run", show_progress=False)
+    return root / "run", cfg
 
 
 @pytest.fixture
-def run(template, tmp_path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(template, dst)
-    return dst
+def run_dir(made, tmp_path) -> Path:
+    """A private copy of the run."""
+    return Path(shutil.copytree(made[0], tmp_path / "run"))
 
 
-def _json(p: Path) -> dict:
-    return json.loads(p.read_text(encoding="utf-8"))
+@pytest.fixture(scope="module")
+def reported(made, tmp_path_factory):
+    """The report of a copy of the run: (run directory, ReportResult). Read only."""
+    run = Path(shutil.copytree(made[0], tmp_path_factory.mktemp("reported") / "run"))
+    return run, report(made[1], run)
 
 
-def test_summary_has_the_nine_sections_with_the_run_figures(run):
-    s = build_summary(run)
-    assert tuple(s) == SECTIONS and len(SECTIONS) == 9
-    stats = _json(run / "coupling" / "stats.json")
-    man = _json(run / "gradients" / "manifest.json")
-
-    meta = s["metadata"]
-    assert meta["model"]["name"] == "toy-random" and meta["n_params"] == 48 and meta["n_pieces"] == 10
-    assert meta["datasets"] == ["other", "toy"] and meta["config_hash"] == "feedc0de"
-    assert [t["name"] for t in meta["targets"]] == ["blk.0.fc", "blk.1.fc"]
-
-    kp = s["knowledge_pieces"]
-    assert kp["count"] == 10 and kp["n_questions"] == 4 and kp["with_counterfactual"] == 3
-    assert kp["per_kind"] == {"single_hop": 6, "multi_hop": 3, "cloze": 1}
-    assert kp["per_dataset"] == {"toy": 9, "other": 1}
-    assert kp["mean_answer_tokens"] == pytest.approx(1.5)
-
-    ga = s["gradient_analysis"]
-    shard_bytes = sum((run / "gradients" / sh["file"]).stat().st_size for sh in man["shards"])
-    assert ga["n_shards"] == 3 and ga["shard_bytes"] == shard_bytes
-    assert ga["bytes_per_piece"] == pytest.approx(shard_bytes / 10)
-    assert ga["logprob_nats"]["mean"] == pytest.approx(sum(-1.5 - k for k in range(10)) / 10)
-    assert ga["logprob_nats"]["max"] == pytest.approx(-1.5)
-    norms = [sum(m["sq_norm"].values()) ** 0.5 for m in man["pieces"]]
-    assert ga["grad_norm"]["max"] == pytest.approx(max(norms))
-
-    ca = s["coupling_analysis"]
-    assert ca["mean"] == stats["mean"] and ca["pairs"] == 45 and ca["mode"] == "full"
-    assert ca["same_question"] == stats["same_question"]
-
-    with open(run / "coupling" / "pairs.csv", encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    hp = s["high_coupling_pairs"]
-    assert len(hp) == 10 and [p["id_a"] for p in hp] == [r["id_a"] for r in rows[:10]]
-    assert hp[0]["cosine"] == pytest.approx(float(rows[0]["cosine"])) and hp[0]["rank"] == 1
-
-    cp = s["cross_pot_analysis"]
-    same, cross = stats["same_question"], stats["cross_question"]
-    assert cp["same_question"]["pairs"] == same["pairs"] == 9 and cp["cross_question"]["pairs"] == 36
-    assert cp["difference"] == pytest.approx(same["mean"] - cross["mean"]) and cp["difference"] > 0
-    cos = torch.load(run / "coupling" / "cosine.pt", weights_only=True)["cosine"]
-    q2 = [i for i, m in enumerate(man["pieces"]) if m["question_id"] == "q2"]
-    want = sum(float(cos[a, b]) for k, a in enumerate(q2) for b in q2[k + 1:]) / 3
-    got = {q["question_id"]: q for q in cp["top_questions"]}
-    assert set(got) == {"q1", "q2", "q10"} and got["q2"]["mean"] == pytest.approx(want)
-    assert got["q2"]["question"] == "Whole question 2?"
-    means = [q["mean"] for q in cp["top_questions"]]
-    assert means == sorted(means, reverse=True)
-
-    perf = s["gpu_performance"]
-    assert perf["device"] == "cpu" and perf["gpu"] is None and perf["note"] == "no GPU: ran on CPU"
-    assert perf["pieces_per_s"] == 8.0 and perf["extract_seconds"] == 1.5 and perf["peak_gpu_memory_bytes"] is None
-
-    r = s["experiment_readiness"]
-    assert r["gradients_complete"] and r["coupling_done"] and r["ripple_done"] and not r["report_written"]
-    assert r["ripple_spearman_coupling_mean"] == 0.45 and r["ripple_spearman_first_order_mean"] is None
-    assert r["ripple_pooled_spearman_coupling"] == 0.61 and r["ripple_success_rate"] == 0.5
+@pytest.fixture(scope="module")
+def page(reported) -> str:
+    return reported[1].index_html.read_text(encoding="utf-8")
 
 
-def test_report_writes_both_files_and_lists_every_file_with_its_size(run):
-    res = report(RunConfig(), run)
-    assert res.index_html == run / "report" / "index.html" and res.summary_json == run / "report" / "summary.json"
-    on_disk = _json(res.summary_json)
-    assert on_disk == res.summary and tuple(on_disk) == SECTIONS
-    assert on_disk["experiment_readiness"]["report_written"] is True
-    gf = on_disk["generated_files"]
-    listed = {f["path"]: f["bytes"] for f in gf["files"]}
-    actual = {p.relative_to(run).as_posix(): p.stat().st_size for p in run.rglob("*") if p.is_file()}
-    assert listed == actual  # including report/summary.json's own size, and no temp files
-    assert gf["n_files"] == len(actual) and gf["total_bytes"] == sum(actual.values())
-    assert {"coupling/cosine.pt", "ripple/edits.jsonl", "report/index.html"} <= set(listed)
+@pytest.fixture(scope="module")
+def written(reported) -> dict:
+    """report/summary.json as written."""
+    return json.loads(reported[1].summary_json.read_text(encoding="utf-8"))
 
 
-def test_html_is_self_contained_with_three_figures_and_escaped_texts(run):
-    summary = build_summary(run)
-    page = render_html(run, summary, RunConfig())
-    assert page.startswith("<!DOCTYPE html>") and "<meta charset='utf-8'>" in page
-    assert '<script src="http' not in page and "<script src=" not in page
-    assert page.count("Plotly.newPlot(") == 3  # heatmap, distribution, ripple
-    assert page.count("window.Plotly") >= 1 and len(page) > 1_000_000  # the plotly.js bundle, inline
-    for fid in ("fig-heatmap", "fig-distribution", "fig-ripple"):
-        assert f'id="{fid}"' in page
-    assert NASTY not in page and "&lt;b&gt;Tom &amp; &quot;Jerry&quot;&lt;/b&gt;" in page
-    assert "SYNTHETIC&lt;i&gt;" in page and "SYNTHETIC<i>" not in page
-    for term in ("GradSim", "Spearman&#x27;s ρ", "precision@k", "nats"):
-        assert term in page
-    assert page.count("<dt>precision@k</dt>") == 1
-    assert "CPU only — no GPU was used" in page
-    assert "pooled Spearman's \\u03c1 = 0.610" in page  # the ripple figure's title, in the figure's JSON
-    assert f"{summary['coupling_analysis']['mean']:.4f}" in page
+def _json(run: Path, rel: str) -> dict:
+    return json.loads((run / rel).read_text(encoding="utf-8"))
 
 
-def test_without_ripple_the_report_says_so(run):
-    shutil.rmtree(run / "ripple")
-    res = report(RunConfig(), run)
-    r = res.summary["experiment_readiness"]
-    assert r["ripple_done"] is False and r["ripple_spearman_coupling_mean"] is None
-    assert r["next_step"] == f"gradcouple ripple --run {run}"
-    page = res.index_html.read_text(encoding="utf-8")
-    assert "Ripple was not run" in page and 'id="fig-ripple"' not in page
-    assert page.count("Plotly.newPlot(") == 2 and '<script src="http' not in page
+@pytest.fixture
+def no_ripple(run_dir, made):
+    shutil.rmtree(run_dir / "ripple")
+    return report(made[1], run_dir)
 
 
-@pytest.mark.parametrize("missing, names, command", [
-    ("coupling/cosine.pt", "cosine.pt", "gradcouple couple --run"),
-    ("coupling/stats.json", "stats.json", "gradcouple couple --run"),
-    ("coupling/pairs.csv", "pairs.csv", "gradcouple couple --run"),
-    ("gradients/manifest.json", "manifest.json", "gradcouple extract --out"),
-])
-def test_missing_inputs_raise_artifact_error_naming_file_and_command(run, missing, names, command):
-    (run / missing).unlink()
-    with pytest.raises(ArtifactError) as ei:
-        build_summary(run)
-    assert names in str(ei.value) and command in str(ei.value)
-    with pytest.raises(ArtifactError):
-        report(RunConfig(), run)
-    assert not (run / "report").exists()
+@pytest.fixture
+def topk_run(run_dir, made) -> Path:
+    """The run recoupled keeping each piece's 3 nearest neighbours (its ripple results are then stale: removed)."""
+    shutil.rmtree(run_dir / "ripple")
+    cfg = made[1].model_copy(deep=True)
+    cfg.couple.top_k = 3
+    couple(cfg, run_dir, show_progress=False)
+    return run_dir
 
 
-def test_stale_coupling_is_refused(run):
-    stats = _json(run / "coupling" / "stats.json")
-    stats["config_hash"] = "0000000000000000"
-    (run / "coupling" / "stats.json").write_text(json.dumps(stats), encoding="utf-8")
-    with pytest.raises(ArtifactError, match="stale coupling"):
-        build_summary(run)
+# ---------------------------------------------------------------- summary.json
 
 
-def test_topk_coupling_and_heatmap_cap(tmp_path):
-    cfg = RunConfig.model_validate({"couple": {"top_k": 3}, "report": {"max_heatmap": 4}})
-    run = tmp_path / "run"
-    _write_run(run, cfg)
-    assert (run / "coupling" / "topk.pt").is_file() and not (run / "coupling" / "cosine.pt").exists()
-    res = report(cfg, run)
-    s = res.summary
-    assert s["coupling_analysis"]["mode"] == "top3" and s["coupling_analysis"]["matrix"] == "coupling/topk.pt"
-    assert s["cross_pot_analysis"]["source"].startswith("nearest-neighbour")
-    page = res.index_html.read_text(encoding="utf-8")
-    assert "first 4 pieces" in page and "Top-k coupling" in page and "Ripple was not run" in page
-
-    # ordered by question id (naturally: q1, q2, q10, x), then hop, the whole question last
-    fig, shown = _heatmap(_load(run), 4)
-    assert shown == 4
-    assert list(fig.data[0].x) == list(fig.layout.xaxis.tickvals)
-    assert list(fig.layout.xaxis.ticktext) == ["toy:q1:0", "toy:q1:1", "toy:q1:q", "toy:q2:0"]
-    z = fig.data[0].z
-    assert all(z[i][i] == 1.0 for i in range(4))
+def test_summary_has_the_nine_sections_in_order(written):
+    assert SECTIONS == ("metadata", "knowledge_pieces", "gradient_analysis", "coupling_analysis", "high_coupling_pairs",
+                        "cross_pot_analysis", "generated_files", "gpu_performance", "experiment_readiness")
+    assert list(written) == list(SECTIONS)
 
 
-def test_cli_writes_report_and_prints_index_path_last(run):
-    res = CliRunner().invoke(app, ["report", "--run", str(run), "--max-heatmap", "5"])
-    assert res.exit_code == 0, res.output
-    assert res.stdout.strip().splitlines()[-1] == str(run / "report" / "index.html")
-    assert (run / "report" / "summary.json").is_file()
-    assert "first 5 pieces" in (run / "report" / "index.html").read_text(encoding="utf-8")
+def test_summary_file_is_the_returned_summary(reported, written):
+    assert written == reported[1].summary
 
 
-def test_cli_missing_coupling_exits_with_artifact_code(run):
-    shutil.rmtree(run / "coupling")
-    res = CliRunner().invoke(app, ["report", "--run", str(run)])
-    assert res.exit_code == ArtifactError.exit_code
-    assert "stats.json" in res.output and "gradcouple couple" in res.output
+def test_summary_file_is_strict_json(reported):
+    def refuse(name):
+        raise AssertionError(f"non-finite number {name} in summary.json")
+
+    json.loads(reported[1].summary_json.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+def test_coupling_analysis_is_stats_json_plus_the_matrix_path(reported, written):
+    assert written["coupling_analysis"] == {**_json(reported[0], "coupling/stats.json"), "matrix": "coupling/cosine.pt"}
+
+
+def test_same_and_cross_question_figures_are_those_of_stats_json(reported, written):
+    pairs, cp = _json(reported[0], "coupling/stats.json")["pairs"], written["cross_pot_analysis"]
+    for key in ("same_question", "cross_question", "same_answer", "different_answer",
+                "same_question_different_answer", "cross_question_different_answer"):
+        assert cp[key] == pairs[key], key
+    assert cp["difference"] == pytest.approx(pairs["same_question"]["mean"] - pairs["cross_question"]["mean"], abs=ATOL)
+
+
+def test_question_coupling_is_the_mean_gradsim_among_each_questions_own_pieces(reported, written):
+    cos = torch.load(reported[0] / "coupling/cosine.pt", weights_only=True)["cosine"].double()
+    owners = [set(p["owners"]) for p in _json(reported[0], "gradients/manifest.json")["pieces"]]
+    expected = {}
+    for q in set().union(*owners):
+        members = [k for k, own in enumerate(owners) if q in own]
+        expected[q] = sum(float(cos[a, b]) for a, b in combinations(members, 2)) / (len(members) * (len(members) - 1) / 2)
+    top = written["cross_pot_analysis"]["top_questions"]
+    assert [t["question_id"] for t in top] == sorted(expected, key=lambda q: -expected[q])
+    for t in top:
+        assert t["gradsim"]["mean"] == pytest.approx(expected[t["question_id"]], abs=ATOL)
+
+
+def test_piece_counts_are_those_of_the_manifest_and_pieces(written, reported):
+    kp, recs = written["knowledge_pieces"], _json(reported[0], "gradients/manifest.json")["pieces"]
+    assert kp["count"] == len(recs) == len(_pieces())
+    assert kp["per_kind"] == dict(Counter(r["kind"] for r in recs))
+    assert kp["n_questions"] == len({p.question_id for p in _pieces()})
+    assert kp["with_counterfactual"] == sum(p.counterfactual is not None for p in _pieces())
+
+
+def test_logprob_and_gradient_norm_summaries_are_those_of_the_manifest(written, reported):
+    recs, ga = _json(reported[0], "gradients/manifest.json")["pieces"], written["gradient_analysis"]
+    logprobs = [r["logprob"] for r in recs]
+    norms = [sum(r["sq_norm"].values()) ** 0.5 for r in recs]
+    assert ga["logprob_nats"]["mean"] == pytest.approx(sum(logprobs) / len(logprobs), abs=ATOL)
+    assert (ga["logprob_nats"]["min"], ga["logprob_nats"]["max"]) == (min(logprobs), max(logprobs))
+    assert ga["grad_norm"]["max"] == pytest.approx(max(norms), abs=ATOL)
+
+
+def test_ripple_figures_are_those_of_ripple_summary(reported, written):
+    rip, ready = _json(reported[0], "ripple/summary.json"), written["experiment_readiness"]
+    assert ready["ripple_done"] is True
+    for key in ("spearman_coupling", "spearman_first_order", "precision_at_k", "pooled", "n_edits"):
+        assert ready[f"ripple_{key}"] == rip[key], key
+    assert ready["ripple_success_rate"] == pytest.approx(rip["n_successful"] / rip["n_edits"], abs=ATOL)
+
+
+def test_headline_is_read_from_stats_manifest_and_ripple_summary(reported):
+    run, h = reported[0], reported[1].headline
+    pairs, rip = _json(run, "coupling/stats.json")["pairs"], _json(run, "ripple/summary.json")
+    assert set(Headline.model_fields) == {"n_pieces", "mean_gradsim", "same_question_mean", "cross_question_mean",
+                                          "ripple_done", "ripple_spearman_coupling", "ripple_spearman_first_order", "gpu"}
+    assert h.n_pieces == len(_json(run, "gradients/manifest.json")["pieces"])
+    assert (h.mean_gradsim, h.same_question_mean, h.cross_question_mean) == (
+        pairs["all"]["mean"], pairs["same_question"]["mean"], pairs["cross_question"]["mean"])
+    assert h.ripple_done
+    assert h.ripple_spearman_coupling == Interval.model_validate(rip["spearman_coupling"])
+    assert h.ripple_spearman_first_order == Interval.model_validate(rip["spearman_first_order"])
+    assert h.gpu == _json(run, "gradients/manifest.json")["timing"]["device"]["gpu"]
+
+
+def test_every_file_of_the_run_is_listed_with_its_exact_size(reported, written):
+    run = reported[0]
+    on_disk = {Path(d, f).relative_to(run).as_posix(): os.path.getsize(Path(d, f))
+               for d, _, names in os.walk(run) for f in names}
+    section = written["generated_files"]
+    assert {f["path"]: f["bytes"] for f in section["files"]} == on_disk
+    assert {"report/index.html", "report/summary.json"} <= set(on_disk)
+    assert (section["n_files"], section["total_bytes"]) == (len(on_disk), sum(on_disk.values()))
+
+
+def test_the_report_directory_holds_exactly_the_two_outputs(reported):
+    assert sorted(p.name for p in reported[1].out_dir.iterdir()) == ["index.html", "summary.json"]
+
+
+def test_build_summary_lists_the_files_of_the_other_stages(reported):
+    listed = {f["path"] for f in build_summary(reported[0])["generated_files"]["files"]}
+    assert "coupling/cosine.pt" in listed and "ripple/summary.json" in listed
+    assert not any(p.startswith("report/") for p in listed)
+
+
+# ---------------------------------------------------------------- the page
+
+
+def test_page_is_one_self_contained_file(page):
+    assert "<script src=" not in page and "<link" not in page
+    assert page.count(PLOTLY_BUNDLE) == 1
+
+
+def test_page_has_the_three_figures(page):
+    assert page.count(FIGURE_DIV) == 3
+    for name in ("heatmap", "distribution", "ripple"):
+        assert page.count(f'id="fig-{name}"') == 1, name
+
+
+def test_piece_text_reaches_the_page_only_escaped(page):
+    assert NASTY not in page
+    assert str(escape(NASTY)) in page
+
+
+def test_every_definition_is_listed_once(page):
+    block = re.search(r'<dl class="defs">(.*?)</dl>', page, re.S).group(1)
+    terms = Counter(re.findall(r"<dt>(.*?)</dt>", block))
+    assert terms == Counter(str(escape(name)) for name in DEFINITIONS)
+    for name, text in DEFINITIONS.items():
+        assert f"<dd>{escape(text)}</dd>" in block, name
+
+
+def test_without_ripple_the_page_says_so_and_has_two_figures(no_ripple):
+    page = no_ripple.index_html.read_text(encoding="utf-8")
+    assert "Ripple was not run" in page
+    assert page.count(FIGURE_DIV) == 2 and 'id="fig-ripple"' not in page
+
+
+def test_without_ripple_the_summary_names_the_next_step(no_ripple):
+    ready = no_ripple.summary["experiment_readiness"]
+    assert not ready["ripple_done"] and not no_ripple.headline.ripple_done
+    assert ready["ripple_spearman_coupling"] is None and no_ripple.headline.ripple_spearman_coupling is None
+    assert ready["next_step"].startswith("gradcouple ripple --run")
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def _replace_cosine(run: Path) -> None:
+    d = torch.load(run / "coupling/cosine.pt", weights_only=True)
+    torch.save({"ids": d["ids"], "cosine": d["cosine"] * 0.5}, run / "coupling/cosine.pt")
+
+
+def _edit_matrix_sha(run: Path) -> None:
+    stats = _json(run, "coupling/stats.json")
+    stats["matrix_sha256"] = "0" * 64
+    (run / "coupling/stats.json").write_text(json.dumps(stats), encoding="utf-8")
+
+
+@pytest.mark.parametrize("make_stale", [_edit_matrix_sha, _replace_cosine], ids=["stats-sha", "cosine-replaced"])
+def test_stale_coupling_is_refused(run_dir, made, make_stale):
+    make_stale(run_dir)
+    with pytest.raises(ArtifactError, match="stale"):
+        report(made[1], run_dir)
+
+
+def test_stale_ripple_results_are_refused(run_dir, made):
+    rip = _json(run_dir, "ripple/summary.json")
+    rip["inputs"]["values"]["coupling"] = "f" * 64
+    (run_dir / "ripple/summary.json").write_text(json.dumps(rip), encoding="utf-8")
+    with pytest.raises(ArtifactError, match="stale"):
+        report(made[1], run_dir)
+
+
+@pytest.mark.parametrize("name", ["stats.json", "cosine.pt", "pairs.csv"])
+def test_missing_coupling_file_is_named_with_the_command_that_makes_it(run_dir, made, name):
+    (run_dir / "coupling" / name).unlink()
+    with pytest.raises(ArtifactError) as err:
+        report(made[1], run_dir)
+    assert name in str(err.value) and "gradcouple couple --run" in str(err.value)
+
+
+# ---------------------------------------------------------------- heatmap: order, cap, top-k
+
+
+def test_heatmap_orders_pieces_by_question_then_hop(reported):
+    fig, shown = heatmap(load_run(reported[0]), 200)
+    assert shown == len(HEATMAP_ORDER)
+    assert list(fig.layout.xaxis.ticktext) == HEATMAP_ORDER
+
+
+def test_heatmap_cap_shows_the_first_pieces_only(reported):
+    fig, shown = heatmap(load_run(reported[0]), 4)
+    assert shown == 4 and list(fig.layout.xaxis.ticktext) == HEATMAP_ORDER[:4]
+    assert len(fig.data[0].z) == 4 and all(len(row) == 4 for row in fig.data[0].z)
+
+
+def test_heatmap_cap_is_noted_on_the_page(reported, written, made):
+    cfg = made[1].model_copy(deep=True)
+    cfg.report.max_heatmap = 4
+    assert f"{len(HEATMAP_ORDER)} pieces exceed report.max_heatmap = 4" in render_html(reported[0], written, cfg)
+
+
+def test_topk_heatmap_holds_only_the_kept_cells(topk_run):
+    d = torch.load(topk_run / "coupling/topk.pt", weights_only=True)
+    kept = {(d["ids"][i], d["ids"][j]): float(c) for i in range(len(d["ids"]))
+            for j, c in zip(d["indices"][i].tolist(), d["cosine"][i].tolist())}
+    fig, _ = heatmap(load_run(topk_run), 200)
+    ids = list(fig.layout.xaxis.ticktext)
+    cells = {(ids[a], ids[b]): v for a, row in enumerate(fig.data[0].z) for b, v in enumerate(row) if v is not None}
+    assert cells.keys() == kept.keys()
+    for key, v in cells.items():
+        assert v == pytest.approx(kept[key], abs=HEATMAP_ROUNDING)
+
+
+def test_topk_report_notes_the_blank_cells_and_names_the_topk_matrix(topk_run, made):
+    res = report(made[1], topk_run)
+    assert "Top-k coupling: only each piece" in res.index_html.read_text(encoding="utf-8")
+    assert (res.summary["coupling_analysis"]["mode"], res.summary["coupling_analysis"]["matrix"]) == ("top3", "coupling/topk.pt")
+
+
+def test_distribution_counts_each_pair_once_by_question(reported):
+    pairs = _json(reported[0], "coupling/stats.json")["pairs"]
+    fig = distribution(load_run(reported[0]))
+    counted = {t.name.split(" (")[0]: int(sum(t.customdata)) for t in fig.data}
+    assert counted == {"same question": pairs["same_question"]["n"], "cross question": pairs["cross_question"]["n"]}

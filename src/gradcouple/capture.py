@@ -53,7 +53,3 @@ class FactorCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-
-    def clear(self) -> None:
-        self.inputs.clear()
-        self.grads.clear()

@@ -25,9 +25,9 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Which knowledge pieces to score and how their prompts read."""
 
-    pieces: Optional[Path] = Field(default=None, description="pieces.jsonl; None = the bundled real sample")
-    limit: Optional[int] = Field(default=None, ge=1, description="Use only the first N pieces")
-    prompt_template: str = Field(default=DEFAULT_PROMPT_TEMPLATE, description="Template for question pieces; must contain {question}")
+    pieces: Optional[Path] = Field(default=None, description="pieces.jsonl; None = the bundled real sample", json_schema_extra={"flag": "--data"})
+    limit: Optional[int] = Field(default=None, ge=1, description="Use only the first N pieces", json_schema_extra={"flag": "--limit"})
+    prompt_template: str = Field(default=DEFAULT_PROMPT_TEMPLATE, description="Template for question pieces; must contain {question}", json_schema_extra={"flag": "--prompt-template"})
 
     @field_validator("prompt_template")
     @classmethod
@@ -40,56 +40,56 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """The causal LM and the layers whose weights define theta."""
 
-    name: str = Field(default=DEFAULT_MODEL, description="Hub id, local dir, .gguf file or alias")
-    revision: Optional[str] = Field(default=None, description="Hub revision (branch, tag or commit)")
-    layers: str = Field(default="last4", description="'last4', 'lastN', 'all', '26-29', '0,5,11' or 're:<module regex>'")
-    module: Optional[str] = Field(default=None, description="Module name inside each block, e.g. 'mlp.down_proj'; None = the architecture's default")
-    device: str = Field(default="auto", description="cpu, cuda, cuda:N, mps or auto")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Compute dtype (autocast on GPU)")
+    name: str = Field(default=DEFAULT_MODEL, description="Hub id, local dir, .gguf file or alias", json_schema_extra={"flag": "--model"})
+    revision: Optional[str] = Field(default=None, description="Hub revision (branch, tag or commit)", json_schema_extra={"flag": "--revision"})
+    layers: str = Field(default="last4", description="'last4', 'lastN', 'all', '26-29', '0,5,11' or 're:<module regex>'", json_schema_extra={"flag": "--layers"})
+    module: Optional[str] = Field(default=None, description="Module name inside each block, e.g. 'mlp.down_proj'; None = the architecture's default", json_schema_extra={"flag": "--module"})
+    device: str = Field(default="auto", description="cpu, cuda, cuda:N, mps or auto", json_schema_extra={"flag": "--device"})
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Compute dtype (autocast on GPU)", json_schema_extra={"flag": "--dtype"})
 
 
 class ExtractConfig(_Section):
     """Per-example gradient extraction into fp16 shards."""
 
-    store: Literal["factors", "dense", "projected"] = Field(default="factors", description="Shard format")
-    batch_size: int = Field(default=16, ge=1, description="Pieces per forward/backward (halved on CUDA OOM)")
-    shard_size: int = Field(default=64, ge=1, description="Pieces per shard file (the unit of resume)")
-    proj_dim: int = Field(default=4, ge=1, description="k_in = k_out of each Kronecker sketch (store=projected)")
-    proj_blocks: int = Field(default=256, ge=1, description="Independent k x k sketches per target (store=projected); blocks*k^2 numbers")
+    store: Literal["factors", "dense", "projected"] = Field(default="factors", description="Shard format", json_schema_extra={"flag": "--store"})
+    batch_size: int = Field(default=16, ge=1, description="Pieces per forward/backward (halved on CUDA OOM)", json_schema_extra={"flag": "--batch-size"})
+    shard_size: int = Field(default=64, ge=1, description="Pieces per shard file (the unit of resume)", json_schema_extra={"flag": "--shard-size"})
+    proj_dim: int = Field(default=4, ge=1, description="k_in = k_out of each Kronecker sketch (store=projected)", json_schema_extra={"flag": "--proj-dim"})
+    proj_blocks: int = Field(default=256, ge=1, description="Independent k x k sketches per target (store=projected); blocks*k^2 numbers", json_schema_extra={"flag": "--proj-blocks"})
     seed: int = Field(default=0, description="Projection seed")
-    max_length: int = Field(default=256, ge=4, description="Token limit of prompt+answer; longer prompts are cut from the left")
+    max_length: int = Field(default=256, ge=4, description="Token limit of prompt+answer; longer prompts are cut from the left", json_schema_extra={"flag": "--max-length"})
 
 
 class CoupleConfig(_Section):
     """Gram / cosine (GradSim) computation."""
 
-    block_size: int = Field(default=256, ge=1, description="Pieces per block of the blocked all-pairs product")
-    top_k: Optional[int] = Field(default=None, ge=1, description="Keep only the K nearest pieces per row instead of N x N")
-    max_memory: Optional[float] = Field(default=None, gt=0, description="Memory bound in GiB (default: 1/4 of RAM)")
-    top_pairs: int = Field(default=50, ge=1, description="Rows of pairs.csv")
+    block_size: int = Field(default=256, ge=1, description="Pieces per block of the blocked all-pairs product", json_schema_extra={"flag": "--block-size"})
+    top_k: Optional[int] = Field(default=None, ge=1, description="Keep only the K nearest pieces per row instead of N x N", json_schema_extra={"flag": "--top-k"})
+    max_memory: Optional[float] = Field(default=None, gt=0, description="Memory bound in GiB (default: 1/4 of RAM)", json_schema_extra={"flag": "--max-memory"})
+    top_pairs: int = Field(default=50, ge=1, description="Rows of pairs.csv", json_schema_extra={"flag": "--top-pairs"})
     thresholds: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7], description="Cosine thresholds counted in stats.json")
-    method: Literal["auto", "factored", "dense"] = Field(default="auto", description="Gram algorithm for the factors store")
+    method: Literal["auto", "factored", "dense"] = Field(default="auto", description="Gram algorithm for the factors store", json_schema_extra={"flag": "--method"})
 
 
 class RippleConfig(_Section):
     """Real edits and their measured ripple effect."""
 
-    n_edits: int = Field(default=10, ge=1, description="How many pieces to edit (one at a time)")
-    method: Literal["finetune", "rome"] = Field(default="finetune", description="finetune: Adam steps on all target layers; rome: rank-one update of one target layer")
-    steps: int = Field(default=10, ge=1, description="Adam steps per edit; small edits stay in the first-order regime")
-    lr: float = Field(default=1e-4, gt=0, description="Adam learning rate of the edit (finetune)")
+    n_edits: int = Field(default=10, ge=1, description="How many pieces to edit (one at a time)", json_schema_extra={"flag": "--edits"})
+    method: Literal["finetune", "rome"] = Field(default="finetune", description="finetune: Adam steps on all target layers; rome: rank-one update of one target layer", json_schema_extra={"flag": "--method"})
+    steps: int = Field(default=10, ge=1, description="Adam steps per edit; small edits stay in the first-order regime", json_schema_extra={"flag": "--steps"})
+    lr: float = Field(default=1e-4, gt=0, description="Adam learning rate of the edit (finetune)", json_schema_extra={"flag": "--lr"})
     rome_layer: int = Field(default=0, description="Index into the target layers of the layer a rome edit changes (0 = lowest)")
     rome_steps: int = Field(default=20, ge=1, description="Adam steps optimising the rome value vector")
     rome_lr: float = Field(default=0.5, gt=0, description="Adam learning rate of the rome value vector")
     rome_clamp: float = Field(default=4.0, gt=0, description="Max |delta| of the rome value as a multiple of |W k*|")
-    seed: int = Field(default=0, description="Choice of edited pieces and substitute counterfactuals")
-    top_k: int = Field(default=10, ge=1, description="k of precision@k")
+    seed: int = Field(default=0, description="Choice of edited pieces and substitute counterfactuals", json_schema_extra={"flag": "--seed"})
+    top_k: int = Field(default=10, ge=1, description="k of precision@k", json_schema_extra={"flag": "--top-k"})
 
 
 class ReportConfig(_Section):
     """HTML report."""
 
-    max_heatmap: int = Field(default=200, ge=2, description="Largest N drawn as a full heatmap")
+    max_heatmap: int = Field(default=200, ge=2, description="Largest N drawn as a full heatmap", json_schema_extra={"flag": "--max-heatmap"})
 
 
 class RunConfig(_Section):
@@ -102,26 +102,46 @@ class RunConfig(_Section):
     ripple: RippleConfig = Field(default_factory=RippleConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
+    def _hash(self, d: dict) -> str:
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
     def extract_hash(self) -> str:
-        """sha256 (16 hex) of the settings that determine the shards' contents."""
-        d = {
+        """sha256 (16 hex) of the settings that determine the shards' contents (not device or batch size)."""
+        return self._hash({
             "data": self.data.model_dump(mode="json"),
             "model": self.model.model_dump(mode="json", exclude={"device"}),
             "extract": self.extract.model_dump(mode="json", exclude={"batch_size"}),
-        }
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        })
+
+    def couple_hash(self) -> str:
+        """sha256 (16 hex) of the couple settings that change its results (not memory or block size)."""
+        return self._hash(self.couple.model_dump(mode="json", include={"top_k", "top_pairs", "thresholds", "method"}))
+
+    def ripple_hash(self) -> str:
+        """sha256 (16 hex) of the ripple settings."""
+        return self._hash(self.ripple.model_dump(mode="json"))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the resolved config as JSON (atomic)."""
         write_json(path, self.model_dump(mode="json"))
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
-                flag_names: dict[str, str] | None = None) -> RunConfig:
+def flag_names() -> dict[str, str]:
+    """``"section.field" -> "--flag"``, read from each field's ``json_schema_extra``: the one flag map."""
+    out = {}
+    for section, info in RunConfig.model_fields.items():
+        for name, field in info.annotation.model_fields.items():
+            extra = field.json_schema_extra or {}
+            if "flag" in extra:
+                out[f"{section}.{name}"] = extra["flag"]
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Load a YAML or JSON config and apply dotted overrides like ``{"model.name": "gpt2"}``.
 
     ``None`` override values are ignored, so CLI flags left unset keep the file's values. An
-    invalid override is reported under its flag name from ``flag_names`` when given.
+    invalid override is reported under its flag name (:func:`flag_names`).
 
     Raises:
         ConfigError: unreadable file or invalid field; the message names the file and field.
@@ -154,7 +174,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         loc = ".".join(str(x) for x in err["loc"])
         given = (overrides or {}).get(loc)
         if given is not None:
-            flag = (flag_names or {}).get(loc, loc)
+            flag = flag_names().get(loc, loc)
             raise ConfigError(f"{flag} {given!r}: {err['msg']}.") from None
         raise ConfigError(f"{src}: field '{loc}': {err['msg']} (got {err.get('input')!r}).") from None
 

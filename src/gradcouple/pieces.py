@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import DataError
 from .io import atomic_open
+from .rules import answer_continuation
 
 DEFAULT_PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 
@@ -69,14 +70,20 @@ class KnowledgePiece(BaseModel):
         """Return the exact (prompt, answer) strings that are scored.
 
         Question kinds go through ``template`` (which must contain ``{question}``); cloze
-        prefixes are used as is. The answer gets a leading space unless the prompt already
-        ends in whitespace, so that BPE and SentencePiece vocabularies see a word start.
+        prefixes are used as is; the answer follows the leading-space rule
+        (:func:`gradcouple.rules.answer_continuation`).
         """
         prompt = self.prompt if self.kind == PieceKind.cloze else template.format(question=self.prompt)
-        answer = self.answer.strip()
-        if not prompt[-1:].isspace():
-            answer = " " + answer
-        return prompt, answer
+        return prompt, answer_continuation(prompt, self.answer)
+
+    def render_answer(self, answer: str, template: str = DEFAULT_PROMPT_TEMPLATE) -> tuple[str, str]:
+        """As :meth:`render`, with another answer (an edit's new target) in place of the piece's own."""
+        return self.model_copy(update={"answer": answer}).render(template)
+
+    @property
+    def question_ids(self) -> set[str]:
+        """The multi-hop questions this piece belongs to: its owners (the same-question rule's input)."""
+        return set(self.owners or [self.question_id])
 
 
 def write_pieces(path: str | os.PathLike, pieces: Iterable[KnowledgePiece]) -> int:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
+
+from pydantic import BaseModel, ConfigDict
 
 from .config import RunConfig
-from .io import write_json
+from .errors import ArtifactError
+from .couple import CoupleResult, couple
+from .extract import ExtractResult, ensure_extraction
+from .models import load_model
 from .pieces import read_pieces, write_pieces
+from .report import ReportResult, report
+from .ripple import NothingToEdit, RippleResult, ripple
+from .rundir import RunDir
 
 DEFAULT_SAMPLES = ("musique", "hotpotqa", "mquake-hard")
 
@@ -30,56 +38,62 @@ def sample_pieces(out_dir: Path, datasets: Sequence[str] = DEFAULT_SAMPLES) -> P
     return path
 
 
-@dataclass
-class PipelineResult:
+class PipelineResult(BaseModel):
+    """Each stage's result (None when skipped, with the reason in ``skipped``) and wall times in seconds."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
     run_dir: Path
-    seconds: dict = field(default_factory=dict)
-    extract: object = None
-    couple: object = None
-    ripple: object = None
-    report: object = None
-    skipped: dict = field(default_factory=dict)
+    seconds: dict[str, float] = {}
+    extract: ExtractResult
+    couple: CoupleResult
+    ripple: Optional[RippleResult] = None
+    report: ReportResult
+    skipped: dict[str, str] = {}
 
 
 def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, datasets: Sequence[str] = DEFAULT_SAMPLES,
                  skip_ripple: bool = False, overwrite: bool = False, show_progress: bool = True) -> PipelineResult:
     """download (bundled samples, unless ``cfg.data.pieces`` is set) -> extract -> couple -> ripple -> report.
 
-    Each stage writes its files before the next starts, so any stage can be rerun alone.
-    Stage wall times in seconds are written to ``run_dir/timing.json``.
-    """
-    from .couple import couple
-    from .extract import extract
-    from .models import load_model
-    from .report import report
-    from .ripple import NothingToEdit, ripple
+    The extraction is reused when current (:func:`~gradcouple.extract.ensure_extraction`); a stale
+    one is replaced only with ``overwrite``. Each stage writes its files before the next starts, so
+    any stage can be rerun alone. Stage wall times in seconds go to ``run_dir/timing.json``.
 
-    run_dir = Path(run_dir)
-    res = PipelineResult(run_dir)
+    Raises:
+        ConfigError: a stale extraction in ``run_dir`` without ``overwrite``.
+    """
+    run, seconds, skipped = RunDir(run_dir), {}, {}
     t = time.perf_counter()
     if cfg.data.pieces is None:
-        cfg.data.pieces = sample_pieces(run_dir / "data", datasets)
-    res.seconds["download"] = time.perf_counter() - t
+        cfg.data.pieces = sample_pieces(run.data_dir, datasets)
+    seconds["download"] = time.perf_counter() - t
     t = time.perf_counter()
     loaded = load_model(cfg.model.name, revision=cfg.model.revision, device=cfg.model.device, dtype=cfg.model.dtype)
-    res.seconds["load_model"] = time.perf_counter() - t
+    seconds["load_model"] = time.perf_counter() - t
     t = time.perf_counter()
-    res.extract = extract(cfg, run_dir, loaded=loaded, overwrite=overwrite, show_progress=show_progress)
-    res.seconds["extract"] = time.perf_counter() - t
+    ext = ensure_extraction(cfg, run.root, loaded=loaded, replace_stale=overwrite, show_progress=show_progress)
+    seconds["extract"] = time.perf_counter() - t
     t = time.perf_counter()
-    res.couple = couple(cfg, run_dir, show_progress=show_progress)
-    res.seconds["couple"] = time.perf_counter() - t
-    if not skip_ripple and res.couple.mode != "full":
-        res.skipped["ripple"] = f"the coupling is {res.couple.mode} (too many pieces for the full matrix); ripple needs the full matrix"
+    cpl = couple(cfg, run.root, show_progress=show_progress)
+    seconds["couple"] = time.perf_counter() - t
+    rip = None
+    if not skip_ripple and cpl.mode != "full":
+        skipped["ripple"] = f"the coupling is {cpl.mode} (too many pieces for the full matrix); ripple needs the full matrix"
     elif not skip_ripple:
         t = time.perf_counter()
         try:
-            res.ripple = ripple(cfg, run_dir, loaded=loaded, show_progress=show_progress)
+            rip = ripple(cfg, run.root, loaded=loaded, show_progress=show_progress)
         except NothingToEdit as e:
-            res.skipped["ripple"] = str(e)
-        res.seconds["ripple"] = time.perf_counter() - t
+            skipped["ripple"] = str(e)
+        seconds["ripple"] = time.perf_counter() - t
+    if rip is None and run.has_ripple():
+        try:
+            run.current_ripple(run.load_manifest(), run.load_stats())
+        except ArtifactError:
+            shutil.rmtree(run.ripple_dir)
+            skipped["earlier ripple results"] = f"removed {run.ripple_dir}: made from another coupling"
     t = time.perf_counter()
-    res.report = report(cfg, run_dir)
-    res.seconds["report"] = time.perf_counter() - t
-    write_json(run_dir / "timing.json", res.seconds)
-    return res
+    rep = report(cfg, run.root)
+    seconds["report"] = time.perf_counter() - t
+    run.save_timing(seconds)
+    return PipelineResult(run_dir=run.root, seconds=seconds, extract=ext, couple=cpl, ripple=rip, report=rep, skipped=skipped)

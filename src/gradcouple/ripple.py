@@ -1,57 +1,66 @@
 """The ``ripple`` stage: real edits, their measured ripple effect, and how well coupling predicts it.
 
 An edit moves theta by Delta theta to make piece i answer a*. To first order every piece j
-moves by Delta log P_j ~= <g_j, Delta theta> (``first_order``, from the actual update and the
-stored gradients). The coupling prediction uses only GradSim and norms: the part of the edit
-along g_i changes piece j by <g_i, Delta theta> * cos(i, j) * |g_j| / |g_i| (``coupling``): only
-that scalar depends on the edit, the ranking over j comes from coupling and norms.
+moves by Delta log P_j ~= <g_j, Delta theta> (the first-order prediction, from the actual update
+and the stored gradients). The coupling prediction uses only GradSim and norms:
+<g_i, Delta theta> * cos(i, j) * |g_j| / |g_i| (see :data:`gradcouple.metrics.DEFINITIONS`).
 
-Each edit (:mod:`gradcouple.edits`) is either gradient-step fine-tuning of the target layers
-(Adam on -log P(a* | q_i)) or a ROME-style rank-one update of one target layer; the touched
-weights are copied before and restored bit for bit after, as EasyEdit does.
-Every piece's log-probability is measured before and after. Metrics, each defined once:
-
-* ``spearman_*``: Spearman's rho between predicted and measured Delta log P over j != i.
-* ``pearson_first_order``: Pearson's r of the first-order prediction.
-* ``precision_at_k``: |top-k by |predicted coupling|  ∩  top-k by |measured||  / k.
-* ``success``: after the edit, log P(a* | q_i) > log P(a_i | q_i).
+Each edit (:mod:`gradcouple.edits`) is either gradient-step fine-tuning of the target layers or
+a ROME-style rank-one update of one target layer; the touched weights are copied before and
+restored bit for bit after, as EasyEdit does. Every setting of the extraction (model, layers,
+prompt template, max length, batch size) is read from the run directory, so the edited model
+scores exactly the strings the gradients were taken of.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from scipy import stats as sstats
+from pydantic import BaseModel
 
 from .config import RunConfig
-from .couple import load_cosine
 from .edits import finetune_edit, key_covariance, restore, rome_edit, snapshot
 from .errors import ArtifactError, DataError
 from .extract import encode_pieces
-from .io import atomic_open, write_json
-from .layers import select_targets
+from .gram import first_order
+from .layers import Target, select_targets
+from .metrics import DEFINITIONS, bootstrap_interval, describe, pearson, precision_at_k, spearman
 from .models import LoadedModel, load_model
-from .pieces import KnowledgePiece, PieceKind, read_pieces
-from .runinfo import progress_console, device_info
+from .pieces import KnowledgePiece, PieceKind
+from .progress import progress
+from .rules import answers_match, AnswerMatch, same_question
+from .rundir import (CouplingStats, EditRecord, Manifest, Measurement, PooledRipple, RippleSummary, RunDir)
+from .runinfo import device_info
 from .scoring import EncodedPiece, answer_logprob, collate, encode
-from .store import GradientStore, KroneckerProjection
+from .stores import GradientReader
+
+#: the per-edit metrics whose spread over edits the summary reports
+PER_EDIT = ("spearman_coupling", "spearman_first_order", "pearson_first_order", "precision_at_k")
 
 
 class NothingToEdit(DataError):
     """No piece has a counterfactual, and no two pieces of one kind have different answers."""
 
 
-@dataclass
-class RippleResult:
+class RippleResult(BaseModel):
+    """Where the outputs are, and the summary written to ripple/summary.json."""
+
     out_dir: Path
-    summary: dict
+    summary: RippleSummary
+
+
+@dataclass(frozen=True)
+class PlannedEdit:
+    """Piece ``index`` is edited to answer ``new_answer``; ``source`` is 'dataset' or 'substitute'."""
+
+    index: int
+    new_answer: str
+    source: str
 
 
 def measure_logprobs(model, encoded: list[EncodedPiece], batch_size: int = 16, pad_id: int = 0) -> torch.Tensor:
@@ -67,85 +76,183 @@ def measure_logprobs(model, encoded: list[EncodedPiece], batch_size: int = 16, p
     return out
 
 
-def first_order(store: GradientStore, deltas: dict[str, torch.Tensor], block: int = 256) -> torch.Tensor:
-    """<g_j, Delta theta> for every piece j from the shards: (N,) float64 in pieces.jsonl order.
-
-    factors: sum(Delta_j * (X_j Delta W^T)); dense: <G_j, Delta W>; projected: the unbiased
-    estimate from both sketched with the same :class:`KroneckerProjection`.
-    """
-    out = torch.zeros(store.n, dtype=torch.float64)
-    proj = {}
-    if store.store == "projected":
-        k, m, seed = store.manifest["proj_dim"], store.manifest.get("proj_blocks") or 1, store.manifest["seed"]
-        for t in store.targets:
-            kp = KroneckerProjection(t["name"], t["d_in"] + int(t["bias"]), t["d_out"], k, m, seed)
-            proj[t["name"]] = kp.from_matrix(deltas[t["name"]].cpu())
-    for i0 in range(0, store.n, block):
-        i1 = min(store.n, i0 + block)
-        for name in store.names:
-            dw = deltas[name].float().cpu()
-            if store.store == "factors":
-                x, d, seg, sc = store.factors(i0, i1, name)
-                per_tok = ((x.float() @ dw.t()) * d.float()).sum(1).double()
-                out[i0:i1] += torch.zeros(i1 - i0, dtype=torch.float64).index_add(0, seg, per_tok) * sc.double()
-            else:
-                g, sc = store.matrices(i0, i1, name)
-                ref = proj[name] if store.store == "projected" else dw
-                out[i0:i1] += (g.float().flatten(1) @ ref.flatten()).double() * sc.double()
-    res = torch.empty_like(out)
-    res[torch.tensor(store.order)] = out
-    return res
-
-
-def choose_edits(pieces: list[KnowledgePiece], n: int, seed: int) -> list[tuple[int, str, str]]:
-    """(piece index, new answer, source) for up to ``n`` edits.
-
-    Single-hop and cloze pieces with a dataset counterfactual come first; the rest get a
-    substitute: the answer of another piece of the same kind (seeded choice), which is how
-    counterfactual-edit benchmarks without rewrites build them (CounterFact, MQuAKE).
-    """
+def choose_edits(pieces: list[KnowledgePiece], n: int, seed: int) -> list[PlannedEdit]:
+    """Up to ``n`` edits. Single-hop and cloze pieces with a dataset counterfactual come first; the
+    rest get a substitute: the answer of another piece of the same kind that does not match the
+    piece's answer or aliases (alias rule), a seeded choice, as CounterFact and MQuAKE build them."""
     rng = random.Random(seed)
     facts = [i for i, p in enumerate(pieces) if p.kind != PieceKind.multi_hop] or list(range(len(pieces)))
     with_cf = [i for i in facts if pieces[i].counterfactual]
     rng.shuffle(with_cf)
-    chosen = [(i, pieces[i].counterfactual, "dataset") for i in with_cf[:n]]
+    chosen = [PlannedEdit(i, pieces[i].counterfactual, "dataset") for i in with_cf[:n]]
     rest = [i for i in facts if not pieces[i].counterfactual]
     rng.shuffle(rest)
     for i in rest:
         if len(chosen) >= n:
             break
         p = pieces[i]
-        own = {p.answer.strip().lower(), *(a.strip().lower() for a in p.aliases)}
-        pool = sorted({q.answer for q in pieces if q.kind == p.kind and q.answer.strip().lower() not in own})
+        pool = sorted({q.answer for q in pieces if q.kind == p.kind
+                       and not answers_match(q.answer.strip(), p.answer, p.aliases, AnswerMatch.alias)})
         if pool:
-            chosen.append((i, rng.choice(pool), "substitute"))
+            chosen.append(PlannedEdit(i, rng.choice(pool), "substitute"))
     return chosen
 
 
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> Optional[float]:
-    if a.numel() < 3 or float(a.std()) == 0 or float(b.std()) == 0:
-        return None
-    return float(sstats.spearmanr(a.numpy(), b.numpy()).statistic)
+@dataclass
+class RippleRun:
+    """Everything an edit needs, checked once: the run's artifacts, the model, and the unedited log-probs."""
+
+    run: RunDir
+    cfg: RunConfig
+    manifest: Manifest
+    stats: CouplingStats
+    reader: GradientReader
+    pieces: list[KnowledgePiece]
+    cos: torch.Tensor
+    loaded: LoadedModel
+    targets: list[Target]
+    encoded: list[EncodedPiece]
+    norms: torch.Tensor
+    before: torch.Tensor
+    covariances: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def template(self) -> str:
+        return self.manifest.settings().data.prompt_template
+
+    @property
+    def max_length(self) -> int:
+        return self.manifest.settings().extract.max_length
 
 
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> Optional[float]:
-    if a.numel() < 3 or float(a.std()) == 0 or float(b.std()) == 0:
-        return None
-    return float(sstats.pearsonr(a.numpy(), b.numpy()).statistic)
+def check_run(cfg: RunConfig, run_dir: str | Path, loaded: Optional[LoadedModel]) -> RippleRun:
+    """Load and check the run: current coupling, the extraction's model and settings.
+
+    Raises:
+        ArtifactError: gradients or coupling missing or stale, the model differs from the
+            extraction's, or ``--method rome`` on a store without inputs.
+    """
+    run = RunDir(run_dir)
+    manifest = run.load_manifest()
+    stats = run.current_stats(manifest)
+    ids, cos = run.load_cosine()
+    run.check_pieces_match(ids, run.cosine_path)
+    extracted = manifest.settings()
+    loaded = loaded or load_model(extracted.model.name, revision=extracted.model.revision, device=cfg.model.device,
+                                  dtype=extracted.model.dtype)
+    if loaded.identity().fingerprint != manifest.model.fingerprint:
+        raise ArtifactError(f"model {loaded.name} is not the one the gradients in {run.root} were extracted with "
+                            f"({manifest.model.name}); rerun extract.")
+    targets = select_targets(loaded.model, extracted.model.layers, extracted.model.module)
+    if [t.name for t in targets] != manifest.names:
+        raise ArtifactError(f"target layers {[t.name for t in targets]} differ from the extraction's {manifest.names}.")
+    reader = GradientReader(run, manifest)
+    if cfg.ripple.method == "rome":
+        if not reader.kind.keeps_inputs:
+            raise ArtifactError(f"--method rome needs the factors store (its inputs are ROME's keys); {run.root} has "
+                                f"'{reader.kind.name}': rerun extract with --store factors.")
+        if not -len(targets) <= cfg.ripple.rome_layer < len(targets):
+            raise ArtifactError(f"ripple.rome_layer={cfg.ripple.rome_layer}: there are {len(targets)} target layers.")
+    pieces = run.load_pieces()
+    encoded = encode_pieces(loaded.tokenizer, pieces, extracted.data.prompt_template, extracted.extract.max_length)
+    norms = torch.tensor([r.norm for r in manifest.records()], dtype=torch.float64)
+    before = measure_logprobs(loaded.model, encoded, manifest.batch_size, loaded.pad_id)
+    return RippleRun(run, cfg, manifest, stats, reader, pieces, cos, loaded, targets, encoded, norms, before)
 
 
-def _mean(xs: list) -> Optional[float]:
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
+@dataclass
+class AppliedEdit:
+    """An edit's weight change per target and the log-probs it produced (nats); weights already restored."""
+
+    deltas: dict[str, torch.Tensor]
+    new_before: float
+    new_after: float
+    after: torch.Tensor
+    restored: bool
+    prompt: str
 
 
-def _spread(xs: list) -> dict:
-    """n, mean, std, min, max of the non-missing values (the per-edit spread of a metric)."""
-    v = torch.tensor([x for x in xs if x is not None], dtype=torch.float64)
-    if v.numel() == 0:
-        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
-    return {"n": int(v.numel()), "mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0,
-            "min": float(v.min()), "max": float(v.max())}
+def apply_edit(r: RippleRun, edit: PlannedEdit) -> AppliedEdit:
+    """Edit the model toward ``edit.new_answer``, measure every piece, and restore the weights bit for bit.
+
+    Raises:
+        RuntimeError: the weights could not be restored exactly (a bug; nothing more is measured).
+    """
+    piece, cfg, pad = r.pieces[edit.index], r.cfg.ripple, r.loaded.pad_id
+    prompt, new_ans = piece.render_answer(edit.new_answer, r.template)
+    enc_new = encode(r.loaded.tokenizer, prompt, new_ans, r.max_length, where=f"edit of {piece.id}: ")
+    new_before = float(measure_logprobs(r.loaded.model, [enc_new], 1, pad)[0])
+    saved = snapshot(r.targets)
+    if cfg.method == "rome":
+        layer = r.targets[cfg.rome_layer]
+        cov = r.covariances.setdefault(layer.name, key_covariance(r.reader, layer.name))
+        deltas = rome_edit(r.loaded.model, r.targets, layer, enc_new, cov, cfg.rome_steps, cfg.rome_lr, cfg.rome_clamp, pad)
+    else:
+        deltas = finetune_edit(r.loaded.model, r.targets, enc_new, cfg.steps, cfg.lr, pad)
+    after = measure_logprobs(r.loaded.model, r.encoded, r.manifest.batch_size, pad)
+    new_after = float(measure_logprobs(r.loaded.model, [enc_new], 1, pad)[0])
+    restored = restore(r.targets, saved)
+    if not restored:
+        raise RuntimeError("target weights could not be restored bit for bit")
+    return AppliedEdit(deltas, new_before, new_after, after, restored, prompt)
+
+
+def record_edit(r: RippleRun, e: int, edit: PlannedEdit, applied: AppliedEdit,
+                seconds: float) -> tuple[EditRecord, list[Measurement], tuple[torch.Tensor, ...]]:
+    """Score the predictors against the measured change over every other piece.
+
+    Returns the edit's record, one measurement per other piece, and (coupling prediction,
+    first-order prediction, measured) over the other pieces, for the pooled statistics.
+    """
+    i, piece = edit.index, r.pieces[edit.index]
+    measured = applied.after - r.before
+    pred_f = first_order(r.reader, applied.deltas)
+    pred_c = float(pred_f[i]) * r.cos[i] * r.norms / r.norms[i].clamp_min(1e-300)
+    others = [j for j in range(len(r.pieces)) if j != i]
+    same = [same_question(piece.question_ids, r.pieces[j].question_ids) for j in range(len(r.pieces))]
+    o = torch.tensor(others, dtype=torch.long)
+    m, pc, pf = measured[o], pred_c[o], pred_f[o]
+    same_js = [j for j in others if same[j]]
+    cross_js = [j for j in others if not same[j]]
+    rec = EditRecord(
+        edit=e, piece_id=piece.id, question_id=piece.question_id, kind=piece.kind.value, prompt=applied.prompt,
+        answer=piece.answer, new_answer=edit.new_answer.strip(), counterfactual_source=edit.source,
+        logprob_true_before=float(r.before[i]), logprob_true_after=float(applied.after[i]),
+        logprob_new_before=applied.new_before, logprob_new_after=applied.new_after,
+        success=applied.new_after > float(applied.after[i]),
+        edit_norm=float(sum((d.double() ** 2).sum() for d in applied.deltas.values()) ** 0.5),
+        first_order_self=float(pred_f[i]), spearman_coupling=spearman(pc, m), spearman_first_order=spearman(pf, m),
+        pearson_first_order=pearson(pf, m), precision_at_k=precision_at_k(pc, m, r.cfg.ripple.top_k),
+        k=min(r.cfg.ripple.top_k, len(others)),
+        mean_abs_measured_same_question=float(measured[same_js].abs().mean()) if same_js else None,
+        mean_abs_measured_cross_question=float(measured[cross_js].abs().mean()) if cross_js else None,
+        multi_hop_measured=[float(measured[j]) for j in same_js if r.pieces[j].kind == PieceKind.multi_hop],
+        restored=applied.restored, seconds=seconds)
+    rows = [Measurement(edit=e, edited_id=piece.id, piece_id=r.pieces[j].id, same_question=same[j],
+                        cosine=float(r.cos[i, j]), predicted_coupling=float(pred_c[j]),
+                        predicted_first_order=float(pred_f[j]), measured=float(measured[j])) for j in others]
+    return rec, rows, (pc, pf, m)
+
+
+def summarise(r: RippleRun, records: list[EditRecord], pooled: list[tuple[torch.Tensor, ...]], seconds: float) -> RippleSummary:
+    """The summary over edits: mean per-edit metrics with bootstrap intervals, their spread, pooled correlations."""
+    pc, pf, pm = (torch.cat([p[k] for p in pooled]) for k in range(3))
+    ok = [x for x in records if x.success]
+    manifest_lp = torch.tensor([p.logprob for p in r.manifest.records()], dtype=torch.float64)
+    used = ("GradSim", "ripple effect", "coupling prediction", "first-order prediction", "edit success", "describe",
+            "Spearman's rho", "Pearson r", "precision@k", "bootstrap interval", "same question", "answer match")
+    return RippleSummary(
+        inputs=r.run.ripple_inputs(r.manifest, r.stats, r.cfg), method=r.cfg.ripple.method, steps=r.cfg.ripple.steps,
+        lr=r.cfg.ripple.lr, n_edits=len(records), n_successful=len(ok), seconds=seconds, device=device_info(r.loaded.device),
+        spearman_coupling=bootstrap_interval([x.spearman_coupling for x in records]),
+        spearman_first_order=bootstrap_interval([x.spearman_first_order for x in records]),
+        spearman_coupling_successful=bootstrap_interval([x.spearman_coupling for x in ok]),
+        precision_at_k=bootstrap_interval([x.precision_at_k for x in records]),
+        per_edit={k: describe([getattr(x, k) for x in records]) for k in PER_EDIT},
+        pooled=PooledRipple(spearman_coupling=spearman(pc, pm), spearman_first_order=spearman(pf, pm),
+                            pearson_first_order=pearson(pf, pm), n_points=int(pm.numel())),
+        baseline_logprob_max_abs_diff_vs_manifest=float((r.before - manifest_lp).abs().max()),
+        definitions={k: DEFINITIONS[k] for k in used}, edits=records)
 
 
 def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel] = None, show_progress: bool = True) -> RippleResult:
@@ -154,119 +261,22 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
     Writes ``ripple/edits.jsonl`` (one line per edit and other piece) and ``ripple/summary.json``.
 
     Raises:
-        ArtifactError: gradients or coupling missing; or the model differs from the extraction's.
-        DataError: no piece can be edited.
+        ArtifactError: gradients or coupling missing or stale; the model differs from the extraction's.
+        NothingToEdit: no piece can be edited.
     """
     t0 = time.perf_counter()
-    run_dir = Path(run_dir)
-    store = GradientStore(run_dir / "gradients")
-    ids, cos = load_cosine(run_dir)
-    stats_path = run_dir / "coupling" / "stats.json"
-    stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else {}
-    for key in ("config_hash", "pieces_sha256"):
-        if stats.get(key) != store.manifest.get(key):
-            raise ArtifactError(f"{stats_path}: the coupling was computed from another extraction ({key} differs from "
-                                f"{run_dir}/gradients/manifest.json); rerun `gradcouple couple --run {run_dir}`.")
-    extracted = store.manifest.get("config") or {}
-    if extracted:  # score exactly the strings the gradients were extracted for
-        cfg = cfg.model_copy(deep=True)
-        cfg.data.prompt_template = extracted["data"]["prompt_template"]
-        cfg.extract.max_length = extracted["extract"]["max_length"]
-    pieces = read_pieces(run_dir / "pieces.jsonl")
-    if [p.id for p in pieces] != ids:
-        raise ArtifactError(f"{run_dir}/coupling/cosine.pt does not match {run_dir}/pieces.jsonl; rerun `gradcouple couple --run {run_dir}`.")
-    loaded = loaded or load_model(cfg.model.name, revision=cfg.model.revision, device=cfg.model.device, dtype=cfg.model.dtype)
-    if loaded.identity() != store.manifest["model"]:
-        raise ArtifactError(f"--model {cfg.model.name} is not the model the gradients in {run_dir} were extracted with "
-                            f"({store.manifest['model']['name']}); use that model or rerun extract.")
-    model, tok = loaded.model, loaded.tokenizer
-    targets = select_targets(model, cfg.model.layers, cfg.model.module)
-    if [t.name for t in targets] != store.names:
-        raise ArtifactError(f"target layers {[t.name for t in targets]} differ from the extraction's {store.names}.")
-    if cfg.ripple.method == "rome":
-        if store.store != "factors":
-            raise ArtifactError(f"--method rome needs the factors store (its inputs are ROME's keys); {run_dir} has "
-                                f"'{store.store}': rerun extract with --store factors.")
-        if not -len(targets) <= cfg.ripple.rome_layer < len(targets):
-            raise ArtifactError(f"ripple.rome_layer={cfg.ripple.rome_layer}: there are {len(targets)} target layers.")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    encoded = encode_pieces(tok, pieces, cfg)
-    edits = choose_edits(pieces, cfg.ripple.n_edits, cfg.ripple.seed)
-    if not edits:
-        raise NothingToEdit(f"{run_dir}/pieces.jsonl: no piece can be edited (need a counterfactual or two distinct answers of one kind).")
-    norms = torch.tensor([sum(m["sq_norm"].values()) for m in store.manifest["pieces"]], dtype=torch.float64).sqrt()
-    before = measure_logprobs(model, encoded, cfg.extract.batch_size, pad_id)
-    questions = [set(p.owners or [p.question_id]) for p in pieces]
-    out_dir = run_dir / "ripple"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    records, pooled, covs = [], {"c": [], "f": [], "m": []}, {}
-    with atomic_open(out_dir / "edits.jsonl", "w", encoding="utf-8") as fh, \
-            Progress(TextColumn("[bold]ripple"), BarColumn(), MofNCompleteColumn(), TextColumn("edits"), console=progress_console(), disable=not show_progress) as prog:
-        task = prog.add_task("ripple", total=len(edits))
-        for e, (i, new_answer, source) in enumerate(edits):
+    r = check_run(cfg, run_dir, loaded)
+    planned = choose_edits(r.pieces, cfg.ripple.n_edits, cfg.ripple.seed)
+    if not planned:
+        raise NothingToEdit(f"{r.run.pieces_path}: no piece can be edited (need a counterfactual or two distinct answers of one kind).")
+    records, rows, pooled = [], [], []
+    with progress("ripple", len(planned), "edits", show_progress) as advance:
+        for e, edit in enumerate(planned):
             te = time.perf_counter()
-            prompt, _ = pieces[i].render(cfg.data.prompt_template)
-            new_ans = new_answer.strip() if prompt[-1:].isspace() else " " + new_answer.strip()
-            enc_new = encode(tok, prompt, new_ans, cfg.extract.max_length, where=f"edit of {pieces[i].id}: ")
-            new_before = float(measure_logprobs(model, [enc_new], 1, pad_id)[0])
-            saved = snapshot(targets)
-            if cfg.ripple.method == "rome":
-                t_rome = targets[cfg.ripple.rome_layer]
-                cov = covs.setdefault(t_rome.name, key_covariance(store, t_rome.name))
-                deltas = rome_edit(model, targets, t_rome, enc_new, cov, cfg.ripple.rome_steps, cfg.ripple.rome_lr,
-                                   cfg.ripple.rome_clamp, pad_id)
-            else:
-                deltas = finetune_edit(model, targets, enc_new, cfg.ripple.steps, cfg.ripple.lr, pad_id)
-            after = measure_logprobs(model, encoded, cfg.extract.batch_size, pad_id)
-            new_after = float(measure_logprobs(model, [enc_new], 1, pad_id)[0])
-            restored = restore(targets, saved)
-            if not restored:
-                raise RuntimeError("target weights could not be restored bit for bit")
-            measured = after - before
-            pred_f = first_order(store, deltas)
-            pred_c = float(pred_f[i]) * cos[i] * norms / norms[i].clamp_min(1e-300)
-            others = torch.tensor([j for j in range(len(pieces)) if j != i], dtype=torch.long)
-            m, pc, pf = measured[others], pred_c[others], pred_f[others]
-            k = min(cfg.ripple.top_k, others.numel())
-            top_pred = set(others[pc.abs().topk(k).indices].tolist())
-            top_meas = set(others[m.abs().topk(k).indices].tolist())
-            same = [j for j in others.tolist() if questions[i] & questions[j]]
-            cross = [j for j in others.tolist() if not questions[i] & questions[j]]
-            multi = [j for j in same if pieces[j].kind == PieceKind.multi_hop]
-            rec = {"edit": e, "piece_id": pieces[i].id, "question_id": pieces[i].question_id, "kind": pieces[i].kind.value,
-                   "prompt": prompt, "answer": pieces[i].answer, "new_answer": new_answer.strip(), "counterfactual_source": source,
-                   "logprob_true_before": float(before[i]), "logprob_true_after": float(after[i]),
-                   "logprob_new_before": new_before, "logprob_new_after": new_after, "success": new_after > float(after[i]),
-                   "edit_norm": float(sum((d.double() ** 2).sum() for d in deltas.values()) ** 0.5),
-                   "first_order_self": float(pred_f[i]), "spearman_coupling": _spearman(pc, m),
-                   "spearman_first_order": _spearman(pf, m), "pearson_first_order": _pearson(pf, m),
-                   "precision_at_k": len(top_pred & top_meas) / k if k else None, "k": k,
-                   "mean_abs_measured_same_question": float(measured[same].abs().mean()) if same else None,
-                   "mean_abs_measured_cross_question": float(measured[cross].abs().mean()) if cross else None,
-                   "multi_hop_measured": [float(measured[j]) for j in multi],
-                   "restored": restored, "seconds": time.perf_counter() - te}
-            records.append(rec)
-            pooled["c"].append(pc), pooled["f"].append(pf), pooled["m"].append(m)
-            for j in others.tolist():
-                fh.write(json.dumps({"edit": e, "edited_id": pieces[i].id, "piece_id": pieces[j].id,
-                                     "same_question": bool(questions[i] & questions[j]), "cosine": float(cos[i, j]),
-                                     "predicted_coupling": float(pred_c[j]), "predicted_first_order": float(pred_f[j]),
-                                     "measured": float(measured[j])}) + "\n")
-            prog.advance(task)
-    pc, pf, pm = (torch.cat(pooled[x]) for x in ("c", "f", "m"))
-    ok = [r for r in records if r["success"]]
-    summary = {"method": cfg.ripple.method, "steps": cfg.ripple.steps, "lr": cfg.ripple.lr, "n_edits": len(records),
-               "n_successful": len(ok), "seconds": time.perf_counter() - t0, "device": device_info(loaded.device),
-               "spearman_coupling_mean": _mean([r["spearman_coupling"] for r in records]),
-               "spearman_first_order_mean": _mean([r["spearman_first_order"] for r in records]),
-               "spearman_coupling_mean_successful": _mean([r["spearman_coupling"] for r in ok]),
-               "precision_at_k_mean": _mean([r["precision_at_k"] for r in records]),
-               "per_edit": {m: _spread([r[m] for r in records]) for m in
-                            ("spearman_coupling", "spearman_first_order", "pearson_first_order", "precision_at_k")},
-               "pooled": {"spearman_coupling": _spearman(pc, pm), "spearman_first_order": _spearman(pf, pm),
-                          "pearson_first_order": _pearson(pf, pm), "n_points": int(pm.numel())},
-               "baseline_logprob_max_abs_diff_vs_manifest": float((before - torch.tensor(
-                   [m["logprob"] for m in store.manifest["pieces"]], dtype=torch.float64)).abs().max()),
-               "edits": records}
-    write_json(out_dir / "summary.json", summary)
-    return RippleResult(out_dir, summary)
+            applied = apply_edit(r, edit)
+            rec, measurements, points = record_edit(r, e, edit, applied, time.perf_counter() - te)
+            records.append(rec), rows.extend(measurements), pooled.append(points)
+            advance(1)
+    summary = summarise(r, records, pooled, time.perf_counter() - t0)
+    r.run.save_ripple(summary, rows)
+    return RippleResult(out_dir=r.run.ripple_dir, summary=summary)

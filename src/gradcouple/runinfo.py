@@ -5,8 +5,12 @@ from __future__ import annotations
 import platform
 import resource
 import sys
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .rundir import DeviceInfo
 
 
 def peak_rss_bytes() -> int:
@@ -26,26 +30,23 @@ def peak_rss_bytes() -> int:
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
-def device_info(device: torch.device) -> dict:
+def device_info(device: torch.device) -> "DeviceInfo":
     """What ran the computation: device type and name, GPU memory peak (bytes) when CUDA."""
-    info = {"device": str(device), "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "gpu": None}
+    from .rundir import DeviceInfo
+
+    info = DeviceInfo(device=str(device), cpu=platform.processor() or platform.machine(),
+                      threads=torch.get_num_threads(), torch=torch.__version__)
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        info.gpu = torch.cuda.get_device_name(device)
+        info.peak_gpu_memory_bytes = int(torch.cuda.max_memory_allocated(device))
     return info
 
 
 def human_bytes(n: float) -> str:
+    """``1536`` -> ``'1.5 KiB'`` (binary units)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n} B"
 
-
-def progress_console():
-    """Progress bars go to stderr, so stdout carries only results (for shell pipelines)."""
-    from rich.console import Console
-
-    return Console(stderr=True)

@@ -12,8 +12,8 @@ from rich.table import Table
 
 from .. import datasets as ds
 from ..errors import DataError
-from . import app
-from ._common import console, handle_errors
+
+from .options import console
 
 EPILOG = """\
 Examples:
@@ -32,8 +32,6 @@ Examples:
 """
 
 
-@app.command(epilog=EPILOG)
-@handle_errors
 def download(
     dataset: Annotated[Optional[str], typer.Argument(help="Dataset name or alias (see --list); optional with --from.", show_default=False)] = None,
     from_path: Annotated[Optional[str], typer.Option("--from", metavar="PATH", help="Local .json/.jsonl/.parquet file or dataset directory instead of the Hub.", show_default=False)] = None,
@@ -90,22 +88,22 @@ def _print_sources() -> None:
 
 def _print_summary(result: ds.DownloadResult) -> None:
     m = result.meta
-    inp = m["input"]
+    inp = m.input
     where = inp.get("hub") or inp.get("hub_id") or inp.get("path")
-    table = Table(title=f"gradcouple download: {m['dataset']}", title_justify="left", show_header=False, box=box.SIMPLE, pad_edge=False)
+    table = Table(title=f"gradcouple download: {m.dataset}", title_justify="left", show_header=False, box=box.SIMPLE, pad_edge=False)
     table.add_column("what", style="bold", no_wrap=True)
     table.add_column("value", overflow="fold")
-    table.add_row("input", f"{where}" + (f" [{m['split']}]" if m.get("split") else "") + f" ({inp['kind']})")
-    table.add_row("records read", str(m["records_read"]))
-    table.add_row("records used", str(m["records_used"]))
-    for reason, n in m["records_skipped"].items():
+    table.add_row("input", f"{where}" + (f" [{m.split}]" if m.split else "") + f" ({inp['kind']})")
+    table.add_row("records read", str(m.records_read))
+    table.add_row("records used", str(m.records_used))
+    for reason, n in m.records_skipped.items():
         table.add_row("  record skipped", f"{n}  {reason}", style="yellow")
-    for kind, n in m["pieces_per_kind"].items():
+    for kind, n in m.pieces_per_kind.items():
         table.add_row(f"pieces: {kind}", str(n))
-    table.add_row("pieces written", str(m["pieces_made"]), style="green")
-    for kind, n in m["pieces_merged_as_duplicates"].items():
+    table.add_row("pieces written", str(m.pieces_made), style="green")
+    for kind, n in m.pieces_merged_as_duplicates.items():
         table.add_row("  duplicates merged", f"{n}  {kind}")
-    for reason, n in m["pieces_skipped"].items():
+    for reason, n in m.pieces_skipped.items():
         table.add_row("  piece skipped", f"{n}  {reason}", style="yellow")
     table.add_row("output", f"{result.pieces_path} (+ download.json)")
     console.print(table, highlight=False)

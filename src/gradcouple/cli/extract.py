@@ -7,9 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import app
-from ._common import (ConfigOpt, DeviceOpt, LayersOpt, ModelOpt, OverwriteOpt, build_config, console, handle_errors,
-                      print_path, summary_table)
+from .options import (BatchSizeOpt, ConfigOpt, DataOpt, DeviceOpt, LayersOpt, LimitOpt, ModelOpt, OverwriteOpt,
+                      build_config, console, print_path, summary_table)
 
 EPILOG = """Examples:
 
@@ -19,10 +18,8 @@ EPILOG = """Examples:
 """
 
 
-@app.command(epilog=EPILOG)
-@handle_errors
 def extract(
-    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="pieces.jsonl from `gradcouple download`.")] = None,
+    data: DataOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory; gradients go to OUT/gradients.")] = Path("runs/default"),
     model: ModelOpt = None,
     layers: LayersOpt = None,
@@ -30,30 +27,32 @@ def extract(
     store: Annotated[Optional[str], typer.Option(help="factors (exact, default), dense (exact) or projected.")] = None,
     proj_dim: Annotated[Optional[int], typer.Option("--proj-dim", help="k_in = k_out of each Kronecker sketch (store=projected).")] = None,
     proj_blocks: Annotated[Optional[int], typer.Option("--proj-blocks", help="Independent sketches per target (store=projected).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Pieces per forward/backward.")] = None,
+    batch_size: BatchSizeOpt = None,
     shard_size: Annotated[Optional[int], typer.Option("--shard-size", help="Pieces per shard file, the unit of resume (default 64).")] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Token limit of prompt+answer (default 256).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (GPU only; CPU computes in float32).")] = None,
     device: DeviceOpt = None,
-    limit: Annotated[Optional[int], typer.Option(help="Use only the first N pieces.")] = None,
+    limit: LimitOpt = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Compute every piece's gradient of log P(answer | prompt) on the target layers."""
-    from ..extract import extract as run_extract
+    from .. import extract as stage
+    from ..rundir import RunDir
     from ..runinfo import human_bytes
 
     cfg = build_config(config, out, {
-        "data.pieces": str(data) if data else None, "data.limit": limit, "model.name": model, "model.layers": layers,
-        "model.module": module, "model.device": device, "model.dtype": dtype, "extract.store": store,
-        "extract.proj_dim": proj_dim, "extract.proj_blocks": proj_blocks, "extract.batch_size": batch_size,
-        "extract.shard_size": shard_size})
-    res = run_extract(cfg, out, overwrite=overwrite)
+        "data.pieces": data, "data.limit": limit, "model.name": model, "model.layers": layers, "model.module": module,
+        "model.device": device, "model.dtype": dtype, "extract.store": store, "extract.proj_dim": proj_dim,
+        "extract.proj_blocks": proj_blocks, "extract.batch_size": batch_size, "extract.shard_size": shard_size,
+        "extract.max_length": max_length})
+    res = stage.extract(cfg, out, overwrite=overwrite)
     if res.resumed_shards == res.n_shards:
-        console.print(f"nothing to do: all {res.n_shards} shards in {out / 'gradients'} are complete and match this configuration.")
+        console.print(f"nothing to do: all {res.n_shards} shards in {RunDir(out).gradients_dir} are complete and current.")
     console.print(summary_table("extract", [
         ("pieces", res.n_pieces), ("shards", f"{res.n_shards} ({res.resumed_shards} resumed)"),
         ("model", cfg.model.name), ("layers", cfg.model.layers), ("store", cfg.extract.store),
         ("time", f"{res.seconds:.1f} s"), ("throughput", f"{res.pieces_per_s:.1f} pieces/s"),
         ("on disk", human_bytes(res.bytes_on_disk)), ("peak RSS", human_bytes(res.peak_rss_bytes)),
-        ("device", res.device.get("gpu") or res.device["device"])]))
-    print_path(out / "gradients" / "manifest.json")
+        ("device", (res.device.gpu or res.device.device) if res.device else "n/a")]))
+    print_path(RunDir(out).manifest_path)

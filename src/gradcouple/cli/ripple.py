@@ -7,8 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import app
-from ._common import ConfigOpt, DeviceOpt, RunDirOpt, build_config, console, handle_errors, print_path, summary_table
+from .options import ConfigOpt, DeviceOpt, RunDirOpt, build_config, console, interval, num, print_path, summary_table
 
 EPILOG = """Examples:
 
@@ -20,12 +19,6 @@ EPILOG = """Examples:
 """
 
 
-def _f(x) -> str:
-    return "n/a" if x is None else f"{x:+.3f}"
-
-
-@app.command(epilog=EPILOG)
-@handle_errors
 def ripple(
     run: RunDirOpt = Path("runs/default"),
     edits: Annotated[Optional[int], typer.Option("--edits", "-n", help="How many pieces to edit, one at a time.")] = None,
@@ -36,19 +29,22 @@ def ripple(
     device: DeviceOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Edit pieces toward counterfactual answers and compare predicted with measured ripple."""
-    from ..ripple import ripple as run_ripple
+    """Edit pieces toward counterfactual answers and compare predicted with measured ripple.
 
-    cfg = build_config(config, run, {"ripple.n_edits": edits, "ripple.method": method, "ripple.steps": steps, "ripple.lr": lr,
-                                     "ripple.seed": seed, "model.device": device})
-    res = run_ripple(cfg, run)
-    s = res.summary
+    The model, layers, prompt template, max length and batch size are those of the extraction
+    in RUN; only the device can differ.
+    """
+    from .. import ripple as stage
+    from ..rundir import RunDir
+
+    cfg = build_config(config, run, {"ripple.n_edits": edits, "ripple.method": method, "ripple.steps": steps,
+                                     "ripple.lr": lr, "ripple.seed": seed, "model.device": device})
+    s = stage.ripple(cfg, run).summary
     console.print(summary_table("ripple", [
-        ("edits", f"{s['n_edits']} ({s['n_successful']} successful)"),
-        ("Spearman rho, coupling (mean ± std over edits)",
-         f"{_f(s['spearman_coupling_mean'])} ± {s['per_edit']['spearman_coupling']['std'] or 0:.3f}"),
-        ("Spearman rho, first order (mean over edits)", _f(s["spearman_first_order_mean"])),
-        ("Spearman rho, coupling (pooled)", _f(s["pooled"]["spearman_coupling"])),
-        ("precision@k (mean)", _f(s["precision_at_k_mean"])),
-        ("time", f"{s['seconds']:.1f} s")]))
-    print_path(res.out_dir / "summary.json")
+        ("edits", f"{s.n_edits} ({s.n_successful} successful)"),
+        ("Spearman's rho, coupling (mean over edits, 95% CI)", interval(s.spearman_coupling)),
+        ("Spearman's rho, first order (mean over edits, 95% CI)", interval(s.spearman_first_order)),
+        ("Spearman's rho, coupling (pooled)", num(s.pooled.spearman_coupling, "+.3f")),
+        ("precision@k (mean over edits, 95% CI)", interval(s.precision_at_k)),
+        ("time", f"{s.seconds:.1f} s")]))
+    print_path(RunDir(run).ripple_summary_path)

@@ -4,7 +4,8 @@
 the Hugging Face Hub, a local file or dataset directory, or the small real sample bundled with
 the package, converts every record with its format's parser (one module per format:
 ``hotpotqa``, ``musique``, ``twowiki``, ``wikihop``, ``bamboogle``, ``mquake``, ``plain``),
-deduplicates, and writes ``out_dir/pieces.jsonl`` and ``out_dir/download.json`` atomically.
+deduplicates, and writes ``out_dir/pieces.jsonl`` and ``out_dir/download.json`` (a
+:class:`DownloadMeta`), each atomically.
 
 Bad input raises a :class:`~gradcouple.errors.DataError` naming the file, line (record number
 for JSON arrays, parquet and Hub datasets) and field, unless ``skip_bad`` is set: then the record
@@ -16,15 +17,18 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
 from ..errors import DataError
 from ..io import sha256_file, write_json
 from ..pieces import KnowledgePiece, write_pieces
 from . import hub
-from ._common import RecordContext, RecordError, SkipRecord, deduplicate
+from ._common import RELATION_TEMPLATES, RecordContext, RecordError, SkipRecord, deduplicate, relation_question
 from .hub import PARSERS, BadRecord, sniff_format
 
 __all__ = [
@@ -32,6 +36,7 @@ __all__ = [
     "ALIASES",
     "FORMATS",
     "Source",
+    "DownloadMeta",
     "DownloadResult",
     "download",
     "list_sources",
@@ -39,6 +44,8 @@ __all__ = [
     "sample_path",
     "sample_files",
     "sniff_format",
+    "RELATION_TEMPLATES",
+    "relation_question",
 ]
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
@@ -74,11 +81,6 @@ class Source:
     hub: Optional[str] = None
     hub_file: Optional[str] = None
     url: Optional[str] = None
-
-    @property
-    def parser(self):
-        """The parser module for this source's records."""
-        return PARSERS[self.format]
 
     @property
     def location(self) -> str:
@@ -188,7 +190,7 @@ def list_sources() -> list[dict[str, Any]]:
 
 
 def sample_files() -> list[str]:
-    """File names of the bundled samples (the first 12 records of each shared sample)."""
+    """File names of the bundled real samples (12 records each; sources and licenses in ``gradcouple/NOTICE``)."""
     return sorted(p.name for p in SAMPLE_DIR.glob("*.jsonl"))
 
 
@@ -207,26 +209,113 @@ def sample_path(name: str) -> Path:
     return SAMPLE_DIR / source.sample
 
 
-@dataclass
-class DownloadResult:
-    """What :func:`download` did: output paths, the pieces, and the counts in ``download.json``."""
+LEAK_RULE = "answer mentioned in its prompt: case-insensitive, not inside a longer word"
+PIECES_FILE = "pieces.jsonl"
+META_FILE = "download.json"
 
-    out_dir: Path
-    pieces_path: Path
-    meta_path: Path
-    pieces: list[KnowledgePiece]
-    meta: dict[str, Any]
+
+class DownloadMeta(BaseModel):
+    """The contents of ``download.json``: where the records came from and what became of them.
+
+    Counts are numbers of records or pieces; mappings of reason (or kind) to count are sorted by
+    key, except ``pieces_per_kind``, which follows single_hop, cloze, multi_hop.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Optional[str] = Field(description="Registry name of the dataset; None when only a format was known.")
+    format: str = Field(description="Parser the records were read with (given, the source's, or sniffed).")
+    dataset: str = Field(description="First part of every piece id: the source name, else the format.")
+    input: dict[str, Any] = Field(description="Provenance: kind (sample, file, dataset_dir, url, hub), path/URL/Hub id, sha256 of a read file.")
+    split: Optional[str] = Field(description="Split read (Hub, URL or dataset directory); None for a file or sample.")
+    revision: Optional[str] = Field(description="Hub or release revision asked for; None for the default.")
+    limit: Optional[int] = Field(description="Most records to read, as asked (records); None for all.")
+    skip_bad: bool = Field(description="Whether malformed records were skipped and counted instead of failing.")
+    records_read: int = Field(description="Records read from the input (records).")
+    records_used: int = Field(description="Records that were converted into pieces (records).")
+    records_skipped: dict[str, int] = Field(description="Records not converted, per reason (records).")
+    pieces_made: int = Field(description="Pieces written to pieces.jsonl, after deduplication (pieces).")
+    pieces_per_kind: dict[str, int] = Field(description="Pieces written, per kind; kinds with none left out (pieces).")
+    pieces_merged_as_duplicates: dict[str, int] = Field(
+        description="Pieces merged into an earlier one with the same prompt and answer, per kind (pieces).")
+    counterfactual_conflicts_first_kept: int = Field(
+        description="Merged pieces whose counterfactual differed from the kept one's, which wins (pieces).")
+    pieces_skipped: dict[str, int] = Field(description="Pieces the converted records could not yield, per reason (pieces).")
+    leak_rule: str = Field(default=LEAK_RULE, description="When a piece counts as leaking its answer (and is skipped).")
+    package_version: str = Field(default=__version__, description="Version of gradcouple that wrote the file.")
+
+
+class DownloadResult(BaseModel):
+    """What :func:`download` did: the output paths, the pieces written, and ``download.json``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    out_dir: Path = Field(description="Output directory.")
+    pieces_path: Path = Field(description="out_dir/pieces.jsonl: the pieces, one JSON object a line.")
+    meta_path: Path = Field(description="out_dir/download.json: ``meta`` as written.")
+    pieces: list[KnowledgePiece] = Field(description="The pieces written, in file order.")
+    meta: DownloadMeta = Field(description="Provenance and counts, as in download.json.")
+
+
+class _Rejected(Exception):
+    """A record that cannot be used: ``problem`` goes into the error, ``reason`` is its count key."""
+
+    def __init__(self, problem: str, reason: str):
+        self.problem, self.reason = problem, reason
+        super().__init__(problem)
+
+
+@dataclass
+class _Tally:
+    """What the parse step made of the records: the pieces (before deduplication) and the counts."""
+
+    fmt: Optional[str]
+    pieces: list[KnowledgePiece] = field(default_factory=list)
+    made_by: dict[str, str] = field(default_factory=dict)  # piece id -> location of its record
     records_read: int = 0
     records_used: int = 0
-    records_skipped: dict[str, int] = field(default_factory=dict)
-    pieces_skipped: dict[str, int] = field(default_factory=dict)
-    pieces_per_kind: dict[str, int] = field(default_factory=dict)
+    records_skipped: Counter = field(default_factory=Counter)
+    pieces_skipped: Counter = field(default_factory=Counter)
+
+    def use(self, ctx: RecordContext, where: str) -> None:
+        """Take one record's pieces.
+
+        Raises:
+            _Rejected: one of its piece ids was already made by an earlier record.
+        """
+        dup = next((p.id for p in ctx.pieces if p.id in self.made_by), None)
+        if dup is not None:
+            raise _Rejected(f"field 'id': duplicate piece id {dup!r} (already made by {self.made_by[dup]}); record ids must be unique", "duplicate id")
+        self.made_by.update(dict.fromkeys((p.id for p in ctx.pieces), where))
+        self.pieces.extend(ctx.pieces)
+        self.pieces_skipped.update(ctx.skipped)
+        self.records_used += 1
+
+    def counts(self, kept: list[KnowledgePiece], merged: Counter, conflicts: int) -> dict[str, Any]:
+        """The count fields of :class:`DownloadMeta`, given the deduplicated pieces."""
+        per_kind = Counter(p.kind.value for p in kept)
+        return {
+            "records_read": self.records_read,
+            "records_used": self.records_used,
+            "records_skipped": dict(sorted(self.records_skipped.items())),
+            "pieces_made": len(kept),
+            "pieces_per_kind": {k: per_kind[k] for k in ("single_hop", "cloze", "multi_hop") if per_kind[k]},
+            "pieces_merged_as_duplicates": dict(sorted(merged.items())),
+            "counterfactual_conflicts_first_kept": conflicts,
+            "pieces_skipped": dict(sorted(self.pieces_skipped.items())),
+        }
 
 
 def _open_input(
     source: Optional[Source], from_path: Optional[str], split: Optional[str], revision: Optional[str]
 ) -> tuple[Iterator[tuple[int, str, Any]], dict[str, Any], str]:
-    """Records, provenance, and the label used in messages."""
+    """Records (index, location, record), provenance, and the label of the input for messages.
+
+    Raises:
+        DataError: ``"sample"`` without a source, a source with nothing to download, an unknown
+            split, or an unreadable dataset directory or file (files raise when first read).
+        NetworkError: the Hub or the file's host is needed but unreachable.
+    """
     if from_path is not None and (from_path == "sample" or from_path.startswith("sample:")):
         if from_path == "sample" and source is None:
             raise DataError("--sample needs a dataset name, e.g. `gradcouple download musique --sample`.")
@@ -262,6 +351,120 @@ def _open_input(
     return recs, {"kind": "hub", **info}, source.location
 
 
+def _resolve_request(name: Optional[str], format: Optional[str], limit: Optional[int]) -> tuple[Optional[Source], Optional[str]]:
+    """The source and the format (None: sniff it) that ``download`` was asked for.
+
+    Raises:
+        DataError: unknown source or format, a format the source's records are not in, or a
+            limit below 1.
+    """
+    source = resolve_source(name) if name else None
+    fmt = _resolve_format(format) if format else None
+    if source and fmt and fmt != source.format:
+        raise DataError(f"--format {format} does not match {source.name}, whose records are in the {source.format} format; drop one of them.")
+    if limit is not None and limit < 1:
+        raise DataError(f"--limit must be at least 1, got {limit}.")
+    return source, fmt or (source.format if source else None)
+
+
+def _as_object(rec: Any) -> Mapping:
+    """``rec`` if it is a decoded JSON object.
+
+    Raises:
+        _Rejected: the record could not be decoded, or is not an object.
+    """
+    if isinstance(rec, BadRecord):
+        raise _Rejected(rec.problem, rec.reason)
+    if not isinstance(rec, Mapping):
+        raise _Rejected(f"expected a JSON object, got {type(rec).__name__}", "not a JSON object")
+    return rec
+
+
+def _sniff_or_fail(rec: Mapping, where: str) -> str:
+    """The format of the first record, when none was given.
+
+    Raises:
+        DataError: no parser recognises the record's keys.
+    """
+    sniffed = sniff_format(rec)
+    if sniffed is None:
+        keys = ", ".join(list(rec)[:12]) or "none"
+        raise DataError(f"{where}: unknown record format (keys: {keys}); pass --format with one of {', '.join(FORMATS)}.")
+    return sniffed
+
+
+def _parse_record(rec: Mapping, index: int, fmt: str, dataset: str) -> RecordContext:
+    """The pieces (and pieces skipped) of the record at 0-based ``index``, read as ``fmt``.
+
+    Raises:
+        _Rejected: the record looks like another format, or its parser rejects it.
+        SkipRecord: the record yields no pieces by design.
+    """
+    parser = PARSERS[fmt]
+    sniffed = sniff_format(rec)
+    if not parser.sniff(rec) and sniffed not in (None, fmt, "bamboogle"):
+        raise _Rejected(f"mixed formats: this record looks like {sniffed}, but the input is read as {fmt}", "mixed formats")
+    ctx = RecordContext(dataset, index)
+    try:
+        parser.parse(rec, ctx)
+    except RecordError as e:
+        raise _Rejected(str(e), e.reason) from None
+    return ctx
+
+
+def _parse_records(
+    records: Iterator[tuple[int, str, Any]], fmt: Optional[str], dataset: Optional[str], *, limit: Optional[int], skip_bad: bool
+) -> _Tally:
+    """Parse at most ``limit`` records into pieces; count records and pieces skipped by reason.
+
+    ``fmt`` None: sniffed from the first decodable record. ``dataset`` None: the format names
+    the pieces.
+
+    Raises:
+        DataError: a bad record (unless ``skip_bad``), or a first record of unknown format.
+    """
+    tally = _Tally(fmt)
+    for index, where, rec in islice(records, limit):
+        tally.records_read += 1
+        try:
+            obj = _as_object(rec)
+            tally.fmt = tally.fmt or _sniff_or_fail(obj, where)
+            tally.use(_parse_record(obj, index, tally.fmt, dataset or tally.fmt), where)
+        except SkipRecord as e:
+            tally.records_skipped[e.reason] += 1
+        except _Rejected as e:
+            if not skip_bad:
+                raise DataError(f"{where}: {e.problem}. {SKIP_HINT}") from None
+            tally.records_skipped[e.reason] += 1
+    return tally
+
+
+def _deduplicated(tally: _Tally, label: str) -> tuple[list[KnowledgePiece], Counter, int]:
+    """:func:`deduplicate` the tally's pieces.
+
+    Raises:
+        DataError: no record was read, or no piece was made.
+    """
+    if tally.records_read == 0:
+        raise DataError(f"{label}: no records to read.")
+    kept, merged, conflicts = deduplicate(tally.pieces)
+    if not kept:
+        raise DataError(
+            f"{label}: {tally.records_read} record(s) read but no knowledge pieces made "
+            f"(records skipped: {dict(tally.records_skipped) or 'none'}; pieces skipped: {dict(tally.pieces_skipped) or 'none'})."
+        )
+    return kept, merged, conflicts
+
+
+def _write_outputs(out_dir: Path, pieces: list[KnowledgePiece], meta: DownloadMeta) -> tuple[Path, Path]:
+    """Write ``out_dir/pieces.jsonl``, then ``out_dir/download.json`` (each atomically); return both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pieces_path, meta_path = out_dir / PIECES_FILE, out_dir / META_FILE
+    write_pieces(pieces_path, pieces)
+    write_json(meta_path, meta.model_dump(mode="json"))
+    return pieces_path, meta_path
+
+
 def download(
     name: Optional[str],
     out_dir: str | Path,
@@ -286,110 +489,27 @@ def download(
         format: parser to use (``hotpotqa``, ``musique``, ``2wikimultihopqa``, ``wikihop``,
             ``bamboogle``, ``mquake``, ``pieces``, or a source name).
         split, revision: Hub split (default: the source's) and revision.
-        limit: read at most this many records.
+        limit: read at most this many records (records; at least 1).
         skip_bad: skip and count malformed records instead of failing on the first.
+
+    Returns:
+        The output paths, the pieces written and their :class:`DownloadMeta` (as in
+        ``download.json``). Nothing is written unless the whole input converts.
 
     Raises:
         DataError: unknown source/format, unreadable input, a bad record (without
             ``skip_bad``), mixed formats in one input, or no pieces at all.
         NetworkError: the Hub is needed but unreachable (fails within seconds).
     """
-    source = resolve_source(name) if name else None
-    fmt = _resolve_format(format) if format else None
-    if source and fmt and fmt != source.format:
-        raise DataError(f"--format {format} does not match {source.name}, whose records are in the {source.format} format; drop one of them.")
-    if limit is not None and limit < 1:
-        raise DataError(f"--limit must be at least 1, got {limit}.")
+    source, fmt = _resolve_request(name, format, limit)
     records, provenance, label = _open_input(source, str(from_path) if from_path is not None else None, split, revision)
-    fmt = fmt or (source.format if source else None)
     dataset = source.name if source else None
-
-    pieces: list[KnowledgePiece] = []
-    records_skipped: Counter = Counter()
-    pieces_skipped: Counter = Counter()
-    seen_ids: dict[str, str] = {}
-    n_read = n_used = 0
-
-    def bad(where: str, problem: str, reason: str) -> None:
-        if not skip_bad:
-            raise DataError(f"{where}: {problem}. {SKIP_HINT}")
-        records_skipped[reason] += 1
-
-    for index, where, rec in records:
-        if limit is not None and n_read >= limit:
-            break
-        n_read += 1
-        if isinstance(rec, BadRecord):
-            bad(where, rec.problem, rec.reason)
-            continue
-        if not isinstance(rec, Mapping):
-            bad(where, f"expected a JSON object, got {type(rec).__name__}", "not a JSON object")
-            continue
-        sniffed = sniff_format(rec)
-        if fmt is None:
-            if sniffed is None:
-                keys = ", ".join(list(rec)[:12]) or "none"
-                raise DataError(f"{where}: unknown record format (keys: {keys}); pass --format with one of {', '.join(FORMATS)}.")
-            fmt = sniffed
-        parser = PARSERS[fmt]
-        if not parser.sniff(rec) and sniffed not in (None, fmt, "bamboogle"):
-            bad(where, f"mixed formats: this record looks like {sniffed}, but the input is read as {fmt}", "mixed formats")
-            continue
-        ctx = RecordContext(dataset or fmt, index)
-        try:
-            parser.parse(rec, ctx)
-        except SkipRecord as e:
-            records_skipped[e.reason] += 1
-            continue
-        except RecordError as e:
-            bad(where, str(e), e.reason)
-            continue
-        dup = next((p.id for p in ctx.pieces if p.id in seen_ids), None)
-        if dup is not None:
-            bad(where, f"field 'id': duplicate piece id {dup!r} (already made by {seen_ids[dup]}); record ids must be unique", "duplicate id")
-            continue
-        for p in ctx.pieces:
-            seen_ids[p.id] = where
-        pieces.extend(ctx.pieces)
-        pieces_skipped.update(ctx.skipped)
-        n_used += 1
-
-    if n_read == 0:
-        raise DataError(f"{label}: no records to read.")
-    kept, merged, conflicts = deduplicate(pieces)
-    if not kept:
-        raise DataError(
-            f"{label}: {n_read} record(s) read but no knowledge pieces made "
-            f"(records skipped: {dict(records_skipped) or 'none'}; pieces skipped: {dict(pieces_skipped) or 'none'})."
-        )
-    per_kind = Counter(p.kind.value for p in kept)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pieces_path, meta_path = out / "pieces.jsonl", out / "download.json"
-    write_pieces(pieces_path, kept)
-    meta = {
-        "source": source.name if source else None,
-        "format": fmt,
-        "dataset": dataset or fmt,
-        "input": provenance,
-        "split": provenance.get("split", split),
-        "revision": revision,
-        "limit": limit,
-        "skip_bad": skip_bad,
-        "records_read": n_read,
-        "records_used": n_used,
-        "records_skipped": dict(sorted(records_skipped.items())),
-        "pieces_made": len(kept),
-        "pieces_per_kind": {k: per_kind[k] for k in ("single_hop", "cloze", "multi_hop") if per_kind[k]},
-        "pieces_merged_as_duplicates": dict(sorted(merged.items())),
-        "counterfactual_conflicts_first_kept": conflicts,
-        "pieces_skipped": dict(sorted(pieces_skipped.items())),
-        "leak_rule": "answer mentioned in its prompt: case-insensitive, not inside a longer word",
-        "package_version": __version__,
-    }
-    write_json(meta_path, meta)
-    return DownloadResult(
-        out_dir=out, pieces_path=pieces_path, meta_path=meta_path, pieces=kept, meta=meta,
-        records_read=n_read, records_used=n_used, records_skipped=meta["records_skipped"],
-        pieces_skipped=meta["pieces_skipped"], pieces_per_kind=meta["pieces_per_kind"],
+    tally = _parse_records(records, fmt, dataset, limit=limit, skip_bad=skip_bad)
+    kept, merged, conflicts = _deduplicated(tally, label)
+    meta = DownloadMeta(
+        source=dataset, format=tally.fmt, dataset=dataset or tally.fmt, input=provenance,
+        split=provenance.get("split", split), revision=revision, limit=limit, skip_bad=skip_bad,
+        **tally.counts(kept, merged, conflicts),
     )
+    pieces_path, meta_path = _write_outputs(Path(out_dir), kept, meta)
+    return DownloadResult(out_dir=Path(out_dir), pieces_path=pieces_path, meta_path=meta_path, pieces=kept, meta=meta)

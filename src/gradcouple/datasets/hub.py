@@ -27,7 +27,6 @@ PARSERS = {m.FORMAT: m for m in (hotpotqa, musique, twowiki, wikihop, bamboogle,
 # Most specific first: 2Wiki records also carry HotpotQA's context/supporting_facts.
 _SNIFF_ORDER = (mquake, musique, twowiki, hotpotqa, wikihop, plain, bamboogle)
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 PROBE_TIMEOUT_S = 3.0
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -149,9 +148,6 @@ def reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     t.start()
     t.join(timeout)
     return bool(ok)
-
-
-# Older spellings, imported elsewhere in gradcouple.
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ Per answerable record, step k (0-based hop k) becomes a piece:
 
 - "#j" in a step is replaced by step j's answer (1-based, as in the data);
 - an "X >> relation" step becomes a natural question from the relation-template table
-  (:data:`gradcouple.datasets._common.RELATION_TEMPLATES`) and carries the triple
+  (:data:`gradcouple.datasets.RELATION_TEMPLATES`) and carries the triple
   (X, relation, answer); other steps are kept as written;
 - the supporting paragraph's text is the piece's support.
 

@@ -1,0 +1,73 @@
+"""Option aliases shared by the commands, the config they resolve to, and the summary printing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="YAML config (sections data/model/extract/couple/ripple/report); flags override it.", exists=True, dir_okay=False),
+]
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="Hub id, local directory, .gguf file, or alias: smollm2-135m (default; SmolLM2-135M-Instruct, "
+                 "Q4_1 GGUF dequantised to float32), gemma3-270m, gpt2-tiny-random, llama-tiny-random."),
+]
+LayersOpt = Annotated[
+    Optional[str],
+    typer.Option("--layers", "-l", help="Target blocks: 'last4' (default), 'all', a range '26-29', a list '0,5,11', or a module-name regex 're:...'."),
+]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", "-d", help="pieces.jsonl from `gradcouple download`.")]
+RunDirOpt = Annotated[Path, typer.Option("--run", "-r", help="Run directory made by `gradcouple extract --out` or `gradcouple run --out`.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace artifacts made from other inputs (pieces, settings, model).")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N, mps or auto.")]
+BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Pieces per forward/backward.")]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Use only the first N pieces.")]
+
+
+def build_config(config: Optional[Path], run_dir: Optional[Path], overrides: dict):
+    """Resolve a RunConfig: ``--config`` file, else the run directory's saved config.json, then flags.
+
+    ``overrides`` maps dotted fields (``"model.name"``) to flag values; None means "not given".
+    """
+    from ..config import load_config
+    from ..rundir import RunDir
+
+    base = config if config is not None or run_dir is None else RunDir(run_dir).saved_config_path()
+    return load_config(base, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
+
+
+def summary_table(title: str, rows: list[tuple[str, object]]) -> Table:
+    """A two-column rich table for the one-screen summary that ends every stage."""
+    t = Table(title=title, show_header=False, title_justify="left", title_style="bold")
+    t.add_column(style="cyan")
+    t.add_column()
+    for k, v in rows:
+        t.add_row(k, str(v))
+    return t
+
+
+def num(x, spec: str = ".4f") -> str:
+    """Format a number for a summary table; None (e.g. a mean over no pairs) reads 'n/a'."""
+    return "n/a" if x is None else format(x, spec)
+
+
+def interval(iv, spec: str = "+.3f") -> str:
+    """An :class:`~gradcouple.metrics.Interval` as 'estimate [low, high]'."""
+    if iv is None or iv.estimate is None:
+        return "n/a"
+    if iv.low is None:
+        return num(iv.estimate, spec)
+    return f"{num(iv.estimate, spec)} [{num(iv.low, spec)}, {num(iv.high, spec)}]"
+
+
+def print_path(path: Path) -> None:
+    """The stage's main output path, last, on stdout (for shell pipelines)."""
+    typer.echo(str(path))

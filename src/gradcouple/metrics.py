@@ -1,0 +1,134 @@
+"""Every statistic gradcouple reports, defined once: summaries, rank and linear correlation,
+precision@k and bootstrap intervals (scipy.stats). :data:`DEFINITIONS` is the text the docs,
+``ripple/summary.json`` and the report quote.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from scipy import stats as sstats
+
+from .rules import RULES
+
+CONFIDENCE = 0.95
+N_RESAMPLES = 2000
+
+DEFINITIONS: dict[str, str] = {
+    "log P(answer | prompt)": "Sum over all answer tokens of the log-probability the model gives each token after the "
+                              "prompt and the preceding answer tokens, in nats (natural log).",
+    "GradSim": "The cosine of two pieces' gradients of log P(answer | prompt) with respect to the target layers' "
+               "weights and biases θ: GradSim(i, j) = ⟨g_i, g_j⟩ / (|g_i| |g_j|), from −1 to 1; 0 when a gradient is zero.",
+    **RULES,
+    "ripple effect": "An edit changes θ by Δθ so that the edited piece answers a counterfactual; the ripple on another "
+                     "piece j is its measured change of log P(answer | prompt) in nats (after minus before).",
+    "coupling prediction": "⟨g_i, Δθ⟩ · GradSim(i, j) · |g_j| / |g_i|: the part of the edit along the edited piece's "
+                           "gradient g_i, carried to piece j by coupling and norms alone.",
+    "first-order prediction": "⟨g_j, Δθ⟩: the first-order Taylor estimate of piece j's change of log P for the edit's "
+                              "actual weight change Δθ, in nats.",
+    "edit success": "After the edit, log P(new answer | prompt) > log P(true answer | prompt) for the edited piece.",
+    "describe": "n, mean, sample standard deviation (ddof 1; 0 for one value), min, median and max of the finite values.",
+    "Spearman's rho": "Pearson correlation of the ranks of predicted and measured changes (scipy.stats.spearmanr), "
+                      "from −1 to 1; undefined (null) for fewer than 3 points or a constant input.",
+    "Pearson r": "Linear correlation of predicted and measured changes (scipy.stats.pearsonr); undefined as Spearman's rho.",
+    "precision@k": "|top-k pieces by |predicted change| ∩ top-k pieces by |measured change|| / k.",
+    "bootstrap interval": f"{CONFIDENCE:.0%} BCa interval of the mean over edits from {N_RESAMPLES} resamples of the "
+                          "edits (scipy.stats.bootstrap, seed 0); percentile interval when BCa is undefined.",
+}
+
+
+class Describe(BaseModel):
+    """Summary of a sample (``DEFINITIONS['describe']``); every figure None when it is empty."""
+
+    n: int = 0
+    mean: Optional[float] = None
+    std: Optional[float] = None
+    min: Optional[float] = None
+    median: Optional[float] = None
+    max: Optional[float] = None
+
+
+class Interval(BaseModel):
+    """A statistic with its bootstrap interval (``DEFINITIONS['bootstrap interval']``)."""
+
+    estimate: Optional[float] = None
+    low: Optional[float] = None
+    high: Optional[float] = None
+    n: int = 0
+    confidence: float = CONFIDENCE
+
+
+def _finite(values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        a = values.detach().double().cpu().numpy().ravel()
+    else:
+        a = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64).ravel()
+    return a[np.isfinite(a)]
+
+
+def describe(values: Sequence[Optional[float]] | torch.Tensor) -> Describe:
+    """:class:`Describe` of the finite values (None and NaN are left out)."""
+    a = _finite(values)
+    if a.size == 0:
+        return Describe()
+    return Describe(n=int(a.size), mean=float(a.mean()), std=float(a.std(ddof=1)) if a.size > 1 else 0.0,
+                    min=float(a.min()), median=float(np.median(a)), max=float(a.max()))
+
+
+def _defined(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.numel() >= 3 and float(a.double().std()) > 0 and float(b.double().std()) > 0
+
+
+def spearman(predicted: torch.Tensor, measured: torch.Tensor) -> Optional[float]:
+    """Spearman's rho of two (n,) tensors (``DEFINITIONS["Spearman's rho"]``); None when undefined."""
+    if not _defined(predicted, measured):
+        return None
+    return float(sstats.spearmanr(predicted.double().numpy(), measured.double().numpy()).statistic)
+
+
+def pearson(predicted: torch.Tensor, measured: torch.Tensor) -> Optional[float]:
+    """Pearson's r of two (n,) tensors (``DEFINITIONS['Pearson r']``); None when undefined."""
+    if not _defined(predicted, measured):
+        return None
+    return float(sstats.pearsonr(predicted.double().numpy(), measured.double().numpy()).statistic)
+
+
+def precision_at_k(predicted: torch.Tensor, measured: torch.Tensor, k: int) -> Optional[float]:
+    """``DEFINITIONS['precision@k']`` for two (n,) tensors; None when n == 0."""
+    k = min(k, predicted.numel())
+    if k == 0:
+        return None
+    top_p = set(predicted.abs().topk(k).indices.tolist())
+    top_m = set(measured.abs().topk(k).indices.tolist())
+    return len(top_p & top_m) / k
+
+
+def bootstrap_interval(values: Sequence[Optional[float]], statistic: Callable = np.mean) -> Interval:
+    """``statistic`` of the finite values with its bootstrap interval (``DEFINITIONS['bootstrap interval']``).
+
+    Fewer than 2 values give the estimate with no interval; identical values give a zero-width one.
+    """
+    a = _finite(values)
+    if a.size == 0:
+        return Interval()
+    est = float(statistic(a))
+    if a.size < 2:
+        return Interval(estimate=est, n=1)
+    if np.ptp(a) == 0:
+        return Interval(estimate=est, low=est, high=est, n=int(a.size))
+    kw = dict(confidence_level=CONFIDENCE, n_resamples=N_RESAMPLES, rng=np.random.default_rng(0))
+    with np.errstate(all="ignore"):
+        ci = sstats.bootstrap((a,), statistic, method="BCa", **kw).confidence_interval
+        if not (np.isfinite(ci.low) and np.isfinite(ci.high)):
+            ci = sstats.bootstrap((a,), statistic, method="percentile", **kw).confidence_interval
+    return Interval(estimate=est, low=float(ci.low), high=float(ci.high), n=int(a.size))
+
+
+def definitions_markdown() -> str:
+    """:data:`DEFINITIONS` as the Markdown table that docs/method.md quotes verbatim."""
+    rows = ["| term | definition |", "|---|---|"]
+    rows += [f"| {name} | {text.replace('|', chr(92) + '|')} |" for name, text in DEFINITIONS.items()]
+    return "\n".join(rows)

@@ -1,0 +1,87 @@
+"""The ``report`` stage: one self-contained HTML page and ``summary.json`` from a run directory.
+
+Reads the run through :class:`~gradcouple.rundir.RunDir` only (gradient manifest, current
+coupling, pieces, saved config, optional current ripple results) and writes
+``RUN/report/index.html`` (plotly figures with plotly.js embedded once, so the page opens
+offline) and ``RUN/report/summary.json`` (the nine sections of :data:`SECTIONS`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from ..config import RunConfig
+from ..io import atomic_open
+from .load import LoadedRun, load_run
+from .page import render
+from .summary import Headline, headline, summarize, write_summary
+
+SECTIONS = ("metadata", "knowledge_pieces", "gradient_analysis", "coupling_analysis", "high_coupling_pairs",
+            "cross_pot_analysis", "generated_files", "gpu_performance", "experiment_readiness")
+
+
+class ReportResult(BaseModel):
+    """Where the outputs are, the summary written to summary.json, the wall time (seconds) and the headline numbers."""
+
+    out_dir: Path
+    index_html: Path
+    summary_json: Path
+    summary: dict
+    seconds: float
+    headline: Headline
+
+
+def build_summary(run_dir: str | Path) -> dict:
+    """The nine-section summary (:data:`SECTIONS`) of a run directory, as JSON-safe data.
+
+    Log-probs are in nats, sizes in bytes, times in seconds; non-finite numbers are None.
+    ``generated_files`` lists every file of the run except the report's own two outputs, which
+    :func:`report` adds. Ripple figures are None when ripple was not run.
+
+    Raises:
+        ArtifactError: no complete extraction; coupling files missing (the message names the
+            file and ``gradcouple couple --run``); stale coupling or ripple results.
+        DataError: an unreadable pieces.jsonl.
+        ConfigError: an unreadable config.json.
+    """
+    return summarize(load_run(run_dir))
+
+
+def render_html(run_dir: str | Path, summary: dict, cfg: RunConfig) -> str:
+    """The report page of ``run_dir`` as one self-contained HTML string (plotly.js embedded once).
+
+    Shows (a) the GradSim heatmap of the first ``cfg.report.max_heatmap`` pieces in question/hop
+    order, (b) the same- vs cross-question GradSim distribution, (c) the ripple scatter of
+    predicted vs measured log-prob change (nats) when ripple was run, tables of headline numbers,
+    pairs, questions, edits, model, device and timing, and every metric's definition once.
+
+    Raises:
+        ArtifactError, DataError, ConfigError: as :func:`build_summary`.
+    """
+    return render(load_run(run_dir), summary, cfg)
+
+
+def report(cfg: RunConfig, run_dir: str | Path) -> ReportResult:
+    """Write ``run_dir/report/index.html`` and ``run_dir/report/summary.json``, both atomically.
+
+    summary.json's ``generated_files`` lists every file of the run, both report files included
+    with their final sizes in bytes.
+
+    Raises:
+        ArtifactError, DataError, ConfigError: as :func:`build_summary`.
+    """
+    t0 = time.perf_counter()
+    loaded = load_run(run_dir)
+    summary = summarize(loaded)
+    run = loaded.run
+    with atomic_open(run.index_path, "w", encoding="utf-8") as fh:
+        fh.write(render(loaded, summary, cfg))
+    write_summary(run, summary)
+    return ReportResult(out_dir=run.report_dir, index_html=run.index_path, summary_json=run.report_summary_path,
+                        summary=summary, seconds=time.perf_counter() - t0, headline=headline(loaded))
+
+
+__all__ = ["SECTIONS", "ReportResult", "Headline", "LoadedRun", "load_run", "build_summary", "render_html", "report"]

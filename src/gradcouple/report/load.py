@@ -1,0 +1,89 @@
+"""Everything the report reads from a run directory, loaded once through :class:`~gradcouple.rundir.RunDir`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import RunConfig, load_config
+from ..couple import neighbour_pairs, upper_pairs
+from ..pieces import KnowledgePiece
+from ..rules import same_question, same_question_matrix
+from ..rundir import CouplingStats, Manifest, Measurement, PairRow, PieceRecord, RippleSummary, RunDir
+
+
+@dataclass
+class LoadedRun:
+    """A run's artifacts as the report uses them; ``records`` and ``pieces`` are both in pieces.jsonl order.
+
+    ``cosine`` is the (N, N) float64 GradSim matrix in full mode and the (N, k) kept GradSims in
+    top-k mode, where ``indices`` (N, k) names each kept neighbour. ``files`` lists
+    (relative path, bytes) of every file of the run at load time.
+    """
+
+    run: RunDir
+    manifest: Manifest
+    records: list[PieceRecord]
+    pieces: list[KnowledgePiece]
+    config: Optional[RunConfig]
+    stats: CouplingStats
+    cosine: torch.Tensor
+    indices: Optional[torch.Tensor]
+    pairs: list[PairRow]
+    pairs_different_answer: list[PairRow]
+    ripple: Optional[RippleSummary]
+    measurements: list[Measurement]
+    files: list[tuple[str, int]]
+
+    @property
+    def full(self) -> bool:
+        """Whether the whole N x N matrix was computed (else only each piece's top-k neighbours)."""
+        return self.indices is None
+
+    @property
+    def owners(self) -> list[list[str]]:
+        """Each piece's owning multi-hop question ids: the input of the same-question rule."""
+        return [r.owners for r in self.records]
+
+    def known_pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(i, j, GradSim) of every off-diagonal pair the coupling holds, each unordered pair once (i < j)."""
+        if self.full:
+            return upper_pairs(self.cosine)
+        return neighbour_pairs(self.indices, self.cosine)
+
+    def same_question_mask(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Bool per pair (i, j): the same-question rule (:func:`gradcouple.rules.same_question`)."""
+        if self.full:
+            return same_question_matrix(self.owners)[i, j]
+        # top-k runs are the large ones: an N x N membership matrix may not fit, the N*k pairs do
+        own = self.owners
+        return torch.tensor([same_question(own[a], own[b]) for a, b in zip(i.tolist(), j.tolist())], dtype=torch.bool)
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Load a run for the report, checking that its coupling and ripple results are current.
+
+    Raises:
+        ArtifactError: no complete extraction; coupling statistics, matrix or pairs.csv missing
+            (the message names the file and ``gradcouple couple --run``); stale coupling or ripple
+            results; a matrix whose pieces differ from pieces.jsonl.
+        DataError: an unreadable pieces.jsonl.
+        ConfigError: an unreadable config.json.
+    """
+    run = RunDir(run_dir)
+    manifest = run.load_manifest()
+    stats = run.current_stats(manifest)
+    if stats.mode == "full":
+        (ids, cosine), indices = run.load_cosine(), None
+    else:
+        ids, indices, cosine = run.load_topk()
+    run.check_pieces_match(ids, run.matrix_path())
+    saved = run.saved_config_path()
+    rip = run.current_ripple(manifest, stats)
+    return LoadedRun(run=run, manifest=manifest, records=manifest.records(), pieces=run.load_pieces(),
+                     config=load_config(saved) if saved else None, stats=stats, cosine=cosine, indices=indices,
+                     pairs=run.load_pairs(), pairs_different_answer=run.load_pairs(different_answer=True),
+                     ripple=rip[0] if rip else None, measurements=rip[1] if rip else [], files=run.files())

@@ -1,0 +1,80 @@
+"""The rules that decide what counts as the same thing: same question, same answer, how an
+answer continues its prompt. Each is defined here once; couple, ripple and the report call
+these functions, and :data:`RULES` is the text the docs and the report quote.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Iterable, Sequence
+
+import torch
+
+RULES: dict[str, str] = {
+    "same question": "Two pieces are same-question when their owner sets (the multi-hop question ids that yielded "
+                     "the piece, several after deduplication) intersect; otherwise cross-question.",
+    "same answer": "Two pieces have the same answer when their answer strings are equal after case-folding and "
+                   "collapsing whitespace (the case-folded match).",
+    "answer match": "exact: the strings are equal; alias: the candidate equals the answer or one of its aliases "
+                    "(each case-folded); case-folded: equal after case-folding and collapsing whitespace.",
+    "leading space": "The scored answer starts with one space unless the prompt already ends in whitespace, so "
+                     "BPE and SentencePiece vocabularies see the answer as a word start.",
+}
+
+
+class AnswerMatch(str, Enum):
+    """How a candidate answer is compared with a reference (see ``RULES['answer match']``)."""
+
+    exact = "exact"
+    alias = "alias"
+    case_folded = "case-folded"
+
+
+def normalize_answer(text: str) -> str:
+    """Case-folded answer with runs of whitespace collapsed: the key of the case-folded match."""
+    return " ".join(text.split()).casefold()
+
+
+def answers_match(candidate: str, answer: str, aliases: Iterable[str] = (),
+                  rule: AnswerMatch = AnswerMatch.case_folded) -> bool:
+    """Whether ``candidate`` matches ``answer`` under ``rule`` (aliases count only for ``alias``)."""
+    if rule == AnswerMatch.exact:
+        return candidate == answer
+    if rule == AnswerMatch.alias:
+        return normalize_answer(candidate) in {normalize_answer(a) for a in (answer, *aliases)}
+    return normalize_answer(candidate) == normalize_answer(answer)
+
+
+def same_answer(a: str, b: str) -> bool:
+    """The same-answer rule: case-folded match of two answer strings."""
+    return normalize_answer(a) == normalize_answer(b)
+
+
+def same_question(owners_a: Iterable[str], owners_b: Iterable[str]) -> bool:
+    """The same-question rule: the two pieces share an owning multi-hop question id."""
+    return bool(set(owners_a) & set(owners_b))
+
+
+def same_question_matrix(owners: Sequence[Iterable[str]]) -> torch.Tensor:
+    """(N, N) bool: entry (i, j) is :func:`same_question` of pieces i and j (diagonal True)."""
+    sets = [set(o) for o in owners]
+    col = {q: k for k, q in enumerate(sorted(set().union(*sets)))} if sets else {}
+    member = torch.zeros(len(sets), max(1, len(col)))
+    for i, qs in enumerate(sets):
+        for q in qs:
+            member[i, col[q]] = 1.0
+    return (member @ member.t()) > 0
+
+
+def same_answer_matrix(answers: Sequence[str]) -> torch.Tensor:
+    """(N, N) bool: entry (i, j) is :func:`same_answer` of pieces i and j."""
+    keys = [normalize_answer(a) for a in answers]
+    code = {k: c for c, k in enumerate(sorted(set(keys)))}
+    ids = torch.tensor([code[k] for k in keys], dtype=torch.long)
+    return ids[:, None] == ids[None, :]
+
+
+def answer_continuation(prompt: str, answer: str) -> str:
+    """The answer string as scored after ``prompt``: the leading-space rule (``RULES['leading space']``)."""
+    answer = answer.strip()
+    return answer if prompt[-1:].isspace() else " " + answer

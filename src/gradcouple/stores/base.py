@@ -1,0 +1,146 @@
+"""What every store kind provides, the blocks it loads for the Gram product, and the registry.
+
+A store kind decides how one piece's per-example gradient on one target is written to a shard
+(fp16, each piece-target block divided by its max-abs value with the fp32 scale beside it, since
+fp16 keeps normal values only from 6.1e-5 to 65504) and how rows of it are read back: as a
+compute-ready :class:`Block`, as squared norms, or contracted with a weight change. Adding a kind
+means one new module that subclasses :class:`StoreKind` and calls :func:`register_store`, as
+Opacus registers one grad sampler per layer type.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Iterator
+
+import torch
+
+from ..errors import ArtifactError, ConfigError
+from ..rundir import StoreSettings, TargetShape
+
+if TYPE_CHECKING:
+    from .shards import GradientReader
+
+
+def scaled_fp16(t: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``t / max|t|`` as float16 and the float32 scale (1.0 for an all-zero or non-finite block)."""
+    s = float(t.abs().max()) if t.numel() else 0.0
+    if s == 0.0 or not torch.isfinite(torch.tensor(s)):
+        s = 1.0
+    return (t / s).to(torch.float16), s
+
+
+class Block:
+    """Rows [start, stop) of one target, ready for inner products with another block of the same target."""
+
+    def inner(self, other: "Block") -> torch.Tensor:
+        """<G_i, G_j> for i in this block and j in ``other``: (n_self, n_other) float64."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+
+@dataclass
+class DenseBlock(Block):
+    """Materialised gradients, one flattened row per piece: g (n, P) float32, scales applied."""
+
+    g: torch.Tensor
+
+    def inner(self, other: "Block") -> torch.Tensor:
+        assert isinstance(other, DenseBlock)
+        return (self.g @ other.g.t()).double()
+
+    def nbytes(self) -> int:
+        return self.g.numel() * self.g.element_size()
+
+
+@dataclass
+class FactoredBlock(Block):
+    """Factors of n pieces concatenated along tokens: x (sum T, d_in') and d (sum T, d_out) float32,
+    and s (n, sum T) float32 holding each piece's scale at its own tokens (a scaled one-hot).
+
+    <G_i, G_j> = sum((X_i X_j^T) * (Delta_i Delta_j^T)) for the whole block pair with two matmuls
+    and a segment sum (the "ghost" inner product; Opacus uses its diagonal for per-example norms).
+    """
+
+    x: torch.Tensor
+    d: torch.Tensor
+    s: torch.Tensor
+
+    def inner(self, other: "Block") -> torch.Tensor:
+        assert isinstance(other, FactoredBlock)
+        k = (self.x @ other.x.t()) * (self.d @ other.d.t())
+        return (self.s @ k @ other.s.t()).double()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.x, self.d, self.s))
+
+
+class StoreKind(ABC):
+    """One shard format. ``exact`` kinds reproduce inner products up to fp16 rounding."""
+
+    name: ClassVar[str]
+    exact: ClassVar[bool]
+    keeps_inputs: ClassVar[bool] = False
+
+    def __init__(self, settings: StoreSettings, targets: list[TargetShape]):
+        self.targets = {t.name: t for t in targets}
+        self.settings = settings
+
+    @abstractmethod
+    def encode(self, name: str, x: torch.Tensor, d: torch.Tensor) -> dict:
+        """One piece's factors x (T, d_in') and d (T, d_out) float32 -> the arrays stored for it."""
+
+    @abstractmethod
+    def pack(self, name: str, encoded: list[dict]) -> dict[str, torch.Tensor]:
+        """The shard entry of one target from its pieces' :meth:`encode` results."""
+
+    @abstractmethod
+    def load_block(self, reader: "GradientReader", start: int, stop: int, name: str, method: str) -> Block:
+        """Rows [start, stop) (store order) of target ``name`` as a compute-ready block."""
+
+    @abstractmethod
+    def block_bytes(self, name: str, block_size: int, tokens_per_piece: float, method: str) -> tuple[float, float]:
+        """Bytes of one loaded block of ``block_size`` pieces, and of the scratch of one block pair."""
+
+    @abstractmethod
+    def sq_norms(self, reader: "GradientReader", start: int, stop: int, name: str) -> torch.Tensor:
+        """|G_i|^2 of rows [start, stop) from the stored data: (n,) float64."""
+
+    @abstractmethod
+    def first_order(self, reader: "GradientReader", start: int, stop: int, name: str, delta: torch.Tensor) -> torch.Tensor:
+        """<G_i, Delta W> of rows [start, stop) for a (d_out, d_in') weight change: (n,) float64."""
+
+    def plan(self, name: str, tokens_per_piece: float, block_size: int, requested: str) -> str:
+        """The Gram algorithm of one target: 'dense' unless a kind can do better."""
+        return "dense"
+
+    def inputs(self, reader: "GradientReader", start: int, stop: int, name: str) -> torch.Tensor:
+        """Stored layer inputs of rows [start, stop) as (sum T, d_in') float64 (kinds that keep them)."""
+        raise ArtifactError(f"the {self.name} store keeps no layer inputs; extract with --store factors.")
+
+    def row_slices(self, reader: "GradientReader", start: int, stop: int, name: str) -> Iterator[tuple[dict, int, int]]:
+        """(shard entry of target ``name``, first row, end row within that shard) covering [start, stop)."""
+        return reader.slices(start, stop, name)
+
+
+STORES: dict[str, type[StoreKind]] = {}
+
+
+def register_store(cls: type[StoreKind]) -> type[StoreKind]:
+    """Class decorator: make ``cls`` available under ``cls.name``."""
+    STORES[cls.name] = cls
+    return cls
+
+
+def store_kind(settings: StoreSettings, targets: list[TargetShape]) -> StoreKind:
+    """The registered kind for ``settings.kind``, set up for ``targets``.
+
+    Raises:
+        ConfigError: no such kind.
+    """
+    if settings.kind not in STORES:
+        raise ConfigError(f"--store {settings.kind!r}: unknown store kind; use one of {', '.join(STORES)}.")
+    return STORES[settings.kind](settings, targets)

@@ -1,0 +1,57 @@
+"""``dense`` (exact, small models only): G = Delta^T X per piece and target, (d_out, d_in').
+
+Shard entry per target: ``g`` (n, d_out, d_in') fp16 and ``scale`` (n,) float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import DenseBlock, StoreKind, register_store, scaled_fp16
+
+
+@register_store
+class DenseStore(StoreKind):
+    name = "dense"
+    exact = True
+
+    def matrix(self, name: str, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """What is stored for one piece before scaling: here the gradient itself, (d_out, d_in') float32."""
+        return d.t() @ x
+
+    def reference(self, name: str, delta: torch.Tensor) -> torch.Tensor:
+        """A weight change in the stored space (identity here): (d_out, d_in') float32."""
+        return delta.float()
+
+    def encode(self, name, x, d):
+        g, s = scaled_fp16(self.matrix(name, x, d))
+        return {"g": g, "scale": s}
+
+    def pack(self, name, encoded):
+        return {"g": torch.stack([e["g"] for e in encoded]),
+                "scale": torch.tensor([e["scale"] for e in encoded], dtype=torch.float32)}
+
+    def _rows(self, reader, start, stop, name):
+        gs, ss = [], []
+        for sh, k, k2 in self.row_slices(reader, start, stop, name):
+            gs.append(sh["g"][k:k2]), ss.append(sh["scale"][k:k2])
+        return torch.cat(gs), torch.cat(ss)
+
+    def load_block(self, reader, start, stop, name, method):
+        g, s = self._rows(reader, start, stop, name)
+        return DenseBlock(g.float().flatten(1) * s[:, None])
+
+    def stored_numbers(self, name: str) -> int:
+        t = self.targets[name]
+        return t.d_in_aug * t.d_out
+
+    def block_bytes(self, name, block_size, tokens_per_piece, method):
+        return block_size * self.stored_numbers(name) * 4, 0.0
+
+    def sq_norms(self, reader, start, stop, name):
+        g, s = self._rows(reader, start, stop, name)
+        return (g.double().flatten(1) ** 2).sum(1) * s.double() ** 2
+
+    def first_order(self, reader, start, stop, name, delta):
+        g, s = self._rows(reader, start, stop, name)
+        return (g.float().flatten(1) @ self.reference(name, delta).flatten()).double() * s.double()

@@ -1,0 +1,105 @@
+"""Shard files: writing pieces into them and reading rows back, whatever the store kind.
+
+A shard is a dict saved with ``torch.save`` (load with ``weights_only=True``):
+``{"store": kind, "version": 1, "rows": [piece indices], "layers": {target: kind's entry}}``.
+Rows are addressed in *store order*, the length-sorted order pieces were extracted in;
+:attr:`GradientReader.order` maps store rows to pieces.jsonl indices.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..errors import ArtifactError
+from ..gradients import PieceFactors
+from ..io import atomic_torch_save, sha256_file
+from ..rundir import Manifest, RunDir, ShardEntry, StoreSettings, TargetShape
+from .base import StoreKind, store_kind
+
+SHARD_VERSION = 1
+
+
+class ShardWriter:
+    """Accumulates pieces, encoded by the store kind, and writes one shard file (atomically) per :meth:`flush`."""
+
+    def __init__(self, settings: StoreSettings, targets: list[TargetShape]):
+        self.kind = store_kind(settings, targets)
+        self.names = [t.name for t in targets]
+        self.rows: list[int] = []
+        self.buf: dict[str, list[dict]] = {n: [] for n in self.names}
+
+    def add(self, row: int, pf: PieceFactors) -> None:
+        """Encode piece ``row`` (its pieces.jsonl index) from its exact factors."""
+        self.rows.append(row)
+        for n in self.names:
+            self.buf[n].append(self.kind.encode(n, pf.x[n], pf.d[n]))
+
+    def flush(self, path: Path) -> ShardEntry:
+        """Write the shard atomically and return its manifest entry."""
+        layers = {n: self.kind.pack(n, self.buf[n]) for n in self.names}
+        atomic_torch_save({"store": self.kind.name, "version": SHARD_VERSION, "rows": list(self.rows), "layers": layers}, path)
+        entry = ShardEntry(file=path.name, sha256=sha256_file(path), rows=list(self.rows), bytes=path.stat().st_size)
+        self.rows, self.buf = [], {n: [] for n in self.names}
+        return entry
+
+
+class GradientReader:
+    """Read access to the shards of a complete extraction.
+
+    Raises:
+        ArtifactError: missing or incomplete manifest, or (with ``verify``) a shard that is
+            missing or whose sha256 differs from the manifest.
+    """
+
+    def __init__(self, run: RunDir, manifest: Manifest | None = None, verify: bool = True, cache_shards: int = 4):
+        self.run = run
+        self.manifest = manifest or run.load_manifest()
+        self.kind: StoreKind = store_kind(self.manifest.store, self.manifest.targets)
+        self.names = self.manifest.names
+        self.shards = self.manifest.shards
+        self.order = self.manifest.order
+        self.n = len(self.order)
+        self.row_shard: list[tuple[int, int]] = [(si, k) for si, s in enumerate(self.shards) for k in range(len(s.rows))]
+        if verify:
+            for s in self.shards:
+                p = run.shard_file(s)
+                if not p.is_file() or sha256_file(p) != s.sha256:
+                    raise ArtifactError(f"{p}: missing or its sha256 differs from the manifest; rerun "
+                                        f"`gradcouple extract --out {run.root} --overwrite`.")
+        self._cache: OrderedDict[int, dict] = OrderedDict()
+        self._cache_n = cache_shards
+
+    def shard(self, si: int) -> dict:
+        """Shard ``si`` as loaded (a small LRU cache keeps the last few)."""
+        if si in self._cache:
+            self._cache.move_to_end(si)
+            return self._cache[si]
+        data = torch.load(self.run.shard_file(self.shards[si]), weights_only=True, map_location="cpu")
+        self._cache[si] = data
+        if len(self._cache) > self._cache_n:
+            self._cache.popitem(last=False)
+        return data
+
+    def slices(self, start: int, stop: int, name: str) -> Iterator[tuple[dict, int, int]]:
+        """(shard entry of target ``name``, first row, end row within the shard) covering store rows [start, stop)."""
+        r = start
+        while r < stop:
+            si, k = self.row_shard[r]
+            k2 = min(len(self.shards[si].rows), k + (stop - r))
+            yield self.shard(si)["layers"][name], k, k2
+            r += k2 - k
+
+    def tokens(self) -> list[int]:
+        """Stored positions per piece, in store order (the T of the cost model)."""
+        recs = self.manifest.records()
+        return [recs[i].n_inputs for i in self.order]
+
+    def to_piece_order(self, values: torch.Tensor) -> torch.Tensor:
+        """(N, ...) values in store order -> pieces.jsonl order."""
+        out = torch.empty_like(values)
+        out[torch.tensor(self.order)] = values
+        return out

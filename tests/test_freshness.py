@@ -1,0 +1,172 @@
+"""The one freshness rule: edited pieces, a changed flag, changed model weights or a replaced
+upstream artifact always recompute or refuse, naming what changed, and never reuse silently."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gradcouple.cli import app
+from gradcouple.config import RunConfig
+from gradcouple.couple import couple
+from gradcouple.errors import ArtifactError, ConfigError
+from gradcouple.extract import ensure_extraction, extract
+from gradcouple.models import byte_level_tokenizer
+from gradcouple.report import report
+from gradcouple.ripple import ripple
+from gradcouple.rundir import RunDir
+
+from conftest import write_fact_pieces
+
+runner = CliRunner()
+
+
+def _edit_answer(path, piece_id, new_answer):
+    lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+    for obj in lines:
+        if obj["id"] == piece_id:
+            obj["answer"] = new_answer
+    path.write_text("".join(json.dumps(o) + "\n" for o in lines), encoding="utf-8")
+
+
+def _cfg(pieces, model="llama-tiny-random") -> RunConfig:
+    cfg = RunConfig()
+    cfg.data.pieces = pieces
+    cfg.model.name = model
+    cfg.ripple.n_edits = 1
+    cfg.ripple.steps = 1
+    cfg.couple.method = "factored"
+    return cfg
+
+
+def _tiny_llama_dir(path, seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = byte_level_tokenizer()
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def test_couple_model_reextracts_after_the_pieces_file_is_edited(tmp_path, monkeypatch):
+    """The stale-gradient bug: `couple --model M --data p.jsonl` reused the old gradients after an answer was edited."""
+    monkeypatch.chdir(tmp_path)
+    write_fact_pieces(tmp_path / "p.jsonl")
+    args = ["couple", "--model", "llama-tiny-random", "--data", "p.jsonl"]
+    assert runner.invoke(app, args).exit_code == 0
+    _edit_answer(tmp_path / "p.jsonl", "facts:q3:1", "Neptune")
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "stale" in res.output and "pieces file" in res.output
+    (run,) = (tmp_path / "runs").iterdir()
+    answers = {r.id: r.answer for r in RunDir(run).load_manifest().records()}
+    assert answers["facts:q3:1"] == " Neptune"
+
+
+def test_couple_model_reuses_a_current_extraction(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_fact_pieces(tmp_path / "p.jsonl")
+    args = ["couple", "--model", "llama-tiny-random", "--data", "p.jsonl"]
+    first = runner.invoke(app, args)
+    (run,) = (tmp_path / "runs").iterdir()
+    shards = [s.sha256 for s in RunDir(run).load_manifest().shards]
+    again = runner.invoke(app, args)
+    assert "extracted first" in first.output and "extract" not in again.output.split("couple")[0]
+    assert [s.sha256 for s in RunDir(run).load_manifest().shards] == shards
+
+
+def test_changed_flag_is_refused_naming_the_setting(tmp_path):
+    write_fact_pieces(tmp_path / "p.jsonl")
+    cfg = _cfg(tmp_path / "p.jsonl")
+    extract(cfg, tmp_path / "run", show_progress=False)
+    cfg.extract.max_length = 64
+    with pytest.raises(ConfigError, match=r"extract\.max_length: 256 -> 64"):
+        ensure_extraction(cfg, tmp_path / "run", show_progress=False)
+
+
+def test_changed_flag_recomputes_when_replacing_is_allowed(tmp_path):
+    write_fact_pieces(tmp_path / "p.jsonl")
+    cfg = _cfg(tmp_path / "p.jsonl")
+    extract(cfg, tmp_path / "run", show_progress=False)
+    cfg.model.layers = "last2"
+    res = ensure_extraction(cfg, tmp_path / "run", replace_stale=True, show_progress=False)
+    assert not res.reused and any("model.layers" in c for c in res.changed)
+    assert len(RunDir(tmp_path / "run").load_manifest().targets) == 2
+
+
+def test_edited_pieces_are_refused_without_overwrite(tmp_path):
+    write_fact_pieces(tmp_path / "p.jsonl")
+    cfg = _cfg(tmp_path / "p.jsonl")
+    extract(cfg, tmp_path / "run", show_progress=False)
+    _edit_answer(tmp_path / "p.jsonl", "facts:q2:0", "Lyon")
+    with pytest.raises(ConfigError, match="pieces file"):
+        ensure_extraction(cfg, tmp_path / "run", show_progress=False)
+
+
+def test_changed_model_weights_trigger_reextraction(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_fact_pieces(tmp_path / "p.jsonl")
+    _tiny_llama_dir(tmp_path / "model", seed=0)
+    args = ["couple", "--model", str(tmp_path / "model"), "--data", "p.jsonl"]
+    assert runner.invoke(app, args).exit_code == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    before = RunDir(run).load_manifest().records()[0].logprob
+    _tiny_llama_dir(tmp_path / "model", seed=1)
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "model weights" in res.output
+    assert RunDir(run).load_manifest().records()[0].logprob != before
+
+
+def test_replaced_coupling_matrix_is_refused_by_ripple_and_report(tmp_path):
+    write_fact_pieces(tmp_path / "p.jsonl")
+    cfg = _cfg(tmp_path / "p.jsonl")
+    for name in ("a", "b"):
+        extract(cfg, tmp_path / name, show_progress=False)
+    couple(cfg, tmp_path / "a", show_progress=False)
+    cfg.couple.method = "dense"  # another algorithm: a matrix equal up to rounding, but another file
+    couple(cfg, tmp_path / "b", show_progress=False)
+    shutil.copy(tmp_path / "b/coupling/cosine.pt", tmp_path / "a/coupling/cosine.pt")
+    with pytest.raises(ArtifactError, match="stale coupling"):
+        ripple(cfg, tmp_path / "a", show_progress=False)
+    with pytest.raises(ArtifactError, match="stale coupling"):
+        report(cfg, tmp_path / "a")
+
+
+def test_coupling_from_replaced_gradients_is_refused(tmp_path):
+    write_fact_pieces(tmp_path / "p.jsonl")
+    cfg = _cfg(tmp_path / "p.jsonl")
+    extract(cfg, tmp_path / "run", show_progress=False)
+    couple(cfg, tmp_path / "run", show_progress=False)
+    cfg.model.layers = "last2"
+    extract(cfg, tmp_path / "run", overwrite=True, show_progress=False)
+    with pytest.raises(ArtifactError, match=r"stale coupling \(gradients"):
+        ripple(cfg, tmp_path / "run", show_progress=False)
+
+
+def test_ripple_results_from_another_coupling_are_refused_by_report(tmp_path):
+    write_fact_pieces(tmp_path / "p.jsonl")
+    cfg = _cfg(tmp_path / "p.jsonl")
+    extract(cfg, tmp_path / "run", show_progress=False)
+    couple(cfg, tmp_path / "run", show_progress=False)
+    ripple(cfg, tmp_path / "run", show_progress=False)
+    cfg.couple.method = "dense"
+    couple(cfg, tmp_path / "run", show_progress=False)
+    with pytest.raises(ArtifactError, match="stale ripple"):
+        report(cfg, tmp_path / "run")
+
+
+def test_replaced_shard_is_refused(tmp_path):
+    write_fact_pieces(tmp_path / "p.jsonl")
+    cfg = _cfg(tmp_path / "p.jsonl")
+    cfg.extract.shard_size = 4
+    extract(cfg, tmp_path / "run", show_progress=False)
+    shard = tmp_path / "run/gradients/shard-00000.pt"
+    shard.write_bytes((tmp_path / "run/gradients/shard-00001.pt").read_bytes())
+    with pytest.raises(ArtifactError, match="shard-00000.pt"):
+        couple(cfg, tmp_path / "run", show_progress=False)
