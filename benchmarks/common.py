@@ -160,7 +160,7 @@ def projection_config() -> dict:
 def store_settings(store: str, proj: dict | None = None):
     """``StoreSettings`` of ``store`` as ``extract`` records them: projection sizes only for ``projected``
     (``proj`` = {"k", "blocks", "seed"}, default :func:`projection_config`)."""
-    from gradcouple.rundir import StoreSettings
+    from gradcouple.artifacts import StoreSettings
 
     proj = proj or projection_config()
     projected = store == "projected"

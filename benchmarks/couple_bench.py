@@ -34,7 +34,7 @@ D_IN, D_OUT, N_LAYERS = 1536, 576, 4
 
 
 def targets_shapes(n_layers: int = N_LAYERS, d_in: int = D_IN, d_out: int = D_OUT) -> list:
-    from gradcouple.rundir import TargetShape
+    from gradcouple.artifacts import TargetShape
 
     return [TargetShape(name=f"model.layers.{26 + k}.mlp.down_proj", d_in=d_in, d_out=d_out, bias=False,
                         transposed=False, n_params=d_in * d_out) for k in range(n_layers)]
@@ -47,8 +47,9 @@ def write_synthetic(run_dirs: dict[str, Path], n: int, shapes: list, seed: int =
     ``shapes`` are ``TargetShape``s; ``proj`` = {"k", "blocks"} of the projected store (default: the
     library's defaults). Returns seconds spent per store (generation shared)."""
     proj = {**common.projection_config(), **(proj or {})}
+    from gradcouple.artifacts import Inputs, Manifest, ModelIdentity, PieceRecord
     from gradcouple.gradients import PieceFactors
-    from gradcouple.rundir import Inputs, Manifest, ModelIdentity, PieceRecord, RunDir
+    from gradcouple.rundir import RunDir
     from gradcouple.stores import ShardWriter
 
     g = torch.Generator().manual_seed(seed)

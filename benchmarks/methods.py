@@ -304,13 +304,14 @@ def run_floor(loaded, targets, encoded, args) -> dict:
 def run_profile(loaded, targets, encoded, args) -> dict:
     """Where gradcouple's time goes: batch_factors and ShardWriter unrolled with perf_counter
     splits (same operations, same order), then couple's parts."""
+    from gradcouple.artifacts import Inputs, Manifest, PieceRecord
     from gradcouple.capture import FactorCapture
     from gradcouple.config import RunConfig
     from gradcouple.couple import memory_budget, pair_split, upper_pairs
     from gradcouple.gradients import PieceFactors, factored_sq_norm
     from gradcouple.gram import cosine_from_gram, fit_block_size, gram_diagonal, gram_matrix, plan_methods
     from gradcouple.pieces import read_pieces
-    from gradcouple.rundir import Inputs, Manifest, PieceRecord, RunDir
+    from gradcouple.rundir import RunDir
     from gradcouple.stores import GradientReader, ShardWriter
 
     cfg = RunConfig()

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gradcouple.rundir import Inputs, Manifest, ModelIdentity, PieceRecord, RunDir, StoreSettings
+from gradcouple.artifacts import Inputs, Manifest, ModelIdentity, PieceRecord, StoreSettings
+from gradcouple.rundir import RunDir
 from gradcouple.stores import GradientReader, ShardWriter
 
 

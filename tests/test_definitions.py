@@ -8,10 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradcouple.metrics import (DEFINITIONS, bootstrap_interval, definitions_markdown, describe, pearson,
-                                precision_at_k, spearman)
-from gradcouple.rules import (AnswerMatch, answer_continuation, answers_match, same_answer, same_answer_matrix,
-                              same_question, same_question_matrix)
+from gradcouple.metrics import DEFINITIONS, bootstrap_interval, definitions_markdown, describe, pearson, precision_at_k, spearman
+from gradcouple.rules import (
+    AnswerMatch,
+    answer_continuation,
+    answers_match,
+    same_answer,
+    same_answer_matrix,
+    same_question,
+    same_question_matrix,
+)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "method.md"
 ATOL = 1e-12

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from storeutil import write_store
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gradcouple.gradients import PieceFactors
 from gradcouple.layers import select_targets
 from gradcouple.rundir import RunDir
-
-from storeutil import write_store
 
 D_MODEL, D_FF = 4096, 11008
 N_BLOCKS = 2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import write_fact_pieces
+from oracle import cosine_from_gram, oracle_gram
 
 from gradcouple.config import RunConfig
 from gradcouple.couple import couple
@@ -13,9 +15,6 @@ from gradcouple.layers import select_targets
 from gradcouple.pieces import read_pieces
 from gradcouple.rundir import RunDir
 from gradcouple.stores import ShardWriter
-
-from conftest import write_fact_pieces
-from oracle import cosine_from_gram, oracle_gram
 
 COS_ATOL_FP16 = 2e-3   # cosines from fp16 shards vs the float64 oracle
 LOGPROB_ATOL = 1e-4    # nats

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import write_fact_pieces
 from typer.testing import CliRunner
 
 from gradcouple.cli import app
@@ -19,8 +20,6 @@ from gradcouple.models import byte_level_tokenizer
 from gradcouple.report import report
 from gradcouple.ripple import ripple
 from gradcouple.rundir import RunDir
-
-from conftest import write_fact_pieces
 
 runner = CliRunner()
 

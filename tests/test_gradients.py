@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import VOCAB, random_pieces, tiny_gpt2, tiny_llama
+from oracle import flatten, oracle_gradients, oracle_piece_gradients
 from transformers import FalconConfig, FalconForCausalLM
 
 from gradcouple.capture import FactorCapture
@@ -15,9 +17,6 @@ from gradcouple.gradients import batch_factors
 from gradcouple.layers import select_targets
 from gradcouple.scoring import answer_logprob, collate, full_logits_logprob
 from gradcouple.stores import FactoredBlock
-
-from conftest import VOCAB, random_pieces, tiny_gpt2, tiny_llama
-from oracle import flatten, oracle_gradients, oracle_piece_gradients
 
 GRAD_RTOL = 1e-4        # float32 factors vs float64 autograd, per entry
 GRAD_ATOL = 1e-6        # in units of max |oracle gradient|

@@ -11,16 +11,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import random_pieces, tiny_gpt2, tiny_llama
+from oracle import cosine_from_gram as oracle_cosine
+from oracle import flatten, oracle_piece_gradients
+from storeutil import write_store
 
 from gradcouple.gradients import batch_factors
 from gradcouple.gram import cosine_from_gram, gram_matrix, plan_methods
 from gradcouple.layers import select_targets
 from gradcouple.scoring import collate
 from gradcouple.stores.projected import KroneckerProjection, projection_matrices
-
-from conftest import random_pieces, tiny_gpt2, tiny_llama
-from oracle import cosine_from_gram as oracle_cosine, flatten, oracle_piece_gradients
-from storeutil import write_store
 
 N_PIECES = 8
 SEEDS = 20               # projection seeds per unbiasedness test

@@ -10,6 +10,8 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import write_fact_pieces
+from oracle import cosine_from_gram, oracle_piece_gradients
 
 from gradcouple.config import RunConfig
 from gradcouple.extract import encode_pieces
@@ -17,9 +19,6 @@ from gradcouple.gradients import batch_factors
 from gradcouple.layers import select_targets
 from gradcouple.models import load_model, pad_id
 from gradcouple.scoring import answer_logprob, collate, full_logits_logprob
-
-from conftest import write_fact_pieces
-from oracle import cosine_from_gram, oracle_piece_gradients
 
 pytestmark = pytest.mark.slow
 

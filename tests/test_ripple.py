@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_pieces, tiny_gpt2, tiny_llama, write_fact_pieces
 
 from gradcouple.config import RunConfig
 from gradcouple.couple import couple
@@ -16,8 +17,6 @@ from gradcouple.metrics import DEFINITIONS
 from gradcouple.ripple import choose_edits, ripple
 from gradcouple.rundir import RunDir
 from gradcouple.scoring import answer_logprob, collate
-
-from conftest import random_pieces, tiny_gpt2, tiny_llama, write_fact_pieces
 
 BASELINE_ATOL = 1e-4  # nats: the unedited model re-scores the manifest's log-probs
 RANK_ONE_RTOL = 1e-5

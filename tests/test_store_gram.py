@@ -14,20 +14,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import random_pieces, tiny_gpt2, tiny_llama
+from oracle import cosine_from_gram as oracle_cosine
+from oracle import flatten, oracle_first_order, oracle_piece_gradients
+from storeutil import write_store
 
+from gradcouple.artifacts import PieceRecord, TargetShape
 from gradcouple.couple import neighbour_pairs, topk_pairs
 from gradcouple.errors import ArtifactError
 from gradcouple.gradients import PieceFactors, batch_factors
-from gradcouple.gram import (cosine_from_gram, first_order, fit_block_size, gram_diagonal, gram_matrix, plan_methods,
-                             topk_cosine)
+from gradcouple.gram import cosine_from_gram, first_order, fit_block_size, gram_diagonal, gram_matrix, plan_methods, topk_cosine
 from gradcouple.layers import select_targets
-from gradcouple.rundir import PieceRecord, RunDir, TargetShape
+from gradcouple.rundir import RunDir
 from gradcouple.scoring import collate
 from gradcouple.stores import STORES, GradientReader
-
-from conftest import random_pieces, tiny_gpt2, tiny_llama
-from oracle import cosine_from_gram as oracle_cosine, flatten, oracle_first_order, oracle_piece_gradients
-from storeutil import write_store
 
 N_PIECES = 10
 STORE_ORDER = [3, 1, 4, 0, 5, 9, 2, 6, 8, 7]  # store row -> piece index

@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
+from .artifacts import CouplingStats, PairRow, PairSplit, PieceRecord
 from .config import RunConfig
 from .gram import cosine_from_gram, fit_block_size, gram_matrix, n_block_pairs, plan_methods, topk_cosine
 from .metrics import describe
 from .progress import progress
 from .rules import same_answer, same_answer_matrix, same_question, same_question_matrix
-from .rundir import CouplingStats, PairRow, PairSplit, PieceRecord, RunDir
+from .rundir import RunDir
 from .runinfo import peak_rss_bytes
 from .stores import GradientReader
 

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from pydantic import BaseModel
 
+from .artifacts import DeviceInfo, ExtractTiming, Inputs, Manifest, PieceRecord, ShardEntry, StoreSettings
 from .config import RunConfig, config_diff
 from .errors import ArtifactError, ConfigError
 from .gradients import batch_factors
@@ -24,8 +25,7 @@ from .layers import Target, select_targets
 from .models import LoadedModel, load_model, model_fingerprint
 from .pieces import KnowledgePiece
 from .progress import progress
-from .rundir import (DeviceInfo, ExtractTiming, Inputs, Manifest, PieceRecord, RunDir, ShardEntry, StoreSettings,
-                     load_data_pieces, stale_inputs)
+from .rundir import RunDir, load_data_pieces, stale_inputs
 from .runinfo import device_info, peak_rss_bytes
 from .scoring import EncodedPiece, collate, encode
 from .stores import ShardWriter

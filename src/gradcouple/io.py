@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -59,3 +58,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def digest(obj: Any) -> str:
+    """sha256 hex of ``obj`` as canonical JSON (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

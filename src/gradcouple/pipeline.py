@@ -10,8 +10,8 @@ from typing import Optional, Sequence
 from pydantic import BaseModel, ConfigDict
 
 from .config import RunConfig
-from .errors import ArtifactError
 from .couple import CoupleResult, couple
+from .errors import ArtifactError
 from .extract import ExtractResult, ensure_extraction
 from .models import load_model
 from .pieces import read_pieces, write_pieces

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from pydantic import BaseModel
 
+from .artifacts import CouplingStats, EditRecord, Manifest, Measurement, PooledRipple, RippleSummary
 from .config import RunConfig
 from .edits import finetune_edit, key_covariance, restore, rome_edit, snapshot
 from .errors import ArtifactError, DataError
@@ -33,8 +34,8 @@ from .metrics import DEFINITIONS, bootstrap_interval, describe, pearson, precisi
 from .models import LoadedModel, load_model
 from .pieces import KnowledgePiece, PieceKind
 from .progress import progress
-from .rules import answers_match, AnswerMatch, same_question
-from .rundir import (CouplingStats, EditRecord, Manifest, Measurement, PooledRipple, RippleSummary, RunDir)
+from .rules import AnswerMatch, answers_match, same_question
+from .rundir import RunDir
 from .runinfo import device_info
 from .scoring import EncodedPiece, answer_logprob, collate, encode
 from .stores import GradientReader

@@ -1,5 +1,5 @@
-"""The run directory: every path of a run, typed models of what is stored there, and the one
-rule that decides whether an artifact is current.
+"""The run directory: every path of a run, loading and saving each artifact, and the one rule
+that decides whether an artifact is current.
 
     RUN/pieces.jsonl            the pieces as extracted           (extract)
     RUN/config.json             the resolved RunConfig            (every stage)
@@ -9,43 +9,27 @@ rule that decides whether an artifact is current.
     RUN/report/                 index.html, summary.json          (report)
     RUN/timing.json             stage wall times of `gradcouple run`
 
-Every artifact records the fingerprints of its inputs (:class:`Inputs`). :func:`stale_inputs`
-compares them with the current ones and names each difference; a stage either recomputes or
-refuses with that list, never reuses silently. Only this module builds a run path or parses a
-stored artifact.
+Every artifact (typed in :mod:`gradcouple.artifacts`) records the fingerprints of its inputs.
+:func:`stale_inputs` compares them with the current ones and names each difference; a stage
+either recomputes or refuses with that list, never reuses silently. Only this module builds a
+run path or parses a stored artifact.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
-from . import __version__
+from .artifacts import CouplingStats, Inputs, Manifest, Measurement, PairRow, RippleSummary, ShardEntry
 from .config import RunConfig
 from .errors import ArtifactError
 from .io import atomic_open, atomic_torch_save, sha256_file, write_json
-from .metrics import Describe, Interval
 from .pieces import KnowledgePiece, read_pieces, write_pieces
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-# ---------------------------------------------------------------- freshness
-
-
-class Inputs(_Model):
-    """Fingerprints of what an artifact was computed from: name -> hex digest (or identity string)."""
-
-    values: dict[str, str] = Field(default_factory=dict)
-
 
 INPUT_LABELS = {"pieces": "pieces file (sha256)", "config": "settings (config hash)", "model": "model weights (fingerprint)",
                 "gradients": "gradients (manifest fingerprint)", "coupling": "coupling matrix (sha256)"}
@@ -66,287 +50,6 @@ def stale_inputs(recorded: Inputs, current: Inputs) -> list[str]:
 
 def _short(x: Optional[str]) -> str:
     return "none" if x is None else (x[:8] if len(x) >= 32 and all(c in "0123456789abcdef" for c in x) else x)
-
-
-def digest(obj: Any) -> str:
-    """sha256 hex of ``obj`` as canonical JSON."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-# ---------------------------------------------------------------- gradients
-
-
-class TargetShape(_Model):
-    """One target linear map: y = W x + b with W (d_out, d_in); ``transposed`` for GPT-2 Conv1D."""
-
-    name: str
-    d_in: int
-    d_out: int
-    bias: bool
-    transposed: bool = False
-    n_params: int
-
-    @property
-    def d_in_aug(self) -> int:
-        """Input width with the bias column: d_in + bias."""
-        return self.d_in + int(self.bias)
-
-
-class ModelIdentity(_Model):
-    """What identifies the weights: alias or id, description, source, revision, file hash, architecture."""
-
-    name: str
-    description: str = ""
-    source: str = ""
-    revision: Optional[str] = None
-    file_sha256: Optional[str] = None
-    architecture: str = ""
-    fingerprint: str = ""
-
-
-class StoreSettings(_Model):
-    """Shard format: kind (factors / dense / projected) and, for projected, the sketch sizes and seed."""
-
-    kind: str
-    proj_dim: Optional[int] = None
-    proj_blocks: Optional[int] = None
-    seed: int = 0
-
-
-class PieceRecord(_Model):
-    """One extracted piece: the exact scored strings, token counts, log-prob (nats), squared gradient norms."""
-
-    index: int
-    id: str
-    question_id: str
-    owners: list[str]
-    kind: str
-    hop: Optional[int] = None
-    prompt: str
-    answer: str
-    n_prompt_tokens: int
-    n_answer_tokens: int
-    n_inputs: int
-    logprob: float
-    sq_norm: dict[str, float]
-    shard: int
-
-    @property
-    def norm(self) -> float:
-        """|g| over all targets."""
-        return sum(self.sq_norm.values()) ** 0.5
-
-
-class ShardEntry(_Model):
-    """One shard file: its name, sha256, the piece indices it holds (store order) and its size in bytes."""
-
-    file: str
-    sha256: str
-    rows: list[int]
-    bytes: int
-
-
-class DeviceInfo(_Model):
-    """What ran a computation."""
-
-    device: str
-    cpu: str = ""
-    threads: int = 0
-    torch: str = ""
-    gpu: Optional[str] = None
-    peak_gpu_memory_bytes: Optional[int] = None
-
-
-class ExtractTiming(_Model):
-    """Wall times in seconds, throughput in pieces/s, peak memory in bytes."""
-
-    seconds: float
-    load_seconds: float
-    extract_seconds: float
-    pieces_per_s: float
-    peak_rss_bytes: int
-    device: DeviceInfo
-
-
-class Manifest(_Model):
-    """``gradients/manifest.json``: what was extracted, from what, and where each piece lies."""
-
-    format: str = "gradcouple-gradients"
-    version: int = 2
-    package_version: str = __version__
-    inputs: Inputs
-    pieces_file: str
-    model: ModelIdentity
-    targets: list[TargetShape]
-    n_params: int
-    store: StoreSettings
-    dtype: str = "float16"
-    compute_dtype: str
-    config: dict[str, Any] = Field(description="The data, model and extract sections as extracted")
-    batch_size: int = Field(description="Pieces per forward/backward actually used (after any OOM halving)")
-    complete: bool = False
-    shards: list[ShardEntry] = Field(default_factory=list)
-    pieces: list[Optional[PieceRecord]] = Field(default_factory=list)
-    timing: Optional[ExtractTiming] = None
-
-    def fingerprint(self) -> str:
-        """Digest of what the shards hold: inputs, targets, store settings, every shard's sha256 and rows."""
-        return digest([self.inputs.values, [t.model_dump() for t in self.targets], self.store.model_dump(),
-                       [(s.sha256, s.rows) for s in self.shards]])
-
-    def records(self) -> list[PieceRecord]:
-        """Piece records in pieces.jsonl order.
-
-        Raises:
-            ArtifactError: the extraction is incomplete.
-        """
-        if not self.complete or any(p is None for p in self.pieces):
-            raise ArtifactError("the extraction is incomplete; rerun the same `gradcouple extract` command to resume it.")
-        return self.pieces  # type: ignore[return-value]
-
-    def settings(self) -> RunConfig:
-        """The data, model and extract settings the gradients were extracted with (other sections default)."""
-        return RunConfig.model_validate(self.config)
-
-    @property
-    def order(self) -> list[int]:
-        """Store row -> piece index (rows are stored length-sorted)."""
-        return [r for s in self.shards for r in s.rows]
-
-    @property
-    def names(self) -> list[str]:
-        return [t.name for t in self.targets]
-
-
-# ---------------------------------------------------------------- coupling
-
-
-class PairRow(_Model):
-    """One row of pairs.csv: a pair of pieces and its GradSim."""
-
-    rank: int
-    cosine: float
-    same_question: bool
-    same_answer: bool
-    id_a: str
-    id_b: str
-    question_a: str
-    question_b: str
-    prompt_a: str
-    answer_a: str
-    prompt_b: str
-    answer_b: str
-
-
-class PairSplit(_Model):
-    """GradSim of the off-diagonal pairs, each unordered pair once, split by the same-question and same-answer rules."""
-
-    all: Describe
-    same_question: Describe
-    cross_question: Describe
-    same_answer: Describe
-    different_answer: Describe
-    same_question_different_answer: Describe
-    cross_question_different_answer: Describe
-
-
-class CouplingStats(_Model):
-    """``coupling/stats.json``."""
-
-    inputs: Inputs
-    matrix_sha256: str = Field(description="sha256 of cosine.pt (full) or topk.pt (top-k): what ripple and report check")
-    mode: str = Field(description="'full', or 'top<k>' (e.g. 'top10') when only each piece's k nearest are kept")
-    n_pieces: int
-    pairs: PairSplit
-    above: dict[str, int] = Field(default_factory=dict, description="threshold -> pairs with GradSim > threshold")
-    abs_above: dict[str, int] = Field(default_factory=dict, description="threshold -> pairs with |GradSim| > threshold")
-    note: Optional[str] = None
-    store: str
-    n_params: int
-    methods: dict[str, str]
-    block_size: int
-    seconds: float
-    peak_rss_bytes: int
-
-
-# ---------------------------------------------------------------- ripple
-
-
-class EditRecord(_Model):
-    """One edit and how well each predictor ranked its measured ripple (log-probs in nats)."""
-
-    edit: int
-    piece_id: str
-    question_id: str
-    kind: str
-    prompt: str
-    answer: str
-    new_answer: str
-    counterfactual_source: str
-    logprob_true_before: float
-    logprob_true_after: float
-    logprob_new_before: float
-    logprob_new_after: float
-    success: bool
-    edit_norm: float
-    first_order_self: float
-    spearman_coupling: Optional[float]
-    spearman_first_order: Optional[float]
-    pearson_first_order: Optional[float]
-    precision_at_k: Optional[float]
-    k: int
-    mean_abs_measured_same_question: Optional[float]
-    mean_abs_measured_cross_question: Optional[float]
-    multi_hop_measured: list[float]
-    restored: bool
-    seconds: float
-
-
-class Measurement(_Model):
-    """One line of ripple/edits.jsonl: another piece's predicted and measured change for one edit (nats)."""
-
-    edit: int
-    edited_id: str
-    piece_id: str
-    same_question: bool
-    cosine: float
-    predicted_coupling: float
-    predicted_first_order: float
-    measured: float
-
-
-class PooledRipple(_Model):
-    """Correlations over every (edit, other piece) point at once."""
-
-    spearman_coupling: Optional[float]
-    spearman_first_order: Optional[float]
-    pearson_first_order: Optional[float]
-    n_points: int
-
-
-class RippleSummary(_Model):
-    """``ripple/summary.json``."""
-
-    inputs: Inputs
-    method: str
-    steps: int
-    lr: float
-    n_edits: int
-    n_successful: int
-    seconds: float
-    device: DeviceInfo
-    spearman_coupling: Interval = Field(description="Mean Spearman's rho of the coupling prediction over edits")
-    spearman_first_order: Interval = Field(description="Mean Spearman's rho of the first-order prediction over edits")
-    spearman_coupling_successful: Interval = Field(description="As spearman_coupling, successful edits only")
-    precision_at_k: Interval
-    per_edit: dict[str, Describe]
-    pooled: PooledRipple
-    baseline_logprob_max_abs_diff_vs_manifest: float
-    definitions: dict[str, str]
-    edits: list[EditRecord]
-
-
-# ---------------------------------------------------------------- the directory
 
 
 def _load_json_model(path: Path, model: type[BaseModel], fix: str):
@@ -645,6 +348,4 @@ def load_data_pieces(cfg: RunConfig) -> list[KnowledgePiece]:
     return pieces[: cfg.data.limit] if cfg.data.limit else pieces
 
 
-__all__ = ["RunDir", "Inputs", "stale_inputs", "digest", "Manifest", "PieceRecord", "ShardEntry", "TargetShape",
-           "ModelIdentity", "StoreSettings", "DeviceInfo", "ExtractTiming", "CouplingStats", "PairSplit", "PairRow",
-           "RippleSummary", "EditRecord", "Measurement", "PooledRipple", "load_data_pieces", "default_run_dir"]
+__all__ = ["RunDir", "stale_inputs", "default_run_dir", "load_data_pieces"]

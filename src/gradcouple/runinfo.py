@@ -5,12 +5,10 @@ from __future__ import annotations
 import platform
 import resource
 import sys
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .rundir import DeviceInfo
+from .artifacts import DeviceInfo
 
 
 def peak_rss_bytes() -> int:
@@ -30,10 +28,8 @@ def peak_rss_bytes() -> int:
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
-def device_info(device: torch.device) -> "DeviceInfo":
+def device_info(device: torch.device) -> DeviceInfo:
     """What ran the computation: device type and name, GPU memory peak (bytes) when CUDA."""
-    from .rundir import DeviceInfo
-
     info = DeviceInfo(device=str(device), cpu=platform.processor() or platform.machine(),
                       threads=torch.get_num_threads(), torch=torch.__version__)
     if device.type == "cuda":

@@ -12,7 +12,6 @@ from rich.table import Table
 
 from .. import datasets as ds
 from ..errors import DataError
-
 from .options import console
 
 EPILOG = """\

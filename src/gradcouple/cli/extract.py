@@ -7,8 +7,20 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import (BatchSizeOpt, ConfigOpt, DataOpt, DeviceOpt, LayersOpt, LimitOpt, ModelOpt, OverwriteOpt,
-                      build_config, console, print_path, summary_table)
+from .options import (
+    BatchSizeOpt,
+    ConfigOpt,
+    DataOpt,
+    DeviceOpt,
+    LayersOpt,
+    LimitOpt,
+    ModelOpt,
+    OverwriteOpt,
+    build_config,
+    console,
+    print_path,
+    summary_table,
+)
 
 EPILOG = """Examples:
 

@@ -8,8 +8,21 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import (BatchSizeOpt, ConfigOpt, DeviceOpt, LayersOpt, LimitOpt, ModelOpt, OverwriteOpt, build_config,
-                      console, interval, num, print_path, summary_table)
+from .options import (
+    BatchSizeOpt,
+    ConfigOpt,
+    DeviceOpt,
+    LayersOpt,
+    LimitOpt,
+    ModelOpt,
+    OverwriteOpt,
+    build_config,
+    console,
+    interval,
+    num,
+    print_path,
+    summary_table,
+)
 
 EPILOG = """Examples:
 

@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.colors import qualitative
 
-from ..rundir import Measurement
+from ..artifacts import Measurement
 from .load import LoadedRun
 
 HIST_BINS = 100

@@ -8,11 +8,12 @@ from typing import Optional
 
 import torch
 
+from ..artifacts import CouplingStats, Manifest, Measurement, PairRow, PieceRecord, RippleSummary
 from ..config import RunConfig, load_config
 from ..couple import neighbour_pairs, upper_pairs
 from ..pieces import KnowledgePiece
 from ..rules import same_question, same_question_matrix
-from ..rundir import CouplingStats, Manifest, Measurement, PairRow, PieceRecord, RippleSummary, RunDir
+from ..rundir import RunDir
 
 
 @dataclass

@@ -12,10 +12,11 @@ import torch
 from pydantic import BaseModel
 
 from .. import __version__
+from ..artifacts import RippleSummary
 from ..couple import upper_pairs
 from ..io import atomic_open
 from ..metrics import Interval, describe
-from ..rundir import RippleSummary, RunDir
+from ..rundir import RunDir
 from .load import LoadedRun
 
 TOP_PAIRS = 10

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, ClassVar, Iterator
 
 import torch
 
+from ..artifacts import StoreSettings, TargetShape
 from ..errors import ArtifactError, ConfigError
-from ..rundir import StoreSettings, TargetShape
 
 if TYPE_CHECKING:
     from .shards import GradientReader

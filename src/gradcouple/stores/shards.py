@@ -14,10 +14,11 @@ from typing import Iterator
 
 import torch
 
+from ..artifacts import Manifest, ShardEntry, StoreSettings, TargetShape
 from ..errors import ArtifactError
 from ..gradients import PieceFactors
 from ..io import atomic_torch_save, sha256_file
-from ..rundir import Manifest, RunDir, ShardEntry, StoreSettings, TargetShape
+from ..rundir import RunDir
 from .base import StoreKind, store_kind
 
 SHARD_VERSION = 1
