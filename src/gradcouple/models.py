@@ -239,7 +239,7 @@ def _write_cache(cached: Path, model, tok) -> None:
         tok.save_pretrained(tmp)
         shutil.rmtree(cached, ignore_errors=True)
         os.replace(tmp, cached)
-    except OSError:
+    except Exception:  # noqa: BLE001 (a model transformers cannot serialise is simply not cached)
         pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
