@@ -50,7 +50,7 @@ def stages(monkeypatch):
         couple=Recorder(SimpleNamespace(n=2, mode="full", seconds=1.0, out_dir=Path("R/coupling"),
                                         stats=SimpleNamespace(pairs=pairs))),
         ripple=Recorder(SimpleNamespace(summary=SimpleNamespace(
-            n_edits=3, n_successful=2, spearman_coupling=iv, spearman_first_order=iv, precision_at_k=iv,
+            mode="pieces", n_edits=3, n_successful=2, spearman_coupling=iv, spearman_first_order=iv, precision_at_k=iv,
             pooled=SimpleNamespace(spearman_coupling=0.2), seconds=1.0))),
     )
     monkeypatch.setattr(extract_mod, "extract", rec.extract)
@@ -122,12 +122,20 @@ def test_couple_without_run_or_model_names_the_flag(stages):
 
 
 def test_ripple_passes_its_flags(stages, tmp_path):
-    res = runner.invoke(app, ["ripple", "--run", str(tmp_path), "--edits", "4", "--method", "rome", "--steps", "3",
-                              "--lr", "0.01", "--seed", "5", "--device", "cpu"])
+    res = runner.invoke(app, ["ripple", "--run", str(tmp_path), "--edits", "pieces", "--n-edits", "4", "--method", "rome",
+                              "--steps", "3", "--lr", "0.01", "--max-delta", "0.001", "--rome-clamp", "2", "--seed", "5",
+                              "--device", "cpu"])
     assert res.exit_code == 0, res.output
     (cfg, run), _ = stages.ripple.calls[0]
     r = cfg.ripple
-    assert (run, r.n_edits, r.method, r.steps, r.lr, r.seed, cfg.model.device) == (tmp_path, 4, "rome", 3, 0.01, 5, "cpu")
+    assert (run, r.edits, r.n_edits, r.method, r.steps, r.lr, r.max_delta, r.rome_clamp, r.seed, cfg.model.device) == \
+        (tmp_path, "pieces", 4, "rome", 3, 0.01, 0.001, 2.0, 5, "cpu")
+
+
+def test_ripple_accepts_finetune_as_the_old_name_of_ft(stages, tmp_path):
+    runner.invoke(app, ["ripple", "--run", str(tmp_path), "--method", "finetune"])
+    (cfg, _), _ = stages.ripple.calls[0]
+    assert cfg.ripple.method == "ft"
 
 
 def test_ripple_summary_prints_the_interval(stages, tmp_path):
@@ -140,9 +148,10 @@ def test_run_passes_datasets_and_overwrite(monkeypatch, tmp_path):
 
     rec = Recorder(raises=DataError("stop here"))
     monkeypatch.setattr(pipeline, "run_pipeline", rec)
-    runner.invoke(app, ["run", "--out", str(tmp_path), "--datasets", "musique, mquake", "--edits", "2", "--overwrite", "--no-ripple"])
+    runner.invoke(app, ["run", "--out", str(tmp_path), "--datasets", "musique, mquake", "--n-edits", "2", "--edits", "benchmark",
+                        "--method", "rome", "--overwrite", "--no-ripple"])
     (cfg, out), kwargs = rec.calls[0]
-    assert out == tmp_path and cfg.ripple.n_edits == 2
+    assert out == tmp_path and (cfg.ripple.n_edits, cfg.ripple.edits, cfg.ripple.method) == (2, "benchmark", "rome")
     assert kwargs == {"datasets": ["musique", "mquake"], "skip_ripple": True, "overwrite": True}
 
 
@@ -183,8 +192,10 @@ def test_interrupt_says_what_resumes(stages, tmp_path):
 
 
 def test_bad_flag_value_names_the_flag(tmp_path):
-    res = runner.invoke(app, ["ripple", "--run", str(tmp_path), "--edits", "0"])
-    assert res.exit_code == 2 and "--edits 0" in res.output
+    res = runner.invoke(app, ["ripple", "--run", str(tmp_path), "--n-edits", "0"])
+    assert res.exit_code == 2 and "--n-edits 0" in res.output
+    res = runner.invoke(app, ["ripple", "--run", str(tmp_path), "--edits", "some"])
+    assert res.exit_code == 2 and "--edits 'some'" in res.output
     res = runner.invoke(app, ["extract", "--data", "x.jsonl", "--store", "bogus", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "--store 'bogus'" in res.output
 
@@ -197,7 +208,7 @@ def test_invalid_config_file_value_names_the_field(tmp_path):
 
 
 def test_flag_map_covers_every_cli_option_that_sets_a_config_field():
-    assert flag_names()["extract.batch_size"] == "--batch-size" and flag_names()["ripple.n_edits"] == "--edits"
+    assert flag_names()["extract.batch_size"] == "--batch-size" and flag_names()["ripple.n_edits"] == "--n-edits"
     assert len(set(flag_names())) == len(flag_names())
 
 

@@ -1,7 +1,8 @@
 """gradcouple.datasets, specified on the real samples bundled with the package (12 records per
-dataset) and on schema-faithful fixtures: the registry, every format's pieces (expected values
-read from the input records, not from the parsers), download.json, the Hub path through local
-dataset directories, and every kind of bad input."""
+dataset, 60 of RippleEdits) and on schema-faithful fixtures: the registry, every format's pieces
+(expected values read from the input records, not from the parsers), the benchmark pieces of
+RippleEdits and MQuAKE (edits, originals, tests, conditions), download.json, the Hub path
+through local dataset directories, and every kind of bad input."""
 
 from __future__ import annotations
 
@@ -44,10 +45,14 @@ FILES = {
     "wikihop": "wikihop_dev.sample.jsonl",
     "bamboogle": "bamboogle_test.sample.jsonl",
     "mquake": "mquake_hard.sample.jsonl",
+    "rippleedits": "rippleedits_compositional.sample.jsonl",
 }
 #: test name -> the format its records are in
 FORMAT_OF = {name: "musique" if name == "musique-flashrag" else name for name in FILES}
-RECORDS_PER_SAMPLE = 12
+#: records per bundled sample: the first 12 of each shared file, the first 60 of RippleEdits'
+RECORDS_PER_SAMPLE = {name: 60 if name == "rippleedits" else 12 for name in FILES}
+#: samples whose records are multi-hop questions (RippleEdits records are edits)
+QUESTION_SAMPLES = [n for n in FILES if n not in ("wikihop", "rippleedits")]
 #: Network failures must surface within this many seconds, not after a library's retries.
 FAIL_FAST_S = 10.0
 # Reasons a piece may be left out, all by design; anything else is an unexplained skip.
@@ -60,14 +65,16 @@ KNOWN_PIECE_SKIPS = {
     "cloze prefix shorter than 3 words",
     "supporting fact names a paragraph missing from the context",
     "supporting fact points past the paragraph's last sentence",
+    "query with no answers",
 }
 #: The keys of download.json, in file order.
 META_KEYS = [
     "source", "format", "dataset", "input", "split", "revision", "limit", "skip_bad",
     "records_read", "records_used", "records_skipped", "pieces_made", "pieces_per_kind",
     "pieces_merged_as_duplicates", "counterfactual_conflicts_first_kept", "pieces_skipped",
-    "leak_rule", "package_version",
+    "leak_rule", "package_version", "pieces_per_role", "pieces_per_criterion",
 ]
+LEAK = "answer appears in its own prompt"
 
 
 def records(name: str) -> list[dict]:
@@ -110,7 +117,8 @@ def test_registry_holds_every_documented_source():
             "mquake-cf-3k", "mquake-cf-3k-v2", "mquake-t", "pieces"} <= set(SOURCES)
 
 
-@pytest.mark.parametrize("alias, name", [("hotpotqa-distractor", "hotpotqa"), ("2WIKI", "2wikimultihopqa"), (" Musique ", "musique")])
+@pytest.mark.parametrize("alias, name", [("hotpotqa-distractor", "hotpotqa"), ("2WIKI", "2wikimultihopqa"), (" Musique ", "musique"),
+                                         ("ripple-edits", "rippleedits")])
 def test_source_lookup_accepts_aliases_in_any_case(alias, name):
     assert resolve_source(alias).name == name
 
@@ -135,6 +143,11 @@ def test_every_downloadable_source_names_its_license_and_location():
     assert [r["name"] for r in list_sources() if r["name"] != "pieces" and not (r["license"] and r["hub"])] == []
 
 
+def test_rippleedits_source_is_the_mit_github_release_with_its_three_subsets_as_splits():
+    src = SOURCES["rippleedits"]
+    assert (src.license, src.hub, src.splits, src.default_split) == ("MIT", "github:edenbiran/RippleEdits", ("popular", "random", "recent"), "popular")
+
+
 def test_hotpotqa_settings_are_hub_configs():
     assert (SOURCES["hotpotqa"].hub_config, SOURCES["hotpotqa-fullwiki"].hub_config) == ("distractor", "fullwiki")
 
@@ -145,7 +158,7 @@ def test_unknown_dataset_error_lists_the_known_ones():
 
 
 def test_formats_are_the_parsers():
-    assert set(FORMATS) == {"hotpotqa", "musique", "2wikimultihopqa", "wikihop", "bamboogle", "mquake", "pieces"}
+    assert set(FORMATS) == {"hotpotqa", "musique", "2wikimultihopqa", "wikihop", "bamboogle", "mquake", "rippleedits", "pieces"}
 
 
 # ----------------------------------------------------------------------------- bundled samples
@@ -170,8 +183,8 @@ def test_every_bundled_sample_is_credited_in_notice(fname):
 
 
 @pytest.mark.parametrize("name", FILES)
-def test_every_bundled_sample_holds_12_records(name):
-    assert len(records(name)) == RECORDS_PER_SAMPLE
+def test_every_bundled_sample_holds_its_documented_number_of_records(name):
+    assert len(records(name)) == RECORDS_PER_SAMPLE[name]
 
 
 def test_sample_download_needs_no_network(tmp_path, monkeypatch):
@@ -242,9 +255,15 @@ def test_pieces_made_counts_the_lines_of_pieces_jsonl(converted, name):
 
 
 @pytest.mark.parametrize("name", FILES)
-def test_no_two_pieces_share_prompt_and_answer(converted, name):
-    pieces = converted[name].pieces
-    assert len({(p.prompt, p.answer) for p in pieces}) == len(pieces)
+def test_no_two_plain_facts_share_prompt_and_answer(converted, name):
+    facts = [p for p in converted[name].pieces if p.role is None]
+    assert len({(p.prompt, p.answer) for p in facts}) == len(facts)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_no_two_benchmark_pieces_of_one_edit_and_role_share_prompt_and_answer(converted, name):
+    linked = [p for p in converted[name].pieces if p.role is not None and p.role.value != "edit"]
+    assert len({(p.prompt, p.answer, p.role, p.edit_id) for p in linked}) == len(linked)
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -269,7 +288,7 @@ def test_first_owner_is_the_question_id(converted, name):
 
 @pytest.mark.parametrize("name", FILES)
 def test_piece_id_starts_with_dataset_and_record_id(converted, name):
-    record_ids = {f"{FORMAT_OF[name]}:{r.get('_id', r.get('id', r.get('case_id')))}" for r in records(name)}
+    record_ids = {f"{FORMAT_OF[name]}:{r.get('_id', r.get('id', r.get('case_id', i)))}" for i, r in enumerate(records(name))}
     assert {p.id.rsplit(":", 1)[0] for p in converted[name].pieces} <= record_ids
 
 
@@ -280,12 +299,13 @@ def test_question_id_is_the_record_part_of_the_piece_id(converted, name):
 
 @pytest.mark.parametrize("name", FILES)
 def test_question_piece_id_ends_with_q(converted, name):
-    assert [p.id for p in converted[name].pieces if p.kind.value == "multi_hop" and not p.id.endswith(":q")] == []
+    assert [p.id for p in converted[name].pieces if p.role is None and p.kind.value == "multi_hop" and not p.id.endswith(":q")] == []
 
 
 @pytest.mark.parametrize("name", FILES)
-def test_other_piece_ids_end_with_their_hop(converted, name):
-    assert [p.id for p in converted[name].pieces if p.kind.value != "multi_hop" and p.id.rsplit(":", 1)[1] != str(p.hop)] == []
+def test_other_plain_fact_ids_end_with_their_hop(converted, name):
+    assert [p.id for p in converted[name].pieces
+            if p.role is None and p.kind.value != "multi_hop" and p.id.rsplit(":", 1)[1] != str(p.hop)] == []
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -298,17 +318,29 @@ def test_first_record_sniffs_as_its_format(name):
     assert sniff_format(records(name)[0]) == FORMAT_OF[name]
 
 
-@pytest.mark.parametrize("name", [n for n in FILES if n != "wikihop"])
+@pytest.mark.parametrize("name", QUESTION_SAMPLES)
 def test_each_question_not_giving_away_its_answer_is_a_multi_hop_piece(converted, name):
     expected = {question_and_answer(name, r) for r in records(name)}
     expected = {(q, a) for q, a in expected if not mentioned(a, q)}
-    assert {(p.prompt, p.answer) for p in converted[name].pieces if p.kind.value == "multi_hop"} == expected
+    assert {(p.prompt, p.answer) for p in converted[name].pieces if p.kind.value == "multi_hop" and p.role is None} == expected
 
 
-@pytest.mark.parametrize("name", [n for n in FILES if n != "wikihop"])
-def test_pieces_per_kind_counts_the_multi_hop_questions(converted, name):
+@pytest.mark.parametrize("name", QUESTION_SAMPLES)
+def test_pieces_per_kind_counts_the_multi_hop_questions_and_tests(converted, name):
     questions = {question_and_answer(name, r) for r in records(name)}
-    assert converted[name].meta.pieces_per_kind.get("multi_hop", 0) == sum(not mentioned(a, q) for q, a in questions)
+    tests = [(squash(r["questions"][0]), r["new_answer"]) for r in records(name)] if name == "mquake" else []
+    expected = sum(not mentioned(a, q) for q, a in questions) + sum(not mentioned(a, q) for q, a in tests)
+    assert converted[name].meta.pieces_per_kind.get("multi_hop", 0) == expected
+
+
+@pytest.mark.parametrize("name", [n for n in FILES if n not in ("mquake", "rippleedits")])
+def test_datasets_without_edits_count_no_roles_or_criteria(converted, name):
+    assert (converted[name].meta.pieces_per_role, converted[name].meta.pieces_per_criterion) == ({}, {})
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_pieces_per_role_adds_up_to_the_pieces_with_a_role(converted, name):
+    assert sum(converted[name].meta.pieces_per_role.values()) == sum(p.role is not None for p in converted[name].pieces)
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -316,7 +348,7 @@ def test_pieces_per_kind_adds_up_to_pieces_made(converted, name):
     assert sum(converted[name].meta.pieces_per_kind.values()) == converted[name].meta.pieces_made
 
 
-@pytest.mark.parametrize("name", ["hotpotqa", "mquake", "musique"])
+@pytest.mark.parametrize("name", ["hotpotqa", "mquake", "musique", "rippleedits"])
 def test_piece_ids_do_not_depend_on_naming_the_source(tmp_path, name):
     named = download(name, tmp_path / "a", from_path=sample_path(FILES[name]))
     by_format = download(None, tmp_path / "b", from_path=sample_path(FILES[name]), format=name)
@@ -737,16 +769,22 @@ def mquake_rewrites() -> list[tuple[dict, str, str, str]]:
     return out
 
 
+def mquake_case(converted, case_id) -> list:
+    """The pieces of one MQuAKE case: those it owns."""
+    return [p for p in converted["mquake"].pieces if str(case_id) in p.owners]
+
+
 def test_mquake_each_rewrite_is_a_piece_with_its_new_target_as_counterfactual(converted):
-    by_key = {(p.prompt, p.answer): p for p in converted["mquake"].pieces}
     rewrites = mquake_rewrites()
     assert rewrites, "the sample has rewrites"
-    assert {(c, t): getattr(by_key.get((c, t)), "counterfactual", None) for _, c, t, _ in rewrites} == {(c, t): n for _, c, t, n in rewrites}
+    got = {(r["case_id"], c, t): next((p.counterfactual for p in mquake_case(converted, r["case_id"]) if (p.prompt, p.answer) == (c, t)), None)
+           for r, c, t, _ in rewrites}
+    assert got == {(r["case_id"], c, t): n for r, c, t, n in rewrites}
 
 
-def test_mquake_rewrite_piece_is_owned_by_its_case(converted):
-    by_key = {(p.prompt, p.answer): p for p in converted["mquake"].pieces}
-    assert [(c, t) for r, c, t, _ in mquake_rewrites() if str(r["case_id"]) not in by_key[(c, t)].owners] == []
+def test_mquake_rewrite_piece_is_the_original_of_an_edit_of_its_case(converted):
+    originals = {(p.question_id, p.prompt, p.answer) for p in converted["mquake"].pieces if p.role and p.role.value == "original"}
+    assert [(c, t) for r, c, t, _ in mquake_rewrites() if (str(r["case_id"]), c, t) not in originals] == []
 
 
 def test_mquake_single_hops_are_cloze_pieces(converted):
@@ -772,6 +810,91 @@ def test_mquake_question_piece_has_the_new_answer_as_counterfactual(converted):
 
 def test_mquake_sample_has_no_counterfactual_conflicts(converted):
     assert converted["mquake"].meta.counterfactual_conflicts_first_kept == 0
+
+
+def mquake_edits() -> dict[str, tuple]:
+    """Edit piece id -> (case, cloze, new target, true target, subject) of every rewrite whose
+    cloze does not mention its new target."""
+    out = {}
+    for r in records("mquake"):
+        for j, rw in enumerate(r["requested_rewrite"]):
+            cloze, new = rw["prompt"].format(rw["subject"]), rw["target_new"]["str"]
+            if not mentioned(new, cloze):
+                out[f"mquake:{r['case_id']}:edit{j}"] = (str(r["case_id"]), cloze, new, rw["target_true"]["str"], rw["subject"])
+    return out
+
+
+def mquake_by_role(converted, role: str) -> dict:
+    return {p.id: p for p in converted["mquake"].pieces if p.role and p.role.value == role}
+
+
+def test_mquake_each_requested_rewrite_is_an_edit_piece_toward_its_new_target(converted):
+    got = {i: (p.question_id, p.prompt, p.answer) for i, p in mquake_by_role(converted, "edit").items()}
+    assert got == {i: (case, cloze, new) for i, (case, cloze, new, _, _) in mquake_edits().items()}
+
+
+def test_mquake_edit_answer_before_is_the_true_target(converted):
+    got = {i: p.answer_before for i, p in mquake_by_role(converted, "edit").items()}
+    assert got == {i: true for i, (_, _, _, true, _) in mquake_edits().items()}
+
+
+def test_mquake_edit_triple_runs_from_the_subject_to_the_new_target(converted):
+    got = {i: (p.triple.subject, p.triple.object) for i, p in mquake_by_role(converted, "edit").items()}
+    assert got == {i: (subject, new) for i, (_, _, new, _, subject) in mquake_edits().items()}
+
+
+def test_mquake_each_edit_has_one_original_answering_the_true_target_with_the_new_as_counterfactual(converted):
+    originals = defaultdict(list)
+    for p in mquake_by_role(converted, "original").values():
+        originals[p.edit_id].append((p.answer, p.counterfactual))
+    assert dict(originals) == {i: [(true, new)] for i, (_, _, new, true, _) in mquake_edits().items()}
+
+
+def test_mquake_one_test_per_case_asks_the_question_with_the_new_answer(converted):
+    got = {p.question_id: (p.prompt, p.answer, p.answer_before) for p in mquake_by_role(converted, "test").values()}
+    assert got == {str(r["case_id"]): (squash(r["questions"][0]), r["new_answer"], r["answer"]) for r in records("mquake")}
+
+
+def test_mquake_test_id_is_its_case_and_test(converted):
+    assert sorted(mquake_by_role(converted, "test")) == sorted(f"mquake:{r['case_id']}:test" for r in records("mquake"))
+
+
+def test_mquake_test_links_to_the_first_edit_of_its_case(converted):
+    first = {}
+    for i, (case, *_rest) in mquake_edits().items():
+        first.setdefault(case, i)
+    assert {p.question_id: p.edit_id for p in mquake_by_role(converted, "test").values()} == first
+
+
+def test_mquake_test_criterion_is_multi_hop(converted):
+    assert {p.criterion for p in mquake_by_role(converted, "test").values()} == {"multi_hop"}
+
+
+def test_mquake_test_aliases_are_the_new_answer_aliases(converted):
+    norm = lambda xs: {squash(x).casefold() for x in xs}  # noqa: E731
+    got = {p.question_id: norm(p.aliases) for p in mquake_by_role(converted, "test").values()}
+    assert got == {str(r["case_id"]): norm(r["new_answer_alias"]) - norm([r["new_answer"]]) for r in records("mquake")}
+
+
+def test_mquake_edits_of_a_case_share_its_question_id(converted):
+    assert [p.id for p in converted["mquake"].pieces if p.role is not None and p.question_id != p.id.split(":")[1]] == []
+
+
+def test_mquake_single_hop_that_no_rewrite_names_stays_a_plain_fact(converted):
+    by_id = {p.id: p for p in converted["mquake"].pieces}
+    untouched = [f"mquake:{r['case_id']}:{k}" for r in records("mquake") for k, h in enumerate(r["single_hops"])
+                 if h["cloze"].casefold() not in {rw["prompt"].format(rw["subject"]).casefold() for rw in r["requested_rewrite"]}]
+    assert untouched, "the sample has unedited hops"
+    assert [i for i in untouched if i in by_id and by_id[i].role is not None] == []
+
+
+def test_mquake_download_json_counts_edits_originals_and_tests(converted):
+    assert converted["mquake"].meta.pieces_per_role == {"edit": len(mquake_edits()), "original": len(mquake_edits()),
+                                                        "test": len(records("mquake"))}
+
+
+def test_mquake_download_json_counts_the_tests_per_criterion(converted):
+    assert converted["mquake"].meta.pieces_per_criterion == {"multi_hop": len(records("mquake"))}
 
 
 @pytest.fixture(scope="module")
@@ -804,8 +927,364 @@ def test_mquake_t_hop_carries_its_labelled_triple(mquake_t):
     assert mquake_t["mquake-t:2:1"].triple.relation == "capital"
 
 
-def test_mquake_t_fixture_makes_six_pieces(mquake_t):
-    assert len(mquake_t) == 6
+def test_mquake_t_fixture_makes_six_facts_two_edits_and_two_tests(mquake_t):
+    roles = [p.role.value if p.role and p.role.value in ("edit", "test") else "fact" for p in mquake_t.values()]
+    assert sorted(roles) == ["edit"] * 2 + ["fact"] * 6 + ["test"] * 2
+
+
+def test_mquake_t_edit_matched_by_wikidata_triple_keeps_the_rewrite_cloze(mquake_t):
+    assert (mquake_t["mquake-t:2:edit0"].prompt, mquake_t["mquake-t:2:edit0"].answer) == ("Taylor Swift is a citizen of", "Canada")
+
+
+def test_mquake_t_hop_matched_by_wikidata_triple_is_the_original_of_that_edit(mquake_t):
+    assert mquake_t["mquake-t:2:0"].edit_id == "mquake-t:2:edit0"
+
+
+# ----------------------------------------------------------------------------- RippleEdits
+
+RIPPLE_NATIVE = FIXTURES / "rippleedits_native.json"
+#: the six criteria of the native format (README spelling), and the loader's other spelling
+CRITERIA = {"Relation_Specifity", "Logical_Generalization", "Subject_Aliasing", "Compositionality_I", "Compositionality_II", "Forgetfulness"}
+SPELLING = {"Relation_Specificity": "Relation_Specifity"}
+NO_ANSWERS = "query with no answers"
+
+
+def ripple_by_role(result, role: str) -> dict:
+    return {p.id: p for p in result.pieces if p.role and p.role.value == role}
+
+
+def restructured_expected() -> dict:
+    """What the bundled sample must become, read from its records: per record id, the edit
+    (prompt, new, true), the distinct non-leaking test and condition (prompt, answer) pairs and
+    test -> its condition queries; plus the leaking pieces and duplicates merged within an edit."""
+    out = {"edits": {}, "tests": set(), "conditions": set(), "condition_of": defaultdict(set), "leaks": 0, "merged": 0,
+           "originals": 0}
+    for i, r in enumerate(records("rippleedits")):
+        e, rid = r["edit"], str(i)
+        assert e["prompt"].endswith(f" {e['target_id']}."), "restructured edits end with their new target"
+        prefix, new, true = e["prompt"][: -len(e["target_id"]) - 2], e["target_id"], e["original_fact"]["target_id"]
+        out["edits"][rid] = (prefix, new, true)
+        if mentioned(true, prefix):
+            out["leaks"] += 1
+        else:
+            out["originals"] += 1
+        for role, key in (("tests", "compositional_query"), ("conditions", "condition_query")):
+            pairs = [(p[key]["prompt"], p[key]["answer"]) for p in r["compositional_I_problems"]]
+            kept = [(q, a) for q, a in pairs if not mentioned(a, q)]
+            out["leaks"] += len(pairs) - len(kept)
+            out["merged"] += len(kept) - len(set(kept))
+            out[role] |= {(rid, q, a) for q, a in kept}
+        for p in r["compositional_I_problems"]:
+            t, c = p["compositional_query"], p["condition_query"]
+            out["condition_of"][(rid, t["prompt"], t["answer"])].add((c["prompt"], c["answer"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ripple_expected() -> dict:
+    return restructured_expected()
+
+
+def test_rippleedits_sample_makes_one_edit_per_record_and_one_piece_per_distinct_query(converted, ripple_expected):
+    x = ripple_expected
+    assert converted["rippleedits"].meta.pieces_per_role == {"edit": len(x["edits"]), "original": x["originals"],
+                                                             "test": len(x["tests"]), "condition": len(x["conditions"])}
+
+
+def test_rippleedits_sample_counts_its_tests_as_compositionality_i(converted, ripple_expected):
+    assert converted["rippleedits"].meta.pieces_per_criterion == {"Compositionality_I": len(ripple_expected["tests"])}
+
+
+def test_rippleedits_download_json_holds_the_counts_per_role_and_criterion(converted):
+    meta = json.loads(converted["rippleedits"].meta_path.read_text(encoding="utf-8"))
+    roles = defaultdict(int)
+    for p in converted["rippleedits"].pieces:
+        roles[p.role.value] += 1
+    assert (meta["pieces_per_role"], meta["pieces_per_criterion"]) == (dict(roles), {"Compositionality_I": roles["test"]})
+
+
+def test_rippleedits_sample_counts_every_leaking_query_and_original(converted, ripple_expected):
+    assert converted["rippleedits"].meta.pieces_skipped == {LEAK: ripple_expected["leaks"]}
+
+
+def test_rippleedits_sample_merges_only_repeated_queries_of_one_edit(converted, ripple_expected):
+    assert sum(converted["rippleedits"].meta.pieces_merged_as_duplicates.values()) == ripple_expected["merged"]
+
+
+def test_rippleedits_pieces_are_cloze_prefixes(converted):
+    assert {p.kind.value for p in converted["rippleedits"].pieces} == {"cloze"}
+
+
+def test_rippleedits_edit_is_the_edit_prompt_without_its_new_target(converted, ripple_expected):
+    got = {p.question_id: (p.prompt, p.answer, p.answer_before) for p in ripple_by_role(converted["rippleedits"], "edit").values()}
+    assert got == ripple_expected["edits"]
+
+
+def test_rippleedits_dicaprio_edit_moves_syria_in_for_the_united_states(converted):
+    edit = ripple_by_role(converted["rippleedits"], "edit")["rippleedits:0:edit"]
+    assert (edit.prompt, edit.answer, edit.answer_before) == (
+        "The name of the country of citizenship of Leonardo DiCaprio is", "Syria", "United States of America")
+
+
+def test_rippleedits_edit_triple_runs_from_the_subject_to_the_new_target(converted):
+    triple = ripple_by_role(converted["rippleedits"], "edit")["rippleedits:0:edit"].triple
+    assert (triple.subject, triple.relation, triple.object) == ("Leonardo DiCaprio", "country of citizenship", "Syria")
+
+
+def test_rippleedits_original_asks_the_edit_prompt_for_the_true_target(converted):
+    edits = ripple_by_role(converted["rippleedits"], "edit")
+    got = {p.id: (p.prompt, p.answer, p.counterfactual) for p in ripple_by_role(converted["rippleedits"], "original").values()}
+    assert got == {e.id.replace(":edit", ":original"): (e.prompt, e.answer_before, e.answer)
+                   for e in edits.values() if not mentioned(e.answer_before, e.prompt)}
+
+
+def test_rippleedits_original_links_to_the_edit_of_its_record(converted):
+    assert {p.id: p.edit_id for p in ripple_by_role(converted["rippleedits"], "original").values()} == {
+        p.id: p.id.replace(":original", ":edit") for p in ripple_by_role(converted["rippleedits"], "original").values()}
+
+
+def test_rippleedits_tests_are_the_compositional_queries(converted, ripple_expected):
+    assert {(p.question_id, p.prompt, p.answer) for p in ripple_by_role(converted["rippleedits"], "test").values()} == ripple_expected["tests"]
+
+
+def test_rippleedits_conditions_are_the_condition_queries(converted, ripple_expected):
+    assert {(p.question_id, p.prompt, p.answer) for p in ripple_by_role(converted["rippleedits"], "condition").values()} == ripple_expected["conditions"]
+
+
+@pytest.mark.parametrize("role", ["original", "test", "condition"])
+def test_rippleedits_linked_piece_points_to_the_edit_of_its_own_question(converted, role):
+    edits = ripple_by_role(converted["rippleedits"], "edit")
+    assert [p.id for p in ripple_by_role(converted["rippleedits"], role).values()
+            if p.edit_id not in edits or edits[p.edit_id].question_id != p.question_id] == []
+
+
+def test_rippleedits_test_links_to_a_condition_of_the_same_edit(converted):
+    conditions = ripple_by_role(converted["rippleedits"], "condition")
+    assert [p.id for p in ripple_by_role(converted["rippleedits"], "test").values()
+            if p.condition_id is not None and (p.condition_id not in conditions or conditions[p.condition_id].edit_id != p.edit_id)] == []
+
+
+def test_rippleedits_test_condition_is_its_problems_condition_query(converted, ripple_expected):
+    conditions = ripple_by_role(converted["rippleedits"], "condition")
+    wrong = [p.id for p in ripple_by_role(converted["rippleedits"], "test").values() if p.condition_id is not None
+             and (conditions[p.condition_id].prompt, conditions[p.condition_id].answer)
+             not in ripple_expected["condition_of"][(p.question_id, p.prompt, p.answer)]]
+    assert wrong == []
+
+
+def test_rippleedits_every_test_whose_condition_does_not_leak_links_to_it(converted, ripple_expected):
+    unlinked = [p.id for p in ripple_by_role(converted["rippleedits"], "test").values() if p.condition_id is None
+                and any(not mentioned(a, q) for q, a in ripple_expected["condition_of"][(p.question_id, p.prompt, p.answer)])]
+    assert unlinked == []
+
+
+def test_rippleedits_condition_shared_by_two_edits_stays_one_piece_per_edit(converted):
+    owners = defaultdict(set)
+    for i, r in enumerate(records("rippleedits")):
+        for p in r["compositional_I_problems"]:
+            c = p["condition_query"]
+            if not mentioned(c["answer"], c["prompt"]):
+                owners[(c["prompt"], c["answer"])].add(str(i))
+    shared = {k: v for k, v in owners.items() if len(v) > 1}
+    assert shared, "the sample has condition queries shared by several edits (Terengganu)"
+    got = defaultdict(set)
+    for p in ripple_by_role(converted["rippleedits"], "condition").values():
+        got[(p.prompt, p.answer)].add(p.question_id)
+    assert {k: got[k] for k in shared} == shared
+
+
+def test_rippleedits_same_edit_twice_makes_two_edits_none_merged(tmp_path):
+    line = sample_path(FILES["rippleedits"]).read_text(encoding="utf-8").splitlines()[0]
+    (tmp_path / "twice.jsonl").write_text(f"{line}\n{line}\n", encoding="utf-8")
+    meta = download("rippleedits", tmp_path / "o", from_path=tmp_path / "twice.jsonl").meta
+    assert (meta.pieces_per_role["edit"], meta.pieces_merged_as_duplicates) == (2, {})
+
+
+def test_rippleedits_record_whose_edit_prompt_mentions_its_new_target_is_skipped(tmp_path):
+    good = json.loads(sample_path(FILES["rippleedits"]).read_text(encoding="utf-8").splitlines()[0])
+    bad = json.loads(json.dumps(good))
+    bad["edit"]["prompt"] = "The name of the country which Constitution of India is associated with is India."
+    bad["edit"]["target_id"] = "India"
+    meta = download("rippleedits", tmp_path / "o", from_path=write_jsonl(tmp_path / "in.jsonl", [good, bad])).meta
+    assert (meta.records_used, meta.records_skipped) == (1, {"edit prompt mentions its new target": 1})
+
+
+def test_rippleedits_edit_without_a_target_ending_is_a_located_error(tmp_path):
+    rec = json.loads(sample_path(FILES["rippleedits"]).read_text(encoding="utf-8").splitlines()[0])
+    rec["edit"]["prompt"] = "Syria."
+    rec["edit"]["original_fact"]["prompt"] = "United States of America."
+    with pytest.raises(DataError, match=r"in\.jsonl:1: field 'edit\.prompt': cannot tell where the new target begins"):
+        download("rippleedits", tmp_path / "o", from_path=write_jsonl(tmp_path / "in.jsonl", [rec]))
+
+
+# RippleEdits, native benchmark format (tests/fixtures/rippleedits_native.json)
+
+
+def native_entries() -> list[dict]:
+    return json.loads(RIPPLE_NATIVE.read_text(encoding="utf-8"))
+
+
+def native_queries(entry: dict):
+    """(criterion, test index, test, kind, query) of every query of an entry, in file order."""
+    for key, tests in entry.items():
+        criterion = SPELLING.get(key, key)
+        if criterion in CRITERIA:
+            for i, test in enumerate(tests):
+                for kind in ("test_queries", "condition_queries"):
+                    for q in test[kind]:
+                        yield criterion, i, test, kind, q
+
+
+def native_expected() -> dict:
+    """Counts the native fixture must give, read from its entries."""
+    roles, criteria, skipped = defaultdict(int), defaultdict(int), defaultdict(int)
+    for e in native_entries():
+        roles["edit"] += 1
+        roles["original"] += "previous_fact" in e["edit"]
+        seen = {"test_queries": {}, "condition_queries": {}}
+        for criterion, _, _, kind, q in native_queries(e):
+            if not q["answers"]:
+                skipped[NO_ANSWERS] += 1
+            elif mentioned(q["answers"][0]["value"], q["prompt"]):
+                skipped[LEAK] += 1
+            else:
+                seen[kind].setdefault((q["prompt"], q["answers"][0]["value"]), criterion)
+        roles["test"] += len(seen["test_queries"])
+        roles["condition"] += len(seen["condition_queries"])
+        for criterion in seen["test_queries"].values():
+            criteria[criterion] += 1
+    return {"roles": dict(roles), "criteria": dict(sorted(criteria.items())), "skipped": dict(sorted(skipped.items()))}
+
+
+@pytest.fixture(scope="module")
+def ripple_native(tmp_path_factory):
+    return download(None, tmp_path_factory.mktemp("ripple-native"), from_path=RIPPLE_NATIVE)
+
+
+def test_rippleedits_native_fixture_covers_every_criterion_and_an_empty_one():
+    entries = native_entries()
+    assert ({c for e in entries for c, *_ in native_queries(e)}, any(t == [] for e in entries for t in e.values())) == (CRITERIA, True)
+
+
+def test_rippleedits_native_entry_is_sniffed_as_rippleedits(ripple_native):
+    assert ripple_native.meta.format == "rippleedits"
+
+
+def test_rippleedits_native_reads_every_entry(ripple_native):
+    assert (ripple_native.meta.records_used, ripple_native.meta.records_skipped) == (len(native_entries()), {})
+
+
+def test_rippleedits_native_pieces_per_role(ripple_native):
+    assert ripple_native.meta.pieces_per_role == native_expected()["roles"]
+
+
+def test_rippleedits_native_pieces_per_criterion(ripple_native):
+    assert ripple_native.meta.pieces_per_criterion == native_expected()["criteria"]
+
+
+def test_rippleedits_native_counts_leaks_and_queries_without_answers(ripple_native):
+    assert ripple_native.meta.pieces_skipped == native_expected()["skipped"]
+
+
+def test_rippleedits_native_edit_is_the_prompt_without_its_new_target(ripple_native):
+    edit = ripple_by_role(ripple_native, "edit")["rippleedits:0:edit"]
+    assert (edit.prompt, edit.answer, edit.answer_before) == (
+        "The name of the country of citizenship of Leonardo DiCaprio is", "Syria", "United States of America")
+
+
+def test_rippleedits_native_edit_aliases_are_those_the_answers_give_the_new_target(ripple_native):
+    entry = native_entries()[0]
+    aliases = next(a["aliases"] for *_, q in native_queries(entry) for tid, a in zip(q["target_ids"], q["answers"])
+                   if q["query_type"] == "regular" and tid == entry["edit"]["target_id"])
+    assert ripple_by_role(ripple_native, "edit")["rippleedits:0:edit"].aliases == aliases
+
+
+def test_rippleedits_native_original_asks_the_edit_prompt_for_the_previous_target(ripple_native):
+    original = ripple_by_role(ripple_native, "original")["rippleedits:1:original"]
+    assert (original.prompt, original.answer, original.counterfactual, original.edit_id) == (
+        "The name of the mother of Kanye West is", "Donda West", "Geneviève Abelin", "rippleedits:1:edit")
+
+
+def test_rippleedits_native_recent_edit_has_no_original_and_no_answer_before(ripple_native):
+    edit = ripple_by_role(ripple_native, "edit")["rippleedits:2:edit"]
+    assert ((edit.prompt, edit.answer, edit.answer_before), "rippleedits:2:original" in ripple_by_role(ripple_native, "original")) == (
+        ("The place of birth of Sean Connery is", "Scotland", None), False)
+
+
+def test_rippleedits_native_subject_is_named_where_an_answer_names_its_id(ripple_native):
+    assert ripple_by_role(ripple_native, "edit")["rippleedits:1:edit"].triple.subject == "Kanye West"
+
+
+def test_rippleedits_native_subject_stays_its_wikidata_id_where_no_answer_names_it(ripple_native):
+    assert ripple_by_role(ripple_native, "edit")["rippleedits:0:edit"].triple.subject == "Q38111"
+
+
+def test_rippleedits_native_two_hop_test_answers_with_its_second_hop(ripple_native):
+    test = ripple_by_role(ripple_native, "test")["rippleedits:0:Compositionality_I.0.test0"]
+    assert (test.prompt, test.answer, test.criterion) == (
+        "The name of the capital city of the country of citizenship of Leonardo DiCaprio is", "Damascus", "Compositionality_I")
+
+
+def test_rippleedits_native_test_with_two_answers_keeps_the_second_as_aliases(ripple_native):
+    test = ripple_by_role(ripple_native, "test")["rippleedits:0:Relation_Specifity.1.test0"]
+    assert (test.answer, {"film producer", "producer"} <= set(test.aliases)) == ("actor", True)
+
+
+def test_rippleedits_native_test_links_to_the_first_answered_condition_of_its_test(ripple_native):
+    conditions = ripple_by_role(ripple_native, "condition")
+    expected, got = {}, {}
+    for r, e in enumerate(native_entries()):
+        for criterion, i, test, kind, q in native_queries(e):
+            first = next(((c["prompt"], c["answers"][0]["value"]) for c in test["condition_queries"]
+                          if c["answers"] and not mentioned(c["answers"][0]["value"], c["prompt"])), None)
+            if kind == "test_queries" and q["answers"] and not mentioned(q["answers"][0]["value"], q["prompt"]):
+                expected[(str(r), q["prompt"])] = first
+    for p in ripple_by_role(ripple_native, "test").values():
+        c = conditions.get(p.condition_id)
+        got[(p.question_id, p.prompt)] = (c.prompt, c.answer) if c else None
+    assert got == expected
+
+
+def test_rippleedits_native_tests_and_conditions_link_to_their_entrys_edit(ripple_native):
+    assert {p.edit_id for p in ripple_native.pieces if p.role.value != "edit"} == {
+        p.id for p in ripple_native.pieces if p.role.value == "edit"}
+
+
+def test_rippleedits_native_reads_the_loaders_relation_specificity_spelling(tmp_path, ripple_native):
+    text = RIPPLE_NATIVE.read_text(encoding="utf-8").replace('"Relation_Specifity"', '"Relation_Specificity"')
+    (tmp_path / "spelled.json").write_text(text, encoding="utf-8")
+    assert download("rippleedits", tmp_path / "o", from_path=tmp_path / "spelled.json").pieces == ripple_native.pieces
+
+
+@pytest.fixture
+def ripple_url(tmp_path, monkeypatch, hf_cache):
+    """rippleedits pointed at a local HTTP server holding the native fixture as ``v1/random.json``."""
+    import dataclasses
+    import functools
+    import http.server
+    import shutil
+    import threading
+
+    (tmp_path / "www" / "v1").mkdir(parents=True)
+    shutil.copy(RIPPLE_NATIVE, tmp_path / "www" / "v1" / "random.json")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{{revision}}/{{split}}.json"
+    monkeypatch.setitem(SOURCES, "rippleedits", dataclasses.replace(SOURCES["rippleedits"], url=url))
+    yield url
+    server.shutdown()
+
+
+def test_rippleedits_split_names_the_subset_file_downloaded(tmp_path, ripple_url):
+    res = download("rippleedits", tmp_path / "o", revision="v1", split="random")
+    assert (res.meta.input["url"], res.meta.split) == (ripple_url.format(revision="v1", split="random"), "random")
+
+
+def test_rippleedits_downloaded_subset_gives_the_local_files_pieces(tmp_path, ripple_url):
+    local = download("rippleedits", tmp_path / "l", from_path=RIPPLE_NATIVE)
+    assert download("rippleedits", tmp_path / "o", revision="v1", split="random").pieces == local.pieces
 
 
 # ----------------------------------------------------------------------------- plain pieces files
@@ -842,6 +1321,17 @@ def test_plain_pieces_count_leaking_pieces(plain):
 
 def test_written_pieces_file_reads_back_unchanged(tmp_path, plain):
     assert download(None, tmp_path, from_path=plain.pieces_path, format="pieces").pieces == plain.pieces
+
+
+@pytest.mark.parametrize("name", ["mquake", "rippleedits"])
+def test_benchmark_pieces_read_back_unchanged_as_a_plain_pieces_file(tmp_path, converted, name):
+    assert download(None, tmp_path, from_path=converted[name].pieces_path, format="pieces").pieces == converted[name].pieces
+
+
+def test_plain_piece_with_an_unknown_role_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "The capital of France is", "answer": "Paris", "role": "probe"}])
+    with pytest.raises(DataError, match=r"r\.jsonl:1: field 'role': expected one of edit, original, test, condition"):
+        download(None, tmp_path / "o", from_path=path)
 
 
 # ----------------------------------------------------------------------------- bad input

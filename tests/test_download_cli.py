@@ -1,9 +1,12 @@
 """`gradcouple download` through Typer's CliRunner: listing, the bundled sample, the stdout
-contract for pipelines, exit codes, and one readable error line per kind of bad input."""
+contract for pipelines, RippleEdits (bundled sample and native file), exit codes, and one
+readable error line per kind of bad input."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
+from importlib.resources import files
 from pathlib import Path
 
 import pytest
@@ -94,6 +97,86 @@ def test_sample_download_json_counts_the_pieces_written(sample_run):
 def test_sample_download_json_records_the_sample_as_input(sample_run):
     out, _ = sample_run
     assert json.loads((out / "download.json").read_text())["input"]["kind"] == "sample"
+
+
+# ----------------------------------------------------------------------------- RippleEdits
+
+RIPPLE_SAMPLE = files("gradcouple") / "datasets" / "sample" / "rippleedits_compositional.sample.jsonl"
+RIPPLE_NATIVE = FIXTURES / "rippleedits_native.json"
+
+
+def roles_and_criteria(pieces_path: Path) -> tuple[dict, dict]:
+    """Pieces per role and test pieces per criterion, counted in a pieces.jsonl."""
+    pieces = read_pieces(pieces_path)
+    return (dict(Counter(p.role.value for p in pieces if p.role)),
+            dict(Counter(p.criterion for p in pieces if p.role and p.role.value == "test")))
+
+
+@pytest.fixture(scope="module")
+def ripple_sample_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ripple") / "d"
+    return out, run("rippleedits", "--sample", "--out", str(out))
+
+
+@pytest.fixture(scope="module")
+def ripple_native_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ripple-native") / "d"
+    return out, run("--from", str(RIPPLE_NATIVE), "--out", str(out))
+
+
+def test_rippleedits_sample_exits_0(ripple_sample_run):
+    assert ripple_sample_run[1].exit_code == OK, ripple_sample_run[1].output
+
+
+def test_rippleedits_sample_prints_only_the_pieces_path(ripple_sample_run):
+    out, res = ripple_sample_run
+    assert res.stdout.splitlines() == [str(out / "pieces.jsonl")]
+
+
+def test_rippleedits_sample_reads_every_bundled_record(ripple_sample_run):
+    out, _ = ripple_sample_run
+    lines = [line for line in RIPPLE_SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert json.loads((out / "download.json").read_text())["records_read"] == len(lines)
+
+
+def test_rippleedits_sample_download_json_counts_the_roles_and_criteria_written(ripple_sample_run):
+    out, _ = ripple_sample_run
+    meta = json.loads((out / "download.json").read_text())
+    assert (meta["pieces_per_role"], meta["pieces_per_criterion"]) == roles_and_criteria(out / "pieces.jsonl")
+
+
+def test_rippleedits_alias_reads_the_same_sample(tmp_path, ripple_sample_run):
+    out, _ = ripple_sample_run
+    res = run("ripple-edits", "--sample", "--out", str(tmp_path / "d"))
+    assert (tmp_path / "d" / "pieces.jsonl").read_bytes() == (out / "pieces.jsonl").read_bytes(), res.output
+
+
+def test_rippleedits_native_file_exits_0(ripple_native_run):
+    assert ripple_native_run[1].exit_code == OK, ripple_native_run[1].output
+
+
+def test_rippleedits_native_file_is_sniffed_as_rippleedits(ripple_native_run):
+    out, _ = ripple_native_run
+    assert json.loads((out / "download.json").read_text())["format"] == "rippleedits"
+
+
+def test_rippleedits_native_file_download_json_counts_the_roles_and_criteria_written(ripple_native_run):
+    out, _ = ripple_native_run
+    meta = json.loads((out / "download.json").read_text())
+    assert (meta["pieces_per_role"], meta["pieces_per_criterion"]) == roles_and_criteria(out / "pieces.jsonl")
+
+
+def test_rippleedits_native_file_yields_tests_of_five_criteria(ripple_native_run):
+    # the sixth, Forgetfulness, asks "..., which is not United States of America, is" -> United States of America: a leak
+    out, _ = ripple_native_run
+    assert set(roles_and_criteria(out / "pieces.jsonl")[1]) == {
+        "Relation_Specifity", "Logical_Generalization", "Subject_Aliasing", "Compositionality_I", "Compositionality_II"}
+
+
+def test_rippleedits_native_file_read_as_the_named_dataset_gives_the_same_pieces(tmp_path, ripple_native_run):
+    out, _ = ripple_native_run
+    run("rippleedits", "--from", str(RIPPLE_NATIVE), "--out", str(tmp_path / "d"))
+    assert (tmp_path / "d" / "pieces.jsonl").read_bytes() == (out / "pieces.jsonl").read_bytes()
 
 
 # ----------------------------------------------------------------------------- defaults

@@ -22,8 +22,10 @@ PAIR_COS_ATOL = 1e-5  # pairs.csv keeps 6 decimals
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "run"
-    res = CliRunner().invoke(app, ["run", "--datasets", "musique,mquake-hard", "--limit", "24", "--edits", "2",
-                                   "--out", str(out)])
+    cfg = out.parent / "config.yaml"
+    cfg.write_text("ripple:\n  covariance_tokens: 4000\n  bootstrap_resamples: 100\n")
+    res = CliRunner().invoke(app, ["run", "--datasets", "mquake-hard", "--limit", "36", "--n-edits", "2",
+                                   "--config", str(cfg), "--out", str(out)])
     assert res.exit_code == 0, res.output
     return out, res
 
@@ -37,7 +39,7 @@ def test_run_writes_every_artifact(demo_run):
     out, _ = demo_run
     run = RunDir(out)
     for p in [run.config_path, run.pieces_path, run.manifest_path, run.shard_path(0), run.cosine_path, run.gram_path,
-              run.pairs_path, run.stats_path, run.edits_path, run.ripple_summary_path, run.index_path,
+              run.pairs_path, run.stats_path, run.tests_path, run.ripple_summary_path, run.index_path,
               run.report_summary_path, run.timing_path]:
         assert p.is_file() and p.stat().st_size > 0, p
 
@@ -46,8 +48,8 @@ def test_run_scores_real_pieces_with_the_real_model(demo_run):
     out, _ = demo_run
     run = RunDir(out)
     pieces = run.load_pieces()
-    assert len(pieces) == 24 and {p.dataset for p in pieces} <= {"musique", "mquake-hard"}
-    assert {p.kind.value for p in pieces} >= {"single_hop", "multi_hop"}
+    assert len(pieces) == 36 and {p.dataset for p in pieces} == {"mquake-hard"}
+    assert {p.kind.value for p in pieces} >= {"cloze", "multi_hop"}
     man = run.load_manifest()
     assert man.model.name == "smollm2-135m" and man.model.architecture == "llama"
     assert man.n_params == 4 * 576 * 1536
@@ -57,7 +59,7 @@ def test_run_scores_real_pieces_with_the_real_model(demo_run):
 
 def test_run_gradsim_is_a_symmetric_unit_diagonal_matrix(demo_run):
     _, cos = RunDir(demo_run[0]).load_cosine()
-    assert cos.shape == (24, 24) and (cos.diagonal() - 1).abs().max() < UNIT_DIAGONAL_ATOL
+    assert cos.shape == (36, 36) and (cos.diagonal() - 1).abs().max() < UNIT_DIAGONAL_ATOL
     assert torch.equal(cos, cos.t())
 
 
@@ -67,11 +69,11 @@ def test_run_top_pair_is_the_largest_off_diagonal_cosine(demo_run):
     assert run.load_pairs()[0].cosine == pytest.approx(float(cos.triu(1).max()), abs=PAIR_COS_ATOL)
 
 
-def test_run_edits_are_real_and_restored(demo_run):
-    s, _ = RunDir(demo_run[0]).load_ripple()
-    assert s.n_edits == 2 and all(e.restored for e in s.edits)
+def test_run_evaluates_the_benchmark_edits_the_pieces_carry(demo_run):
+    s, rows = RunDir(demo_run[0]).load_ripple()
+    assert s.mode == "benchmark" and s.n_edits == 2 and all(e.restored for e in s.edits)
     assert all(e.logprob_new_after > e.logprob_new_before for e in s.edits)
-    assert s.baseline_logprob_max_abs_diff_vs_manifest < BASELINE_ATOL
+    assert {r.criterion for r in rows} == {"multi_hop"} and len(rows) == 2
 
 
 def test_run_report_summary_has_the_nine_sections_and_the_coupling_mean(demo_run):
@@ -84,7 +86,17 @@ def test_run_report_summary_has_the_nine_sections_and_the_coupling_mean(demo_run
 def test_rerun_reuses_the_current_extraction(demo_run):
     out, _ = demo_run
     shards = [s.sha256 for s in RunDir(out).load_manifest().shards]
-    res = CliRunner().invoke(app, ["run", "--datasets", "musique,mquake-hard", "--limit", "24", "--no-ripple",
+    res = CliRunner().invoke(app, ["run", "--datasets", "mquake-hard", "--limit", "36", "--no-ripple",
                                    "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "reused" in res.output and [s.sha256 for s in RunDir(out).load_manifest().shards] == shards
+
+
+def test_piece_mode_on_the_same_run_restores_and_rescores_the_manifest(demo_run):
+    out, _ = demo_run
+    res = CliRunner().invoke(app, ["ripple", "--run", str(out), "--edits", "pieces", "--n-edits", "2"])
+    assert res.exit_code == 0, res.output
+    s, rows = RunDir(out).load_ripple()
+    assert s.mode == "pieces" and all(e.restored for e in s.edits) and len(rows) == 2 * 35
+    assert s.baseline_logprob_max_abs_diff_vs_manifest < BASELINE_ATOL
+

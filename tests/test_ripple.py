@@ -9,7 +9,7 @@ from conftest import random_pieces, tiny_gpt2, tiny_llama, write_fact_pieces
 
 from gradcouple.config import RunConfig
 from gradcouple.couple import couple
-from gradcouple.edits import finetune_edit, restore, rome_edit, snapshot
+from gradcouple.edits import ft_edit, restore, rome_edit, snapshot
 from gradcouple.errors import ArtifactError
 from gradcouple.extract import encode_pieces, extract
 from gradcouple.layers import select_targets
@@ -57,24 +57,24 @@ def test_edit_choice_is_seeded(tmp_path):
     assert choose_edits(pieces, 5, seed=3) == choose_edits(pieces, 5, seed=3)
 
 
-def test_finetune_edit_then_restore_is_bit_exact(tiny_llama_loaded, tmp_path):
+def test_ft_edit_then_restore_is_bit_exact(tiny_llama_loaded, tmp_path):
     model, tok = tiny_llama_loaded.model, tiny_llama_loaded.tokenizer
     targets = select_targets(model, "all")
     enc = encode_pieces(tok, write_fact_pieces(tmp_path / "p.jsonl"), RunConfig().data.prompt_template, 256)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     saved = snapshot(targets)
-    deltas = finetune_edit(model, targets, enc[0], steps=3, lr=1e-2)
+    deltas = ft_edit(model, targets, [enc[0]], steps=3, lr=1e-2)
     assert all(d.abs().max() > 0 for d in deltas.values())
     assert restore(targets, saved)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(not p.requires_grad and p.grad is None for p in model.parameters())
 
 
-def test_finetune_edit_moves_bfloat16_weights_through_fp32_masters():
+def test_ft_edit_moves_bfloat16_weights_through_fp32_masters():
     model = tiny_llama().to(torch.bfloat16)
     targets = select_targets(model, "all")
     saved = snapshot(targets)
-    deltas = finetune_edit(model, targets, random_pieces(1, seed=2)[0], steps=3, lr=1e-4)
+    deltas = ft_edit(model, targets, random_pieces(1, seed=2), steps=3, lr=1e-4)
     for d in deltas.values():
         assert torch.isfinite(d).all() and d.device.type == "cpu"
         assert (d != 0).float().mean() > 0.5
@@ -176,3 +176,22 @@ def test_ripple_takes_layers_and_template_from_the_run_not_the_callers_flags(tmp
     s = ripple(other, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False).summary
     assert s.baseline_logprob_max_abs_diff_vs_manifest < BASELINE_ATOL
     assert s.edits[0].prompt.startswith("Question: ")
+
+
+def test_pieces_answering_the_new_target_are_their_own_group(tmp_path, tiny_llama_loaded):
+    from gradcouple.pieces import write_pieces
+
+    pieces = write_fact_pieces(tmp_path / "p.jsonl")
+    pieces = [p.model_copy(update={"counterfactual": "Paris" if p.id == "facts:q1:0" else None}) for p in pieces]
+    write_pieces(tmp_path / "p.jsonl", pieces)
+    cfg = RunConfig()
+    cfg.data.pieces = tmp_path / "p.jsonl"
+    cfg.model.name = "llama-tiny-random"
+    cfg.ripple.n_edits, cfg.ripple.steps = 1, 2
+    extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
+    couple(cfg, tmp_path / "run", show_progress=False)
+    s = ripple(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False).summary
+    _, rows = RunDir(tmp_path / "run").load_ripple()
+    assert s.edits[0].piece_id == "facts:q1:0" and s.edits[0].target_answer_pieces == 2
+    assert {r.piece_id for r in rows if r.target_answer} == {"facts:q2:0", "facts:q3:0"}
+    assert s.pooled.n_points == 9 - 2

@@ -5,7 +5,7 @@ reads and writes them; stages build them.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -13,7 +13,7 @@ from . import __version__
 from .config import RunConfig
 from .errors import ArtifactError
 from .io import digest
-from .metrics import Describe, Interval
+from .metrics import Correlation, Describe, Interval
 
 
 class _Model(BaseModel):
@@ -251,6 +251,8 @@ class EditRecord(_Model):
     mean_abs_measured_same_question: Optional[float]
     mean_abs_measured_cross_question: Optional[float]
     multi_hop_measured: list[float]
+    target_answer_pieces: int = Field(description="Other pieces whose answer is the new target: measured, not correlated")
+    target_answer_mean_rise: Optional[float] = Field(description="Their mean change of log P (nats)")
     restored: bool
     seconds: float
 
@@ -262,6 +264,7 @@ class Measurement(_Model):
     edited_id: str
     piece_id: str
     same_question: bool
+    target_answer: bool = Field(description="The piece's answer is the edit's new target (left out of the correlations)")
     cosine: float
     predicted_coupling: float
     predicted_first_order: float
@@ -278,8 +281,9 @@ class PooledRipple(_Model):
 
 
 class RippleSummary(_Model):
-    """``ripple/summary.json``."""
+    """``ripple/summary.json`` of the piece-to-piece mode (``ripple --edits pieces``)."""
 
+    mode: Literal["pieces"] = "pieces"
     inputs: Inputs
     method: str
     steps: int
@@ -300,3 +304,103 @@ class RippleSummary(_Model):
 
 
 # ---------------------------------------------------------------- the directory
+
+
+# ---------------------------------------------------------------- benchmark edits
+
+
+class CovarianceSource(_Model):
+    """Where a key covariance came from: the text, how many tokens, and the layer."""
+
+    text: str
+    n_tokens: int
+    layer: str
+
+
+class TestMeasurement(_Model):
+    """One line of ripple/tests.jsonl: a test query of an edit, before and after it (nats), and every predictor's score."""
+
+    edit: int
+    edit_id: str
+    test_id: str
+    criterion: str
+    logprob_before: float
+    logprob_after: float
+    rise: float
+    greedy_before: bool
+    greedy_after: bool
+    condition_known: Optional[bool]
+    edit_success: bool
+    predictors: dict[str, Optional[float]] = Field(description="Predictor name -> score; None where undefined (no original answer)")
+
+
+class BenchmarkEditRecord(_Model):
+    """One benchmark edit as made: its targets, success, log-probs of the new target (summed over its rewrites, nats)."""
+
+    edit: int
+    edit_ids: list[str]
+    question_id: str
+    subject: Optional[str]
+    new_target: str
+    true_target: Optional[str]
+    success: bool
+    logprob_new_before: float
+    logprob_new_after: float
+    logprob_true_after: Optional[float]
+    subject_key_found: bool
+    edit_norm: float
+    n_tests: int
+    mean_rise_own_tests: float
+    restored: bool
+    seconds: float
+
+
+class PredictorScore(_Model):
+    """How well one predictor tracks the measured rise over a set of (edit, test) points."""
+
+    pearson: Correlation
+    spearman: Correlation
+    auroc: Optional[float]
+    within_edit_spearman: Interval
+
+
+class PredictorReport(_Model):
+    """One predictor: pooled over criteria, per criterion, and pooled over tests whose condition the model knew."""
+
+    definition: str
+    pooled: PredictorScore
+    criteria: dict[str, PredictorScore]
+    pooled_condition_known: PredictorScore
+
+
+class ExactMatch(_Model):
+    """Fraction of counted tests whose expected answer is the greedy continuation, before and after the edit."""
+
+    n: int
+    before: Optional[float]
+    after: Optional[float]
+
+
+class BenchmarkSummary(_Model):
+    """``ripple/summary.json`` of the benchmark mode (``ripple --edits benchmark``)."""
+
+    mode: Literal["benchmark"] = "benchmark"
+    inputs: Inputs
+    method: str
+    settings: dict[str, Any]
+    layer: str = Field(description="The layer whose keys the activation and whitened-key predictors use (and rome edits)")
+    covariance: CovarianceSource
+    n_edits: int
+    n_successful: int
+    n_tests: int
+    n_tests_counted: int = Field(description="Tests of successful edits: the ones every statistic is computed on")
+    exact_match: dict[str, ExactMatch]
+    multi_hop_accuracy: Optional[float]
+    unrelated_change: Describe = Field(description="Change of log P (nats) of a fixed sample of other edits' test queries "
+                                                   "(up to 100, seeded): specificity")
+    predictors: dict[str, PredictorReport]
+    definitions: dict[str, str]
+    seconds: float
+    device: DeviceInfo
+    edits: list[BenchmarkEditRecord]
+

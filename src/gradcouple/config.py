@@ -74,16 +74,27 @@ class CoupleConfig(_Section):
 class RippleConfig(_Section):
     """Real edits and their measured ripple effect."""
 
-    n_edits: int = Field(default=10, ge=1, description="How many pieces to edit (one at a time)", json_schema_extra={"flag": "--edits"})
-    method: Literal["finetune", "rome"] = Field(default="finetune", description="finetune: Adam steps on all target layers; rome: rank-one update of one target layer", json_schema_extra={"flag": "--method"})
-    steps: int = Field(default=10, ge=1, description="Adam steps per edit; small edits stay in the first-order regime", json_schema_extra={"flag": "--steps"})
-    lr: float = Field(default=1e-4, gt=0, description="Adam learning rate of the edit (finetune)", json_schema_extra={"flag": "--lr"})
+    edits: Literal["auto", "benchmark", "pieces"] = Field(default="auto", description="benchmark: the edits and test queries the pieces carry (RippleEdits, MQuAKE); pieces: edit pieces toward counterfactuals and measure every other piece; auto: benchmark when the pieces carry edits", json_schema_extra={"flag": "--edits"})
+    n_edits: int = Field(default=10, ge=1, description="How many edits to make (one at a time)", json_schema_extra={"flag": "--n-edits"})
+    method: Literal["ft", "rome"] = Field(default="ft", description="ft: FT-L, Adam on all target layers (weight changes bounded by max_delta, early stop); rome: rank-one update of one target layer", json_schema_extra={"flag": "--method"})
+    steps: int = Field(default=10, ge=1, description="Adam steps per ft edit (at most, with early stop); small edits stay in the first-order regime", json_schema_extra={"flag": "--steps"})
+    lr: float = Field(default=1e-4, gt=0, description="Adam learning rate of an ft edit", json_schema_extra={"flag": "--lr"})
+    max_delta: Optional[float] = Field(default=None, gt=0, description="FT-L bound on every weight's change |dw| (L-infinity); None = unbounded", json_schema_extra={"flag": "--max-delta"})
+    early_stop: bool = Field(default=True, description="Stop an ft edit once the new target is the greedy continuation")
     rome_layer: int = Field(default=0, description="Index into the target layers of the layer a rome edit changes (0 = lowest)")
     rome_steps: int = Field(default=20, ge=1, description="Adam steps optimising the rome value vector")
     rome_lr: float = Field(default=0.5, gt=0, description="Adam learning rate of the rome value vector")
-    rome_clamp: float = Field(default=4.0, gt=0, description="Max |delta| of the rome value as a multiple of |W k*|")
-    seed: int = Field(default=0, description="Choice of edited pieces and substitute counterfactuals", json_schema_extra={"flag": "--seed"})
-    top_k: int = Field(default=10, ge=1, description="k of precision@k", json_schema_extra={"flag": "--top-k"})
+    rome_clamp: float = Field(default=4.0, gt=0, description="Max |delta| of the rome value as a multiple of |W k*|", json_schema_extra={"flag": "--rome-clamp"})
+    covariance: Literal["wikipedia", "pieces"] = Field(default="wikipedia", description="Key covariance of rome: layer inputs on the Wikipedia paragraphs bundled with the package, or on the run's own pieces")
+    covariance_tokens: int = Field(default=50_000, ge=256, description="Tokens of Wikipedia text for the rome key covariance")
+    seed: int = Field(default=0, description="Choice of edited pieces, substitute counterfactuals and the shuffled baseline", json_schema_extra={"flag": "--seed"})
+    top_k: int = Field(default=10, ge=1, description="k of precision@k")
+    bootstrap_resamples: int = Field(default=1000, ge=10, description="Resamples of whole edits behind each correlation's interval (benchmark mode)")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _finetune_is_ft(cls, v):
+        return "ft" if v == "finetune" else v
 
 
 class ReportConfig(_Section):

@@ -10,34 +10,44 @@ from __future__ import annotations
 import torch
 
 from .layers import Target
-from .scoring import EncodedPiece, answer_logprob, collate
+from .scoring import EncodedPiece, answer_logprob, collate, score
 from .stores import GradientReader
 
 
-def finetune_edit(model, targets: list[Target], new: EncodedPiece, steps: int, lr: float, pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Adam steps on the target weights toward ``new``'s answer; returns Delta theta per target,
-    (d_out, d_in + bias) float32 on the CPU. The caller restores the weights (see :func:`snapshot`).
+def ft_edit(model, targets: list[Target], new: list[EncodedPiece], steps: int, lr: float, pad_id: int = 0,
+            max_delta: float | None = None, early_stop: bool = False) -> dict[str, torch.Tensor]:
+    """FT-L (Meng et al. 2022, "Locating and Editing Factual Associations in GPT", their
+    constrained fine-tuning baseline): Adam on the target weights toward the answers of ``new``
+    (all edited together), each weight's change clamped to [-max_delta, max_delta] when given,
+    stopping early once every new answer is the greedy continuation of its prompt.
 
-    Adam updates float32 master copies that are copied into the model after each step, so
-    bfloat16/float16 weights neither underflow Adam's moments nor round small steps away.
+    Returns Delta theta per target, (d_out, d_in + bias) float32 on the CPU; the model is left
+    edited (restore it with :func:`snapshot` / :func:`restore`). Adam updates float32 master
+    copies, so bfloat16/float16 weights neither underflow Adam's moments nor round small steps away.
     """
     before = {t.name: t.weight_matrix().cpu() for t in targets}
     params = [t.module.weight for t in targets] + [t.module.bias for t in targets if t.has_bias]
-    masters = [p.detach().float().clone().requires_grad_(True) for p in params]
+    originals = [p.detach().float().clone() for p in params]
+    masters = [o.clone().requires_grad_(True) for o in originals]
     for p in params:
         p.requires_grad_(True)
     try:
         opt = torch.optim.Adam(masters, lr=lr)
-        batch = collate([new], pad_id).to(next(model.parameters()).device)
+        batch = collate(new, pad_id).to(next(model.parameters()).device)
         with torch.enable_grad():
             for _ in range(steps):
                 opt.zero_grad(set_to_none=True)
-                (-answer_logprob(model, batch).sum()).backward()
+                lp, greedy = score(model, batch)
+                if early_stop and bool(greedy.all()):
+                    break
+                (-lp.sum()).backward()
                 for p, m in zip(params, masters):
                     m.grad, p.grad = p.grad.float(), None
                 opt.step()
                 with torch.no_grad():
-                    for p, m in zip(params, masters):
+                    for p, m, o in zip(params, masters, originals):
+                        if max_delta is not None:
+                            m.copy_(o + (m - o).clamp(-max_delta, max_delta))
                         p.copy_(m)
     finally:
         for p in params:
@@ -84,19 +94,21 @@ def key_covariance(reader: GradientReader, name: str, ridge: float = 1e-2, block
 
 
 def rome_edit(model, targets: list[Target], target: Target, new: EncodedPiece, cov: torch.Tensor,
-              steps: int = 20, lr: float = 0.5, clamp: float = 4.0, pad_id: int = 0) -> dict[str, torch.Tensor]:
+              steps: int = 20, lr: float = 0.5, clamp: float = 4.0, pad_id: int = 0,
+              key_position: int | None = None) -> dict[str, torch.Tensor]:
     """ROME-style rank-one edit of one linear layer (Meng et al. 2022, "Locating and Editing
     Factual Associations in GPT"), toward ``new``'s answer.
 
-    The key k* is the layer's input at the last prompt position (ROME uses the last subject
-    token, which pieces do not mark). The value is found by optimising an additive delta on the
+    The key k* is the layer's input at ``key_position``: the last token of the subject, as in
+    ROME, where the caller located it (:func:`gradcouple.scoring.subject_position`), else the
+    last prompt position. The value is found by optimising an additive delta on the
     layer's output there to maximise log P(a* | q) (Adam, ``steps`` at ``lr``, |delta| clamped
     to ``clamp`` * |W k*|). Then W <- W + delta u^T with u = C^-1 k* / (k*^T C^-1 k*), so W k* moves
     by exactly delta while keys uncorrelated with k* under C barely move.
     """
     device = next(model.parameters()).device
     batch = collate([new], pad_id).to(device)
-    pos = new.answer_start - 1
+    pos = new.answer_start - 1 if key_position is None else key_position
     cache: dict[str, torch.Tensor] = {}
     delta = torch.zeros(target.d_out, device=device, requires_grad=True)
 

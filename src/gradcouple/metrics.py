@@ -5,6 +5,7 @@ precision@k and bootstrap intervals (scipy.stats). :data:`DEFINITIONS` is the te
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -37,6 +38,13 @@ DEFINITIONS: dict[str, str] = {
     "precision@k": "|top-k pieces by |predicted change| ∩ top-k pieces by |measured change|| / k.",
     "bootstrap interval": f"{CONFIDENCE:.0%} BCa interval of the mean over edits from {N_RESAMPLES} resamples of the "
                           "edits (scipy.stats.bootstrap, seed 0); percentile interval when BCa is undefined.",
+    "clustered bootstrap interval": f"{CONFIDENCE:.0%} percentile interval of a correlation over (edit, test) points "
+                                    "from ripple.bootstrap_resamples (default 1000) resamples of whole edits with replacement (scipy.stats.bootstrap, "
+                                    "seed 0): the points of one edit are not independent, so edits are the unit resampled.",
+    "multi-hop accuracy": "Fraction of MQuAKE cases whose multi-hop question is an exact match for the new answer "
+                          "after the case's edit.",
+    "AUROC": "Probability that a predictor scores one of the edit's own test queries above another edit's test query "
+             "(Mann-Whitney U / (n_own n_other), scipy.stats.mannwhitneyu; ties count half), pooled over edits.",
 }
 
 
@@ -59,6 +67,16 @@ class Interval(BaseModel):
     high: Optional[float] = None
     n: int = 0
     confidence: float = CONFIDENCE
+
+
+class Correlation(BaseModel):
+    """A correlation over (edit, test) points with its clustered bootstrap interval."""
+
+    value: Optional[float] = None
+    ci_low: Optional[float] = None
+    ci_high: Optional[float] = None
+    n_points: int = 0
+    n_edits: int = 0
 
 
 def _finite(values) -> np.ndarray:
@@ -120,11 +138,65 @@ def bootstrap_interval(values: Sequence[Optional[float]], statistic: Callable = 
     if np.ptp(a) == 0:
         return Interval(estimate=est, low=est, high=est, n=int(a.size))
     kw = dict(confidence_level=CONFIDENCE, n_resamples=N_RESAMPLES, rng=np.random.default_rng(0))
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", sstats.DegenerateDataWarning)
         ci = sstats.bootstrap((a,), statistic, method="BCa", **kw).confidence_interval
         if not (np.isfinite(ci.low) and np.isfinite(ci.high)):
             ci = sstats.bootstrap((a,), statistic, method="percentile", **kw).confidence_interval
     return Interval(estimate=est, low=float(ci.low), high=float(ci.high), n=int(a.size))
+
+
+def _corr(kind: str, x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rho (Pearson of average ranks, as scipy.stats.spearmanr) or Pearson's r; NaN when undefined."""
+    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    if kind == "spearman":
+        x, y = sstats.rankdata(x), sstats.rankdata(y)
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def clustered_correlation(x: Sequence[float], y: Sequence[float], clusters: Sequence[int], kind: str = "spearman",
+                          n_resamples: int = N_RESAMPLES) -> Correlation:
+    """Spearman's rho or Pearson's r of paired points, with the interval of
+    ``DEFINITIONS['clustered bootstrap interval']`` (clusters = the edit each point belongs to).
+
+    Raises:
+        ValueError: ``kind`` is neither 'spearman' nor 'pearson'.
+    """
+    if kind not in ("spearman", "pearson"):
+        raise ValueError(kind)
+    x, y, c = (np.asarray(v, dtype=np.float64) for v in (x, y, clusters))
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y, c = x[ok], y[ok], c[ok]
+    groups = [np.flatnonzero(c == k) for k in np.unique(c)]
+    value = _corr(kind, x, y)
+    out = Correlation(value=value if np.isfinite(value) else None, n_points=int(x.size), n_edits=len(groups))
+    if len(groups) < 2 or out.value is None:
+        return out
+
+    def stat(idx):
+        pts = np.concatenate([groups[int(i)] for i in idx])
+        return _corr(kind, x[pts], y[pts])
+
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", sstats.DegenerateDataWarning)  # a constant resample: NaN, reported as None
+        ci = sstats.bootstrap((np.arange(len(groups)),), stat, vectorized=False, method="percentile",
+                              confidence_level=CONFIDENCE, n_resamples=n_resamples,
+                              rng=np.random.default_rng(0)).confidence_interval
+    if np.isfinite(ci.low) and np.isfinite(ci.high):
+        out.ci_low, out.ci_high = float(ci.low), float(ci.high)
+    return out
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> Optional[float]:
+    """``DEFINITIONS['AUROC']`` of ``scores`` for the positive ``labels``; None without both classes."""
+    s, lab = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    ok = np.isfinite(s)
+    s, lab = s[ok], lab[ok]
+    pos, neg = s[lab], s[~lab]
+    if pos.size == 0 or neg.size == 0:
+        return None
+    return float(sstats.mannwhitneyu(pos, neg).statistic / (pos.size * neg.size))
 
 
 def definitions_markdown() -> str:

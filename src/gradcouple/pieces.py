@@ -25,6 +25,21 @@ class PieceKind(str, Enum):
     multi_hop = "multi_hop"
 
 
+class PieceRole(str, Enum):
+    """A piece's part in a knowledge-edit benchmark (None on a piece means a plain fact).
+
+    ``edit``: the edited fact with its NEW target as answer (its gradient is the direction the
+    edit moves); ``original``: the same prompt with the true target (the fact before the edit);
+    ``test``: a test query of an edit, answered as expected after the edit; ``condition``: the
+    fact a test presupposes, checked on the unedited model.
+    """
+
+    edit = "edit"
+    original = "original"
+    test = "test"
+    condition = "condition"
+
+
 class Triple(BaseModel):
     """A (subject, relation, object) fact."""
 
@@ -58,6 +73,11 @@ class KnowledgePiece(BaseModel):
     triple: Optional[Triple] = None
     counterfactual: Optional[str] = Field(default=None, description="Answer an edit rewrites this piece to")
     owners: list[str] = Field(default_factory=list, description="All question ids sharing this piece")
+    role: Optional[PieceRole] = Field(default=None, description="Part in an edit benchmark; None = a plain fact")
+    edit_id: Optional[str] = Field(default=None, description="For original/test/condition pieces: the id of their edit piece")
+    criterion: Optional[str] = Field(default=None, description="For tests: the benchmark's criterion, e.g. Compositionality_I")
+    answer_before: Optional[str] = Field(default=None, description="For edits and tests: the answer before the edit, where known")
+    condition_id: Optional[str] = Field(default=None, description="For tests: the id of the condition piece it presupposes")
 
     @field_validator("prompt", "answer")
     @classmethod

@@ -23,18 +23,18 @@ from typing import Optional
 import torch
 from pydantic import BaseModel
 
-from .artifacts import CouplingStats, EditRecord, Manifest, Measurement, PooledRipple, RippleSummary
+from .artifacts import BenchmarkSummary, CouplingStats, EditRecord, Manifest, Measurement, PooledRipple, RippleSummary
 from .config import RunConfig
-from .edits import finetune_edit, key_covariance, restore, rome_edit, snapshot
+from .edits import ft_edit, key_covariance, restore, rome_edit, snapshot
 from .errors import ArtifactError, DataError
 from .extract import encode_pieces
 from .gram import first_order
 from .layers import Target, select_targets
 from .metrics import DEFINITIONS, bootstrap_interval, describe, pearson, precision_at_k, spearman
 from .models import LoadedModel, load_model
-from .pieces import KnowledgePiece, PieceKind
+from .pieces import KnowledgePiece, PieceKind, PieceRole
 from .progress import progress
-from .rules import AnswerMatch, answers_match, same_question
+from .rules import AnswerMatch, answers_match, same_answer, same_question
 from .rundir import RunDir
 from .runinfo import device_info
 from .scoring import EncodedPiece, answer_logprob, collate, encode
@@ -49,10 +49,10 @@ class NothingToEdit(DataError):
 
 
 class RippleResult(BaseModel):
-    """Where the outputs are, and the summary written to ripple/summary.json."""
+    """Where the outputs are, and the summary written to ripple/summary.json (pieces or benchmark mode)."""
 
     out_dir: Path
-    summary: RippleSummary
+    summary: RippleSummary | BenchmarkSummary
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class RippleRun:
     targets: list[Target]
     encoded: list[EncodedPiece]
     norms: torch.Tensor
-    before: torch.Tensor
+    before: Optional[torch.Tensor] = None
     covariances: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -157,8 +157,7 @@ def check_run(cfg: RunConfig, run_dir: str | Path, loaded: Optional[LoadedModel]
     pieces = run.load_pieces()
     encoded = encode_pieces(loaded.tokenizer, pieces, extracted.data.prompt_template, extracted.extract.max_length)
     norms = torch.tensor([r.norm for r in manifest.records()], dtype=torch.float64)
-    before = measure_logprobs(loaded.model, encoded, manifest.batch_size, loaded.pad_id)
-    return RippleRun(run, cfg, manifest, stats, reader, pieces, cos, loaded, targets, encoded, norms, before)
+    return RippleRun(run, cfg, manifest, stats, reader, pieces, cos, loaded, targets, encoded, norms)
 
 
 @dataclass
@@ -189,7 +188,7 @@ def apply_edit(r: RippleRun, edit: PlannedEdit) -> AppliedEdit:
         cov = r.covariances.setdefault(layer.name, key_covariance(r.reader, layer.name))
         deltas = rome_edit(r.loaded.model, r.targets, layer, enc_new, cov, cfg.rome_steps, cfg.rome_lr, cfg.rome_clamp, pad)
     else:
-        deltas = finetune_edit(r.loaded.model, r.targets, enc_new, cfg.steps, cfg.lr, pad)
+        deltas = ft_edit(r.loaded.model, r.targets, [enc_new], cfg.steps, cfg.lr, pad, cfg.max_delta, cfg.early_stop)
     after = measure_logprobs(r.loaded.model, r.encoded, r.manifest.batch_size, pad)
     new_after = float(measure_logprobs(r.loaded.model, [enc_new], 1, pad)[0])
     restored = restore(r.targets, saved)
@@ -202,14 +201,19 @@ def record_edit(r: RippleRun, e: int, edit: PlannedEdit, applied: AppliedEdit,
                 seconds: float) -> tuple[EditRecord, list[Measurement], tuple[torch.Tensor, ...]]:
     """Score the predictors against the measured change over every other piece.
 
+    Pieces whose answer is the edit's new target (the same-answer rule) rise by tens of nats for
+    that reason alone, which has nothing to do with coupling: they are measured and reported as
+    their own group ("target-answer pieces") and left out of the correlations.
+
     Returns the edit's record, one measurement per other piece, and (coupling prediction,
-    first-order prediction, measured) over the other pieces, for the pooled statistics.
+    first-order prediction, measured) over the other non-target-answer pieces, for the pooled statistics.
     """
     i, piece = edit.index, r.pieces[edit.index]
     measured = applied.after - r.before
     pred_f = first_order(r.reader, applied.deltas)
     pred_c = float(pred_f[i]) * r.cos[i] * r.norms / r.norms[i].clamp_min(1e-300)
-    others = [j for j in range(len(r.pieces)) if j != i]
+    target = {j for j, p in enumerate(r.pieces) if j != i and same_answer(p.answer, edit.new_answer)}
+    others = [j for j in range(len(r.pieces)) if j != i and j not in target]
     same = [same_question(piece.question_ids, r.pieces[j].question_ids) for j in range(len(r.pieces))]
     o = torch.tensor(others, dtype=torch.long)
     m, pc, pf = measured[o], pred_c[o], pred_f[o]
@@ -228,10 +232,13 @@ def record_edit(r: RippleRun, e: int, edit: PlannedEdit, applied: AppliedEdit,
         mean_abs_measured_same_question=float(measured[same_js].abs().mean()) if same_js else None,
         mean_abs_measured_cross_question=float(measured[cross_js].abs().mean()) if cross_js else None,
         multi_hop_measured=[float(measured[j]) for j in same_js if r.pieces[j].kind == PieceKind.multi_hop],
+        target_answer_pieces=len(target),
+        target_answer_mean_rise=float(measured[sorted(target)].mean()) if target else None,
         restored=applied.restored, seconds=seconds)
     rows = [Measurement(edit=e, edited_id=piece.id, piece_id=r.pieces[j].id, same_question=same[j],
-                        cosine=float(r.cos[i, j]), predicted_coupling=float(pred_c[j]),
-                        predicted_first_order=float(pred_f[j]), measured=float(measured[j])) for j in others]
+                        target_answer=j in target, cosine=float(r.cos[i, j]), predicted_coupling=float(pred_c[j]),
+                        predicted_first_order=float(pred_f[j]), measured=float(measured[j]))
+            for j in sorted([*others, *target])]
     return rec, rows, (pc, pf, m)
 
 
@@ -256,10 +263,25 @@ def summarise(r: RippleRun, records: list[EditRecord], pooled: list[tuple[torch.
         definitions={k: DEFINITIONS[k] for k in used}, edits=records)
 
 
-def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel] = None, show_progress: bool = True) -> RippleResult:
-    """Edit ``ripple.n_edits`` pieces one at a time and measure every piece's log-prob change.
+def edit_mode(cfg: RunConfig, pieces: list[KnowledgePiece]) -> str:
+    """'benchmark' or 'pieces': ``ripple.edits``, with 'auto' meaning benchmark when the pieces carry edits.
 
-    Writes ``ripple/edits.jsonl`` (one line per edit and other piece) and ``ripple/summary.json``.
+    Raises:
+        NothingToEdit: benchmark mode asked for, but no piece is a benchmark edit.
+    """
+    has = any(p.role == PieceRole.edit for p in pieces)
+    if cfg.ripple.edits == "benchmark" and not has:
+        raise NothingToEdit("--edits benchmark: no piece carries a benchmark edit (role 'edit'); download RippleEdits or "
+                            "MQuAKE pieces, or use --edits pieces.")
+    return "benchmark" if cfg.ripple.edits == "benchmark" or (cfg.ripple.edits == "auto" and has) else "pieces"
+
+
+def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel] = None, show_progress: bool = True) -> RippleResult:
+    """Make ``ripple.n_edits`` edits one at a time and measure their ripple effect.
+
+    Benchmark mode (:mod:`gradcouple.benchmark`) makes the edits the pieces carry and writes
+    ``ripple/tests.jsonl``; pieces mode edits pieces toward counterfactuals and writes
+    ``ripple/edits.jsonl`` (one line per edit and other piece). Both write ``ripple/summary.json``.
 
     Raises:
         ArtifactError: gradients or coupling missing or stale; the model differs from the extraction's.
@@ -267,7 +289,17 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
     """
     t0 = time.perf_counter()
     r = check_run(cfg, run_dir, loaded)
+    if edit_mode(cfg, r.pieces) == "benchmark":
+        from .benchmark import benchmark_edits, evaluate_benchmark
+
+        edits = benchmark_edits(r.pieces)[: cfg.ripple.n_edits]
+        if not edits:
+            raise NothingToEdit(f"{r.run.pieces_path}: no benchmark edit has a test query.")
+        summary, rows = evaluate_benchmark(r, edits, show_progress)
+        r.run.save_ripple(summary, rows)
+        return RippleResult(out_dir=r.run.ripple_dir, summary=summary)
     planned = choose_edits(r.pieces, cfg.ripple.n_edits, cfg.ripple.seed)
+    r.before = measure_logprobs(r.loaded.model, r.encoded, r.manifest.batch_size, r.loaded.pad_id)
     if not planned:
         raise NothingToEdit(f"{r.run.pieces_path}: no piece can be edited (need a counterfactual or two distinct answers of one kind).")
     records, rows, pooled = [], [], []

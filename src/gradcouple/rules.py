@@ -19,6 +19,11 @@ RULES: dict[str, str] = {
                     "(each case-folded); case-folded: equal after case-folding and collapsing whitespace.",
     "leading space": "The scored answer starts with one space unless the prompt already ends in whitespace, so "
                      "BPE and SentencePiece vocabularies see the answer as a word start.",
+    "exact match": "The greedy continuation of the prompt begins with the expected answer or one of its first three "
+                   "aliases: every answer token is the argmax given the prompt and the answer tokens before it "
+                   "(case-sensitive; RippleEdits' rule, applied to the start of the continuation).",
+    "condition known": "A test query's condition fact is known when, on the unedited model, it is an exact match; "
+                       "RippleEdits counts a test only then (statistics are given with and without this filter).",
 }
 
 

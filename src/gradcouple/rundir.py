@@ -25,7 +25,17 @@ from typing import Optional
 import torch
 from pydantic import BaseModel, ValidationError
 
-from .artifacts import CouplingStats, Inputs, Manifest, Measurement, PairRow, RippleSummary, ShardEntry
+from .artifacts import (
+    BenchmarkSummary,
+    CouplingStats,
+    Inputs,
+    Manifest,
+    Measurement,
+    PairRow,
+    RippleSummary,
+    ShardEntry,
+    TestMeasurement,
+)
 from .config import RunConfig
 from .errors import ArtifactError
 from .io import atomic_open, atomic_torch_save, sha256_file, write_json
@@ -107,6 +117,8 @@ class RunDir:
     def edits_path(self) -> Path: return self.ripple_dir / "edits.jsonl"
     @property
     def ripple_summary_path(self) -> Path: return self.ripple_dir / "summary.json"
+    @property
+    def tests_path(self) -> Path: return self.ripple_dir / "tests.jsonl"
     @property
     def report_dir(self) -> Path: return self.root / "report"
     @property
@@ -215,6 +227,12 @@ class RunDir:
         d = torch.load(self.cosine_path, weights_only=True, map_location="cpu")
         return list(d["ids"]), d["cosine"].double()
 
+    def load_gram(self) -> torch.Tensor:
+        """The (N, N) float64 Gram matrix <g_i, g_j> in pieces.jsonl order (full mode only)."""
+        if not self.gram_path.is_file():
+            raise ArtifactError(f"{self.gram_path}: no Gram matrix; run `gradcouple couple --run {self.root}` (without --top-k).")
+        return torch.load(self.gram_path, weights_only=True, map_location="cpu")["gram"].double()
+
     def load_topk(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """(ids, indices (N, k) int64, cosine (N, k) float64)."""
         if not self.topk_path.is_file():
@@ -253,26 +271,38 @@ class RunDir:
         return _load_json_model(self.stats_path, CouplingStats, f"rerun `gradcouple couple --run {self.root}`.")
 
     # ripple
-    def save_ripple(self, summary: RippleSummary, measurements: list[Measurement]) -> None:
-        with atomic_open(self.edits_path, "w", encoding="utf-8") as fh:
-            for m in measurements:
+    def save_ripple(self, summary: RippleSummary | BenchmarkSummary,
+                    rows: list[Measurement] | list[TestMeasurement]) -> None:
+        """summary.json, and one line per measurement: edits.jsonl (pieces mode) or tests.jsonl (benchmark mode)."""
+        keep = self.tests_path if summary.mode == "benchmark" else self.edits_path
+        for stale in {self.tests_path, self.edits_path} - {keep}:
+            stale.unlink(missing_ok=True)
+        with atomic_open(keep, "w", encoding="utf-8") as fh:
+            for m in rows:
                 fh.write(m.model_dump_json() + "\n")
         write_json(self.ripple_summary_path, summary.model_dump(mode="json"))
 
     def has_ripple(self) -> bool:
         return self.ripple_summary_path.is_file()
 
-    def load_ripple(self) -> tuple[RippleSummary, list[Measurement]]:
+    def load_ripple(self) -> tuple[RippleSummary | BenchmarkSummary, list[Measurement] | list[TestMeasurement]]:
+        """The ripple summary (either mode) and its measurement lines."""
         fix = f"rerun `gradcouple ripple --run {self.root}`."
-        summary = _load_json_model(self.ripple_summary_path, RippleSummary, fix)
+        try:
+            mode = json.loads(self.ripple_summary_path.read_text(encoding="utf-8")).get("mode", "pieces")
+        except (OSError, json.JSONDecodeError, AttributeError) as e:
+            raise ArtifactError(f"{self.ripple_summary_path}: unreadable ({e}); {fix}") from None
+        model, line_model, path = ((BenchmarkSummary, TestMeasurement, self.tests_path) if mode == "benchmark"
+                                   else (RippleSummary, Measurement, self.edits_path))
+        summary = _load_json_model(self.ripple_summary_path, model, fix)
         rows = []
-        if self.edits_path.is_file():
-            for n, line in enumerate(self.edits_path.read_text(encoding="utf-8").splitlines(), 1):
+        if path.is_file():
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if line.strip():
                     try:
-                        rows.append(Measurement.model_validate_json(line))
+                        rows.append(line_model.model_validate_json(line))
                     except ValidationError as e:
-                        raise ArtifactError(f"{self.edits_path}:{n}: {e.errors()[0]['msg']}; {fix}") from None
+                        raise ArtifactError(f"{path}:{n}: {e.errors()[0]['msg']}; {fix}") from None
         return summary, rows
 
     # freshness of the downstream artifacts
@@ -302,7 +332,7 @@ class RunDir:
         return Inputs(values={"gradients": manifest.fingerprint(), "coupling": stats.matrix_sha256,
                               "config": cfg.ripple_hash()})
 
-    def current_ripple(self, manifest: Manifest, stats: CouplingStats) -> Optional[tuple[RippleSummary, list[Measurement]]]:
+    def current_ripple(self, manifest: Manifest, stats: CouplingStats) -> Optional[tuple[RippleSummary | BenchmarkSummary, list]]:
         """The ripple results when present and made from this run's gradients and coupling; None when absent.
 
         Raises:

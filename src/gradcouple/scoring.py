@@ -76,6 +76,29 @@ def encode(tokenizer, prompt: str, answer: str, max_length: int = 256, where: st
     return EncodedPiece(tuple(ids), start, prompt, answer)
 
 
+def subject_position(tokenizer, encoded: EncodedPiece, subject: str) -> int | None:
+    """Index in ``encoded.ids`` of the last token of the last mention of ``subject`` in the prompt,
+    located by character offsets (ROME's key position); None when the prompt does not mention it.
+
+    The match is case-sensitive first, then case-insensitive. Works for any fast tokenizer (BPE
+    with "Ġ" word starts and SentencePiece with "▁" alike), since only character spans are used.
+    """
+    prompt = encoded.prompt
+    at = prompt.rfind(subject)
+    if at < 0:
+        at = prompt.casefold().rfind(subject.casefold())
+    if at < 0 or not subject:
+        return None
+    end = at + len(subject)
+    offsets = tokenizer(encoded.prompt + encoded.answer, return_offsets_mapping=True, add_special_tokens=True)["offset_mapping"]
+    shift = len(offsets) - len(encoded.ids)  # tokens cut from the left by max_length
+    hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b >= end]
+    pos = (hits[0] if hits else None)
+    if pos is None or pos - shift < 0 or pos - shift >= encoded.answer_start:
+        return None
+    return pos - shift
+
+
 @dataclass
 class Batch:
     """Right-padded inputs and the scored positions of a batch of B pieces.
@@ -133,11 +156,24 @@ def answer_logprob(model, batch: Batch) -> torch.Tensor:
     Runs the base model (no LM head) over the batch and applies the LM head only at the M
     scored positions: logits (M, V) instead of (B, T, V).
     """
+    return score(model, batch)[0]
+
+
+def score(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log P(answer | prompt) in nats (B,) float32, greedy (B,) bool), differentiable in the first.
+
+    ``greedy`` is True when every answer token is the model's argmax given the prompt and the
+    answer tokens before it: the greedy continuation of the prompt begins with the answer.
+    """
     out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
     logits = _final_logits(model, hidden[batch.pos_b, batch.pos_t])
     token_lp = logits.log_softmax(-1).gather(1, batch.targets[:, None])[:, 0]
-    return torch.zeros(batch.input_ids.shape[0], dtype=token_lp.dtype, device=token_lp.device).index_add(0, batch.pos_b, token_lp)
+    B = batch.input_ids.shape[0]
+    lp = torch.zeros(B, dtype=token_lp.dtype, device=token_lp.device).index_add(0, batch.pos_b, token_lp)
+    miss = (logits.argmax(-1) != batch.targets).long()
+    misses = torch.zeros(B, dtype=torch.long, device=miss.device).index_add(0, batch.pos_b, miss)
+    return lp, misses == 0
 
 
 def full_logits_logprob(model, batch: Batch) -> torch.Tensor:

@@ -68,6 +68,15 @@ def interval(iv, spec: str = "+.3f") -> str:
     return f"{num(iv.estimate, spec)} [{num(iv.low, spec)}, {num(iv.high, spec)}]"
 
 
+def correlation(c, spec: str = "+.3f") -> str:
+    """A :class:`~gradcouple.metrics.Correlation` as 'value [low, high]'."""
+    if c is None or c.value is None:
+        return "n/a"
+    if c.ci_low is None:
+        return num(c.value, spec)
+    return f"{num(c.value, spec)} [{num(c.ci_low, spec)}, {num(c.ci_high, spec)}]"
+
+
 def print_path(path: Path) -> None:
     """The stage's main output path, last, on stdout (for shell pipelines)."""
     typer.echo(str(path))

@@ -7,29 +7,49 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import ConfigOpt, DeviceOpt, RunDirOpt, build_config, console, interval, num, print_path, summary_table
+from .options import (ConfigOpt, DeviceOpt, RunDirOpt, build_config, console, correlation, interval, num, print_path,
+                      summary_table)
 
 EPILOG = """Examples:
 
-  gradcouple ripple --run runs/musique
+  gradcouple ripple --run runs/rippleedits                      # the benchmark's own edits and test queries
 
-  gradcouple ripple --run runs/mquake --edits 20 --steps 5 --lr 5e-4
+  gradcouple ripple --run runs/rippleedits --method rome --n-edits 40
 
-  gradcouple ripple --run runs/mquake --method rome
+  gradcouple ripple --run runs/musique --edits pieces --n-edits 20 --steps 5 --lr 5e-4
 """
+
+
+def benchmark_table(s):
+    """Every predictor's pooled Spearman and Pearson (95% CI), AUROC, and the edits' success and exact match."""
+    from rich.table import Table
+
+    t = Table(title=f"ripple ({s.method}): {s.n_successful}/{s.n_edits} edits succeeded, {s.n_tests_counted} test queries "
+                    f"counted; exact match {num(s.exact_match['pooled'].before, '.2f')} -> {num(s.exact_match['pooled'].after, '.2f')}",
+              title_justify="left")
+    for col in ("predictor", "Spearman's rho [95% CI]", "Pearson r [95% CI]", "AUROC"):
+        t.add_column(col)
+    for name, rep in s.predictors.items():
+        p = rep.pooled
+        t.add_row(name, correlation(p.spearman), correlation(p.pearson), num(p.auroc, ".3f"))
+    return t
 
 
 def ripple(
     run: RunDirOpt = Path("runs/default"),
-    edits: Annotated[Optional[int], typer.Option("--edits", "-n", help="How many pieces to edit, one at a time.")] = None,
-    method: Annotated[Optional[str], typer.Option(help="finetune (Adam on all target layers) or rome (rank-one update of one layer).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Adam steps per edit (finetune).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate of the edit.")] = None,
+    edits: Annotated[Optional[str], typer.Option("--edits", help="benchmark (the edits the pieces carry), pieces (edit pieces "
+                                                  "toward counterfactuals, measure every other piece) or auto (default).")] = None,
+    n_edits: Annotated[Optional[int], typer.Option("--n-edits", "-n", help="How many edits to make, one at a time (default 10).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="ft (FT-L: Adam on all target layers) or rome (rank-one update of one layer).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Adam steps per ft edit (at most: it stops once the new target is greedy).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate of an ft edit.")] = None,
+    max_delta: Annotated[Optional[float], typer.Option("--max-delta", help="FT-L bound on each weight's change (L-infinity).")] = None,
+    rome_clamp: Annotated[Optional[float], typer.Option("--rome-clamp", help="Max |delta| of a rome value as a multiple of |W k*|.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for the choice of edited pieces.")] = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Edit pieces toward counterfactual answers and compare predicted with measured ripple.
+    """Make real edits (the benchmark's own, or pieces toward counterfactuals) and score how well each predictor foresees the ripple.
 
     The model, layers, prompt template, max length and batch size are those of the extraction
     in RUN; only the device can differ.
@@ -37,9 +57,14 @@ def ripple(
     from .. import ripple as stage
     from ..rundir import RunDir
 
-    cfg = build_config(config, run, {"ripple.n_edits": edits, "ripple.method": method, "ripple.steps": steps,
-                                     "ripple.lr": lr, "ripple.seed": seed, "model.device": device})
+    cfg = build_config(config, run, {"ripple.edits": edits, "ripple.n_edits": n_edits, "ripple.method": method,
+                                     "ripple.steps": steps, "ripple.lr": lr, "ripple.max_delta": max_delta,
+                                     "ripple.rome_clamp": rome_clamp, "ripple.seed": seed, "model.device": device})
     s = stage.ripple(cfg, run).summary
+    if s.mode == "benchmark":
+        console.print(benchmark_table(s))
+        print_path(RunDir(run).ripple_summary_path)
+        return
     console.print(summary_table("ripple", [
         ("edits", f"{s.n_edits} ({s.n_successful} successful)"),
         ("Spearman's rho, coupling (mean over edits, 95% CI)", interval(s.spearman_coupling)),

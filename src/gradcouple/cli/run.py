@@ -30,7 +30,9 @@ EPILOG = """Examples:
 
   gradcouple run --data data/musique/pieces.jsonl --model gpt2 --layers all --out runs/gpt2
 
-  gradcouple run --datasets musique,mquake --edits 10 --out runs/mq
+  gradcouple run --datasets musique,mquake --n-edits 10 --out runs/mq
+
+  gradcouple run --data data/rippleedits/pieces.jsonl --method rome --n-edits 40 --out runs/re
 """
 
 
@@ -43,7 +45,9 @@ def run(
     store: Annotated[Optional[str], typer.Option(help="factors (default), dense or projected.")] = None,
     batch_size: BatchSizeOpt = None,
     limit: LimitOpt = None,
-    edits: Annotated[Optional[int], typer.Option("--edits", "-n", help="Pieces to edit in the ripple stage.")] = None,
+    edits: Annotated[Optional[str], typer.Option("--edits", help="Ripple mode: benchmark, pieces or auto (default: benchmark when the pieces carry edits).")] = None,
+    n_edits: Annotated[Optional[int], typer.Option("--n-edits", "-n", help="Edits to make in the ripple stage (default 10).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Edit method: ft (default) or rome.")] = None,
     no_ripple: Annotated[bool, typer.Option("--no-ripple", help="Skip the ripple stage.")] = False,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
@@ -59,7 +63,8 @@ def run(
     t0 = time.perf_counter()
     cfg = build_config(config, None, {
         "data.pieces": data, "data.limit": limit, "model.name": model, "model.layers": layers, "model.device": device,
-        "extract.store": store, "extract.batch_size": batch_size, "ripple.n_edits": edits})
+        "extract.store": store, "extract.batch_size": batch_size, "ripple.edits": edits, "ripple.n_edits": n_edits,
+        "ripple.method": method})
     res = pipeline.run_pipeline(cfg, out, datasets=[d.strip() for d in datasets.split(",") if d.strip()],
                                 skip_ripple=no_ripple, overwrite=overwrite)
     for stage, why in res.skipped.items():
@@ -72,7 +77,11 @@ def run(
             ("same- vs cross-question, different answers",
              f"{num(p.same_question_different_answer.mean)} vs {num(p.cross_question_different_answer.mean)}"),
             ("same-answer pairs", f"{num(p.same_answer.mean)} ({p.same_answer.n} pairs)")]
-    if res.ripple is not None:
+    if res.ripple is not None and res.ripple.summary.mode == "benchmark":
+        from .ripple import benchmark_table
+
+        console.print(benchmark_table(res.ripple.summary))
+    elif res.ripple is not None:
         r = res.ripple.summary
         rows.append(("ripple Spearman's rho, coupling (95% CI)", interval(r.spearman_coupling)))
         rows.append(("ripple Spearman's rho, first order (95% CI)", interval(r.spearman_first_order)))

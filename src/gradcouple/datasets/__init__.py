@@ -3,9 +3,13 @@
 :data:`SOURCES` is the registry (name -> :class:`Source`); :func:`download` reads a source from
 the Hugging Face Hub, a local file or dataset directory, or the small real sample bundled with
 the package, converts every record with its format's parser (one module per format:
-``hotpotqa``, ``musique``, ``twowiki``, ``wikihop``, ``bamboogle``, ``mquake``, ``plain``),
-deduplicates, and writes ``out_dir/pieces.jsonl`` and ``out_dir/download.json`` (a
-:class:`DownloadMeta`), each atomically.
+``hotpotqa``, ``musique``, ``twowiki``, ``wikihop``, ``bamboogle``, ``mquake``,
+``rippleedits``, ``plain``), deduplicates, and writes ``out_dir/pieces.jsonl`` and
+``out_dir/download.json`` (a :class:`DownloadMeta`), each atomically.
+
+Knowledge-edit benchmarks (RippleEdits, MQuAKE) also yield pieces that carry their edits: a
+``role`` (edit, original, test, condition), the ``edit_id`` linking each to its edit, and for
+tests their ``criterion``; ``download.json`` counts them per role and per criterion.
 
 Bad input raises a :class:`~gradcouple.errors.DataError` naming the file, line (record number
 for JSON arrays, parquet and Hub datasets) and field, unless ``skip_bad`` is set: then the record
@@ -26,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import __version__
 from ..errors import DataError
 from ..io import sha256_file, write_json
-from ..pieces import KnowledgePiece, write_pieces
+from ..pieces import KnowledgePiece, PieceRole, write_pieces
 from . import hub
 from ._common import RELATION_TEMPLATES, RecordContext, RecordError, SkipRecord, deduplicate, relation_question
 from .hub import PARSERS, BadRecord, sniff_format
@@ -54,6 +58,9 @@ FORMATS = tuple(PARSERS)
 SKIP_HINT = "Fix the record, or pass --skip-bad (skip_bad=True) to skip bad records; they are counted in download.json."
 
 _MQUAKE_RAW = "https://raw.githubusercontent.com/princeton-nlp/MQuAKE/{revision}/datasets/"
+# The RippleEdits benchmark files are Git LFS objects: raw.githubusercontent.com serves only
+# their pointers, media.githubusercontent.com their contents. One file per subset (= split).
+_RIPPLE_MEDIA = "https://media.githubusercontent.com/media/edenbiran/RippleEdits/{revision}/data/benchmark/{split}.json"
 
 
 @dataclass(frozen=True)
@@ -61,8 +68,9 @@ class Source:
     """One downloadable dataset: where it lives on the Hub, and how its records are parsed.
 
     ``hub_id`` is a Hugging Face Hub dataset id (``data_files`` picks a repository's files per
-    split). Datasets published only as files (MQuAKE on GitHub) have ``url`` instead, a template
-    with ``{revision}``; ``hub`` and ``hub_file`` then say where, for people.
+    split). Datasets published only as files (MQuAKE, RippleEdits on GitHub) have ``url`` instead,
+    a template with ``{revision}`` (and ``{split}`` where each split is a file); ``hub`` and
+    ``hub_file`` then say where, for people.
     """
 
     name: str
@@ -88,7 +96,7 @@ class Source:
         if self.hub:
             return self.hub + (f"/{self.hub_file}" if self.hub_file else "")
         if not self.hub_id:
-            return self.url.format(revision="main") if self.url else "(local files only)"
+            return self.url.format(revision="main", split=self.default_split) if self.url else "(local files only)"
         return self.hub_id + (f" ({self.hub_config})" if self.hub_config else "")
 
 
@@ -132,6 +140,12 @@ _TABLE = [
            "mquake_hard.sample.jsonl",
            url="https://raw.githubusercontent.com/wangywUST/DeepEdit/{revision}/datasets/MQuAKE-hard.json",
            hub="github:wangywUST/DeepEdit", hub_file="MQuAKE-hard.json"),
+    Source("rippleedits", "rippleedits", None, None, ("popular", "random", "recent"), "popular",
+           "MIT", "885 / 1,922 / 1,948",
+           "RippleEdits: edits with six ripple-effect criteria (bundled sample: restructured Compositionality-I records of POPULAR)",
+           "rippleedits_compositional.sample.jsonl", aliases=("ripple-edits", "ripple_edits", "ripple"),
+           url=_RIPPLE_MEDIA, hub="github:edenbiran/RippleEdits",
+           hub_file="data/benchmark/popular.json, random.json, recent.json"),
     Source("pieces", "pieces", None, None, (), None, "yours", "-",
            "Plain pieces file (prompt, answer, ...): your own facts; needs --from"),
 ]
@@ -190,7 +204,7 @@ def list_sources() -> list[dict[str, Any]]:
 
 
 def sample_files() -> list[str]:
-    """File names of the bundled real samples (12 records each; sources and licenses in ``gradcouple/NOTICE``)."""
+    """File names of the bundled real samples (12 records each, 60 of RippleEdits; sources and licenses in ``gradcouple/NOTICE``)."""
     return sorted(p.name for p in SAMPLE_DIR.glob("*.jsonl"))
 
 
@@ -218,7 +232,8 @@ class DownloadMeta(BaseModel):
     """The contents of ``download.json``: where the records came from and what became of them.
 
     Counts are numbers of records or pieces; mappings of reason (or kind) to count are sorted by
-    key, except ``pieces_per_kind``, which follows single_hop, cloze, multi_hop.
+    key, except ``pieces_per_kind``, which follows single_hop, cloze, multi_hop, and
+    ``pieces_per_role``, which follows edit, original, test, condition.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -243,6 +258,10 @@ class DownloadMeta(BaseModel):
     pieces_skipped: dict[str, int] = Field(description="Pieces the converted records could not yield, per reason (pieces).")
     leak_rule: str = Field(default=LEAK_RULE, description="When a piece counts as leaking its answer (and is skipped).")
     package_version: str = Field(default=__version__, description="Version of gradcouple that wrote the file.")
+    pieces_per_role: dict[str, int] = Field(
+        default_factory=dict, description="Pieces written, per benchmark role (edit, original, test, condition); empty when no piece carries an edit (pieces).")
+    pieces_per_criterion: dict[str, int] = Field(
+        default_factory=dict, description="Test pieces written, per benchmark criterion (e.g. Compositionality_I, multi_hop); empty without tests (pieces).")
 
 
 class DownloadResult(BaseModel):
@@ -294,6 +313,8 @@ class _Tally:
     def counts(self, kept: list[KnowledgePiece], merged: Counter, conflicts: int) -> dict[str, Any]:
         """The count fields of :class:`DownloadMeta`, given the deduplicated pieces."""
         per_kind = Counter(p.kind.value for p in kept)
+        per_role = Counter(p.role.value for p in kept if p.role is not None)
+        per_criterion = Counter(p.criterion for p in kept if p.role == PieceRole.test and p.criterion)
         return {
             "records_read": self.records_read,
             "records_used": self.records_used,
@@ -303,6 +324,8 @@ class _Tally:
             "pieces_merged_as_duplicates": dict(sorted(merged.items())),
             "counterfactual_conflicts_first_kept": conflicts,
             "pieces_skipped": dict(sorted(self.pieces_skipped.items())),
+            "pieces_per_role": {r.value: per_role[r.value] for r in PieceRole if per_role[r.value]},
+            "pieces_per_criterion": dict(sorted(per_criterion.items())),
         }
 
 
@@ -339,7 +362,7 @@ def _open_input(
         raise DataError(f"{source.name} has no split {split!r}; choose one of {', '.join(source.splits)}.")
     sample_name = next((s.name for s in (source, *_TABLE) if s.sample and s.format == source.format), None)
     if source.url:
-        url = source.url.format(revision=revision or "main")
+        url = source.url.format(revision=revision or "main", split=split)
         path = hub.fetch_file(url, sample_name=sample_name)
         info = {"kind": "url", "url": url, "path": str(path), "sha256": sha256_file(path), "split": split}
         return hub.iter_local_file(path), info, url
@@ -487,7 +510,7 @@ def download(
             of data files, loaded like the Hub); ``"sample"`` for the bundled real sample of
             ``name``; or ``"sample:FILE"`` for a bundled file by name. None downloads from the Hub.
         format: parser to use (``hotpotqa``, ``musique``, ``2wikimultihopqa``, ``wikihop``,
-            ``bamboogle``, ``mquake``, ``pieces``, or a source name).
+            ``bamboogle``, ``mquake``, ``rippleedits``, ``pieces``, or a source name).
         split, revision: Hub split (default: the source's) and revision.
         limit: read at most this many records (records; at least 1).
         skip_bad: skip and count malformed records instead of failing on the first.

@@ -9,6 +9,10 @@ String matching is defined once, here:
   mentioned in "Freakonomics".
 - *leak*: a piece's answer is mentioned in its own prompt. Such pieces are skipped and
   counted under "answer appears in its own prompt".
+
+Deduplication merges pieces with identical (prompt, answer), except that pieces of a
+knowledge-edit benchmark (a ``role`` or an ``edit_id``) only merge with pieces of the same role
+and the same edit, and edit pieces never merge: each edit keeps its own linked pieces.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from ..pieces import KnowledgePiece, PieceKind, Triple
+from ..pieces import KnowledgePiece, PieceKind, PieceRole, Triple
 
 LEAK = "answer appears in its own prompt"
 
@@ -336,8 +340,16 @@ class RecordContext:
         counterfactual: Optional[str] = None,
         piece_id: Optional[str] = None,
         question_id: Optional[str] = None,
+        role: Optional[PieceRole] = None,
+        edit_id: Optional[str] = None,
+        criterion: Optional[str] = None,
+        answer_before: Optional[str] = None,
+        condition_id: Optional[str] = None,
     ) -> Optional[KnowledgePiece]:
         """Add one knowledge piece; return it, or None when it leaks its answer (counted).
+
+        ``role``, ``edit_id``, ``criterion``, ``answer_before`` and ``condition_id`` are the
+        benchmark fields of :class:`~gradcouple.pieces.KnowledgePiece` (None: a plain fact).
 
         Raises:
             RecordError: the prompt or the answer is blank (``field`` names where it came from).
@@ -373,28 +385,48 @@ class RecordContext:
             triple=Triple(subject=clean(triple[0]), relation=clean(triple[1]), object=clean(triple[2])) if triple else None,
             counterfactual=cf or None,
             owners=[qid],
+            role=role,
+            edit_id=edit_id,
+            criterion=clean(criterion) if criterion else None,
+            answer_before=clean(answer_before) if answer_before and clean(answer_before) else None,
+            condition_id=condition_id,
         )
         self.pieces.append(piece)
         return piece
 
 
+def dedup_key(piece: KnowledgePiece) -> tuple:
+    """What makes two pieces the same for :func:`deduplicate`: (prompt, answer) for a plain
+    fact; for a benchmark piece also its role and its edit (an edit piece is its own edit, so
+    two edits never merge, and no piece merges across edits or roles)."""
+    if piece.role is None and piece.edit_id is None:
+        return (piece.prompt, piece.answer)
+    edit = piece.id if piece.role == PieceRole.edit else piece.edit_id
+    return (piece.prompt, piece.answer, piece.role.value if piece.role else None, edit)
+
+
 def deduplicate(pieces: Iterable[KnowledgePiece]) -> tuple[list[KnowledgePiece], Counter, int]:
-    """Merge pieces with identical (prompt, answer), keeping the first one's id, hop, kind and
-    support, the union of owners and aliases, and the first counterfactual given.
+    """Merge pieces with the same :func:`dedup_key` (identical prompt and answer; for benchmark
+    pieces also the same role and edit), keeping the first one's id, hop, kind and support, the
+    union of owners and aliases, the first counterfactual given, and the first criterion,
+    answer_before and condition_id given. References to a merged-away piece (``edit_id``,
+    ``condition_id``) are redirected to the piece it was merged into.
 
     Returns the kept pieces (in first-seen order), per kind how many were merged away, and how
     many merged pieces carried a counterfactual different from the kept one (the first wins).
     """
-    kept: dict[tuple[str, str], KnowledgePiece] = {}
+    kept: dict[tuple, KnowledgePiece] = {}
+    merged_into: dict[str, str] = {}
     merged: Counter = Counter()
     conflicts = 0
     for p in pieces:
-        key = (p.prompt, p.answer)
+        key = dedup_key(p)
         first = kept.get(key)
         if first is None:
             kept[key] = p.model_copy(deep=True)
             continue
         merged[p.kind.value] += 1
+        merged_into[p.id] = first.id
         for o in p.owners:
             if o not in first.owners:
                 first.owners.append(o)
@@ -411,7 +443,17 @@ def deduplicate(pieces: Iterable[KnowledgePiece]) -> tuple[list[KnowledgePiece],
             first.support = p.support
         if first.triple is None and p.triple is not None:
             first.triple = p.triple
-    return list(kept.values()), merged, conflicts
+        for name in ("criterion", "answer_before", "condition_id"):
+            if getattr(first, name) is None and getattr(p, name) is not None:
+                setattr(first, name, getattr(p, name))
+    out = list(kept.values())
+    if merged_into:
+        for p in out:
+            if p.edit_id in merged_into:
+                p.edit_id = merged_into[p.edit_id]
+            if p.condition_id in merged_into:
+                p.condition_id = merged_into[p.condition_id]
+    return out, merged, conflicts
 
 
 def gold_answer(record: Mapping) -> tuple[str, list[str], str]:

@@ -20,12 +20,12 @@ from typing import Any, Iterator, Mapping, Optional
 from urllib.parse import urlparse
 
 from ..errors import DataError, NetworkError
-from . import bamboogle, hotpotqa, mquake, musique, plain, twowiki, wikihop
+from . import bamboogle, hotpotqa, mquake, musique, plain, rippleedits, twowiki, wikihop
 
 #: format name -> parser module (each has ``FORMAT``, ``sniff(record)``, ``parse(record, ctx)``).
-PARSERS = {m.FORMAT: m for m in (hotpotqa, musique, twowiki, wikihop, bamboogle, mquake, plain)}
+PARSERS = {m.FORMAT: m for m in (hotpotqa, musique, twowiki, wikihop, bamboogle, mquake, rippleedits, plain)}
 # Most specific first: 2Wiki records also carry HotpotQA's context/supporting_facts.
-_SNIFF_ORDER = (mquake, musique, twowiki, hotpotqa, wikihop, plain, bamboogle)
+_SNIFF_ORDER = (mquake, rippleedits, musique, twowiki, hotpotqa, wikihop, plain, bamboogle)
 
 PROBE_TIMEOUT_S = 3.0
 _TRUE = {"1", "true", "yes", "on"}
@@ -185,7 +185,7 @@ def offline_message(what: str, sample_name: Optional[str], cause: str, where: st
 
 
 def fetch_file(url: str, *, sample_name: Optional[str] = None, timeout: float = 60.0) -> Path:
-    """Download a dataset file published outside the Hub (MQuAKE on GitHub) into the HF
+    """Download a dataset file published outside the Hub (MQuAKE, RippleEdits on GitHub) into the HF
     datasets cache (``$HF_HOME/datasets/gradcouple-files/``) once, and return its path.
 
     A cached copy is used as is (also offline); the cache key is the URL, which holds the

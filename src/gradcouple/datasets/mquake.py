@@ -1,5 +1,5 @@
 """MQuAKE (Zhong et al., EMNLP 2023): single hops as cloze pieces, requested rewrites as their
-counterfactuals.
+counterfactuals and as benchmark edits, the multi-hop question as their test.
 
 Reads the native records of MQuAKE-CF-3k, MQuAKE-CF-3k-v2, MQuAKE-CF, MQuAKE-T and
 MQuAKE-hard (``case_id``, ``requested_rewrite`` = [{prompt, subject, target_true{str,id},
@@ -21,13 +21,28 @@ Per record:
   rewrite j: ``prompt.format(subject)`` -> ``target_true``, counterfactual ``target_new``;
 - the first of ``questions`` is the multi-hop question piece, with ``new_answer`` as its
   counterfactual (the answer once every rewrite is applied).
+
+Benchmark pieces (``role``, see :class:`~gradcouple.pieces.PieceRole`):
+
+- requested rewrite j is an **edit** piece ``dataset:case:edit<j>``: its cloze ->
+  ``target_new``, ``answer_before`` ``target_true``, triple (subject, relation, target_new),
+  hop = the hop it rewrites (``len(single_hops) + j`` when unmatched);
+- the hop it rewrites (or its own unmatched rewrite piece) is that edit's **original**
+  (``edit_id``); hops no rewrite touches stay plain facts;
+- ``dataset:case:test`` is the **test**: ``questions[0]`` -> ``new_answer`` (aliases
+  ``new_answer_alias``), ``answer_before`` ``answer``, criterion ``multi_hop``, ``edit_id`` the
+  case's first edit piece. A case's rewrites are applied together: all its edit pieces share
+  the case's question id. The multi-hop question piece above stays a plain fact.
+
+An edit piece whose cloze mentions ``target_new`` is skipped (counted); its hop then stays a
+plain fact with a counterfactual, and the test links to the first edit piece made.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from ..pieces import PieceKind
+from ..pieces import PieceKind, PieceRole
 from ._common import (
     RecordContext,
     RecordError,
@@ -40,6 +55,8 @@ from ._common import (
 )
 
 FORMAT = "mquake"
+#: Criterion of the multi-hop test of a case.
+CRITERION = "multi_hop"
 
 
 def sniff(record: Mapping) -> bool:
@@ -58,7 +75,8 @@ def _fold(s: str) -> str:
 
 
 def parse(record: Mapping, ctx: RecordContext) -> None:
-    """Add the cloze pieces (with counterfactuals) and the multi-hop question piece.
+    """Add the edit pieces, the cloze pieces (with counterfactuals; originals of the edits),
+    the multi-hop question piece and the case's test piece.
 
     Raises:
         RecordError: a required field is missing, empty or malformed.
@@ -81,7 +99,7 @@ def parse(record: Mapping, ctx: RecordContext) -> None:
     clozes = [req_str(h, "cloze", f"single_hops[{k}]") for k, h in enumerate(hops)]
     answers = [req_str(h, "answer", f"single_hops[{k}]") for k, h in enumerate(hops)]
     counterfactual: dict[int, str] = {}
-    unmatched: list[tuple[int, str, str, str, str, str]] = []
+    rewrites: list[tuple[int, Optional[int], str, str, str, str, str]] = []  # j, hop or None, cloze, true, new, subject, relation
     for j, raw in enumerate(req_list(record.get("requested_rewrite"), "requested_rewrite")):
         path = f"requested_rewrite[{j}]"
         rw: Mapping[str, Any] = req_dict(raw, path)
@@ -101,10 +119,22 @@ def parse(record: Mapping, ctx: RecordContext) -> None:
                         and k < len(labeled) and labeled[k] and _fold(str(labeled[k][0])) == _fold(subject)), None)
         if hit is not None:
             counterfactual[hit] = new
-            continue
-        relation = next((str(t[1]) for t in new_labeled if t and _fold(str(t[0])) == _fold(subject) and _fold(str(t[2])) == _fold(new)),
-                        clean(rw.get("relation_id") or "") or "rewritten relation")
-        unmatched.append((j, cloze, true, new, subject, relation))
+        t = labeled[hit] if hit is not None and hit < len(labeled) else None
+        relation = (str(t[1]) if t and clean(t[1]) else
+                    next((str(t[1]) for t in new_labeled if t and _fold(str(t[0])) == _fold(subject) and _fold(str(t[2])) == _fold(new)),
+                         clean(rw.get("relation_id") or "") or "rewritten relation"))
+        rewrites.append((j, hit, cloze, true, new, subject, relation))
+
+    base = f"{ctx.dataset}:{ctx.record_id}"
+    edit_of_hop: dict[int, str] = {}
+    edit_of_rewrite: dict[int, str] = {}
+    for j, hit, cloze, true, new, subject, relation in rewrites:
+        piece = ctx.add(len(hops) + j if hit is None else hit, PieceKind.cloze, cloze, new, field=f"requested_rewrite[{j}]",
+                        piece_id=f"{base}:edit{j}", triple=(subject, relation, new), role=PieceRole.edit, answer_before=true)
+        if piece is not None:
+            edit_of_rewrite[j] = piece.id
+            if hit is not None:
+                edit_of_hop[hit] = piece.id
 
     for k, hop in enumerate(hops):
         path = f"single_hops[{k}]"
@@ -112,9 +142,16 @@ def parse(record: Mapping, ctx: RecordContext) -> None:
         ctx.add(k, PieceKind.cloze, clozes[k], answers[k], field=path,
                 aliases=str_list(hop.get("answer_alias"), f"{path}.answer_alias"),
                 triple=(str(t[0]), str(t[1]), str(t[2])) if t and all(clean(x) for x in t) else None,
-                counterfactual=counterfactual.get(k))
-    for j, cloze, true, new, subject, relation in unmatched:
-        ctx.add(len(hops) + j, PieceKind.cloze, cloze, true, field=f"requested_rewrite[{j}]",
-                triple=(subject, relation, true), counterfactual=new)
+                counterfactual=counterfactual.get(k),
+                role=PieceRole.original if k in edit_of_hop else None, edit_id=edit_of_hop.get(k))
+    for j, hit, cloze, true, new, subject, relation in rewrites:
+        if hit is None:
+            ctx.add(len(hops) + j, PieceKind.cloze, cloze, true, field=f"requested_rewrite[{j}]",
+                    triple=(subject, relation, true), counterfactual=new,
+                    role=PieceRole.original if j in edit_of_rewrite else None, edit_id=edit_of_rewrite.get(j))
     ctx.add(None, PieceKind.multi_hop, questions[0], answer, field="questions[0]", aliases=aliases,
             counterfactual=new_answer)
+    if new_answer is not None and edit_of_rewrite:
+        ctx.add(None, PieceKind.multi_hop, questions[0], new_answer, field="new_answer", piece_id=f"{base}:test",
+                aliases=str_list(record.get("new_answer_alias"), "new_answer_alias"), answer_before=answer,
+                role=PieceRole.test, criterion=CRITERION, edit_id=edit_of_rewrite[min(edit_of_rewrite)])

@@ -3,8 +3,9 @@
 Each record needs ``prompt`` and ``answer``; optional fields are ``id``, ``question_id``,
 ``hop``, ``kind`` (``single_hop`` by default, ``cloze`` or ``multi_hop``), ``aliases``,
 ``counterfactual``, ``support``, ``triple`` ({subject, relation, object} or a 3-item list),
-``dataset`` and ``owners``. A ``pieces.jsonl`` written by ``gradcouple download`` is itself a
-valid plain pieces file. Without ``id`` a piece gets ``pieces:N:hop`` (N the 0-based record
+``dataset``, ``owners`` and the benchmark fields ``role`` (edit, original, test, condition),
+``edit_id``, ``criterion``, ``answer_before`` and ``condition_id``. A ``pieces.jsonl`` written
+by ``gradcouple download`` is itself a valid plain pieces file and reads back unchanged. Without ``id`` a piece gets ``pieces:N:hop`` (N the 0-based record
 number; hop ``q`` for ``multi_hop``, else the given hop or 0); without ``question_id`` the
 record number is its question id.
 """
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ..pieces import KnowledgePiece, PieceKind
+from ..pieces import KnowledgePiece, PieceKind, PieceRole
 from ._common import RecordContext, RecordError, clean, req_list, req_str, str_list
 
 FORMAT = "pieces"
 FIELDS = set(KnowledgePiece.model_fields)
+#: Optional text fields of a benchmark piece, passed through as given.
+BENCHMARK_TEXT = ("edit_id", "criterion", "answer_before", "condition_id")
 
 
 def sniff(record: Mapping) -> bool:
@@ -64,11 +67,23 @@ def parse(record: Mapping, ctx: RecordContext) -> None:
     if counterfactual is not None and not isinstance(counterfactual, str):
         raise RecordError("counterfactual", "expected a string", "malformed: counterfactual")
     support = record.get("support")
+    role = None
+    if record.get("role") is not None:
+        try:
+            role = PieceRole(clean(record["role"]))
+        except ValueError:
+            raise RecordError("role", f"expected one of {', '.join(r.value for r in PieceRole)}, got {record['role']!r}", "unknown role") from None
+    extra = {}
+    for name in BENCHMARK_TEXT:
+        if record.get(name) is not None:
+            if not isinstance(record[name], str):
+                raise RecordError(name, "expected a string", f"malformed: {name}")
+            extra[name] = clean(record[name]) or None
     piece = ctx.add(hop, kind, prompt, answer, field="prompt/answer", piece_id=piece_id, question_id=qid,
                     aliases=str_list(record.get("aliases"), "aliases"),
                     support=support if isinstance(support, str) else None,
                     triple=_triple(record["triple"]) if record.get("triple") is not None else None,
-                    counterfactual=counterfactual)
+                    counterfactual=counterfactual, role=role, **extra)
     if piece is not None:
         if record.get("dataset"):
             piece.dataset = req_str(record, "dataset")

@@ -8,7 +8,8 @@ from typing import Optional
 
 import torch
 
-from ..artifacts import CouplingStats, Manifest, Measurement, PairRow, PieceRecord, RippleSummary
+from ..artifacts import (BenchmarkSummary, CouplingStats, Manifest, Measurement, PairRow, PieceRecord, RippleSummary,
+                         TestMeasurement)
 from ..config import RunConfig, load_config
 from ..couple import neighbour_pairs, upper_pairs
 from ..pieces import KnowledgePiece
@@ -37,6 +38,8 @@ class LoadedRun:
     pairs_different_answer: list[PairRow]
     ripple: Optional[RippleSummary]
     measurements: list[Measurement]
+    benchmark: Optional[BenchmarkSummary]
+    tests: list[TestMeasurement]
     files: list[tuple[str, int]]
 
     @property
@@ -84,7 +87,9 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     run.check_pieces_match(ids, run.matrix_path())
     saved = run.saved_config_path()
     rip = run.current_ripple(manifest, stats)
+    pieces_mode, bench_mode = bool(rip) and rip[0].mode == "pieces", bool(rip) and rip[0].mode == "benchmark"
     return LoadedRun(run=run, manifest=manifest, records=manifest.records(), pieces=run.load_pieces(),
                      config=load_config(saved) if saved else None, stats=stats, cosine=cosine, indices=indices,
                      pairs=run.load_pairs(), pairs_different_answer=run.load_pairs(different_answer=True),
-                     ripple=rip[0] if rip else None, measurements=rip[1] if rip else [], files=run.files())
+                     ripple=rip[0] if pieces_mode else None, measurements=rip[1] if pieces_mode else [],
+                     benchmark=rip[0] if bench_mode else None, tests=rip[1] if bench_mode else [], files=run.files())

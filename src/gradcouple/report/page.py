@@ -54,8 +54,9 @@ def device(d: Optional[dict]) -> str:
     return f"CPU only, no GPU ({d.get('cpu')}, {d.get('threads')} threads)"
 
 
-def interval(d: Optional[dict], nd: int = 3) -> str:
-    """An ``Interval`` dict as 'estimate [low, high]' (the brackets left out when there is no interval)."""
+def interval(d, nd: int = 3) -> str:
+    """An ``Interval`` (model or dict) as 'estimate [low, high]' (the brackets left out when there is no interval)."""
+    d = d.model_dump() if hasattr(d, "model_dump") else d
     if not d or d.get("estimate") is None:
         return "—"
     if d.get("low") is None or d.get("high") is None:
@@ -63,11 +64,22 @@ def interval(d: Optional[dict], nd: int = 3) -> str:
     return f"{num(d['estimate'], nd)} [{num(d['low'], nd)}, {num(d['high'], nd)}]"
 
 
+def correlation(c) -> str:
+    """A Correlation (dict or model) as 'value [low, high]'."""
+    d = c if isinstance(c, dict) else (c.model_dump() if c is not None else {})
+    if d.get("value") is None:
+        return "—"
+    if d.get("ci_low") is None:
+        return num(d["value"], 3)
+    return f"{num(d['value'], 3)} [{num(d['ci_low'], 3)}, {num(d['ci_high'], 3)}]"
+
+
 def environment() -> Environment:
     """The Jinja environment of the report templates: autoescaping on, undefined names are errors."""
     env = Environment(loader=PackageLoader("gradcouple.report"), autoescape=select_autoescape(["html", "j2"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(num=num, nbytes=nbytes, secs=secs, short=short, device=device, interval=interval)
+    env.filters.update(num=num, nbytes=nbytes, secs=secs, short=short, device=device, interval=interval,
+                       correlation=correlation)
     return env
 
 
@@ -91,4 +103,4 @@ def render(r: LoadedRun, summary: dict, cfg: RunConfig) -> str:
     return env.get_template("index.html.j2").render(
         s=summary, run_dir=str(r.run.root), css=css, figs=figs, definitions=DEFINITIONS, full=r.full,
         heatmap={"shown": shown, "total": len(r.records), "max": cfg.report.max_heatmap},
-        ripple=r.ripple, pairs=r.pairs[:TOP_PAIRS_HTML], pairs_different_answer=r.pairs_different_answer[:TOP_PAIRS_HTML])
+        ripple=r.ripple, benchmark=r.benchmark, pairs=r.pairs[:TOP_PAIRS_HTML], pairs_different_answer=r.pairs_different_answer[:TOP_PAIRS_HTML])

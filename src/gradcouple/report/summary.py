@@ -43,7 +43,7 @@ def headline(r: LoadedRun) -> Headline:
     """The :class:`Headline` of a loaded run (ripple figures None when ripple was not run)."""
     p, t = r.stats.pairs, r.manifest.timing
     return Headline(n_pieces=len(r.records), mean_gradsim=p.all.mean, same_question_mean=p.same_question.mean,
-                    cross_question_mean=p.cross_question.mean, ripple_done=r.ripple is not None,
+                    cross_question_mean=p.cross_question.mean, ripple_done=r.ripple is not None or r.benchmark is not None,
                     ripple_spearman_coupling=r.ripple.spearman_coupling if r.ripple else None,
                     ripple_spearman_first_order=r.ripple.spearman_first_order if r.ripple else None,
                     gpu=t.device.gpu if t else None)
@@ -172,7 +172,7 @@ def generated_files(files: list[tuple[str, int]]) -> dict:
 
 def gpu_performance(r: LoadedRun) -> dict:
     """Devices, wall times (seconds), throughput (pieces/s) and peak memory (bytes) of every stage."""
-    t, rip = r.manifest.timing, r.ripple
+    t, rip = r.manifest.timing, r.ripple or r.benchmark
     dev = t.device.model_dump() if t else {}
     return {"device": dev.get("device"), "gpu": dev.get("gpu"),
             "note": f"GPU: {dev['gpu']}" if dev.get("gpu") else "no GPU: ran on CPU",
@@ -189,10 +189,26 @@ def experiment_readiness(r: LoadedRun) -> dict:
     """Which stages are done, the ripple figures (intervals as dicts) and the next command to run."""
     listed = {path for path, _ in r.files}
     shards = all(r.run.relative(r.run.shard_file(s)) in listed for s in r.manifest.shards)
+    done = r.ripple is not None or r.benchmark is not None
     return {"gradients_complete": r.manifest.complete and shards, "coupling_done": True,
-            "coupling_mode": r.stats.mode, "ripple_done": r.ripple is not None,
+            "coupling_mode": r.stats.mode, "ripple_done": done,
+            "ripple_mode": "benchmark" if r.benchmark else "pieces" if r.ripple else None,
             "report_written": r.run.relative(r.run.index_path) in listed, **ripple_figures(r.ripple),
-            "next_step": None if r.ripple else f"gradcouple ripple --run {r.run.root}"}
+            **benchmark_figures(r.benchmark),
+            "next_step": None if done else f"gradcouple ripple --run {r.run.root}"}
+
+
+def benchmark_figures(b) -> dict:
+    """The benchmark mode's headline figures: success, exact match, and every predictor's pooled
+    Spearman and Pearson with their intervals and AUROC (all None without a benchmark run)."""
+    if b is None:
+        return {"benchmark": None}
+    return {"benchmark": {
+        "method": b.method, "n_edits": b.n_edits, "n_successful": b.n_successful, "n_tests_counted": b.n_tests_counted,
+        "success_rate": b.n_successful / b.n_edits if b.n_edits else None,
+        "exact_match": {k: v.model_dump() for k, v in b.exact_match.items()}, "multi_hop_accuracy": b.multi_hop_accuracy,
+        "predictors": {n: {"spearman": p.pooled.spearman.model_dump(), "pearson": p.pooled.pearson.model_dump(),
+                           "auroc": p.pooled.auroc} for n, p in b.predictors.items()}}}
 
 
 def ripple_figures(rip: Optional[RippleSummary]) -> dict:

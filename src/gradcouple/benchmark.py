@@ -1,0 +1,281 @@
+"""Benchmark edits: the edits and test queries that RippleEdits and MQuAKE pieces carry, made for
+real, with every predictor scored against the measured ripple.
+
+An edit is the set of ``edit`` pieces of one question (one for RippleEdits, one per requested
+rewrite for an MQuAKE case, applied together); its ``original`` pieces hold the true answers and
+its ``test`` pieces the queries whose answers should change. Per edit: make it (FT-L or ROME),
+measure every test query's log-probability of its post-edit answer and whether it is the greedy
+continuation, restore the weights bit for bit. Failed edits (the new target not more likely than
+the true one afterwards) are reported and left out of the predictor statistics, as RippleEdits
+does.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .artifacts import (
+    BenchmarkEditRecord,
+    BenchmarkSummary,
+    CovarianceSource,
+    ExactMatch,
+    PredictorReport,
+    PredictorScore,
+    TestMeasurement,
+)
+from .edits import ft_edit, restore, rome_edit, snapshot
+from .gram import first_order
+from .keys import keys_at, wikipedia_covariance
+from .metrics import DEFINITIONS, auroc, bootstrap_interval, clustered_correlation, describe, spearman
+from .pieces import KnowledgePiece, PieceRole
+from .predictors import PREDICTORS, PredictorContext, predict
+from .progress import progress
+from .rules import RULES
+from .scoring import EncodedPiece, collate, encode, score, subject_position
+
+MAX_ALIASES = 3
+UNRELATED_SAMPLE = 100
+
+
+@dataclass
+class BenchmarkEdit:
+    """Rows (pieces.jsonl indices) of one edit: its edit pieces (new targets), originals (true
+    targets), tests, and each test's condition row (None when it has none)."""
+
+    question_id: str
+    edits: list[int]
+    originals: list[int]
+    tests: list[int]
+    conditions: list[Optional[int]]
+
+
+def benchmark_edits(pieces: list[KnowledgePiece]) -> list[BenchmarkEdit]:
+    """Group the pieces' benchmark structure into edits, in file order (edits without tests are dropped)."""
+    by_id = {p.id: i for i, p in enumerate(pieces)}
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(pieces):
+        if p.role == PieceRole.edit:
+            groups.setdefault(p.question_id, []).append(i)
+    out = []
+    for qid, rows in groups.items():
+        ids = {pieces[r].id for r in rows}
+        originals = [i for i, p in enumerate(pieces) if p.role == PieceRole.original and p.edit_id in ids]
+        tests = [i for i, p in enumerate(pieces) if p.role == PieceRole.test and p.edit_id in ids]
+        if tests:
+            out.append(BenchmarkEdit(qid, rows, originals, tests,
+                                     [by_id.get(pieces[t].condition_id) if pieces[t].condition_id else None for t in tests]))
+    return out
+
+
+def _variants(tokenizer, template: str, max_length: int, piece: KnowledgePiece) -> list[EncodedPiece]:
+    """The piece's scored answer and up to MAX_ALIASES aliases, each as an encoded piece."""
+    out = []
+    for ans in [piece.answer, *piece.aliases[:MAX_ALIASES]]:
+        prompt, answer = piece.render_answer(ans, template)
+        try:
+            out.append(encode(tokenizer, prompt, answer, max_length))
+        except Exception:  # noqa: BLE001 (an alias that does not tokenize is simply not tried)
+            continue
+    return out
+
+
+def greedy_matches(model, groups: list[list[EncodedPiece]], pad_id: int, batch_size: int = 32) -> list[bool]:
+    """Per group: whether the greedy continuation of the prompt begins with any of its answers (``RULES['exact match']``)."""
+    flat = [(g, e) for g, es in enumerate(groups) for e in es]
+    hit = [False] * len(groups)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for k in range(0, len(flat), batch_size):
+            chunk = flat[k:k + batch_size]
+            _, greedy = score(model, collate([e for _, e in chunk], pad_id).to(device))
+            for (g, _), ok in zip(chunk, greedy.tolist()):
+                hit[g] = hit[g] or ok
+    return hit
+
+
+def _finite(x) -> Optional[float]:
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def _score_set(records: list[TestMeasurement], name: str, clusters: list[int], other_scores, n_resamples: int) -> PredictorScore:
+    x = [np.nan if r.predictors[name] is None else r.predictors[name] for r in records]
+    y = [r.rise for r in records]
+    within = {}
+    for r in records:
+        within.setdefault(r.edit, ([], []))
+        if r.predictors[name] is not None:
+            within[r.edit][0].append(r.predictors[name]), within[r.edit][1].append(r.rise)
+    rhos = [spearman(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)) for a, b in within.values()]
+    own, labels = other_scores
+    return PredictorScore(pearson=clustered_correlation(x, y, clusters, "pearson", n_resamples),
+                          spearman=clustered_correlation(x, y, clusters, "spearman", n_resamples),
+                          auroc=auroc(own, labels), within_edit_spearman=bootstrap_interval(rhos))
+
+
+def predictor_reports(tests: list[TestMeasurement], auroc_points: dict[str, tuple[list, list, list]],
+                      n_resamples: int) -> dict[str, PredictorReport]:
+    """Per predictor: pooled, per criterion, and pooled over tests whose condition the model knew."""
+    ok = [t for t in tests if t.edit_success]
+    criteria = sorted({t.criterion for t in ok})
+    out = {}
+    for name in PREDICTORS:
+        crit_scores, crit_labels, crit_of = auroc_points[name]
+
+        def subset(rows, crit=None):
+            sel = [k for k, c in enumerate(crit_of) if crit is None or c == crit]
+            return _score_set(rows, name, [r.edit for r in rows], ([crit_scores[k] for k in sel], [crit_labels[k] for k in sel]),
+                              n_resamples)
+
+        known = [t for t in ok if t.condition_known is not False]
+        out[name] = PredictorReport(
+            definition=PREDICTORS[name][1], pooled=subset(ok),
+            criteria={c: subset([t for t in ok if t.criterion == c], c) for c in criteria},
+            pooled_condition_known=subset(known))
+    return out
+
+
+class BenchmarkRun:
+    """The unedited model's view of a run's benchmark edits: encodings, keys, covariance, predictor context."""
+
+    def __init__(self, r, edits: list[BenchmarkEdit]):
+        self.r, self.edits = r, edits
+        tok, cfg, man = r.loaded.tokenizer, r.cfg.ripple, r.manifest
+        settings = man.settings()
+        self.template, self.max_length = settings.data.prompt_template, settings.extract.max_length
+        self.layer = r.targets[cfg.rome_layer] if cfg.method == "rome" else r.targets[0]
+        # keys at the edit subject's last token, in the edit and in its tests (ROME's key position),
+        # else at the last prompt token
+        positions = [e.answer_start - 1 for e in r.encoded]
+        for edit in edits:
+            subj = next((r.pieces[i].triple.subject for i in edit.edits if r.pieces[i].triple), None)
+            for i in (*edit.edits, *edit.tests):
+                pos = subject_position(tok, r.encoded[i], subj) if subj else None
+                positions[i] = pos if pos is not None else positions[i]
+        self.positions = positions
+        keys = keys_at(r.loaded.model, self.layer, r.encoded, positions, r.loaded.pad_id, man.batch_size)
+        if cfg.covariance == "wikipedia":
+            self.cov, self.cov_source = wikipedia_covariance(r.loaded.model, tok, self.layer, cfg.covariance_tokens)
+        else:
+            from .edits import key_covariance
+
+            self.cov = key_covariance(r.reader, self.layer.name)
+            self.cov_source = CovarianceSource(text="the run's own pieces", n_tokens=sum(p.n_inputs for p in man.records()),
+                                               layer=self.layer.name)
+        gram = r.run.load_gram()
+        self.ctx = PredictorContext(gram=gram, keys=keys, cinv_keys=torch.linalg.solve(self.cov, keys.t()).t(), seed=cfg.seed)
+        all_tests = sorted({t for e in edits for t in e.tests})
+        rng = np.random.default_rng(cfg.seed)
+        self.unrelated_pool = sorted(rng.choice(all_tests, size=min(UNRELATED_SAMPLE, len(all_tests)), replace=False).tolist())
+        self.variants = {t: _variants(tok, self.template, self.max_length, r.pieces[t]) for e in edits for t in e.tests}
+        conds = sorted({c for e in edits for c in e.conditions if c is not None})
+        known = greedy_matches(r.loaded.model, [_variants(tok, self.template, self.max_length, r.pieces[c]) for c in conds],
+                               r.loaded.pad_id)
+        self.condition_known = dict(zip(conds, known))
+        self.greedy_before = dict(zip(self.variants, greedy_matches(r.loaded.model, list(self.variants.values()), r.loaded.pad_id)))
+
+    def logprobs(self, rows: list[int]) -> torch.Tensor:
+        """log P (nats) of the pieces ``rows`` on the model as it is now: (N,) float64, NaN elsewhere."""
+        from .ripple import measure_logprobs
+
+        out = torch.full((len(self.r.pieces),), float("nan"), dtype=torch.float64)
+        rows = sorted(set(rows))
+        out[torch.tensor(rows, dtype=torch.long)] = measure_logprobs(
+            self.r.loaded.model, [self.r.encoded[i] for i in rows], self.r.manifest.batch_size, self.r.loaded.pad_id)
+        return out
+
+    def make_edit(self, edit: BenchmarkEdit) -> dict[str, torch.Tensor]:
+        """Edit the model toward every new target of ``edit`` (weights not restored here)."""
+        r, cfg = self.r, self.r.cfg.ripple
+        new = [r.encoded[i] for i in edit.edits]
+        if cfg.method == "ft":
+            return ft_edit(r.loaded.model, r.targets, new, cfg.steps, cfg.lr, r.loaded.pad_id, cfg.max_delta, cfg.early_stop)
+        total: dict[str, torch.Tensor] = {}
+        for i, enc in zip(edit.edits, new):
+            d = rome_edit(r.loaded.model, r.targets, self.layer, enc, self.cov, cfg.rome_steps, cfg.rome_lr, cfg.rome_clamp,
+                          r.loaded.pad_id, key_position=self.positions[i])
+            total = {k: total.get(k, 0) + v for k, v in d.items()}
+        return total
+
+
+def evaluate_benchmark(r, edits: list[BenchmarkEdit], show_progress: bool = True) -> tuple[BenchmarkSummary, list[TestMeasurement]]:
+    """Make every edit, measure its tests, score every predictor; the model is restored after each edit."""
+    t0 = time.perf_counter()
+    b = BenchmarkRun(r, edits)
+    before = b.logprobs([i for e in edits for i in (*e.tests, *e.edits, *e.originals)])
+    all_tests = torch.tensor(sorted({t for e in edits for t in e.tests}), dtype=torch.long)
+    test_edit = {t: k for k, e in enumerate(edits) for t in e.tests}
+    records, tests = [], []
+    auroc_points = {name: ([], [], []) for name in PREDICTORS}
+    unrelated: list[float] = []
+    with progress("ripple", len(edits), "edits", show_progress) as advance:
+        for k, edit in enumerate(edits):
+            te = time.perf_counter()
+            saved = snapshot(r.targets)
+            deltas = b.make_edit(edit)
+            others = [t for t in b.unrelated_pool if test_edit[t] != k]
+            after = b.logprobs([*edit.tests, *edit.edits, *edit.originals, *others])
+            greedy_after = dict(zip(edit.tests, greedy_matches(r.loaded.model, [b.variants[t] for t in edit.tests], r.loaded.pad_id)))
+            restored = restore(r.targets, saved)
+            if not restored:
+                raise RuntimeError("target weights could not be restored bit for bit")
+            b.ctx.first_order = first_order(r.reader, deltas)
+            success = all(after[i] > after[o] for i, o in zip(edit.edits, edit.originals)) if edit.originals else \
+                all(after[i] > before[i] for i in edit.edits)
+            own = torch.tensor(edit.tests, dtype=torch.long)
+            preds = predict(b.ctx, edit.edits, edit.originals, all_tests)
+            own_pos = [all_tests.tolist().index(t) for t in edit.tests]
+            if success:
+                for name, v in preds.items():
+                    auroc_points[name][0].extend(v.tolist())
+                    auroc_points[name][1].extend([test_edit[t] == k for t in all_tests.tolist()])
+                    auroc_points[name][2].extend([r.pieces[t].criterion for t in all_tests.tolist()])
+                unrelated.extend((after[others] - before[others]).tolist())
+            for j, t in enumerate(edit.tests):
+                c = edit.conditions[j]
+                tests.append(TestMeasurement(
+                    edit=k, edit_id=r.pieces[edit.edits[0]].id, test_id=r.pieces[t].id, criterion=r.pieces[t].criterion or "test",
+                    logprob_before=float(before[t]), logprob_after=float(after[t]), rise=float(after[t] - before[t]),
+                    greedy_before=b.greedy_before[t], greedy_after=greedy_after[t],
+                    condition_known=b.condition_known.get(c) if c is not None else None, edit_success=success,
+                    predictors={n: _finite(v[own_pos[j]]) for n, v in preds.items()}))
+            e0 = r.pieces[edit.edits[0]]
+            records.append(BenchmarkEditRecord(
+                edit=k, edit_ids=[r.pieces[i].id for i in edit.edits], question_id=edit.question_id,
+                subject=e0.triple.subject if e0.triple else None, new_target=e0.answer, true_target=e0.answer_before,
+                success=success, logprob_new_before=float(before[edit.edits].sum()), logprob_new_after=float(after[edit.edits].sum()),
+                logprob_true_after=float(after[edit.originals].sum()) if edit.originals else None,
+                subject_key_found=all(b.positions[i] != r.encoded[i].answer_start - 1 for i in edit.edits),
+                edit_norm=float(sum((d.double() ** 2).sum() for d in deltas.values()) ** 0.5),
+                n_tests=len(edit.tests), mean_rise_own_tests=float((after[own] - before[own]).mean()),
+                restored=restored, seconds=time.perf_counter() - te))
+            advance(1)
+    return _summary(r, b, records, tests, auroc_points, unrelated, time.perf_counter() - t0), tests
+
+
+def _summary(r, b: BenchmarkRun, records, tests, auroc_points, unrelated, seconds) -> BenchmarkSummary:
+    from .runinfo import device_info
+
+    ok = [t for t in tests if t.edit_success]
+    em = {}
+    for c in sorted({t.criterion for t in ok}) + ["pooled"]:
+        sel = [t for t in ok if c == "pooled" or t.criterion == c]
+        em[c] = ExactMatch(n=len(sel), before=float(np.mean([t.greedy_before for t in sel])) if sel else None,
+                           after=float(np.mean([t.greedy_after for t in sel])) if sel else None)
+    mh = [t.greedy_after for t in tests if t.criterion == "multi_hop"]
+    used = ("GradSim", "ripple effect", "first-order prediction", "edit success", "describe", "Spearman's rho",
+            "Pearson r", "bootstrap interval", "clustered bootstrap interval", "AUROC", "exact match", "multi-hop accuracy",
+            "condition known", "answer match")
+    return BenchmarkSummary(
+        inputs=r.run.ripple_inputs(r.manifest, r.stats, r.cfg), method=r.cfg.ripple.method,
+        settings=r.cfg.ripple.model_dump(mode="json"), layer=b.layer.name, covariance=b.cov_source,
+        n_edits=len(records), n_successful=sum(e.success for e in records), n_tests=len(tests), n_tests_counted=len(ok),
+        exact_match=em, multi_hop_accuracy=float(np.mean(mh)) if mh else None,
+        unrelated_change=describe(unrelated), predictors=predictor_reports(tests, auroc_points, r.cfg.ripple.bootstrap_resamples),
+        definitions={k: DEFINITIONS[k] for k in used if k in DEFINITIONS} | {k: RULES[k] for k in used if k in RULES},
+        seconds=seconds, device=device_info(r.loaded.device), edits=records)

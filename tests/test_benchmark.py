@@ -1,0 +1,249 @@
+"""Benchmark edits: their grouping, the predictors, the edit methods' defining properties, the
+statistics, and the whole benchmark ripple on a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gradcouple.benchmark import benchmark_edits
+from gradcouple.config import RunConfig
+from gradcouple.couple import couple
+from gradcouple.edits import ft_edit, restore, rome_edit, snapshot
+from gradcouple.extract import extract
+from gradcouple.layers import select_targets
+from gradcouple.metrics import clustered_correlation
+from gradcouple.models import byte_level_tokenizer
+from gradcouple.pieces import KnowledgePiece, PieceRole, Triple, write_pieces
+from gradcouple.predictors import PREDICTORS
+from gradcouple.ripple import ripple
+from gradcouple.rundir import RunDir
+from gradcouple.scoring import answer_logprob, collate, encode, subject_position
+
+from conftest import random_pieces, tiny_gpt2, tiny_llama
+
+KEY_ATOL = 1e-5
+FLOAT32_ROUNDING = 1e-6  # w + dw - w in float32 differs from dw by an ulp of w
+INFORMATIVE = ("gradsim", "inner_product", "first_order", "activation_cosine", "whitened_key")
+
+
+def _edit_pieces(n_edits=2, tests_per_edit=3) -> list[KnowledgePiece]:
+    """Edits of 'The country of S is' to a new country, each with test queries and their conditions."""
+    subjects = ["Leonardo DiCaprio", "Paris", "Mount Fuji", "the Danube"][:n_edits]
+    news, trues = ["Syria", "Italy", "Kenya", "Peru"], ["United States", "France", "Japan", "Germany"]
+    out = []
+    for i, subj in enumerate(subjects):
+        eid = f"re:{i}:edit"
+        prompt = f"The name of the country of {subj} is"
+        out.append(KnowledgePiece(id=eid, dataset="re", question_id=str(i), kind="cloze", prompt=prompt, answer=news[i],
+                                  role=PieceRole.edit, answer_before=trues[i],
+                                  triple=Triple(subject=subj, relation="COUNTRY", object=news[i])))
+        out.append(KnowledgePiece(id=f"re:{i}:original", dataset="re", question_id=str(i), kind="cloze", prompt=prompt,
+                                  answer=trues[i], role=PieceRole.original, edit_id=eid, counterfactual=news[i]))
+        for j, (rel, ans) in enumerate([("capital", "Damascus"), ("currency", "pound"), ("language", "Arabic")][:tests_per_edit]):
+            out.append(KnowledgePiece(id=f"re:{i}:condition{j}", dataset="re", question_id=str(i), kind="cloze",
+                                      prompt=f"The {rel} of {news[i]} is", answer=f"{ans}{i}", role=PieceRole.condition, edit_id=eid))
+            out.append(KnowledgePiece(id=f"re:{i}:test{j}", dataset="re", question_id=str(i), kind="cloze",
+                                      prompt=f"The {rel} of the country of {subj} is", answer=f"{ans}{i}", role=PieceRole.test,
+                                      edit_id=eid, criterion="Compositionality_I" if j < 2 else "Logical_Generalization",
+                                      condition_id=f"re:{i}:condition{j}"))
+    return out
+
+
+def test_edits_group_their_tests_originals_and_conditions():
+    pieces = _edit_pieces()
+    edits = benchmark_edits(pieces)
+    assert len(edits) == 2
+    e = edits[1]
+    assert [pieces[i].id for i in e.edits] == ["re:1:edit"] and [pieces[i].id for i in e.originals] == ["re:1:original"]
+    assert [pieces[i].id for i in e.tests] == ["re:1:test0", "re:1:test1", "re:1:test2"]
+    assert [pieces[i].id for i in e.conditions] == ["re:1:condition0", "re:1:condition1", "re:1:condition2"]
+
+
+def test_every_named_predictor_is_registered_with_a_definition():
+    assert set(PREDICTORS) == {"gradsim", "gradsim_old_answer", "inner_product", "norm", "first_order",
+                               "activation_cosine", "whitened_key", "shuffled"}
+    assert all(len(d) > 20 for _, d in PREDICTORS.values())
+
+
+def test_subject_position_with_a_byte_level_bpe_tokenizer():
+    tok = byte_level_tokenizer()
+    enc = encode(tok, "The country of Leonardo DiCaprio is", " Syria")
+    pos = subject_position(tok, enc, "Leonardo DiCaprio")
+    assert tok.decode(enc.ids[:pos + 1]).endswith("Leonardo DiCaprio")
+    assert not tok.decode(enc.ids[:pos]).endswith("Leonardo DiCaprio")
+
+
+def test_subject_position_with_a_sentencepiece_tokenizer():
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator(["The country of Leonardo DiCaprio is Syria.", "Leonardo painted; DiCaprio acted."] * 20,
+                           vocab_size=120, min_frequency=1, show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp)
+    enc = encode(tok, "The country of Leonardo DiCaprio is", " Syria")
+    pos = subject_position(tok, enc, "Leonardo DiCaprio")
+    assert any(t.startswith("▁") for t in tok.convert_ids_to_tokens(list(enc.ids)))
+    assert tok.decode(enc.ids[:pos + 1]).replace(" ", "").endswith("LeonardoDiCaprio")
+    assert not tok.decode(enc.ids[:pos]).replace(" ", "").endswith("LeonardoDiCaprio")
+
+
+def test_subject_position_is_none_when_the_prompt_does_not_name_the_subject():
+    tok = byte_level_tokenizer()
+    assert subject_position(tok, encode(tok, "The country of him is", " Syria"), "Leonardo DiCaprio") is None
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_rome_leaves_keys_orthogonal_under_the_inverse_covariance_unchanged(arch):
+    model = tiny_gpt2() if arch == "gpt2" else tiny_llama()
+    targets = select_targets(model, "all")
+    t = targets[1]
+    piece = random_pieces(1, seed=9, min_len=8)[0]
+    keys = []
+    h = t.module.register_forward_hook(lambda m, a, o: keys.append(a[0][0, piece.answer_start - 1].double()))
+    with torch.no_grad():
+        answer_logprob(model, collate([piece]))
+    h.remove()
+    k = torch.cat([keys[0], torch.ones(1, dtype=torch.float64)]) if t.has_bias else keys[0]
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(t.d_in_aug, t.d_in_aug, generator=g, dtype=torch.float64)
+    C = A @ A.t() + t.d_in_aug * torch.eye(t.d_in_aug, dtype=torch.float64)
+    ck = torch.linalg.solve(C, k)
+    other = torch.randn(t.d_in_aug, generator=g, dtype=torch.float64)
+    other -= (other @ ck) / (ck @ ck) * ck  # other^T C^-1 k = 0
+    saved = snapshot(targets)
+    dw = rome_edit(model, targets, t, piece, C, steps=5, lr=0.5)[t.name].double()
+    assert (dw @ other).abs().max() < KEY_ATOL * max(1.0, float((dw @ k).abs().max()))
+    assert restore(targets, saved)
+
+
+def test_ft_edit_respects_the_weight_change_bound():
+    model = tiny_llama()
+    targets = select_targets(model, "all")
+    saved = snapshot(targets)
+    deltas = ft_edit(model, targets, random_pieces(2, seed=3), steps=5, lr=1e-2, max_delta=1e-3)
+    assert max(float(d.abs().max()) for d in deltas.values()) <= 1e-3 + FLOAT32_ROUNDING
+    assert restore(targets, saved)
+
+
+def test_ft_edit_stops_once_the_new_answer_is_greedy():
+    model = tiny_llama()
+    targets = select_targets(model, "all")
+    piece = random_pieces(1, seed=4)
+    saved = snapshot(targets)
+    long = ft_edit(model, targets, piece, steps=200, lr=1e-2, early_stop=False)
+    restore(targets, saved)
+    short = ft_edit(model, targets, piece, steps=200, lr=1e-2, early_stop=True)
+    restore(targets, saved)
+    norm = lambda d: sum(float((v ** 2).sum()) for v in d.values()) ** 0.5  # noqa: E731
+    assert norm(short) < norm(long)
+
+
+def test_first_order_error_falls_with_the_edit_step():
+    """|measured - <g, Δθ>| / |measured| shrinks about linearly with the step (the error is second order)."""
+    from gradcouple.gradients import batch_factors
+
+    model = tiny_llama()
+    targets = select_targets(model, "all")
+    edit, other = random_pieces(2, seed=6)
+    f = batch_factors(model, targets, collate([other]))[0]
+    rel = []
+    for lr in (1e-2, 1e-3):
+        saved = snapshot(targets)
+        with torch.no_grad():
+            before = float(answer_logprob(model, collate([other])))
+        deltas = ft_edit(model, targets, [edit], steps=1, lr=lr)
+        with torch.no_grad():
+            measured = float(answer_logprob(model, collate([other]))) - before
+        restore(targets, saved)
+        predicted = sum(float((f.dense(t.name) * deltas[t.name]).sum()) for t in targets)
+        rel.append(abs(measured - predicted) / abs(measured))
+    assert rel[1] < 0.3 * rel[0]
+
+
+def test_clustered_correlation_of_perfectly_correlated_points_is_one_with_a_zero_width_interval():
+    x = np.arange(60, dtype=float)
+    c = np.repeat(np.arange(12), 5)
+    r = clustered_correlation(x, 2 * x + 1, c, "pearson", n_resamples=200)
+    assert r.value == pytest.approx(1.0) and r.ci_low == pytest.approx(1.0) and r.ci_high == pytest.approx(1.0)
+
+
+def test_clustered_correlation_of_independent_points_covers_zero():
+    rng = np.random.default_rng(7)
+    x, y, c = rng.normal(size=400), rng.normal(size=400), np.repeat(np.arange(40), 10)
+    r = clustered_correlation(x, y, c, "spearman", n_resamples=300)
+    assert r.ci_low < 0 < r.ci_high and r.n_edits == 40
+
+
+@pytest.fixture(scope="module")
+def benchmark_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    write_pieces(root / "p.jsonl", _edit_pieces(n_edits=3))
+    cfg = RunConfig()
+    cfg.data.pieces = root / "p.jsonl"
+    cfg.model.name = "llama-tiny-random"
+    cfg.ripple.steps, cfg.ripple.lr = 5, 1e-2
+    cfg.ripple.covariance_tokens, cfg.ripple.bootstrap_resamples = 2000, 50
+    extract(cfg, root / "run", show_progress=False)
+    couple(cfg, root / "run", show_progress=False)
+    return cfg, root / "run", ripple(cfg, root / "run", show_progress=False).summary
+
+
+def test_benchmark_mode_is_chosen_for_pieces_that_carry_edits(benchmark_run):
+    _, run, s = benchmark_run
+    assert s.mode == "benchmark" and RunDir(run).tests_path.is_file() and not RunDir(run).edits_path.exists()
+
+
+def test_benchmark_measures_every_test_of_every_edit_once(benchmark_run):
+    _, run, s = benchmark_run
+    _, rows = RunDir(run).load_ripple()
+    assert len(rows) == 9 and len({r.test_id for r in rows}) == 9 and s.n_tests == 9
+
+
+def test_benchmark_reports_every_predictor_pooled_and_per_criterion(benchmark_run):
+    _, _, s = benchmark_run
+    assert set(s.predictors) == set(PREDICTORS)
+    counted = {r for r in ("Compositionality_I", "Logical_Generalization")} if s.n_successful else set()
+    assert all(set(p.criteria) == counted for p in s.predictors.values())
+
+
+def test_benchmark_counts_only_tests_of_successful_edits(benchmark_run):
+    _, run, s = benchmark_run
+    _, rows = RunDir(run).load_ripple()
+    assert s.n_tests_counted == sum(r.edit_success for r in rows)
+    assert s.predictors["gradsim"].pooled.spearman.n_points == s.n_tests_counted
+
+
+def test_benchmark_restores_every_edit(benchmark_run):
+    _, _, s = benchmark_run
+    assert all(e.restored for e in s.edits) and all(e.subject_key_found for e in s.edits)
+
+
+def test_benchmark_quotes_its_definitions(benchmark_run):
+    _, _, s = benchmark_run
+    assert {"AUROC", "clustered bootstrap interval", "exact match", "condition known"} <= set(s.definitions)
+
+
+def test_identical_query_rises_most_and_informative_predictors_rank_it_first(tmp_path):
+    """Planted coupling: a test query that IS the edit (same prompt, new answer) against unrelated ones."""
+    pieces = _edit_pieces(n_edits=1, tests_per_edit=3)
+    edit = pieces[0]
+    pieces.append(edit.model_copy(update={"id": "re:0:test_same", "role": PieceRole.test, "edit_id": edit.id,
+                                          "criterion": "planted", "answer_before": None}))
+    write_pieces(tmp_path / "p.jsonl", pieces)
+    cfg = RunConfig()
+    cfg.data.pieces = tmp_path / "p.jsonl"
+    cfg.model.name = "llama-tiny-random"
+    cfg.ripple.steps, cfg.ripple.lr, cfg.ripple.early_stop = 3, 3e-3, False
+    cfg.ripple.covariance_tokens, cfg.ripple.bootstrap_resamples = 1000, 20
+    extract(cfg, tmp_path / "run", show_progress=False)
+    couple(cfg, tmp_path / "run", show_progress=False)
+    ripple(cfg, tmp_path / "run", show_progress=False)
+    _, rows = RunDir(tmp_path / "run").load_ripple()
+    same = next(r for r in rows if r.test_id == "re:0:test_same")
+    others = [r for r in rows if r.test_id != "re:0:test_same"]
+    assert same.rise > max(r.rise for r in others)
+    for name in INFORMATIVE:
+        assert same.predictors[name] > max(r.predictors[name] for r in others), name
