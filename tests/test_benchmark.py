@@ -247,3 +247,22 @@ def test_identical_query_rises_most_and_informative_predictors_rank_it_first(tmp
     assert same.rise > max(r.rise for r in others)
     for name in INFORMATIVE:
         assert same.predictors[name] > max(r.predictors[name] for r in others), name
+
+
+@pytest.fixture(scope="module")
+def sweep_run(benchmark_run):
+    cfg, run, _ = benchmark_run
+    swept = cfg.model_copy(update={"ripple": cfg.ripple.model_copy(update={"sweep": [1e-3, 3e-2], "early_stop": False})})
+    return run, ripple(swept, run, show_progress=False).sweep
+
+
+def test_sweep_evaluates_the_same_edits_at_each_strength(sweep_run):
+    run, sw = sweep_run
+    assert sw.knob == "lr" and [p.strength for p in sw.points] == [1e-3, 3e-2]
+    assert all(p.n_edits == 3 and set(p.spearman) == set(PREDICTORS) for p in sw.points)
+    assert RunDir(run).load_sweep() == sw
+
+
+def test_a_stronger_edit_raises_its_own_tests_more(sweep_run):
+    weak, strong = sweep_run[1].points
+    assert strong.mean_rise_own_tests.mean > weak.mean_rise_own_tests.mean

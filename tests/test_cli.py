@@ -49,7 +49,7 @@ def stages(monkeypatch):
         ensure=Recorder(SimpleNamespace(changed=[], reused=True)),
         couple=Recorder(SimpleNamespace(n=2, mode="full", seconds=1.0, out_dir=Path("R/coupling"),
                                         stats=SimpleNamespace(pairs=pairs))),
-        ripple=Recorder(SimpleNamespace(summary=SimpleNamespace(
+        ripple=Recorder(SimpleNamespace(sweep=None, summary=SimpleNamespace(
             mode="pieces", n_edits=3, n_successful=2, spearman_coupling=iv, spearman_first_order=iv, precision_at_k=iv,
             pooled=SimpleNamespace(spearman_coupling=0.2), seconds=1.0))),
     )

@@ -404,3 +404,25 @@ class BenchmarkSummary(_Model):
     device: DeviceInfo
     edits: list[BenchmarkEditRecord]
 
+
+class SweepPoint(_Model):
+    """One edit strength of a sweep: efficacy, specificity, and every predictor's pooled correlations."""
+
+    strength: float
+    n_edits: int
+    n_successful: int
+    mean_rise_own_tests: Describe = Field(description="Over all edits (failed ones included), the mean rise of an edit's own test queries (nats)")
+    unrelated_change: Describe
+    spearman: dict[str, Correlation]
+    pearson: dict[str, Correlation]
+
+
+class SweepSummary(_Model):
+    """``ripple/sweep.json``: one set of benchmark edits at several strengths (ft: learning rate; rome: value clamp)."""
+
+    inputs: Inputs
+    method: str
+    knob: str
+    points: list[SweepPoint]
+    seconds: float
+

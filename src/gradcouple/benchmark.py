@@ -26,6 +26,8 @@ from .artifacts import (
     ExactMatch,
     PredictorReport,
     PredictorScore,
+    SweepPoint,
+    SweepSummary,
     TestMeasurement,
 )
 from .edits import ft_edit, restore, rome_edit, snapshot
@@ -125,18 +127,18 @@ def predictor_reports(tests: list[TestMeasurement], auroc_points: dict[str, tupl
     criteria = sorted({t.criterion for t in ok})
     out = {}
     for name in PREDICTORS:
-        crit_scores, crit_labels, crit_of = auroc_points[name]
+        scores, labels, kinds = auroc_points[name]
 
-        def subset(rows, crit=None):
-            sel = [k for k, c in enumerate(crit_of) if crit is None or c == crit]
-            return _score_set(rows, name, [r.edit for r in rows], ([crit_scores[k] for k in sel], [crit_labels[k] for k in sel]),
+        def subset(rows, crit=None, known_only=False):
+            sel = [k for k, (c, known) in enumerate(kinds) if (crit is None or c == crit) and (known or not known_only)]
+            return _score_set(rows, name, [r.edit for r in rows], ([scores[k] for k in sel], [labels[k] for k in sel]),
                               n_resamples)
 
         known = [t for t in ok if t.condition_known is not False]
         out[name] = PredictorReport(
             definition=PREDICTORS[name][1], pooled=subset(ok),
             criteria={c: subset([t for t in ok if t.criterion == c], c) for c in criteria},
-            pooled_condition_known=subset(known))
+            pooled_condition_known=subset(known, known_only=True))
     return out
 
 
@@ -177,7 +179,14 @@ class BenchmarkRun:
         known = greedy_matches(r.loaded.model, [_variants(tok, self.template, self.max_length, r.pieces[c]) for c in conds],
                                r.loaded.pad_id)
         self.condition_known = dict(zip(conds, known))
+        self.condition_row = {t: c for e in edits for t, c in zip(e.tests, e.conditions)}
         self.greedy_before = dict(zip(self.variants, greedy_matches(r.loaded.model, list(self.variants.values()), r.loaded.pad_id)))
+
+    def test_condition_known(self, test: int) -> bool:
+        """Whether the unedited model knew the test's condition fact (True for tests without one)."""
+        c = self.r.pieces[test].condition_id
+        row = self.condition_row.get(test)
+        return True if c is None or row is None else bool(self.condition_known.get(row, True))
 
     def logprobs(self, rows: list[int]) -> torch.Tensor:
         """log P (nats) of the pieces ``rows`` on the model as it is now: (N,) float64, NaN elsewhere."""
@@ -203,10 +212,14 @@ class BenchmarkRun:
         return total
 
 
-def evaluate_benchmark(r, edits: list[BenchmarkEdit], show_progress: bool = True) -> tuple[BenchmarkSummary, list[TestMeasurement]]:
-    """Make every edit, measure its tests, score every predictor; the model is restored after each edit."""
+def evaluate_benchmark(r, edits: list[BenchmarkEdit], show_progress: bool = True,
+                       b: Optional[BenchmarkRun] = None) -> tuple[BenchmarkSummary, list[TestMeasurement]]:
+    """Make every edit, measure its tests, score every predictor; the model is restored after each edit.
+
+    ``b`` reuses the unedited model's keys, covariance and predictor context of an earlier call.
+    """
     t0 = time.perf_counter()
-    b = BenchmarkRun(r, edits)
+    b = b or BenchmarkRun(r, edits)
     before = b.logprobs([i for e in edits for i in (*e.tests, *e.edits, *e.originals)])
     all_tests = torch.tensor(sorted({t for e in edits for t in e.tests}), dtype=torch.long)
     test_edit = {t: k for k, e in enumerate(edits) for t in e.tests}
@@ -234,7 +247,7 @@ def evaluate_benchmark(r, edits: list[BenchmarkEdit], show_progress: bool = True
                 for name, v in preds.items():
                     auroc_points[name][0].extend(v.tolist())
                     auroc_points[name][1].extend([test_edit[t] == k for t in all_tests.tolist()])
-                    auroc_points[name][2].extend([r.pieces[t].criterion for t in all_tests.tolist()])
+                    auroc_points[name][2].extend([(r.pieces[t].criterion, b.test_condition_known(t)) for t in all_tests.tolist()])
                 unrelated.extend((after[others] - before[others]).tolist())
             for j, t in enumerate(edit.tests):
                 c = edit.conditions[j]
@@ -279,3 +292,25 @@ def _summary(r, b: BenchmarkRun, records, tests, auroc_points, unrelated, second
         unrelated_change=describe(unrelated), predictors=predictor_reports(tests, auroc_points, r.cfg.ripple.bootstrap_resamples),
         definitions={k: DEFINITIONS[k] for k in used if k in DEFINITIONS} | {k: RULES[k] for k in used if k in RULES},
         seconds=seconds, device=device_info(r.loaded.device), edits=records)
+
+
+def sweep_benchmark(r, edits: list[BenchmarkEdit], strengths: list[float], show_progress: bool = True) -> SweepSummary:
+    """The same edits at each strength (ft: ``ripple.lr``; rome: ``ripple.rome_clamp``): per strength,
+    efficacy (mean rise of an edit's own tests), specificity (change of other edits' tests) and every
+    predictor's pooled Spearman and Pearson with their intervals."""
+    t0 = time.perf_counter()
+    b = BenchmarkRun(r, edits)
+    knob = "lr" if r.cfg.ripple.method == "ft" else "rome_clamp"
+    base, points = r.cfg, []
+    for strength in strengths:
+        r.cfg = base.model_copy(update={"ripple": base.ripple.model_copy(update={knob: strength})})
+        s, _ = evaluate_benchmark(r, edits, show_progress, b)
+        points.append(SweepPoint(
+            strength=strength, n_edits=s.n_edits, n_successful=s.n_successful,
+            mean_rise_own_tests=describe([e.mean_rise_own_tests for e in s.edits]),
+            unrelated_change=s.unrelated_change, spearman={n: p.pooled.spearman for n, p in s.predictors.items()},
+            pearson={n: p.pooled.pearson for n, p in s.predictors.items()}))
+    r.cfg = base
+    return SweepSummary(inputs=r.run.ripple_inputs(r.manifest, r.stats, r.cfg), method=base.ripple.method, knob=knob,
+                        points=points, seconds=time.perf_counter() - t0)
+

@@ -23,7 +23,16 @@ from typing import Optional
 import torch
 from pydantic import BaseModel
 
-from .artifacts import BenchmarkSummary, CouplingStats, EditRecord, Manifest, Measurement, PooledRipple, RippleSummary
+from .artifacts import (
+    BenchmarkSummary,
+    CouplingStats,
+    EditRecord,
+    Manifest,
+    Measurement,
+    PooledRipple,
+    RippleSummary,
+    SweepSummary,
+)
 from .config import RunConfig
 from .edits import ft_edit, key_covariance, restore, rome_edit, snapshot
 from .errors import ArtifactError, DataError
@@ -52,7 +61,8 @@ class RippleResult(BaseModel):
     """Where the outputs are, and the summary written to ripple/summary.json (pieces or benchmark mode)."""
 
     out_dir: Path
-    summary: RippleSummary | BenchmarkSummary
+    summary: Optional[RippleSummary | BenchmarkSummary]
+    sweep: Optional[SweepSummary] = None
 
 
 @dataclass(frozen=True)
@@ -290,11 +300,15 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
     t0 = time.perf_counter()
     r = check_run(cfg, run_dir, loaded)
     if edit_mode(cfg, r.pieces) == "benchmark":
-        from .benchmark import benchmark_edits, evaluate_benchmark
+        from .benchmark import benchmark_edits, evaluate_benchmark, sweep_benchmark
 
         edits = benchmark_edits(r.pieces)[: cfg.ripple.n_edits]
         if not edits:
             raise NothingToEdit(f"{r.run.pieces_path}: no benchmark edit has a test query.")
+        if cfg.ripple.sweep:
+            sweep = sweep_benchmark(r, edits, cfg.ripple.sweep, show_progress)
+            r.run.save_sweep(sweep)
+            return RippleResult(out_dir=r.run.ripple_dir, summary=None, sweep=sweep)
         summary, rows = evaluate_benchmark(r, edits, show_progress)
         r.run.save_ripple(summary, rows)
         return RippleResult(out_dir=r.run.ripple_dir, summary=summary)

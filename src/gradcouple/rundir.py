@@ -34,6 +34,7 @@ from .artifacts import (
     PairRow,
     RippleSummary,
     ShardEntry,
+    SweepSummary,
     TestMeasurement,
 )
 from .config import RunConfig
@@ -119,6 +120,8 @@ class RunDir:
     def ripple_summary_path(self) -> Path: return self.ripple_dir / "summary.json"
     @property
     def tests_path(self) -> Path: return self.ripple_dir / "tests.jsonl"
+    @property
+    def sweep_path(self) -> Path: return self.ripple_dir / "sweep.json"
     @property
     def report_dir(self) -> Path: return self.root / "report"
     @property
@@ -281,6 +284,12 @@ class RunDir:
             for m in rows:
                 fh.write(m.model_dump_json() + "\n")
         write_json(self.ripple_summary_path, summary.model_dump(mode="json"))
+
+    def save_sweep(self, sweep: SweepSummary) -> None:
+        write_json(self.sweep_path, sweep.model_dump(mode="json"))
+
+    def load_sweep(self) -> SweepSummary:
+        return _load_json_model(self.sweep_path, SweepSummary, f"rerun `gradcouple ripple --run {self.root} --sweep ...`.")
 
     def has_ripple(self) -> bool:
         return self.ripple_summary_path.is_file()

@@ -27,6 +27,8 @@ Examples:
 
   gradcouple download musique --from musique_full_v1.0_dev.jsonl --skip-bad
 
+  gradcouple download rippleedits --from popular.json --out data/rippleedits   # edits + test queries
+
   pieces=$(gradcouple download musique --sample --out d | tail -1)  # the pieces path is the last stdout line
 """
 
@@ -45,9 +47,11 @@ def download(
 ) -> None:
     """Split a multi-hop QA dataset into knowledge pieces: DIR/pieces.jsonl and DIR/download.json.
 
-    Reads HotpotQA, MuSiQue, 2WikiMultiHopQA, WikiHop, Bamboogle or MQuAKE from the Hugging Face
-    Hub, a local file, or the bundled sample; or a plain pieces file (prompt, answer, ...) of
-    your own facts. The pieces path is printed last on stdout; everything else goes to stderr.
+    Reads HotpotQA, MuSiQue, 2WikiMultiHopQA, WikiHop, Bamboogle, MQuAKE or RippleEdits from the
+    Hugging Face Hub, a local file, or the bundled sample; or a plain pieces file (prompt, answer,
+    ...) of your own facts. RippleEdits and MQuAKE pieces carry their benchmark's edits and test
+    queries, which `gradcouple ripple` evaluates. The pieces path is printed last on stdout;
+    everything else goes to stderr.
     """
     if list_:
         _print_sources()
@@ -82,7 +86,8 @@ def _print_sources() -> None:
     out.print(table, highlight=False)
     aliases = "; ".join(f"{a} = {n}" for a, n in ds.ALIASES.items())
     out.print(f"aliases: {aliases}", highlight=False)
-    out.print("(sample): `--sample` reads a bundled real sample (first 12 records); sources and licenses in gradcouple/NOTICE.", highlight=False)
+    out.print("(sample): `--sample` reads a bundled real sample (the first records of the source: 12, or 60 for "
+              "rippleedits); sources and licenses in gradcouple/NOTICE.", highlight=False)
 
 
 def _print_summary(result: ds.DownloadResult) -> None:
@@ -99,6 +104,10 @@ def _print_summary(result: ds.DownloadResult) -> None:
         table.add_row("  record skipped", f"{n}  {reason}", style="yellow")
     for kind, n in m.pieces_per_kind.items():
         table.add_row(f"pieces: {kind}", str(n))
+    for role, n in m.pieces_per_role.items():
+        table.add_row(f"benchmark pieces: {role}", str(n))
+    for criterion, n in m.pieces_per_criterion.items():
+        table.add_row(f"  tests: {criterion}", str(n))
     table.add_row("pieces written", str(m.pieces_made), style="green")
     for kind, n in m.pieces_merged_as_duplicates.items():
         table.add_row("  duplicates merged", f"{n}  {kind}")

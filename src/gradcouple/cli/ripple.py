@@ -17,6 +17,8 @@ EPILOG = """Examples:
   gradcouple ripple --run runs/rippleedits --method rome --n-edits 40
 
   gradcouple ripple --run runs/musique --edits pieces --n-edits 20 --steps 5 --lr 5e-4
+
+  gradcouple ripple --run runs/rippleedits --sweep 1e-4,3e-4,1e-3        # one set of edits at three strengths
 """
 
 
@@ -35,6 +37,27 @@ def benchmark_table(s):
     return t
 
 
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=flag) from None
+
+
+def sweep_table(sw):
+    """Per strength: successful edits, own-test rise, unrelated change, GradSim and first-order Spearman (95% CI)."""
+    from rich.table import Table
+
+    t = Table(title=f"ripple sweep ({sw.method}, {sw.knob})", title_justify="left")
+    for col in (sw.knob, "successful", "own tests rise (nats)", "unrelated change (nats)", "GradSim rho [95% CI]",
+                "first-order rho [95% CI]"):
+        t.add_column(col)
+    for p in sw.points:
+        t.add_row(f"{p.strength:g}", f"{p.n_successful}/{p.n_edits}", num(p.mean_rise_own_tests.mean, "+.3f"),
+                  num(p.unrelated_change.mean, "+.3f"), correlation(p.spearman["gradsim"]), correlation(p.spearman["first_order"]))
+    return t
+
+
 def ripple(
     run: RunDirOpt = Path("runs/default"),
     edits: Annotated[Optional[str], typer.Option("--edits", help="benchmark (the edits the pieces carry), pieces (edit pieces "
@@ -45,6 +68,8 @@ def ripple(
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate of an ft edit.")] = None,
     max_delta: Annotated[Optional[float], typer.Option("--max-delta", help="FT-L bound on each weight's change (L-infinity).")] = None,
     rome_clamp: Annotated[Optional[float], typer.Option("--rome-clamp", help="Max |delta| of a rome value as a multiple of |W k*|.")] = None,
+    sweep: Annotated[Optional[str], typer.Option("--sweep", help="Benchmark edits at several strengths, e.g. 1e-4,1e-3 (ft: "
+                                                  "learning rates; rome: value clamps) -> RUN/ripple/sweep.json.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for the choice of edited pieces.")] = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
@@ -59,8 +84,14 @@ def ripple(
 
     cfg = build_config(config, run, {"ripple.edits": edits, "ripple.n_edits": n_edits, "ripple.method": method,
                                      "ripple.steps": steps, "ripple.lr": lr, "ripple.max_delta": max_delta,
-                                     "ripple.rome_clamp": rome_clamp, "ripple.seed": seed, "model.device": device})
-    s = stage.ripple(cfg, run).summary
+                                     "ripple.rome_clamp": rome_clamp, "ripple.seed": seed, "model.device": device,
+                                     "ripple.sweep": _floats(sweep, "--sweep") if sweep else None})
+    res = stage.ripple(cfg, run)
+    if res.sweep is not None:
+        console.print(sweep_table(res.sweep))
+        print_path(RunDir(run).sweep_path)
+        return
+    s = res.summary
     if s.mode == "benchmark":
         console.print(benchmark_table(s))
         print_path(RunDir(run).ripple_summary_path)
