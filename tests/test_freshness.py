@@ -169,3 +169,16 @@ def test_replaced_shard_is_refused(tmp_path):
     shard.write_bytes((tmp_path / "run/gradients/shard-00001.pt").read_bytes())
     with pytest.raises(ArtifactError, match="shard-00000.pt"):
         couple(cfg, tmp_path / "run", show_progress=False)
+
+
+def test_a_damaged_shard_is_repaired_by_rerunning_extract_alone(tmp_path):
+    write_fact_pieces(tmp_path / "p.jsonl")
+    cfg = _cfg(tmp_path / "p.jsonl")
+    cfg.extract.shard_size = 4
+    first = extract(cfg, tmp_path / "run", show_progress=False)
+    (tmp_path / "run/gradients/shard-00001.pt").write_bytes(b"damaged")
+    with pytest.raises(ArtifactError, match="only damaged shards are recomputed"):
+        couple(cfg, tmp_path / "run", show_progress=False)
+    again = extract(cfg, tmp_path / "run", show_progress=False)
+    assert again.resumed_shards == first.n_shards - 1
+    couple(cfg, tmp_path / "run", show_progress=False)

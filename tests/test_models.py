@@ -172,3 +172,25 @@ def test_unreachable_hub_id_fails_fast_naming_the_offline_setting(monkeypatch):
 def test_missing_gguf_file_is_a_model_error():
     with pytest.raises(ModelError, match="no such GGUF"):
         load_model("/nonexistent/model.gguf")
+
+
+def test_unknown_device_is_a_model_error_naming_the_flag():
+    from gradcouple.errors import ModelError
+    from gradcouple.models import resolve_device
+
+    with pytest.raises(ModelError, match="--device tpu"):
+        resolve_device("tpu")
+
+
+def test_manifest_records_the_dtype_actually_used_on_cpu(tmp_path):
+    from gradcouple.config import RunConfig
+    from gradcouple.extract import extract
+    from gradcouple.rundir import RunDir
+
+    from conftest import write_fact_pieces
+
+    write_fact_pieces(tmp_path / "p.jsonl", n=3)
+    cfg = RunConfig()
+    cfg.data.pieces, cfg.model.name, cfg.model.device, cfg.model.dtype = tmp_path / "p.jsonl", "llama-tiny-random", "cpu", "bfloat16"
+    extract(cfg, tmp_path / "run", show_progress=False)
+    assert RunDir(tmp_path / "run").load_manifest().compute_dtype == "float32"

@@ -125,7 +125,8 @@ def _new_manifest(cfg: RunConfig, loaded: LoadedModel, targets: list[Target], in
     shapes = [t.shape_info() for t in targets]
     projected = cfg.extract.store == "projected"
     return Manifest(inputs=inputs, pieces_file=str(cfg.data.pieces), model=loaded.identity(), targets=shapes,
-                    n_params=sum(s.n_params for s in shapes), compute_dtype=cfg.model.dtype,
+                    n_params=sum(s.n_params for s in shapes),
+                    compute_dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
                     store=StoreSettings(kind=cfg.extract.store, seed=cfg.extract.seed,
                                         proj_dim=cfg.extract.proj_dim if projected else None,
                                         proj_blocks=cfg.extract.proj_blocks if projected else None),

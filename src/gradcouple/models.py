@@ -131,7 +131,10 @@ def resolve_device(spec: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(spec)
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ModelError(f"--device {spec}: not a device; use cpu, cuda, cuda:N, mps or auto.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"--device {spec}: CUDA is not available on this machine; use --device cpu or auto.")
     if dev.type == "mps" and not torch.backends.mps.is_available():

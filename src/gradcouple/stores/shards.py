@@ -69,8 +69,8 @@ class GradientReader:
             for s in self.shards:
                 p = run.shard_file(s)
                 if not p.is_file() or sha256_file(p) != s.sha256:
-                    raise ArtifactError(f"{p}: missing or its sha256 differs from the manifest; rerun "
-                                        f"`gradcouple extract --out {run.root} --overwrite`.")
+                    raise ArtifactError(f"{p}: missing or its sha256 differs from the manifest; rerun the same "
+                                        f"`gradcouple extract --out {run.root}` command: only damaged shards are recomputed.")
         self._cache: OrderedDict[int, dict] = OrderedDict()
         self._cache_n = cache_shards
 
