@@ -182,3 +182,39 @@ def test_a_damaged_shard_is_repaired_by_rerunning_extract_alone(tmp_path):
     again = extract(cfg, tmp_path / "run", show_progress=False)
     assert again.resumed_shards == first.n_shards - 1
     couple(cfg, tmp_path / "run", show_progress=False)
+
+
+def test_a_run_directory_in_use_by_another_process_is_refused_naming_it(tmp_path):
+    import json
+    import socket
+    import subprocess
+
+    write_fact_pieces(tmp_path / "p.jsonl")
+    cfg = _cfg(tmp_path / "p.jsonl")
+    (tmp_path / "run").mkdir()
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        (tmp_path / "run/.lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "stage": "extract",
+                                                        "started": "now"}))
+        with pytest.raises(ArtifactError, match=rf"in use by `gradcouple extract` \(pid {other.pid}"):
+            extract(cfg, tmp_path / "run", show_progress=False)
+        assert not (tmp_path / "run/gradients").exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, capsys):
+    import json
+    import socket
+    import subprocess
+
+    write_fact_pieces(tmp_path / "p.jsonl")
+    cfg = _cfg(tmp_path / "p.jsonl")
+    (tmp_path / "run").mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / "run/.lock").write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "stage": "extract"}))
+    extract(cfg, tmp_path / "run", show_progress=False)
+    assert "taking over the lock" in capsys.readouterr().err
+    assert not (tmp_path / "run/.lock").exists() and RunDir(tmp_path / "run").load_manifest().complete

@@ -20,7 +20,7 @@ from .gram import cosine_from_gram, fit_block_size, gram_matrix, n_block_pairs, 
 from .metrics import describe
 from .progress import progress
 from .rules import same_answer, same_answer_matrix, same_question, same_question_matrix
-from .rundir import RunDir
+from .rundir import RunDir, locked
 from .runinfo import peak_rss_bytes
 from .stores import GradientReader
 
@@ -109,6 +109,7 @@ def topk_pairs(idx: torch.Tensor, vals: torch.Tensor, records: list[PieceRecord]
     return [pair_row(rank, c, records[i], records[j]) for rank, (c, i, j) in enumerate(best, 1)]
 
 
+@locked("couple")
 def couple(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) -> CoupleResult:
     """Compute GradSim for every pair of pieces in ``run_dir`` (or the top-k per piece).
 

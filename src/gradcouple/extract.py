@@ -25,7 +25,7 @@ from .layers import Target, select_targets
 from .models import LoadedModel, load_model, model_fingerprint
 from .pieces import KnowledgePiece
 from .progress import progress
-from .rundir import RunDir, load_data_pieces, stale_inputs
+from .rundir import RunDir, load_data_pieces, locked, stale_inputs
 from .runinfo import device_info, peak_rss_bytes
 from .scoring import EncodedPiece, collate, encode
 from .stores import ShardWriter
@@ -198,6 +198,7 @@ def _record(p: KnowledgePiece, e: EncodedPiece, index: int, shard: int, logprob:
                        shard=shard)
 
 
+@locked("extract")
 def extract(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel] = None,
             overwrite: bool = False, show_progress: bool = True) -> ExtractResult:
     """Extract per-piece gradients into ``run_dir/gradients``.

@@ -44,7 +44,7 @@ from .models import LoadedModel, load_model
 from .pieces import KnowledgePiece, PieceKind, PieceRole
 from .progress import progress
 from .rules import AnswerMatch, answers_match, same_answer, same_question
-from .rundir import RunDir
+from .rundir import RunDir, locked
 from .runinfo import device_info
 from .scoring import EncodedPiece, answer_logprob, collate, encode
 from .stores import GradientReader
@@ -286,6 +286,7 @@ def edit_mode(cfg: RunConfig, pieces: list[KnowledgePiece]) -> str:
     return "benchmark" if cfg.ripple.edits == "benchmark" or (cfg.ripple.edits == "auto" and has) else "pieces"
 
 
+@locked("ripple")
 def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel] = None, show_progress: bool = True) -> RippleResult:
     """Make ``ripple.n_edits`` edits one at a time and measure their ripple effect.
 

@@ -17,10 +17,14 @@ run path or parses a stored artifact.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
+import socket
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from pydantic import BaseModel, ValidationError
@@ -72,6 +76,19 @@ def _load_json_model(path: Path, model: type[BaseModel], fix: str):
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"]) or "<document>"
         raise ArtifactError(f"{path}: field '{loc}': {err['msg']}; {fix}") from None
+
+
+_HELD: set[Path] = set()  # run directories this process has locked (stages nest inside `run`)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class RunDir:
@@ -128,6 +145,55 @@ class RunDir:
     def index_path(self) -> Path: return self.report_dir / "index.html"
     @property
     def report_summary_path(self) -> Path: return self.report_dir / "summary.json"
+
+    @property
+    def lock_path(self) -> Path: return self.root / ".lock"
+
+    @contextlib.contextmanager
+    def lock(self, stage: str) -> Iterator[None]:
+        """Hold the run directory's advisory lock (``RUN/.lock``: pid, host, stage, start time) while a stage writes.
+
+        Re-entrant within a process. A lock left by a dead process on this host is taken over with a
+        note on stderr.
+
+        Raises:
+            ArtifactError: another live process holds the lock; the message names it.
+        """
+        key = self.root.resolve()
+        if key in _HELD:
+            yield
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        while True:
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.lock_path.read_text(encoding="utf-8"))
+                except (OSError, json.JSONDecodeError):
+                    holder = {}
+                same_host = holder.get("host") == me["host"]
+                if same_host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+                    from .progress import stderr_console
+
+                    stderr_console().print(f"note: {self.lock_path}: taking over the lock of {holder.get('stage')} "
+                                           f"(pid {holder['pid']}), which is no longer running.", highlight=False)
+                    self.lock_path.unlink(missing_ok=True)
+                    continue
+                raise ArtifactError(
+                    f"{self.root}: in use by `gradcouple {holder.get('stage', '?')}` (pid {holder.get('pid', '?')} on "
+                    f"{holder.get('host', '?')}, since {holder.get('started', '?')}); wait for it to finish, or delete "
+                    f"{self.lock_path} if that process is gone.") from None
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(me, fh)
+            break
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
+            self.lock_path.unlink(missing_ok=True)
 
     def relative(self, path: Path) -> str:
         """``path`` relative to the run directory, with forward slashes."""
@@ -364,6 +430,19 @@ class RunDir:
             raise ArtifactError(f"{what} does not match {self.pieces_path}; rerun `gradcouple couple --run {self.root}`.")
 
 
+def locked(stage: str):
+    """Decorator of a stage ``fn(cfg, run_dir, ...)``: it runs holding ``RunDir(run_dir).lock(stage)``."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(cfg, run_dir, *args, **kwargs):
+            with RunDir(run_dir).lock(stage):
+                return fn(cfg, run_dir, *args, **kwargs)
+        return inner
+    return wrap
+
+
 def default_run_dir(model: str, cfg: RunConfig) -> Path:
     """``runs/<model>-<extraction hash>``: where ``couple --model`` works when no run directory is given."""
     import re
@@ -387,4 +466,4 @@ def load_data_pieces(cfg: RunConfig) -> list[KnowledgePiece]:
     return pieces[: cfg.data.limit] if cfg.data.limit else pieces
 
 
-__all__ = ["RunDir", "stale_inputs", "default_run_dir", "load_data_pieces"]
+__all__ = ["RunDir", "stale_inputs", "locked", "default_run_dir", "load_data_pieces"]

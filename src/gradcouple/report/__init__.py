@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from ..config import RunConfig
 from ..io import atomic_open
+from ..rundir import locked
 from .load import LoadedRun, load_run
 from .page import render
 from .summary import Headline, headline, summarize, write_summary
@@ -64,6 +65,7 @@ def render_html(run_dir: str | Path, summary: dict, cfg: RunConfig) -> str:
     return render(load_run(run_dir), summary, cfg)
 
 
+@locked("report")
 def report(cfg: RunConfig, run_dir: str | Path) -> ReportResult:
     """Write ``run_dir/report/index.html`` and ``run_dir/report/summary.json``, both atomically.
 
