@@ -152,3 +152,8 @@ def couple(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) -
     run.save_stats(stats)
     return CoupleResult(out_dir=run.coupling_dir, n=n, mode=mode, seconds=stats.seconds, stats=stats)
 
+
+
+from ._callable import make_callable  # noqa: E402
+
+make_callable(__name__)

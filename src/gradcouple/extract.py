@@ -267,3 +267,8 @@ def ensure_extraction(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[L
         return ExtractResult.from_manifest(run, man, resumed=len(man.shards), seconds=time.perf_counter() - t0, reused=True)
     res = extract(cfg, run_dir, loaded=loaded, overwrite=replace_stale and changed is not None, show_progress=show_progress)
     return res.model_copy(update={"changed": changed or []})
+
+
+from ._callable import make_callable  # noqa: E402
+
+make_callable(__name__)

@@ -328,3 +328,8 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
     summary = summarise(r, records, pooled, time.perf_counter() - t0)
     r.run.save_ripple(summary, rows)
     return RippleResult(out_dir=r.run.ripple_dir, summary=summary)
+
+
+from ._callable import make_callable  # noqa: E402
+
+make_callable(__name__)

@@ -87,3 +87,8 @@ def report(cfg: RunConfig, run_dir: str | Path) -> ReportResult:
 
 
 __all__ = ["SECTIONS", "ReportResult", "Headline", "LoadedRun", "load_run", "build_summary", "render_html", "report"]
+
+
+from .._callable import make_callable  # noqa: E402
+
+make_callable(__name__)

@@ -1,0 +1,76 @@
+"""The Python API: the README's notebook example runs as written, keyword overrides reach the
+config, and load_run gives the run's files as tables."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import gradcouple as gc
+from gradcouple.api import resolve_config
+from gradcouple.config import RunConfig
+from gradcouple.errors import ConfigError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_the_readme_notebook_example_runs(tmp_path, monkeypatch, capsys):
+    block = re.search(r"<!-- notebook -->\n```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    assert "grad_norm" in capsys.readouterr().out and (tmp_path / "runs/nb/coupling/cosine.pt").is_file()
+
+
+def test_keywords_are_the_cli_flags_and_the_stage_decides_shared_ones(tmp_path):
+    cfg = resolve_config("ripple", tmp_path, None, {"model": "gpt2", "batch_size": 4, "method": "rome", "ripple.lr": 0.01})
+    assert (cfg.model.name, cfg.extract.batch_size, cfg.ripple.method, cfg.ripple.lr) == ("gpt2", 4, "rome", 0.01)
+    assert cfg.couple.method == "auto"
+    assert resolve_config("couple", tmp_path, None, {"method": "dense"}).couple.method == "dense"
+
+
+def test_keywords_override_the_runs_saved_config(tmp_path):
+    saved = RunConfig()
+    saved.model.layers = "last2"
+    saved.save(tmp_path / "config.json")
+    cfg = resolve_config("couple", tmp_path, None, {"top_k": 5})
+    assert (cfg.model.layers, cfg.couple.top_k) == ("last2", 5)
+
+
+def test_an_unknown_keyword_is_a_config_error_listing_the_known_ones(tmp_path):
+    with pytest.raises(ConfigError, match="unknown keyword 'modle'.*model"):
+        resolve_config("extract", tmp_path, None, {"modle": "gpt2"})
+
+
+@pytest.fixture(scope="module")
+def nb_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    pieces = gc.download("mquake-hard", root / "data", from_path="sample").pieces_path
+    gc.extract(root / "run", data=pieces, model="llama-tiny-random", limit=30)
+    gc.couple(root / "run")
+    return gc.load_run(root / "run")
+
+
+def test_load_run_pieces_join_the_manifest(nb_run):
+    df = nb_run.pieces
+    assert len(df) == 30 and {"id", "prompt", "answer", "logprob", "grad_norm", "role"} <= set(df.columns)
+    assert df.logprob.tolist() == [r.logprob for r in nb_run.manifest.records()]
+
+
+def test_load_run_cosine_is_indexed_by_piece_id(nb_run):
+    ids, cos = nb_run.dir.load_cosine()
+    assert list(nb_run.cosine.index) == ids and list(nb_run.cosine.columns) == ids
+    assert torch.equal(torch.tensor(nb_run.cosine.to_numpy()), cos)
+
+
+def test_load_run_pairs_and_stats_are_the_files(nb_run):
+    assert nb_run.pairs.cosine.tolist() == [r.cosine for r in nb_run.dir.load_pairs()]
+    assert nb_run.stats == nb_run.dir.load_stats() and nb_run.ripple is None
+
+
+def test_stage_modules_stay_modules_while_callable():
+    import gradcouple.extract as extract_module
+
+    assert callable(gc.extract) and gc.extract is extract_module and callable(extract_module.extract)
