@@ -266,3 +266,20 @@ def test_sweep_evaluates_the_same_edits_at_each_strength(sweep_run):
 def test_a_stronger_edit_raises_its_own_tests_more(sweep_run):
     weak, strong = sweep_run[1].points
     assert strong.mean_rise_own_tests.mean > weak.mean_rise_own_tests.mean
+
+
+def test_edit_success_compares_each_rewrite_with_its_own_original():
+    from gradcouple.benchmark import edit_succeeded
+
+    pieces = _edit_pieces(n_edits=2)
+    edit = benchmark_edits(pieces)[0]
+    # a two-rewrite edit whose originals come in the other order than its edit pieces
+    second = benchmark_edits(pieces)[1]
+    edit.edits, edit.originals = [edit.edits[0], second.edits[0]], [second.originals[0], edit.originals[0]]
+    before = torch.zeros(len(pieces), dtype=torch.float64)
+    after = torch.zeros(len(pieces), dtype=torch.float64)
+    after[edit.edits[0]], after[edit.originals[1]] = -1.0, -2.0   # rewrite 0 beats its own original
+    after[edit.edits[1]], after[edit.originals[0]] = -1.0, -3.0   # rewrite 1 beats its own original
+    assert edit_succeeded(pieces, edit, before, after)
+    after[edit.originals[1]] = 0.0                                 # rewrite 0 no longer does
+    assert not edit_succeeded(pieces, edit, before, after)

@@ -218,3 +218,34 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, capsys):
     extract(cfg, tmp_path / "run", show_progress=False)
     assert "taking over the lock" in capsys.readouterr().err
     assert not (tmp_path / "run/.lock").exists() and RunDir(tmp_path / "run").load_manifest().complete
+
+
+def test_the_same_pieces_under_another_path_are_current(tmp_path):
+    import shutil as sh
+
+    write_fact_pieces(tmp_path / "p.jsonl")
+    cfg = _cfg(tmp_path / "p.jsonl")
+    extract(cfg, tmp_path / "run", show_progress=False)
+    (tmp_path / "moved").mkdir()
+    sh.copy(tmp_path / "p.jsonl", tmp_path / "moved/p.jsonl")
+    cfg.data.pieces = tmp_path / "moved/p.jsonl"
+    assert ensure_extraction(cfg, tmp_path / "run", show_progress=False).reused
+
+
+def test_a_stage_on_a_missing_run_directory_creates_nothing(tmp_path):
+    with pytest.raises(ArtifactError, match="no such run directory"):
+        report(RunConfig(), tmp_path / "typo")
+    assert not (tmp_path / "typo").exists()
+
+
+def test_non_finite_measurements_survive_the_round_trip(tmp_path):
+    from gradcouple.artifacts import Measurement
+
+    run = RunDir(tmp_path)
+    m = Measurement(edit=0, edited_id="a", piece_id="b", same_question=False, target_answer=False, cosine=0.5,
+                    predicted_coupling=float("nan"), predicted_first_order=1.0, measured=float("inf"))
+    with open(tmp_path / "line.json", "w") as fh:
+        fh.write(m.model_dump_json())
+    back = Measurement.model_validate_json((tmp_path / "line.json").read_text())
+    assert back.measured == float("inf") and back.predicted_coupling != back.predicted_coupling
+    assert run.root == tmp_path

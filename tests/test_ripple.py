@@ -161,8 +161,8 @@ def test_ripple_with_rome_restores_and_raises_the_new_answer(tmp_path, tiny_llam
     assert all(e.logprob_new_after > e.logprob_new_before for e in s.edits)
 
 
-def test_rome_needs_a_store_that_keeps_inputs(tmp_path, tiny_llama_loaded):
-    cfg = _run(tmp_path, tiny_llama_loaded, store="dense", method="rome")
+def test_rome_with_the_pieces_covariance_needs_a_store_that_keeps_inputs(tmp_path, tiny_llama_loaded):
+    cfg = _run(tmp_path, tiny_llama_loaded, store="dense", method="rome", covariance="pieces")
     with pytest.raises(ArtifactError, match="--store factors"):
         ripple(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
 

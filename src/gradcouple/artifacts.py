@@ -17,7 +17,7 @@ from .metrics import Correlation, Describe, Interval
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), ser_json_inf_nan="constants")
 
 
 class Inputs(_Model):

@@ -3,7 +3,7 @@ real, with every predictor scored against the measured ripple.
 
 An edit is the set of ``edit`` pieces of one question (one for RippleEdits, one per requested
 rewrite for an MQuAKE case, applied together); its ``original`` pieces hold the true answers and
-its ``test`` pieces the queries whose answers should change. Per edit: make it (FT-L or ROME),
+its ``test`` pieces the queries whose answers should change. Per edit: make it (fine-tuning or ROME),
 measure every test query's log-probability of its post-edit answer and whether it is the greedy
 continuation, restore the weights bit for bit. Failed edits (the new target not more likely than
 the true one afterwards) are reported and left out of the predictor statistics, as RippleEdits
@@ -72,6 +72,14 @@ def benchmark_edits(pieces: list[KnowledgePiece]) -> list[BenchmarkEdit]:
             out.append(BenchmarkEdit(qid, rows, originals, tests,
                                      [by_id.get(pieces[t].condition_id) if pieces[t].condition_id else None for t in tests]))
     return out
+
+
+def edit_succeeded(pieces: list[KnowledgePiece], edit: BenchmarkEdit, before: torch.Tensor, after: torch.Tensor) -> bool:
+    """``DEFINITIONS['edit success']`` for every rewrite of the edit: afterwards its new target is more
+    likely than its original (true) answer; a rewrite without an original piece must rise."""
+    original_of = {pieces[o].edit_id: o for o in edit.originals}
+    return all(after[i] > after[original_of[pieces[i].id]] if pieces[i].id in original_of else after[i] > before[i]
+               for i in edit.edits)
 
 
 def _variants(tokenizer, template: str, max_length: int, piece: KnowledgePiece) -> list[EncodedPiece]:
@@ -238,16 +246,16 @@ def evaluate_benchmark(r, edits: list[BenchmarkEdit], show_progress: bool = True
             if not restored:
                 raise RuntimeError("target weights could not be restored bit for bit")
             b.ctx.first_order = first_order(r.reader, deltas)
-            success = all(after[i] > after[o] for i, o in zip(edit.edits, edit.originals)) if edit.originals else \
-                all(after[i] > before[i] for i in edit.edits)
+            success = edit_succeeded(r.pieces, edit, before, after)
             own = torch.tensor(edit.tests, dtype=torch.long)
-            preds = predict(b.ctx, edit.edits, edit.originals, all_tests)
-            own_pos = [all_tests.tolist().index(t) for t in edit.tests]
+            preds = predict(b.ctx, edit.edits, edit.originals, all_tests)  # every edit's tests: AUROC
+            own_preds = predict(b.ctx, edit.edits, edit.originals, own)     # the edit's own tests: correlations
             if success:
                 for name, v in preds.items():
                     auroc_points[name][0].extend(v.tolist())
                     auroc_points[name][1].extend([test_edit[t] == k for t in all_tests.tolist()])
-                    auroc_points[name][2].extend([(r.pieces[t].criterion, b.test_condition_known(t)) for t in all_tests.tolist()])
+                    auroc_points[name][2].extend([(r.pieces[t].criterion or "test", b.test_condition_known(t))
+                                                  for t in all_tests.tolist()])
                 unrelated.extend((after[others] - before[others]).tolist())
             for j, t in enumerate(edit.tests):
                 c = edit.conditions[j]
@@ -256,7 +264,7 @@ def evaluate_benchmark(r, edits: list[BenchmarkEdit], show_progress: bool = True
                     logprob_before=float(before[t]), logprob_after=float(after[t]), rise=float(after[t] - before[t]),
                     greedy_before=b.greedy_before[t], greedy_after=greedy_after[t],
                     condition_known=b.condition_known.get(c) if c is not None else None, edit_success=success,
-                    predictors={n: _finite(v[own_pos[j]]) for n, v in preds.items()}))
+                    predictors={n: _finite(v[j]) for n, v in own_preds.items()}))
             e0 = r.pieces[edit.edits[0]]
             records.append(BenchmarkEditRecord(
                 edit=k, edit_ids=[r.pieces[i].id for i in edit.edits], question_id=edit.question_id,

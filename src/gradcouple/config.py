@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
 from .errors import ConfigError
 from .io import write_json
@@ -76,9 +76,9 @@ class RippleConfig(_Section):
 
     edits: Literal["auto", "benchmark", "pieces"] = Field(default="auto", description="benchmark: the edits and test queries the pieces carry (RippleEdits, MQuAKE); pieces: edit pieces toward counterfactuals and measure every other piece; auto: benchmark when the pieces carry edits", json_schema_extra={"flag": "--edits"})
     n_edits: int = Field(default=10, ge=1, description="How many edits to make (one at a time)", json_schema_extra={"flag": "--n-edits"})
-    method: Literal["ft", "rome"] = Field(default="ft", description="ft: FT-L, Adam on all target layers (weight changes bounded by max_delta, early stop); rome: rank-one update of one target layer", json_schema_extra={"flag": "--method"})
-    steps: int = Field(default=25, ge=1, description="Adam steps per ft edit (at most, with early stop; 25 as FT-L in the ROME paper)", json_schema_extra={"flag": "--steps"})
-    lr: float = Field(default=5e-4, gt=0, description="Adam learning rate of an ft edit (5e-4 as FT-L in the ROME paper)", json_schema_extra={"flag": "--lr"})
+    method: Literal["ft", "rome"] = Field(default="ft", description="ft: fine-tuning, Adam on all target layers (early stop; FT-L with max_delta); rome: rank-one update of one target layer", json_schema_extra={"flag": "--method"})
+    steps: int = Field(default=25, ge=1, description="Adam steps per ft edit (at most, with early stop; 25 as FT in the ROME paper)", json_schema_extra={"flag": "--steps"})
+    lr: float = Field(default=5e-4, gt=0, description="Adam learning rate of an ft edit (5e-4 as FT in the ROME paper)", json_schema_extra={"flag": "--lr"})
     max_delta: Optional[float] = Field(default=None, gt=0, description="FT-L bound on every weight's change |dw| (L-infinity); None = unbounded", json_schema_extra={"flag": "--max-delta"})
     early_stop: bool = Field(default=True, description="Stop an ft edit once the new target is the greedy continuation")
     rome_layer: int = Field(default=0, description="Index into the target layers of the layer a rome edit changes (0 = lowest)")
@@ -89,7 +89,7 @@ class RippleConfig(_Section):
     covariance_tokens: int = Field(default=50_000, ge=256, description="Tokens of Wikipedia text for the rome key covariance")
     seed: int = Field(default=0, description="Choice of edited pieces, substitute counterfactuals and the shuffled baseline", json_schema_extra={"flag": "--seed"})
     top_k: int = Field(default=10, ge=1, description="k of precision@k")
-    sweep: Optional[list[float]] = Field(default=None, description="Benchmark mode: evaluate the same edits at each of these strengths (ft: lr; rome: rome_clamp) into ripple/sweep.json")
+    sweep: Optional[list[PositiveFloat]] = Field(default=None, description="Benchmark mode: evaluate the same edits at each of these strengths (ft: lr; rome: rome_clamp) into ripple/sweep.json")
     bootstrap_resamples: int = Field(default=1000, ge=10, description="Resamples of whole edits behind each correlation's interval (benchmark mode)")
 
     @field_validator("method", mode="before")
@@ -118,9 +118,10 @@ class RunConfig(_Section):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def extract_hash(self) -> str:
-        """sha256 (16 hex) of the settings that determine the shards' contents (not device or batch size)."""
+        """sha256 (16 hex) of the settings that determine the shards' contents: not the device or batch size,
+        nor the pieces file's path (its sha256 is an input of its own, so a moved file stays current)."""
         return self._hash({
-            "data": self.data.model_dump(mode="json"),
+            "data": self.data.model_dump(mode="json", exclude={"pieces"}),
             "model": self.model.model_dump(mode="json", exclude={"device"}),
             "extract": self.extract.model_dump(mode="json", exclude={"batch_size"}),
         })

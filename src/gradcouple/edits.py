@@ -16,8 +16,8 @@ from .stores import GradientReader
 
 def ft_edit(model, targets: list[Target], new: list[EncodedPiece], steps: int, lr: float, pad_id: int = 0,
             max_delta: float | None = None, early_stop: bool = False) -> dict[str, torch.Tensor]:
-    """FT-L (Meng et al. 2022, "Locating and Editing Factual Associations in GPT", their
-    constrained fine-tuning baseline): Adam on the target weights toward the answers of ``new``
+    """Fine-tuning edit, FT-L when ``max_delta`` is set (Meng et al. 2022, "Locating and Editing
+    Factual Associations in GPT", their constrained fine-tuning baseline): Adam on the target weights toward the answers of ``new``
     (all edited together), each weight's change clamped to [-max_delta, max_delta] when given,
     stopping early once every new answer is the greedy continuation of its prompt.
 

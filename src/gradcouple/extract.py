@@ -91,19 +91,20 @@ def _changes(previous: Manifest, inputs: Inputs, config: dict) -> list[str]:
 
 
 def extraction_changes(run: RunDir, cfg: RunConfig) -> Optional[list[str]]:
-    """None when ``run`` has no complete extraction (nothing, or one to resume); else what
-    differs from an extraction made under ``cfg`` now ([] = current)."""
+    """What differs between ``run``'s extraction and one made under ``cfg`` now: [] when it is
+    complete and current; None when there is none, or an interrupted one to resume."""
     man, unusable = _previous(run)
     if unusable:
         return unusable
-    if man is None or not man.complete:
+    if man is None:
         return None
-    return _changes(man, extraction_inputs(cfg), _extracted_config(cfg))
+    changed = _changes(man, extraction_inputs(cfg), _extracted_config(cfg))
+    return None if not man.complete and not changed else changed
 
 
 def _extracted_config(cfg: RunConfig) -> dict:
     return cfg.model_dump(mode="json", include={"data", "model", "extract"},
-                          exclude={"model": {"device"}, "extract": {"batch_size"}})
+                          exclude={"data": {"pieces"}, "model": {"device"}, "extract": {"batch_size"}})
 
 
 def encode_pieces(tokenizer, pieces: list[KnowledgePiece], template: str, max_length: int) -> list[EncodedPiece]:
@@ -213,6 +214,7 @@ def extract(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel
     t0, run = time.perf_counter(), RunDir(run_dir)
     pieces, inputs = load_data_pieces(cfg), extraction_inputs(cfg)
     loaded = loaded or load_model(cfg.model.name, revision=cfg.model.revision, device=cfg.model.device, dtype=cfg.model.dtype)
+    inputs.values["model"] = loaded.identity().fingerprint  # a Hub id resolves to its commit once downloaded
     targets = select_targets(loaded.model, cfg.model.layers, cfg.model.module)
     man = _new_manifest(cfg, loaded, targets, inputs)
     previous = resume_point(run, man, overwrite)
@@ -265,7 +267,7 @@ def ensure_extraction(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[L
         man = run.load_manifest()
         run.save_config(cfg)
         return ExtractResult.from_manifest(run, man, resumed=len(man.shards), seconds=time.perf_counter() - t0, reused=True)
-    res = extract(cfg, run_dir, loaded=loaded, overwrite=replace_stale and changed is not None, show_progress=show_progress)
+    res = extract(cfg, run_dir, loaded=loaded, overwrite=replace_stale and bool(changed), show_progress=show_progress)
     return res.model_copy(update={"changed": changed or []})
 
 

@@ -40,7 +40,9 @@ DEFINITIONS: dict[str, str] = {
                           "edits (scipy.stats.bootstrap, seed 0); percentile interval when BCa is undefined.",
     "clustered bootstrap interval": f"{CONFIDENCE:.0%} percentile interval of a correlation over (edit, test) points "
                                     "from ripple.bootstrap_resamples (default 1000) resamples of whole edits with replacement (scipy.stats.bootstrap, "
-                                    "seed 0): the points of one edit are not independent, so edits are the unit resampled.",
+                                    "seed 0): the points of one edit are not independent, so edits are the unit resampled; "
+                                    "resamples whose correlation is undefined are left out (no interval when they are "
+                                    "half or more).",
     "multi-hop accuracy": "Fraction of MQuAKE cases whose multi-hop question is an exact match for the new answer "
                           "after the case's edit.",
     "AUROC": "Probability that a predictor scores one of the edit's own test queries above another edit's test query "
@@ -180,11 +182,12 @@ def clustered_correlation(x: Sequence[float], y: Sequence[float], clusters: Sequ
 
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", sstats.DegenerateDataWarning)  # a constant resample: NaN, reported as None
-        ci = sstats.bootstrap((np.arange(len(groups)),), stat, vectorized=False, method="percentile",
-                              confidence_level=CONFIDENCE, n_resamples=n_resamples,
-                              rng=np.random.default_rng(0)).confidence_interval
-    if np.isfinite(ci.low) and np.isfinite(ci.high):
-        out.ci_low, out.ci_high = float(ci.low), float(ci.high)
+        res = sstats.bootstrap((np.arange(len(groups)),), stat, vectorized=False, method="percentile",
+                               confidence_level=CONFIDENCE, n_resamples=n_resamples, rng=np.random.default_rng(0))
+    dist = res.bootstrap_distribution[np.isfinite(res.bootstrap_distribution)]
+    if dist.size >= n_resamples // 2:  # resamples whose points are constant have no correlation: left out
+        tail = 50 * (1 - CONFIDENCE)
+        out.ci_low, out.ci_high = (float(v) for v in np.percentile(dist, [tail, 100 - tail]))
     return out
 
 

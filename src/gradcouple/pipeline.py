@@ -17,7 +17,7 @@ from .models import load_model
 from .pieces import read_pieces, write_pieces
 from .report import ReportResult, report
 from .ripple import NothingToEdit, RippleResult, ripple
-from .rundir import RunDir
+from .rundir import RunDir, locked
 
 DEFAULT_SAMPLES = ("musique", "hotpotqa", "mquake-hard")
 
@@ -51,6 +51,7 @@ class PipelineResult(BaseModel):
     skipped: dict[str, str] = {}
 
 
+@locked("run")
 def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, datasets: Sequence[str] = DEFAULT_SAMPLES,
                  skip_ripple: bool = False, overwrite: bool = False, show_progress: bool = True) -> PipelineResult:
     """download (bundled samples, unless ``cfg.data.pieces`` is set) -> extract -> couple -> ripple -> report.

@@ -103,8 +103,9 @@ def whitened_key(ctx, edit_rows, original_rows, q):
     return out
 
 
-@register_predictor("shuffled", "GradSim values permuted at random among the edit's test queries (seeded): the "
-                    "chance baseline.")
+@register_predictor("shuffled", "GradSim values permuted at random among the queries scored (seeded): within an "
+                    "edit's own tests for the correlations, a chance baseline; pooled figures keep the between-edit "
+                    "structure, so read its pooled rho as the floor that structure alone gives.")
 def shuffled(ctx, edit_rows, original_rows, q):
     rng = np.random.default_rng(ctx.seed + edit_rows[0])
     g = gradsim(ctx, edit_rows, original_rows, q)

@@ -38,6 +38,7 @@ from .edits import ft_edit, key_covariance, restore, rome_edit, snapshot
 from .errors import ArtifactError, DataError
 from .extract import encode_pieces
 from .gram import first_order
+from .keys import wikipedia_covariance
 from .layers import Target, select_targets
 from .metrics import DEFINITIONS, bootstrap_interval, describe, pearson, precision_at_k, spearman
 from .models import LoadedModel, load_model
@@ -159,7 +160,7 @@ def check_run(cfg: RunConfig, run_dir: str | Path, loaded: Optional[LoadedModel]
         raise ArtifactError(f"target layers {[t.name for t in targets]} differ from the extraction's {manifest.names}.")
     reader = GradientReader(run, manifest)
     if cfg.ripple.method == "rome":
-        if not reader.kind.keeps_inputs:
+        if cfg.ripple.covariance == "pieces" and not reader.kind.keeps_inputs:
             raise ArtifactError(f"--method rome needs the factors store (its inputs are ROME's keys); {run.root} has "
                                 f"'{reader.kind.name}': rerun extract with --store factors.")
         if not -len(targets) <= cfg.ripple.rome_layer < len(targets):
@@ -195,7 +196,10 @@ def apply_edit(r: RippleRun, edit: PlannedEdit) -> AppliedEdit:
     saved = snapshot(r.targets)
     if cfg.method == "rome":
         layer = r.targets[cfg.rome_layer]
-        cov = r.covariances.setdefault(layer.name, key_covariance(r.reader, layer.name))
+        if layer.name not in r.covariances:
+            r.covariances[layer.name] = (key_covariance(r.reader, layer.name) if cfg.covariance == "pieces" else
+                                         wikipedia_covariance(r.loaded.model, r.loaded.tokenizer, layer, cfg.covariance_tokens)[0])
+        cov = r.covariances[layer.name]
         deltas = rome_edit(r.loaded.model, r.targets, layer, enc_new, cov, cfg.rome_steps, cfg.rome_lr, cfg.rome_clamp, pad)
     else:
         deltas = ft_edit(r.loaded.model, r.targets, [enc_new], cfg.steps, cfg.lr, pad, cfg.max_delta, cfg.early_stop)

@@ -5,9 +5,11 @@ that decides whether an artifact is current.
     RUN/config.json             the resolved RunConfig            (every stage)
     RUN/gradients/              manifest.json, shard-*.pt         (extract)
     RUN/coupling/               gram.pt, cosine.pt | topk.pt, pairs.csv, pairs_different_answer.csv, stats.json (couple)
-    RUN/ripple/                 edits.jsonl, summary.json         (ripple)
+    RUN/ripple/                 summary.json, edits.jsonl (pieces mode) | tests.jsonl (benchmark mode), sweep.json (ripple)
     RUN/report/                 index.html, summary.json          (report)
     RUN/timing.json             stage wall times of `gradcouple run`
+    RUN/data/                   the bundled samples `gradcouple run` converted, when no --data was given
+    RUN/.lock                   held by the stage writing into the run (pid, host, stage)
 
 Every artifact (typed in :mod:`gradcouple.artifacts`) records the fingerprints of its inputs.
 :func:`stale_inputs` compares them with the current ones and names each difference; a stage
@@ -150,19 +152,23 @@ class RunDir:
     def lock_path(self) -> Path: return self.root / ".lock"
 
     @contextlib.contextmanager
-    def lock(self, stage: str) -> Iterator[None]:
+    def lock(self, stage: str, create: bool = False) -> Iterator[None]:
         """Hold the run directory's advisory lock (``RUN/.lock``: pid, host, stage, start time) while a stage writes.
 
         Re-entrant within a process. A lock left by a dead process on this host is taken over with a
-        note on stderr.
+        note on stderr. Only a stage that makes a run (``create``) creates its directory.
 
         Raises:
-            ArtifactError: another live process holds the lock; the message names it.
+            ArtifactError: another live process holds the lock (the message names it), or the run
+                directory does not exist and ``create`` is False.
         """
         key = self.root.resolve()
         if key in _HELD:
             yield
             return
+        if not create and not self.root.is_dir():
+            raise ArtifactError(f"{self.root}: no such run directory; make one with `gradcouple extract --out {self.root}` "
+                                f"or `gradcouple run --out {self.root}`.")
         self.root.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         while True:
@@ -437,7 +443,7 @@ def locked(stage: str):
     def wrap(fn):
         @functools.wraps(fn)
         def inner(cfg, run_dir, *args, **kwargs):
-            with RunDir(run_dir).lock(stage):
+            with RunDir(run_dir).lock(stage, create=stage in ("extract", "run")):
                 return fn(cfg, run_dir, *args, **kwargs)
         return inner
     return wrap

@@ -27,6 +27,8 @@ def one_line(exc: BaseException) -> tuple[str, int]:
     """The message and exit code printed for an exception that reaches the boundary."""
     if isinstance(exc, GradcoupleError):
         return str(exc), exc.exit_code
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError is a RuntimeError
+        return "out of GPU memory; lower --batch-size, use --device cpu, or a smaller model.", 1
     if isinstance(exc, MemoryError):
         return "out of memory; lower --batch-size or --max-memory, or use fewer pieces (--limit).", 1
     if isinstance(exc, OSError):

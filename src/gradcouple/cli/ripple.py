@@ -63,7 +63,7 @@ def ripple(
     edits: Annotated[Optional[str], typer.Option("--edits", help="benchmark (the edits the pieces carry), pieces (edit pieces "
                                                   "toward counterfactuals, measure every other piece) or auto (default).")] = None,
     n_edits: Annotated[Optional[int], typer.Option("--n-edits", "-n", help="How many edits to make, one at a time (default 10).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="ft (FT-L: Adam on all target layers) or rome (rank-one update of one layer).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="ft (fine-tuning: Adam on all target layers; FT-L with --max-delta) or rome (rank-one update of one layer).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Adam steps per ft edit (at most: it stops once the new target is greedy).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate of an ft edit.")] = None,
     max_delta: Annotated[Optional[float], typer.Option("--max-delta", help="FT-L bound on each weight's change (L-infinity).")] = None,

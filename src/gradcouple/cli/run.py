@@ -30,7 +30,7 @@ EPILOG = """Examples:
 
   gradcouple run --data data/musique/pieces.jsonl --model gpt2 --layers all --out runs/gpt2
 
-  gradcouple run --datasets musique,mquake --n-edits 10 --out runs/mq
+  gradcouple run --datasets musique,mquake-hard --n-edits 10 --out runs/mq
 
   gradcouple run --data data/rippleedits/pieces.jsonl --method rome --n-edits 40 --out runs/re
 """
@@ -77,7 +77,11 @@ def run(
             ("same- vs cross-question, different answers",
              f"{num(p.same_question_different_answer.mean)} vs {num(p.cross_question_different_answer.mean)}"),
             ("same-answer pairs", f"{num(p.same_answer.mean)} ({p.same_answer.n} pairs)")]
-    if res.ripple is not None and res.ripple.summary.mode == "benchmark":
+    if res.ripple is not None and res.ripple.sweep is not None:
+        from .ripple import sweep_table
+
+        console.print(sweep_table(res.ripple.sweep))
+    elif res.ripple is not None and res.ripple.summary.mode == "benchmark":
         from .ripple import benchmark_table
 
         console.print(benchmark_table(res.ripple.summary))

@@ -56,7 +56,8 @@ def render_html(run_dir: str | Path, summary: dict, cfg: RunConfig) -> str:
 
     Shows (a) the GradSim heatmap of the first ``cfg.report.max_heatmap`` pieces in question/hop
     order, (b) the same- vs cross-question GradSim distribution, (c) the ripple scatter of
-    predicted vs measured log-prob change (nats) when ripple was run, tables of headline numbers,
+    predicted vs measured log-prob change (nats) when piece-to-piece ripple was run, or the
+    predictor x criterion table of a benchmark ripple, tables of headline numbers,
     pairs, questions, edits, model, device and timing, and every metric's definition once.
 
     Raises:

@@ -39,13 +39,21 @@ class Headline(BaseModel):
     gpu: Optional[str]
 
 
+def _as_interval(r: LoadedRun, predictor: str) -> Optional[Interval]:
+    """A benchmark predictor's pooled Spearman's rho as an Interval (None without a benchmark run)."""
+    if r.benchmark is None:
+        return None
+    c = r.benchmark.predictors[predictor].pooled.spearman
+    return Interval(estimate=c.value, low=c.ci_low, high=c.ci_high, n=c.n_points)
+
+
 def headline(r: LoadedRun) -> Headline:
     """The :class:`Headline` of a loaded run (ripple figures None when ripple was not run)."""
     p, t = r.stats.pairs, r.manifest.timing
     return Headline(n_pieces=len(r.records), mean_gradsim=p.all.mean, same_question_mean=p.same_question.mean,
                     cross_question_mean=p.cross_question.mean, ripple_done=r.ripple is not None or r.benchmark is not None,
-                    ripple_spearman_coupling=r.ripple.spearman_coupling if r.ripple else None,
-                    ripple_spearman_first_order=r.ripple.spearman_first_order if r.ripple else None,
+                    ripple_spearman_coupling=r.ripple.spearman_coupling if r.ripple else _as_interval(r, "gradsim"),
+                    ripple_spearman_first_order=r.ripple.spearman_first_order if r.ripple else _as_interval(r, "first_order"),
                     gpu=t.device.gpu if t else None)
 
 
