@@ -59,22 +59,23 @@ def num(x, spec: str = ".4f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def bracketed(value, low, high, spec: str = "+.3f") -> str:
+    """'value [low, high]'; just the value without an interval; 'n/a' without a value."""
+    if value is None:
+        return "n/a"
+    if low is None or high is None:
+        return num(value, spec)
+    return f"{num(value, spec)} [{num(low, spec)}, {num(high, spec)}]"
+
+
 def interval(iv, spec: str = "+.3f") -> str:
     """An :class:`~gradcouple.metrics.Interval` as 'estimate [low, high]'."""
-    if iv is None or iv.estimate is None:
-        return "n/a"
-    if iv.low is None:
-        return num(iv.estimate, spec)
-    return f"{num(iv.estimate, spec)} [{num(iv.low, spec)}, {num(iv.high, spec)}]"
+    return "n/a" if iv is None else bracketed(iv.estimate, iv.low, iv.high, spec)
 
 
 def correlation(c, spec: str = "+.3f") -> str:
     """A :class:`~gradcouple.metrics.Correlation` as 'value [low, high]'."""
-    if c is None or c.value is None:
-        return "n/a"
-    if c.ci_low is None:
-        return num(c.value, spec)
-    return f"{num(c.value, spec)} [{num(c.ci_low, spec)}, {num(c.ci_high, spec)}]"
+    return "n/a" if c is None else bracketed(c.value, c.ci_low, c.ci_high, spec)
 
 
 def print_path(path: Path) -> None:
