@@ -12,6 +12,7 @@ from gradcouple.config import RunConfig
 from gradcouple.couple import couple
 from gradcouple.edits import ft_edit, restore, rome_edit, snapshot
 from gradcouple.extract import extract
+from gradcouple.keys import keys_at
 from gradcouple.layers import select_targets
 from gradcouple.metrics import clustered_correlation
 from gradcouple.models import byte_level_tokenizer
@@ -101,12 +102,7 @@ def test_rome_leaves_keys_orthogonal_under_the_inverse_covariance_unchanged(arch
     targets = select_targets(model, "all")
     t = targets[1]
     piece = random_pieces(1, seed=9, min_len=8)[0]
-    keys = []
-    h = t.module.register_forward_hook(lambda m, a, o: keys.append(a[0][0, piece.answer_start - 1].double()))
-    with torch.no_grad():
-        answer_logprob(model, collate([piece]))
-    h.remove()
-    k = torch.cat([keys[0], torch.ones(1, dtype=torch.float64)]) if t.has_bias else keys[0]
+    k = keys_at(model, t, [piece], [piece.answer_start - 1])[0]
     g = torch.Generator().manual_seed(0)
     A = torch.randn(t.d_in_aug, t.d_in_aug, generator=g, dtype=torch.float64)
     C = A @ A.t() + t.d_in_aug * torch.eye(t.d_in_aug, dtype=torch.float64)

@@ -12,6 +12,7 @@ from gradcouple.couple import couple
 from gradcouple.edits import ft_edit, restore, rome_edit, snapshot
 from gradcouple.errors import ArtifactError
 from gradcouple.extract import encode_pieces, extract
+from gradcouple.keys import keys_at
 from gradcouple.layers import select_targets
 from gradcouple.metrics import DEFINITIONS
 from gradcouple.ripple import choose_edits, ripple
@@ -88,12 +89,9 @@ def test_rome_update_is_rank_one_and_moves_the_key_by_delta(arch):
     t = targets[1]
     piece = random_pieces(1, seed=9, min_len=8)[0]
     batch = collate([piece])
-    keys = []
-    h = t.module.register_forward_hook(lambda m, a, o: keys.append(a[0][0, piece.answer_start - 1].double()))
     with torch.no_grad():
         before_lp = float(answer_logprob(model, batch))
-    h.remove()
-    k = torch.cat([keys[0], torch.ones(1, dtype=torch.float64)]) if t.has_bias else keys[0]
+    k = keys_at(model, t, [piece], [piece.answer_start - 1])[0]
     saved, w0 = snapshot(targets), t.weight_matrix().double()
     deltas = rome_edit(model, targets, t, piece, torch.eye(t.d_in_aug, dtype=torch.float64) * 2.0, steps=10, lr=0.5)
     dw = deltas[t.name].double()
