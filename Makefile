@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench soak screenshot clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,17 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) benchmarks/extract_bench.py --pieces 64 --out docs/performance.md
+	$(PY) benchmarks/processes_bench.py --pieces 128 --out docs/performance.md
+
+# memory over one long extraction (2,000 pieces, SmolLM2, about 4 minutes): the 'soak' section of docs/performance.md
+soak: $(STAMP)
+	$(PY) benchmarks/soak.py --pieces 2000 --out docs/performance.md
+
+# docs/report.png: the top of the demo's report page in headless Chromium (`apt-get install -y chromium`)
+screenshot: $(STAMP)
+	test -f runs/demo/report/index.html || $(MAKE) demo
+	$(VENV)/bin/gradcouple report --run runs/demo >/dev/null
+	$(PY) -m gradcouple.report.browser runs/demo/report/index.html --screenshot docs/report.png --size 1280x1800
 
 clean:
 	rm -rf runs .pytest_cache

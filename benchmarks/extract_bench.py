@@ -391,7 +391,10 @@ def write_report(path: Path, R: dict) -> None:
               "`benchmarks/gpu.sh --json FILE` to include its numbers."]
     L.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(L))
+    from sections import carried
+
+    kept = carried(path)  # sections other benchmarks own (soak, processes) survive a rerun
+    path.write_text("\n".join(L) + ("\n\n" + kept if kept else ""))
 
 
 def print_summary(R: dict) -> None:

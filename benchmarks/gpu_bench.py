@@ -9,6 +9,11 @@ length-sort, batch, capture, fp16 shards, manifest) runs unchanged. Prints piece
 ``extract`` and of a batched no-grad forward over the same batches (logits only at scored
 positions), and peak GPU memory (``torch.cuda.max_memory_allocated``) of each.
 
+Then ``couple --device cuda`` on a synthetic ``factors`` store of ``--couple-n`` pieces (16,000;
+SmolLM2-135M's shapes, written by ``couple_bench.write_synthetic``): the full N x N matrix with
+the Gram blocks on the GPU, its wall time and peak GPU memory (skipped when the extraction runs
+left too little of the time limit).
+
 ``--tiny`` swaps in tiny configs of both architectures (runs on CPU in seconds) to prove the
 code path.
 """
@@ -183,6 +188,30 @@ def bench(spec: dict, device: torch.device, work: Path, batch_size: int, n_overr
             "floor_peak_gpu_bytes": fl_peak, "mean_tokens": sum(e.n_inputs for e in encoded) / n}
 
 
+def bench_couple(device: torch.device, work: Path, n: int) -> dict:
+    """couple (full matrix) on a synthetic factors store of ``n`` pieces, Gram blocks on ``device``."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from couple_bench import targets_shapes, write_synthetic
+
+    from gradcouple.couple import couple
+
+    run = work / f"couple-{n}"
+    t = time.perf_counter()
+    write_synthetic({"factors": run}, n, targets_shapes())
+    write_s = time.perf_counter() - t
+    cfg = RunConfig()
+    cfg.model.device = str(device) if device.type == "cuda" else "cpu"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    res = couple(cfg, run, show_progress=False)
+    secs = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    shutil.rmtree(run, ignore_errors=True)
+    return {"n": n, "write_s": write_s, "couple_s": secs, "mode": res.mode, "block_size": res.stats.block_size,
+            "methods": res.stats.methods, "peak_gpu_bytes": peak}
+
+
 def gib(b) -> str:
     return "n/a (CPU)" if b is None else f"{b / 2**30:.2f} GiB"
 
@@ -195,6 +224,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--work", type=Path, default=None, help="scratch dir for shards (default: a temp dir, removed)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--couple-n", type=int, default=None, help="pieces of the couple run (default 16000; 256 tiny; 0 skips)")
+    ap.add_argument("--couple-after-s", type=float, default=300.0, help="skip couple when the extraction runs took longer")
     args = ap.parse_args(argv)
 
     if args.device == "auto":
@@ -208,7 +239,7 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     print(f"device {device} ({gpu}), torch {torch.__version__}, batch size {args.batch_size}", flush=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="gradcouple-gpu-"))
-    rows = []
+    rows, couple_row = [], None
     t0 = time.perf_counter()
     try:
         for spec in configs(args.tiny):
@@ -222,12 +253,23 @@ def main(argv=None) -> int:
                   f"  ({r['bytes_per_piece'] / 2**20:.2f} MiB/piece on disk)\n"
                   f"  forward floor    : {r['floor_pieces_per_s']:8.1f} pieces/s  peak GPU {gib(r['floor_peak_gpu_bytes'])}\n"
                   f"  extract time / floor time: {r['floor_pieces_per_s'] / r['extract_pieces_per_s']:.2f}x", flush=True)
+        n_couple = args.couple_n if args.couple_n is not None else (256 if args.tiny else 16000)
+        if n_couple and time.perf_counter() - t0 > args.couple_after_s:
+            print(f"couple on {n_couple:,} pieces skipped: the extraction runs took {time.perf_counter() - t0:.0f} s "
+                  f"(> --couple-after-s {args.couple_after_s:g})", flush=True)
+        elif n_couple:
+            c = bench_couple(device, work, n_couple)
+            couple_row = c
+            print(f"couple ({c['mode']}, factors, Gram blocks on {device}): N = {c['n']:,} in {c['couple_s']:.1f} s "
+                  f"(store written in {c['write_s']:.1f} s; block size {c['block_size']}; peak GPU "
+                  f"{gib(c['peak_gpu_bytes'])})", flush=True)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"device": gpu, "torch": torch.__version__, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"device": gpu, "torch": torch.__version__, "rows": rows, "couple": couple_row},
+                                        indent=2))
     print(f"done in {time.perf_counter() - t0:.0f} s")
     return 0
 

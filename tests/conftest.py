@@ -96,3 +96,12 @@ def write_fact_pieces(path, n=None):
                              prompt=p, answer=a, counterfactual=cf) for q, h, k, p, a, cf in facts[:n]]
     write_pieces(path, pieces)
     return pieces
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """``--threads`` sets torch's thread count for the process; every test starts with the session's."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)

@@ -45,13 +45,14 @@ def stages(monkeypatch):
     iv = Interval(estimate=0.3, low=0.1, high=0.5, n=3)
     rec = SimpleNamespace(
         extract=Recorder(SimpleNamespace(resumed_shards=0, n_shards=1, n_pieces=2, seconds=1.0, pieces_per_s=2.0,
-                                         bytes_on_disk=10, peak_rss_bytes=10, device=None)),
+                                         bytes_on_disk=10, peak_rss_bytes=10, device=None,
+                                         targets=["h.0.mlp.c_proj", "h.1.mlp.c_proj"], truncated=(0, 0, 0))),
         ensure=Recorder(SimpleNamespace(changed=[], reused=True)),
         couple=Recorder(SimpleNamespace(n=2, mode="full", seconds=1.0, out_dir=Path("R/coupling"),
                                         stats=SimpleNamespace(pairs=pairs))),
         ripple=Recorder(SimpleNamespace(sweep=None, summary=SimpleNamespace(
             mode="pieces", n_edits=3, n_successful=2, spearman_coupling=iv, spearman_first_order=iv, precision_at_k=iv,
-            pooled=SimpleNamespace(spearman_coupling=0.2), seconds=1.0))),
+            pooled=SimpleNamespace(spearman_coupling=0.2), seconds=1.0, resumed_edits=0, device=None))),
     )
     monkeypatch.setattr(extract_mod, "extract", rec.extract)
     monkeypatch.setattr(extract_mod, "ensure_extraction", rec.ensure)
@@ -122,14 +123,16 @@ def test_couple_without_run_or_model_names_the_flag(stages):
 
 
 def test_ripple_passes_its_flags(stages, tmp_path):
-    res = runner.invoke(app, ["ripple", "--run", str(tmp_path), "--edits", "pieces", "--n-edits", "4", "--method", "rome",
-                              "--steps", "3", "--lr", "0.01", "--max-delta", "0.001", "--rome-clamp", "2", "--seed", "5",
-                              "--device", "cpu"])
+    res = runner.invoke(app, ["ripple", "--run", str(tmp_path), "--edits", "pieces", "--n-edits", "4", "--method", "ft",
+                              "--steps", "3", "--lr", "0.01", "--max-delta", "0.001", "--seed", "5", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     (cfg, run), _ = stages.ripple.calls[0]
     r = cfg.ripple
-    assert (run, r.edits, r.n_edits, r.method, r.steps, r.lr, r.max_delta, r.rome_clamp, r.seed, cfg.model.device) == \
-        (tmp_path, "pieces", 4, "rome", 3, 0.01, 0.001, 2.0, 5, "cpu")
+    assert (run, r.edits, r.n_edits, r.method, r.steps, r.lr, r.max_delta, r.seed, cfg.model.device) == \
+        (tmp_path, "pieces", 4, "ft", 3, 0.01, 0.001, 5, "cpu")
+    res = runner.invoke(app, ["ripple", "--run", str(tmp_path), "--method", "rome", "--rome-clamp", "2"])
+    assert res.exit_code == 0, res.output
+    assert (stages.ripple.calls[1][0][0].ripple.method, stages.ripple.calls[1][0][0].ripple.rome_clamp) == ("rome", 2.0)
 
 
 def test_ripple_accepts_finetune_as_the_old_name_of_ft(stages, tmp_path):
@@ -149,10 +152,12 @@ def test_run_passes_datasets_and_overwrite(monkeypatch, tmp_path):
     rec = Recorder(raises=DataError("stop here"))
     monkeypatch.setattr(pipeline, "run_pipeline", rec)
     runner.invoke(app, ["run", "--out", str(tmp_path), "--datasets", "musique, mquake", "--n-edits", "2", "--edits", "benchmark",
-                        "--method", "rome", "--overwrite", "--no-ripple"])
+                        "--method", "rome", "--overwrite"])
     (cfg, out), kwargs = rec.calls[0]
     assert out == tmp_path and (cfg.ripple.n_edits, cfg.ripple.edits, cfg.ripple.method) == (2, "benchmark", "rome")
-    assert kwargs == {"datasets": ["musique", "mquake"], "skip_ripple": True, "overwrite": True}
+    assert kwargs == {"datasets": ["musique", "mquake"], "skip_ripple": False, "overwrite": True}
+    runner.invoke(app, ["run", "--out", str(tmp_path), "--no-ripple"])
+    assert rec.calls[1][1]["skip_ripple"] is True
 
 
 @pytest.mark.parametrize("error", [DataError("d.jsonl:3: field 'answer': empty."), ConfigError("--layers 'x': bad."),
@@ -175,7 +180,7 @@ def test_unexpected_exceptions_are_one_line_naming_the_debug_switch(stages, tmp_
 def test_os_errors_name_the_file(stages, tmp_path):
     stages.extract.raises = PermissionError(13, "Permission denied", "/ro/run/config.json")
     res = runner.invoke(app, ["extract", "--data", "p.jsonl", "--out", str(tmp_path)])
-    assert res.exit_code == 1 and "/ro/run/config.json: Permission denied" in res.output
+    assert res.exit_code == 2 and "/ro/run/config.json: Permission denied" in res.output
 
 
 def test_debug_switch_shows_the_traceback(stages, tmp_path, monkeypatch):
@@ -240,3 +245,24 @@ def test_run_without_editable_pieces_still_reports(tmp_path):
                               "--out", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "r/report/index.html").is_file()
+
+
+def test_library_log_records_print_as_notes_and_warnings(capsys):
+    import logging
+
+    from gradcouple.cli.app import show_notes
+
+    show_notes()
+    show_notes()  # idempotent: one line per record
+    logging.getLogger("gradcouple.models").warning("the cache is damaged; rebuilding it.")
+    logging.getLogger("gradcouple.extract").info("resuming 3 shards.")
+    logging.getLogger("gradcouple.extract").debug("not shown")
+    err = capsys.readouterr().err
+    assert err.count("warning: the cache is damaged; rebuilding it.") == 1 and "note: resuming 3 shards." in err
+    assert "not shown" not in err
+
+
+def test_out_of_memory_is_a_resource_error_exit_code(stages, tmp_path):
+    stages.extract.raises = MemoryError()
+    res = runner.invoke(app, ["extract", "--data", "p.jsonl", "--out", str(tmp_path)])
+    assert res.exit_code == 6 and res.output.startswith("error: out of memory; lower --batch-size")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -193,4 +194,38 @@ def test_manifest_records_the_dtype_actually_used_on_cpu(tmp_path):
     cfg = RunConfig()
     cfg.data.pieces, cfg.model.name, cfg.model.device, cfg.model.dtype = tmp_path / "p.jsonl", "llama-tiny-random", "cpu", "bfloat16"
     extract(cfg, tmp_path / "run", show_progress=False)
-    assert RunDir(tmp_path / "run").load_manifest().compute_dtype == "float32"
+    assert RunDir(tmp_path / "run").load_manifest().compute_dtype == "bfloat16"  # torch computes in bf16 on CPU too
+
+
+def test_the_dequantised_model_cache_is_verified_file_by_file(tmp_path):
+    from gradcouple.models import CACHE_SUMS, _cache_problem, _write_cache
+
+    loaded = load_model("llama-tiny-random")
+    cached = tmp_path / "gguf" / "abc"
+    _write_cache(cached, loaded.model, loaded.tokenizer)
+    assert _cache_problem(cached) is None and not [p for p in cached.parent.iterdir() if p.name.startswith(".")]
+    weights = next(cached.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert _cache_problem(cached) == f"{weights.name} differs from the sha256 recorded when it was written"
+    weights.unlink()
+    assert _cache_problem(cached) == f"{weights.name} is missing"
+    (cached / CACHE_SUMS).unlink()
+    assert _cache_problem(cached) == f"no valid {CACHE_SUMS}"
+
+
+def test_a_cache_that_cannot_be_written_leaves_no_temporary_directory(tmp_path, monkeypatch):
+    from gradcouple.models import _write_cache
+
+    loaded = load_model("llama-tiny-random")
+    written = []
+
+    def half_written(self, d):
+        written.append(Path(d, "model.safetensors"))
+        written[0].write_bytes(b"x" * 10)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(loaded.model), "save_pretrained", half_written)
+    _write_cache(tmp_path / "gguf" / "abc", loaded.model, loaded.tokenizer)
+    assert written and list((tmp_path / "gguf").iterdir()) == []

@@ -22,12 +22,13 @@ from gradcouple.errors import ArtifactError
 from gradcouple.extract import extract
 from gradcouple.metrics import DEFINITIONS, Interval
 from gradcouple.pieces import KnowledgePiece, PieceKind, write_pieces
-from gradcouple.report import SECTIONS, Headline, build_summary, load_run, render_html, report
-from gradcouple.report.figures import distribution, heatmap
+from gradcouple.report import SECTIONS, Headline, build_summary, load_run, open_in_browser, render_html, report
+from gradcouple.report.figures import best_partner, cluster_order, distribution, heatmap, heatmap_cells, layer_chart
 from gradcouple.ripple import ripple
 
 ATOL = 1e-12  # float64 sums of the same numbers in another order
 HEATMAP_ROUNDING = 5e-5  # heatmap cells are rounded to 4 decimals
+FLOAT32 = 1e-5  # block products are float32 sums: another block size rounds differently
 NASTY = '<b>Tom & "Jerry"</b>'  # must reach the page escaped, never as markup
 PLOTLY_BUNDLE = "* plotly.js v"  # the header comment of the embedded plotly.js library
 FIGURE_DIV = 'class="plotly-graph-div"'
@@ -232,9 +233,9 @@ def test_page_is_one_self_contained_file(page):
     assert page.count(PLOTLY_BUNDLE) == 1
 
 
-def test_page_has_the_three_figures(page):
-    assert page.count(FIGURE_DIV) == 3
-    for name in ("heatmap", "distribution", "ripple"):
+def test_page_has_the_four_figures(page):
+    assert page.count(FIGURE_DIV) == 4
+    for name in ("heatmap", "distribution", "layers", "ripple"):
         assert page.count(f'id="fig-{name}"') == 1, name
 
 
@@ -254,7 +255,7 @@ def test_every_definition_is_listed_once(page):
 def test_without_ripple_the_page_says_so_and_has_two_figures(no_ripple):
     page = no_ripple.index_html.read_text(encoding="utf-8")
     assert "Ripple was not run" in page
-    assert page.count(FIGURE_DIV) == 2 and 'id="fig-ripple"' not in page
+    assert page.count(FIGURE_DIV) == 3 and 'id="fig-ripple"' not in page
 
 
 def test_without_ripple_the_summary_names_the_next_step(no_ripple):
@@ -310,9 +311,16 @@ def test_heatmap_orders_pieces_by_question_then_hop(reported):
     assert list(fig.layout.xaxis.ticktext) == HEATMAP_ORDER
 
 
-def test_heatmap_cap_shows_the_first_pieces_only(reported):
+def test_heatmap_cap_shows_the_pieces_of_the_most_coupled_pairs(reported):
+    cos = torch.load(reported[0] / "coupling/cosine.pt", weights_only=True)
+    ids, c = cos["ids"], cos["cosine"].double()
+    pairs = sorted(((float(c[a, b]), a, b) for a, b in combinations(range(len(ids)), 2)), reverse=True)
+    first: list[str] = []
+    for _, a, b in pairs:  # pieces in the order they first appear among the pairs, most coupled first
+        first += [ids[k] for k in (a, b) if ids[k] not in first]
     fig, shown = heatmap(load_run(reported[0]), 4)
-    assert shown == 4 and list(fig.layout.xaxis.ticktext) == HEATMAP_ORDER[:4]
+    assert shown == 4 and set(fig.layout.xaxis.ticktext) == set(first[:4])
+    assert list(fig.layout.xaxis.ticktext) == [i for i in HEATMAP_ORDER if i in first[:4]]
     assert len(fig.data[0].z) == 4 and all(len(row) == 4 for row in fig.data[0].z)
 
 
@@ -344,4 +352,242 @@ def test_distribution_counts_each_pair_once_by_question(reported):
     pairs = _json(reported[0], "coupling/stats.json")["pairs"]
     fig = distribution(load_run(reported[0]))
     counted = {t.name.split(" (")[0]: int(sum(t.customdata)) for t in fig.data}
-    assert counted == {"same question": pairs["same_question"]["n"], "cross question": pairs["cross_question"]["n"]}
+    assert counted == {"same question": pairs["same_question"]["n"], "cross question": pairs["cross_question"]["n"],
+                       "same answer": pairs["same_answer"]["n"]}
+
+
+# ---------------------------------------------------------------- heatmap order toggle
+
+
+def test_heatmap_carries_both_orders_as_permutations(reported):
+    fig, shown = heatmap(load_run(reported[0]), 200)
+    orders = fig.layout.meta["orders"]
+    assert orders["question"] == list(range(shown))
+    assert sorted(orders["cluster"]) == list(range(shown))
+
+
+def test_cluster_order_is_scipy_average_linkage_on_one_minus_gradsim(reported):
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    r = load_run(reported[0])
+    fig, _ = heatmap(r, 200)
+    assert list(fig.layout.xaxis.ticktext) == HEATMAP_ORDER
+    recs = {p.id: k for k, p in enumerate(r.records)}
+    cells = torch.tensor(heatmap_cells(r, [recs[i] for i in HEATMAP_ORDER]), dtype=torch.float64)
+    d = (1 - (cells + cells.t()) / 2).clamp(0, 2).fill_diagonal_(0).numpy()
+    expected = leaves_list(linkage(squareform(d, checks=False), method="average", optimal_ordering=True)).tolist()
+    assert fig.layout.meta["orders"]["cluster"] == expected
+
+
+def test_cluster_order_groups_two_blocks():
+    z = [[1, .9, 0, 0], [.9, 1, 0, 0], [0, 0, 1, .8], [0, 0, .8, 1]]
+    z = [z[k] for k in (0, 2, 1, 3)]
+    z = [[row[k] for k in (0, 2, 1, 3)] for row in z]
+    order = cluster_order(z)
+    assert {frozenset(order[:2]), frozenset(order[2:])} == {frozenset({0, 2}), frozenset({1, 3})}
+
+
+def test_heatmap_hover_names_both_pieces_prompt_answer_and_gradsim(reported):
+    fig, _ = heatmap(load_run(reported[0]), 200)
+    tpl = fig.data[0].hovertemplate
+    assert "%{x}" in tpl and "%{y}" in tpl and "%{z" in tpl
+    hamlet = next(lab for lab in fig.data[0].x if "toy:q1:0" in lab)
+    assert "Who wrote Hamlet?" in hamlet and "William Shakespeare" in hamlet
+
+
+def test_best_partner_is_each_pieces_most_coupled_other_piece(reported):
+    r = load_run(reported[0])
+    v, j = best_partner(r)
+    c = r.cosine.double().clone()
+    c.fill_diagonal_(-2)
+    assert torch.equal(j, c.argmax(1)) and torch.allclose(v, c.max(1).values, atol=ATOL)
+
+
+# ---------------------------------------------------------------- per-layer contributions
+
+
+def _layer_grams(run: Path, cfg: RunConfig) -> tuple[list[str], list[torch.Tensor], torch.Tensor]:
+    """Each target's own Gram (pieces.jsonl order), computed as separate one-target Gram products, and the whole Gram."""
+    from gradcouple.gram import gram_matrix, plan_methods
+    from gradcouple.rundir import RunDir
+    from gradcouple.stores import GradientReader
+
+    reader = GradientReader(RunDir(run))
+    methods = plan_methods(reader, cfg.couple.method, cfg.couple.block_size)
+    grams = [gram_matrix(reader, 3, {n: methods[n]}) for n in reader.names]
+    return reader.names, grams, torch.load(run / "coupling/gram.pt", weights_only=True)["gram"].double()
+
+
+def test_layer_grams_add_up_to_the_gram(reported, made):
+    _, grams, G = _layer_grams(reported[0], made[1])
+    assert torch.allclose(sum(grams), G, rtol=FLOAT32, atol=FLOAT32 * float(G.abs().max()))
+
+
+def test_layer_contributions_of_the_top_pairs_are_the_layer_grams_over_the_norms(reported, made):
+    names, grams, G = _layer_grams(reported[0], made[1])
+    lc = _json(reported[0], "coupling/stats.json")["layers"]
+    pairs = _json_lines_csv(reported[0] / "coupling/pairs.csv")
+    ids = [p.id for p in load_run(reported[0]).records]
+    norms = G.diagonal().sqrt()
+    assert lc["names"] == names
+    assert [(p["id_a"], p["id_b"]) for p in lc["top_pairs"]] == [(p["id_a"], p["id_b"]) for p in pairs[:20]]
+    for p in lc["top_pairs"]:
+        i, j = ids.index(p["id_a"]), ids.index(p["id_b"])
+        expected = [float(g[i, j] / (norms[i] * norms[j])) for g in grams]
+        assert p["contribution"] == pytest.approx(expected, abs=FLOAT32)
+        assert sum(p["contribution"]) == pytest.approx(p["cosine"], abs=FLOAT32)
+
+
+def test_mean_layer_contributions_average_every_pair(reported, made):
+    names, grams, G = _layer_grams(reported[0], made[1])
+    lc = _json(reported[0], "coupling/stats.json")["layers"]
+    norms = G.diagonal().sqrt()
+    n = len(norms)
+    i, j = torch.triu_indices(n, n, offset=1)
+    per = [g[i, j] / (norms[i] * norms[j]) for g in grams]
+    assert lc["n_pairs"] == n * (n - 1) // 2
+    assert lc["mean_contribution"] == pytest.approx([float(c.mean()) for c in per], abs=FLOAT32)
+    assert lc["mean_abs_contribution"] == pytest.approx([float(c.abs().mean()) for c in per], abs=FLOAT32)
+    assert sum(lc["abs_share"]) == pytest.approx(1.0, abs=ATOL)
+    mean_gradsim = _json(reported[0], "coupling/stats.json")["pairs"]["all"]["mean"]
+    assert sum(lc["mean_contribution"]) == pytest.approx(mean_gradsim, abs=FLOAT32)
+
+
+def test_topk_coupling_keeps_the_layer_averages_of_every_pair(topk_run, made, reported):
+    full = _json(reported[0], "coupling/stats.json")["layers"]
+    topk = _json(topk_run, "coupling/stats.json")["layers"]
+    assert topk["n_pairs"] == full["n_pairs"]
+    assert topk["mean_contribution"] == pytest.approx(full["mean_contribution"], abs=FLOAT32)
+
+
+def test_layer_chart_stacks_one_trace_per_target(reported):
+    r = load_run(reported[0])
+    fig = layer_chart(r)
+    assert [t.name for t in fig.data] == r.stats.layers.names
+    assert len(fig.data[0].x) == 1 + len(r.stats.layers.top_pairs)
+
+
+def test_stats_without_layer_parts_still_load_and_the_page_says_how_to_add_them(run_dir, made):
+    stats = _json(run_dir, "coupling/stats.json")
+    del stats["layers"]
+    (run_dir / "coupling/stats.json").write_text(json.dumps(stats), encoding="utf-8")
+    page = report(made[1], run_dir).index_html.read_text(encoding="utf-8")
+    assert "no per-layer parts" in page and 'id="fig-layers"' not in page
+
+
+def _json_lines_csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ---------------------------------------------------------------- headline, tables, config
+
+
+def test_headline_answers_whether_coupling_predicts_ripple_with_its_interval(reported, written, page):
+    rip = _json(reported[0], "ripple/summary.json")
+    ans = written["experiment_readiness"]["coupling_predicts_ripple"]
+    iv = rip["spearman_coupling"]
+    assert ans["estimate"]["estimate"] == iv["estimate"]
+    low, high = iv["low"], iv["high"]
+    expected = ("undetermined" if low is None else "yes" if low > 0 else "reversed" if high < 0 else "not detectably")
+    assert ans["answer"] == expected
+    line = re.search(r'<p class="answer[^"]*" id="answer">(.*?)</p>', page, re.S).group(1)
+    assert "Does coupling predict ripple here?" in line
+    assert f"{iv['estimate']:.3f}" in line
+    if low is not None:
+        assert f"[{low:.3f}, {high:.3f}]" in line
+
+
+def test_without_ripple_the_headline_says_it_was_not_measured(no_ripple):
+    page = no_ripple.index_html.read_text(encoding="utf-8")
+    assert no_ripple.summary["experiment_readiness"]["coupling_predicts_ripple"] is None
+    assert "Not measured: ripple was not run" in page
+
+
+def test_headline_panel_shows_the_run_at_a_glance(page, written):
+    panel = re.search(r'<section id="headline".*?</section>', page, re.S).group(0)
+    for label in ("model", "|θ| target parameters", "pieces", "questions", "datasets", "device", "pieces/s",
+                  "peak memory", "bytes on disk", "wall time per stage"):
+        assert f">{escape(label)}<" in panel, label
+    assert f"{written['gradient_analysis']['n_params']:,}" in panel
+    for stage in ("extract", "couple", "ripple"):
+        assert f"<td>{stage} <b>" in panel
+
+
+def test_pairs_table_holds_every_row_of_pairs_csv_with_sort_keys(reported, page):
+    rows = _json_lines_csv(reported[0] / "coupling/pairs.csv")
+    table = re.search(r'<table class="pair sortable" id="pairs-table">(.*?)</table>', page, re.S).group(1)
+    body = table.split("<tbody>", 1)[1]
+    assert body.count("<tr ") == len(rows)
+    for row in rows:
+        assert f'data-v="{float(row["cosine"])!r}"' in body
+
+
+def test_config_and_versions_are_collapsible(page, made):
+    details = re.search(r'<details id="config-details">(.*?)</details>', page, re.S).group(1)
+    assert str(escape('"max_heatmap": 200')) in details and "plotly" in details and "torch" in details
+
+
+def test_page_embeds_its_own_script_and_no_external_resource(page):
+    assert page.count("gradcoupleReport") == 1
+    head, rest = page.split(PLOTLY_BUNDLE, 1)
+    own = head + rest.split("</script>", 1)[1]  # the page without the plotly.js library's source
+    assert not re.search(r'(src|href)="(https?:)?//', own)
+
+
+# ---------------------------------------------------------------- report --open
+
+
+class _Browser:
+    def __init__(self):
+        self.opened = []
+
+    def open(self, url, *args, **kwargs):
+        self.opened.append(url)
+        return True
+
+
+def test_open_uses_the_default_browser(reported, monkeypatch):
+    import webbrowser
+
+    browser = _Browser()
+    monkeypatch.setattr(webbrowser, "get", lambda *a: browser)
+    assert open_in_browser(reported[1].index_html)
+    assert browser.opened == [reported[1].index_html.resolve().as_uri()]
+
+
+def test_open_without_a_browser_opens_nothing(reported, monkeypatch):
+    import webbrowser
+
+    def none(*a):
+        raise webbrowser.Error("could not locate runnable browser")
+
+    monkeypatch.setattr(webbrowser, "get", none)
+    assert not open_in_browser(reported[1].index_html)
+
+
+def test_open_refuses_a_console_browser(reported, monkeypatch):
+    import webbrowser
+
+    monkeypatch.delenv("BROWSER", raising=False)
+    monkeypatch.setattr(webbrowser, "get", lambda *a: webbrowser.GenericBrowser("lynx"))
+    assert not open_in_browser(reported[1].index_html)
+
+
+def test_cli_open_says_where_the_page_is_without_a_browser(run_dir, monkeypatch):
+    import webbrowser
+
+    from typer.testing import CliRunner
+
+    from gradcouple.cli.app import app
+
+    def none(*a):
+        raise webbrowser.Error("no browser")
+
+    monkeypatch.setattr(webbrowser, "get", none)
+    res = CliRunner().invoke(app, ["report", "--run", str(run_dir), "--open"])
+    assert res.exit_code == 0, res.output
+    assert "no graphical browser here" in res.output and (run_dir / "report/index.html").resolve().as_uri() in res.output

@@ -1,5 +1,9 @@
 """``python -m gradcouple`` (and ``torchrun -m gradcouple``): the command line."""
 
-from .cli import main
+import sys
 
-main()
+from .cli import main
+from .distributed import runs_here
+
+if runs_here(sys.argv[1:]):  # under torchrun: extract and couple on every rank, other commands on rank 0 alone
+    main()

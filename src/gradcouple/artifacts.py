@@ -83,6 +83,7 @@ class PieceRecord(_Model):
     logprob: float
     sq_norm: dict[str, float]
     shard: int
+    truncated_tokens: int = Field(0, description="Prompt tokens cut from the left to fit extract.max_length")
 
     @property
     def norm(self) -> float:
@@ -104,7 +105,10 @@ class DeviceInfo(_Model):
 
     device: str
     cpu: str = ""
-    threads: int = 0
+    threads: int = Field(0, description="torch CPU threads (torch.get_num_threads())")
+    cpu_count: int = Field(0, description="CPU cores the process may use")
+    load_average: Optional[float] = Field(None, description="1-minute load average at the end of the stage; above cpu_count, "
+                                                            "other processes were competing for the cores")
     torch: str = ""
     gpu: Optional[str] = None
     peak_gpu_memory_bytes: Optional[int] = None
@@ -119,6 +123,7 @@ class ExtractTiming(_Model):
     pieces_per_s: float
     peak_rss_bytes: int
     device: DeviceInfo
+    processes: int = Field(1, description="Processes that extracted (torchrun's WORLD_SIZE); pieces_per_s is theirs together")
 
 
 class Manifest(_Model):
@@ -161,6 +166,40 @@ class Manifest(_Model):
         """The data, model and extract settings the gradients were extracted with (other sections default)."""
         return RunConfig.model_validate(self.config)
 
+    def mismatch(self) -> Optional[str]:
+        """How the pieces list disagrees with the shard list, or None when they agree.
+
+        Every shard row is a piece index listed once; the record at that index has that index
+        and names that shard; every record lies in a shard, and a complete manifest has one for
+        every piece. Catches pieces removed, reordered or duplicated by hand.
+        """
+        seen: dict[int, int] = {}
+        for k, s in enumerate(self.shards):
+            for r in s.rows:
+                if not 0 <= r < len(self.pieces):
+                    return f"{s.file} holds piece {r}, but the pieces list has {len(self.pieces)} entries"
+                if r in seen:
+                    return f"piece {r} is listed in both {self.shards[seen[r]].file} and {s.file}"
+                seen[r] = k
+                p = self.pieces[r]
+                if p is not None and (p.index != r or p.shard != k):
+                    return (f"pieces[{r}] is the record of piece {p.index} ({p.id!r}, shard {p.shard}) where {s.file} "
+                            f"(shard {k}) holds piece {r}")
+        for i, p in enumerate(self.pieces):
+            if p is None and i in seen:
+                return f"{self.shards[seen[i]].file} holds piece {i}, which has no record in the pieces list"
+            if p is None and self.complete:
+                return f"piece {i} has neither a record nor a shard, yet 'complete' is true"
+            if p is not None and i not in seen:
+                return f"piece {i} ({p.id!r}) is in no shard"
+        ids: set[str] = set()
+        for p in self.pieces:
+            if p is not None:
+                if p.id in ids:
+                    return f"piece id {p.id!r} appears twice in the pieces list"
+                ids.add(p.id)
+        return None
+
     @property
     def order(self) -> list[int]:
         """Store row -> piece index (rows are stored length-sorted)."""
@@ -169,6 +208,11 @@ class Manifest(_Model):
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.targets]
+
+    def truncation(self) -> tuple[int, int, int]:
+        """(pieces whose prompt was cut to max_length, most tokens cut from one, tokens cut in all)."""
+        cuts = [p.truncated_tokens for p in self.pieces if p is not None and p.truncated_tokens]
+        return len(cuts), max(cuts, default=0), sum(cuts)
 
 
 # ---------------------------------------------------------------- coupling
@@ -203,6 +247,27 @@ class PairSplit(_Model):
     cross_question_different_answer: Describe
 
 
+class PairLayers(_Model):
+    """One pair's GradSim split by target layer (``DEFINITIONS['layer contribution']``)."""
+
+    id_a: str
+    id_b: str
+    cosine: float
+    contribution: list[float] = Field(description="Per target, in LayerContributions.names order; sums to cosine up to rounding")
+
+
+class LayerContributions(_Model):
+    """How much of <g_i, g_j> each target layer gives (``DEFINITIONS['layer contribution']``):
+    on average over every off-diagonal pair the coupling pass visited, and for the most coupled pairs."""
+
+    names: list[str] = Field(description="Target layers, in manifest order")
+    n_pairs: int = Field(description="Off-diagonal pairs averaged over (each unordered pair once)")
+    mean_contribution: list[float] = Field(description="Mean signed contribution per target; sums to the mean GradSim")
+    mean_abs_contribution: list[float] = Field(description="Mean |contribution| per target")
+    abs_share: list[float] = Field(description="mean_abs_contribution normalised to sum to 1 over targets")
+    top_pairs: list[PairLayers] = Field(default_factory=list, description="The most coupled pairs of pairs.csv, most coupled first")
+
+
 class CouplingStats(_Model):
     """``coupling/stats.json``."""
 
@@ -220,6 +285,7 @@ class CouplingStats(_Model):
     block_size: int
     seconds: float
     peak_rss_bytes: int
+    layers: Optional[LayerContributions] = Field(None, description="Per-layer parts of the Gram (None: couple ran before they were kept)")
 
 
 # ---------------------------------------------------------------- ripple
@@ -290,6 +356,7 @@ class RippleSummary(_Model):
     lr: float
     n_edits: int
     n_successful: int
+    resumed_edits: int = Field(0, description="Edits read back from the journal of an interrupted earlier run, not recomputed")
     seconds: float
     device: DeviceInfo
     spearman_coupling: Interval = Field(description="Mean Spearman's rho of the coupling prediction over edits")
@@ -394,6 +461,7 @@ class BenchmarkSummary(_Model):
     n_successful: int
     n_tests: int
     n_tests_counted: int = Field(description="Tests of successful edits: the ones every statistic is computed on")
+    resumed_edits: int = Field(0, description="Edits read back from the journal of an interrupted earlier run, not recomputed")
     exact_match: dict[str, ExactMatch]
     multi_hop_accuracy: Optional[float]
     unrelated_change: Describe = Field(description="Change of log P (nats) of a fixed sample of other edits' test queries "

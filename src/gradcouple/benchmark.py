@@ -224,6 +224,8 @@ def evaluate_benchmark(r, edits: list[BenchmarkEdit], show_progress: bool = True
                        b: Optional[BenchmarkRun] = None) -> tuple[BenchmarkSummary, list[TestMeasurement]]:
     """Make every edit, measure its tests, score every predictor; the model is restored after each edit.
 
+    Each finished edit goes to the run's journal (:class:`gradcouple.rundir.EditJournal`), so an
+    interrupted call resumes: edits found there are read back, not made again.
     ``b`` reuses the unedited model's keys, covariance and predictor context of an earlier call.
     """
     t0 = time.perf_counter()
@@ -234,49 +236,75 @@ def evaluate_benchmark(r, edits: list[BenchmarkEdit], show_progress: bool = True
     records, tests = [], []
     auroc_points = {name: ([], [], []) for name in PREDICTORS}
     unrelated: list[float] = []
+    journal = r.run.journal(r.run.ripple_inputs(r.manifest, r.stats, r.cfg))
+    resumed = 0
     with progress("ripple", len(edits), "edits", show_progress) as advance:
         for k, edit in enumerate(edits):
-            te = time.perf_counter()
-            saved = snapshot(r.targets)
-            deltas = b.make_edit(edit)
-            others = [t for t in b.unrelated_pool if test_edit[t] != k]
-            after = b.logprobs([*edit.tests, *edit.edits, *edit.originals, *others])
-            greedy_after = dict(zip(edit.tests, greedy_matches(r.loaded.model, [b.variants[t] for t in edit.tests], r.loaded.pad_id)))
-            restored = restore(r.targets, saved)
-            if not restored:
-                raise RuntimeError("target weights could not be restored bit for bit")
-            b.ctx.first_order = first_order(r.reader, deltas)
-            success = edit_succeeded(r.pieces, edit, before, after)
-            own = torch.tensor(edit.tests, dtype=torch.long)
-            preds = predict(b.ctx, edit.edits, edit.originals, all_tests)  # every edit's tests: AUROC
-            own_preds = predict(b.ctx, edit.edits, edit.originals, own)     # the edit's own tests: correlations
-            if success:
-                for name, v in preds.items():
-                    auroc_points[name][0].extend(v.tolist())
-                    auroc_points[name][1].extend([test_edit[t] == k for t in all_tests.tolist()])
-                    auroc_points[name][2].extend([(r.pieces[t].criterion or "test", b.test_condition_known(t))
-                                                  for t in all_tests.tolist()])
-                unrelated.extend((after[others] - before[others]).tolist())
-            for j, t in enumerate(edit.tests):
-                c = edit.conditions[j]
-                tests.append(TestMeasurement(
-                    edit=k, edit_id=r.pieces[edit.edits[0]].id, test_id=r.pieces[t].id, criterion=r.pieces[t].criterion or "test",
-                    logprob_before=float(before[t]), logprob_after=float(after[t]), rise=float(after[t] - before[t]),
-                    greedy_before=b.greedy_before[t], greedy_after=greedy_after[t],
-                    condition_known=b.condition_known.get(c) if c is not None else None, edit_success=success,
-                    predictors={n: _finite(v[j]) for n, v in own_preds.items()}))
-            e0 = r.pieces[edit.edits[0]]
-            records.append(BenchmarkEditRecord(
-                edit=k, edit_ids=[r.pieces[i].id for i in edit.edits], question_id=edit.question_id,
-                subject=e0.triple.subject if e0.triple else None, new_target=e0.answer, true_target=e0.answer_before,
-                success=success, logprob_new_before=float(before[edit.edits].sum()), logprob_new_after=float(after[edit.edits].sum()),
-                logprob_true_after=float(after[edit.originals].sum()) if edit.originals else None,
-                subject_key_found=all(b.positions[i] != r.encoded[i].answer_start - 1 for i in edit.edits),
-                edit_norm=float(sum((d.double() ** 2).sum() for d in deltas.values()) ** 0.5),
-                n_tests=len(edit.tests), mean_rise_own_tests=float((after[own] - before[own]).mean()),
-                restored=restored, seconds=time.perf_counter() - te))
+            key = ",".join(r.pieces[i].id for i in edit.edits)
+            done = journal.finished(k, key)
+            if done is None:
+                done = _make_and_measure(r, b, k, edit, before, all_tests, test_edit)
+                journal.append(k, key, done)
+            else:
+                resumed += 1
+            records.append(BenchmarkEditRecord.model_validate(done["record"]))
+            tests.extend(TestMeasurement.model_validate(t) for t in done["tests"])
+            for name, pts in done["auroc"].items():
+                for acc, new in zip(auroc_points[name], pts):
+                    acc.extend(tuple(x) if isinstance(x, list) else x for x in new)
+            unrelated.extend(done["unrelated"])
             advance(1)
-    return _summary(r, b, records, tests, auroc_points, unrelated, time.perf_counter() - t0), tests
+    journal.close()
+    summary = _summary(r, b, records, tests, auroc_points, unrelated, time.perf_counter() - t0)
+    summary.resumed_edits = resumed
+    return summary, tests
+
+
+def _make_and_measure(r, b: BenchmarkRun, k: int, edit: BenchmarkEdit, before: torch.Tensor, all_tests: torch.Tensor,
+                      test_edit: dict[int, int]) -> dict:
+    """Edit ``k``: make it, measure, restore; its record, test measurements, AUROC points and
+    unrelated changes as JSON-ready lists (the journal's payload)."""
+    te = time.perf_counter()
+    saved = snapshot(r.targets)
+    deltas = b.make_edit(edit)
+    others = [t for t in b.unrelated_pool if test_edit[t] != k]
+    after = b.logprobs([*edit.tests, *edit.edits, *edit.originals, *others])
+    greedy_after = dict(zip(edit.tests, greedy_matches(r.loaded.model, [b.variants[t] for t in edit.tests], r.loaded.pad_id)))
+    restored = restore(r.targets, saved)
+    if not restored:
+        raise RuntimeError("target weights could not be restored bit for bit")
+    b.ctx.first_order = first_order(r.reader, deltas)
+    success = edit_succeeded(r.pieces, edit, before, after)
+    own = torch.tensor(edit.tests, dtype=torch.long)
+    preds = predict(b.ctx, edit.edits, edit.originals, all_tests)  # every edit's tests: AUROC
+    own_preds = predict(b.ctx, edit.edits, edit.originals, own)     # the edit's own tests: correlations
+    auroc, unrelated = {}, []
+    if success:
+        for name, v in preds.items():
+            auroc[name] = (v.tolist(), [test_edit[t] == k for t in all_tests.tolist()],
+                           [(r.pieces[t].criterion or "test", b.test_condition_known(t)) for t in all_tests.tolist()])
+        unrelated = (after[others] - before[others]).tolist()
+    tests = []
+    for j, t in enumerate(edit.tests):
+        c = edit.conditions[j]
+        tests.append(TestMeasurement(
+            edit=k, edit_id=r.pieces[edit.edits[0]].id, test_id=r.pieces[t].id, criterion=r.pieces[t].criterion or "test",
+            logprob_before=float(before[t]), logprob_after=float(after[t]), rise=float(after[t] - before[t]),
+            greedy_before=b.greedy_before[t], greedy_after=greedy_after[t],
+            condition_known=b.condition_known.get(c) if c is not None else None, edit_success=success,
+            predictors={n: _finite(v[j]) for n, v in own_preds.items()}))
+    e0 = r.pieces[edit.edits[0]]
+    record = BenchmarkEditRecord(
+        edit=k, edit_ids=[r.pieces[i].id for i in edit.edits], question_id=edit.question_id,
+        subject=e0.triple.subject if e0.triple else None, new_target=e0.answer, true_target=e0.answer_before,
+        success=success, logprob_new_before=float(before[edit.edits].sum()), logprob_new_after=float(after[edit.edits].sum()),
+        logprob_true_after=float(after[edit.originals].sum()) if edit.originals else None,
+        subject_key_found=all(b.positions[i] != r.encoded[i].answer_start - 1 for i in edit.edits),
+        edit_norm=float(sum((d.double() ** 2).sum() for d in deltas.values()) ** 0.5),
+        n_tests=len(edit.tests), mean_rise_own_tests=float((after[own] - before[own]).mean()),
+        restored=restored, seconds=time.perf_counter() - te)
+    return {"record": record.model_dump(mode="json"), "tests": [t.model_dump(mode="json") for t in tests],
+            "auroc": auroc, "unrelated": unrelated}
 
 
 def _summary(r, b: BenchmarkRun, records, tests, auroc_points, unrelated, seconds) -> BenchmarkSummary:

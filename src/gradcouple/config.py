@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationErro
 
 from .errors import ConfigError
 from .io import write_json
-from .pieces import DEFAULT_PROMPT_TEMPLATE
+from .pieces import DEFAULT_PROMPT_TEMPLATE, not_utf8, reencode_hint
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -44,8 +44,9 @@ class ModelConfig(_Section):
     revision: Optional[str] = Field(default=None, description="Hub revision (branch, tag or commit)", json_schema_extra={"flag": "--revision"})
     layers: str = Field(default="last4", description="'last4', 'lastN', 'all', '26-29', '0,5,11' or 're:<module regex>'", json_schema_extra={"flag": "--layers"})
     module: Optional[str] = Field(default=None, description="Module name inside each block, e.g. 'mlp.down_proj'; None = the architecture's default", json_schema_extra={"flag": "--module"})
-    device: str = Field(default="auto", description="cpu, cuda, cuda:N, mps or auto", json_schema_extra={"flag": "--device"})
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Compute dtype (autocast on GPU)", json_schema_extra={"flag": "--dtype"})
+    device: str = Field(default="auto", description="cpu, cuda, cuda:N, mps, auto, or auto-map (a model larger than one GPU spread over all of them)", json_schema_extra={"flag": "--device"})
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Compute dtype of the weights (on GPU, 16-bit products accumulate in fp32)", json_schema_extra={"flag": "--dtype"})
+    threads: Optional[int] = Field(default=None, ge=1, description="torch CPU threads; None = torch's default, which follows OMP_NUM_THREADS", json_schema_extra={"flag": "--threads"})
 
 
 class ExtractConfig(_Section):
@@ -122,7 +123,7 @@ class RunConfig(_Section):
         nor the pieces file's path (its sha256 is an input of its own, so a moved file stays current)."""
         return self._hash({
             "data": self.data.model_dump(mode="json", exclude={"pieces"}),
-            "model": self.model.model_dump(mode="json", exclude={"device"}),
+            "model": self.model.model_dump(mode="json", exclude={"device", "threads"}),
             "extract": self.extract.model_dump(mode="json", exclude={"batch_size"}),
         })
 
@@ -157,17 +158,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     invalid override is reported under its flag name (:func:`flag_names`).
 
     Raises:
-        ConfigError: unreadable file or invalid field; the message names the file and field.
+        ConfigError: unreadable file, a file that is not UTF-8 (the message names the byte offset
+            and line), or an invalid field; the message names the file and field.
     """
     raw: dict[str, Any] = {}
     src = "flags"
     if path is not None:
         src = str(path)
         try:
-            text = Path(path).read_text(encoding="utf-8")
-            raw = yaml.safe_load(text) or {}
+            data = Path(path).read_bytes()
+            raw = yaml.safe_load(data.decode("utf-8")) or {}
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config ({e.strerror}).") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: {not_utf8(e, data)}; {reencode_hint(path)}.") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e}).") from None
         if not isinstance(raw, dict):

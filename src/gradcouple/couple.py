@@ -16,13 +16,18 @@ from pydantic import BaseModel
 
 from .artifacts import CouplingStats, PairRow, PairSplit, PieceRecord
 from .config import RunConfig
-from .gram import cosine_from_gram, fit_block_size, gram_matrix, n_block_pairs, plan_methods, topk_cosine
+from .distributed import compute_device, gram_share
+from .errors import ConfigError
+from .gram import (LayerParts, cosine_from_gram, fit_block_size, gram_matrix, layer_contributions, n_block_pairs,
+                   plan_methods, topk_cosine)
 from .metrics import describe
 from .progress import progress
 from .rules import same_answer, same_answer_matrix, same_question, same_question_matrix
 from .rundir import RunDir, locked
-from .runinfo import peak_rss_bytes
+from .runinfo import human_bytes, peak_rss_bytes, use_threads
 from .stores import GradientReader
+
+LAYER_PAIRS = 20  # the most coupled pairs whose GradSim is split by target layer in stats.json
 
 
 class CoupleResult(BaseModel):
@@ -42,6 +47,81 @@ def memory_budget(cfg: RunConfig) -> float:
     import psutil
 
     return psutil.virtual_memory().total / 4
+
+
+def full_matrix_bytes(n: int) -> int:
+    """Bytes the full mode needs: three N x N float64 matrices (Gram, cosine and the pair statistics)."""
+    return 3 * n * n * 8
+
+
+def too_large_message(cfg: RunConfig, n: int, budget: float) -> str:
+    """The one line refusing a full matrix over the memory bound: the bytes it needs, and the two ways on."""
+    need = full_matrix_bytes(n)
+    gib = -(-need // 2**28) / 4  # the need in GiB, rounded up to a quarter
+    bound = (f"--max-memory {cfg.couple.max_memory:g} allows {int(budget):,} bytes" if cfg.couple.max_memory
+             else f"the default bound, a quarter of RAM, is {int(budget):,} bytes")
+    return (f"the full {n} x {n} GradSim matrix needs {need:,} bytes ({human_bytes(need)}: Gram, cosine and pair "
+            f"statistics in float64) but {bound}; pass --top-k K (e.g. --top-k 10) to keep each piece's K most similar "
+            f"pieces, or --max-memory {gib:g} or more if the machine has it.")
+
+
+def check_extraction_flags(run_dir: str | Path, given: dict[str, object]) -> None:
+    """Refuse extraction flags that ``couple --run`` cannot honour: the gradients in ``run_dir`` are
+    fixed by their extraction, so ``--layers`` or ``--data`` other than the extraction's (and a
+    ``--device`` other than the CPU or an available CUDA GPU, where the Gram blocks can run) would
+    be ignored.
+
+    ``given`` maps flags given (``--layers``, ``--data``, ``--device``) to their values; flags
+    not given are left out. Nothing is checked when ``run_dir`` has no extraction (the stage
+    says so itself).
+
+    Raises:
+        ConfigError: a flag whose value differs from the extraction's, naming both and the fix.
+    """
+    from .io import sha256_file
+
+    run = RunDir(run_dir)
+    if not run.has_manifest():
+        return
+    man = run.load_manifest(complete=False)
+    was = man.settings()
+    layers = given.get("--layers")
+    if layers is not None and str(layers) != was.model.layers:
+        names = man.names
+        span = names[0] if len(names) == 1 else f"{names[0]} ... {names[-1]}"
+        raise ConfigError(
+            f"--layers {layers}: the gradients in {run.root} were extracted for layers {was.model.layers} "
+            f"({len(names)} targets: {span}); rerun `gradcouple extract --out {run.root} --layers {layers} --overwrite` "
+            f"(or `gradcouple couple --model {was.model.name} --data {man.pieces_file} --layers {layers}`, which extracts "
+            f"them in a run directory of its own), or drop --layers.")
+    data = given.get("--data")
+    if data is not None:
+        path = Path(str(data))
+        if not path.is_file():
+            raise ConfigError(f"--data {path}: no such file; the gradients in {run.root} were extracted from "
+                              f"{man.pieces_file}, which couple --run uses without --data.")
+        if sha256_file(path) != man.inputs.values.get("pieces"):
+            raise ConfigError(
+                f"--data {path}: the gradients in {run.root} were extracted from other pieces ({man.pieces_file}); "
+                f"rerun `gradcouple extract --data {path} --out {run.root} --overwrite` "
+                f"(or `gradcouple couple --model {was.model.name} --data {path}`, which extracts them in a run "
+                f"directory of its own), or drop --data.")
+    max_length = given.get("--max-length")
+    if max_length is not None and int(max_length) != was.extract.max_length:
+        raise ConfigError(
+            f"--max-length {max_length}: the gradients in {run.root} were extracted with --max-length "
+            f"{was.extract.max_length}; rerun `gradcouple extract --out {run.root} --max-length {max_length} --overwrite`, "
+            f"or drop --max-length.")
+    device = given.get("--device")
+    if device is not None and device not in ("cpu", "auto"):
+        if str(device).startswith("cuda"):
+            if torch.cuda.is_available():
+                return  # the Gram blocks run on the GPU
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine, so couple computes GradSim on "
+                              f"the CPU from the gradients stored in {run.root}. Drop --device.")
+        raise ConfigError(
+            f"--device {device}: couple computes GradSim on the CPU (or a CUDA GPU, --device cuda) from the gradients "
+            f"stored in {run.root}; --device {device} applies only with --model, when couple extracts first. Drop --device.")
 
 
 def upper_pairs(cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,46 +190,73 @@ def topk_pairs(idx: torch.Tensor, vals: torch.Tensor, records: list[PieceRecord]
 
 
 @locked("couple")
-def couple(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) -> CoupleResult:
+def couple(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True,
+           fallback_top_k: int | None = None) -> CoupleResult:
     """Compute GradSim for every pair of pieces in ``run_dir`` (or the top-k per piece).
 
-    The full matrix is used when ``couple.top_k`` is unset and 3 N^2 float64 numbers fit in the
-    memory budget (:func:`memory_budget`); otherwise the top 10 per piece.
+    The full matrix is used when ``couple.top_k`` is unset; it must fit in the memory budget
+    (:func:`memory_budget`, :func:`full_matrix_bytes`). When it does not, the stage refuses, or
+    with ``fallback_top_k`` keeps that many neighbours per piece instead and says so in the
+    statistics' note (``gradcouple run`` does this).
 
     Raises:
+        ConfigError: the full matrix exceeds the memory budget (without ``couple.top_k`` or
+            ``fallback_top_k``); ``couple.method`` 'factored' on a store that keeps no factors.
         ArtifactError: no complete extraction in ``run_dir``, or a damaged shard.
     """
     t0, run = time.perf_counter(), RunDir(run_dir)
+    use_threads(cfg.model.threads)
     reader = GradientReader(run)
     records, ids, n = reader.manifest.records(), [p.id for p in reader.manifest.records()], reader.n
-    budget, top_k = memory_budget(cfg), cfg.couple.top_k
-    if top_k is None and 3 * n * n * 8 > budget:
-        top_k = 10
+    budget, top_k, switched = memory_budget(cfg), cfg.couple.top_k, None
+    if top_k is None and full_matrix_bytes(n) > budget:
+        if fallback_top_k is None:
+            raise ConfigError(too_large_message(cfg, n, budget))
+        top_k = fallback_top_k
+        switched = (f"top {top_k} per piece instead of the full matrix, which needs {full_matrix_bytes(n):,} bytes, more "
+                    f"than the memory bound of {int(budget):,} bytes")
+    if cfg.couple.method == "factored" and reader.manifest.store.kind != "factors":
+        raise ConfigError(f"--method factored: the {reader.manifest.store.kind} store in {run.root} keeps no factors, "
+                          f"so its Gram blocks are dense products; drop --method, or extract with --store factors.")
     methods = plan_methods(reader, cfg.couple.method, cfg.couple.block_size)
     bs = fit_block_size(reader, methods, cfg.couple.block_size, budget)
-    with progress("couple", n_block_pairs(n, bs), "blocks", show_progress) as advance:
+    layers = LayerParts.of(reader, bs)
+    device, share = compute_device(cfg.model.device), gram_share(reader, bs, top_k, methods)  # share: torchrun only
+    if share is not None:
+        bs, top_k, methods = share.block_size, share.top_k, share.methods  # rank 0's
+        if not share.main:
+            return share.follow(run, reader, layers, budget, device, t0)
+    with progress("couple", share.n_pairs if share else n_block_pairs(n, bs), "blocks", show_progress) as advance:
         if top_k is None:
-            G = gram_matrix(reader, bs, methods, progress=advance, max_memory=budget)
+            G = gram_matrix(reader, bs, methods, progress=advance, max_memory=budget, layers=layers, share=share,
+                            device=device)
             cos = cosine_from_gram(G)
             matrix_sha = run.save_full_coupling(ids, G, cos)
             pairs, note, mode = upper_pairs(cos), None, "full"
             rows, rows_diff = top_pairs(cos, records, cfg.couple.top_pairs)
             run.save_pairs(rows_diff, different_answer=True)
         else:
-            idx, vals = topk_cosine(reader, top_k, bs, methods, progress=advance, max_memory=budget)
+            idx, vals = topk_cosine(reader, top_k, bs, methods, progress=advance, max_memory=budget, layers=layers,
+                                    share=share, device=device)
             matrix_sha = run.save_topk_coupling(ids, idx, vals)
             pairs, mode = neighbour_pairs(idx, vals), f"top{top_k}"
             note = f"statistics over each piece's {idx.shape[1]} nearest neighbours only"
+            if switched:
+                note = f"{switched}; {note}"
             rows = topk_pairs(idx, vals, records, cfg.couple.top_pairs)
     v = pairs[2]
     run.save_pairs(rows)
+    pos = {pid: k for k, pid in enumerate(ids)}
+    split = layer_contributions(reader, methods, layers, [(pos[r.id_a], pos[r.id_b], r.cosine) for r in rows[:LAYER_PAIRS]])
     stats = CouplingStats(inputs=run.coupling_inputs(reader.manifest, cfg), matrix_sha256=matrix_sha, mode=mode,
                           n_pieces=n, pairs=pair_split(*pairs, records), note=note,
                           above=threshold_counts(v, cfg.couple.thresholds),
                           abs_above=threshold_counts(v.abs(), cfg.couple.thresholds),
                           store=reader.manifest.store.kind, n_params=reader.manifest.n_params, methods=methods,
-                          block_size=bs, seconds=time.perf_counter() - t0, peak_rss_bytes=peak_rss_bytes())
+                          block_size=bs, seconds=time.perf_counter() - t0, peak_rss_bytes=peak_rss_bytes(), layers=split)
     run.save_stats(stats)
+    if share is not None:
+        share.done()  # the other ranks return once every file is written
     return CoupleResult(out_dir=run.coupling_dir, n=n, mode=mode, seconds=stats.seconds, stats=stats)
 
 

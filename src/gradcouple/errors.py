@@ -33,6 +33,12 @@ class NetworkError(GradcoupleError):
     exit_code = 4
 
 
+class ResourceError(GradcoupleError):
+    """Out of memory or out of disk space: the input is fine, the machine is not big enough as set up."""
+
+    exit_code = 6
+
+
 class ArtifactError(GradcoupleError):
     """A missing, corrupt or mismatched artifact (manifest, shard, matrix)."""
 

@@ -4,11 +4,13 @@ Pieces are tokenized, sorted by length (less padding), split into shards of
 ``extract.shard_size`` and each shard into batches of ``extract.batch_size``. One forward and
 one backward per batch yields every piece's exact factors (:mod:`gradcouple.gradients`), which
 the store kind encodes. After each shard the manifest is rewritten atomically, so an
-interrupted extraction resumes from its last complete shard.
+interrupted extraction resumes from its last complete shard. Under ``torchrun`` the ranks share
+the shards (:mod:`gradcouple.distributed`) and rank 0 writes the one manifest.
 """
 
 from __future__ import annotations
 
+import errno
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,7 +20,8 @@ from pydantic import BaseModel
 
 from .artifacts import DeviceInfo, ExtractTiming, Inputs, Manifest, PieceRecord, ShardEntry, StoreSettings
 from .config import RunConfig, config_diff
-from .errors import ArtifactError, ConfigError
+from .distributed import Earlier, Extraction, journal_changes, rank_device
+from .errors import ArtifactError, ConfigError, ResourceError
 from .gradients import batch_factors
 from .io import sha256_file
 from .layers import Target, select_targets
@@ -26,7 +29,7 @@ from .models import LoadedModel, load_model, model_fingerprint
 from .pieces import KnowledgePiece
 from .progress import progress
 from .rundir import RunDir, load_data_pieces, locked, stale_inputs
-from .runinfo import device_info, peak_rss_bytes
+from .runinfo import device_info, human_bytes, peak_rss_bytes, use_threads
 from .scoring import EncodedPiece, collate, encode
 from .stores import ShardWriter
 
@@ -35,7 +38,8 @@ class ExtractResult(BaseModel):
     """What ``extract`` did: counts, seconds, throughput (pieces/s), bytes on disk, peak memory (bytes).
 
     ``reused`` is True when a current extraction was found and nothing was computed; ``changed``
-    lists what made a previous extraction stale when it was replaced.
+    lists what made a previous extraction stale when it was replaced. ``targets`` are the layers
+    actually selected; ``truncated`` is (pieces cut to max_length, most tokens cut, tokens cut in all).
     """
 
     run_dir: Path
@@ -49,6 +53,8 @@ class ExtractResult(BaseModel):
     bytes_on_disk: int
     peak_rss_bytes: int
     device: Optional[DeviceInfo] = None
+    targets: list[str] = []
+    truncated: tuple[int, int, int] = (0, 0, 0)
 
     @classmethod
     def from_manifest(cls, run: RunDir, man: Manifest, *, resumed: int, seconds: float, reused: bool = False,
@@ -57,6 +63,7 @@ class ExtractResult(BaseModel):
         return cls(run_dir=run.root, n_pieces=len(man.pieces), n_shards=len(man.shards), resumed_shards=resumed,
                    reused=reused, changed=changed or [], seconds=seconds, pieces_per_s=t.pieces_per_s if t else 0.0,
                    bytes_on_disk=sum(s.bytes for s in man.shards), peak_rss_bytes=peak_rss_bytes(),
+                   targets=man.names, truncated=man.truncation(),
                    device=t.device if t else None)
 
 
@@ -96,8 +103,8 @@ def extraction_changes(run: RunDir, cfg: RunConfig) -> Optional[list[str]]:
     man, unusable = _previous(run)
     if unusable:
         return unusable
-    if man is None:
-        return None
+    if man is None:  # an interrupted torchrun extraction has only its ranks' journals
+        return journal_changes(run, extraction_inputs(cfg), _extracted_config(cfg)) if run.rank_manifest_paths() else None
     changed = _changes(man, extraction_inputs(cfg), _extracted_config(cfg))
     return None if not man.complete and not changed else changed
 
@@ -154,13 +161,36 @@ def resume_point(run: RunDir, header: Manifest, overwrite: bool) -> Optional[Man
     return previous
 
 
-def _kept_shard(run: RunDir, previous: Optional[Manifest], k: int, rows: list[int]) -> Optional[ShardEntry]:
-    if previous is None or k >= len(previous.shards):
-        return None
-    old = previous.shards[k]
-    path = run.shard_file(old)
-    ok = old.rows == rows and all(i < len(previous.pieces) and previous.pieces[i] is not None for i in rows)
-    return old if ok and path.is_file() and sha256_file(path) == old.sha256 else None
+def _kept_shard(run: RunDir, previous: Optional[Earlier], k: int, rows: list[int]) -> Optional[ShardEntry]:
+    """Shard ``k`` of an earlier run (manifest.json or a torchrun rank's journal) when it holds ``rows``
+    and its file is intact; its records are then in ``previous.pieces``."""
+    return None if previous is None else previous.kept(run, k, rows)
+
+
+def _flush(run: RunDir, man: Manifest, writer: ShardWriter, k: int) -> ShardEntry:
+    """Write shard ``k``; a full disk becomes one line saying how much more the extraction needs.
+
+    Raises:
+        ResourceError: the disk (or quota) is full (exit 6); the partial shard is gone, the
+            complete shards and the manifest listing them are kept, so a rerun resumes.
+        OSError: any other write error.
+    """
+    path = run.shard_path(k)
+    try:
+        return writer.flush(path)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        done_rows, done_bytes = sum(len(s.rows) for s in man.shards), sum(s.bytes for s in man.shards)
+        remaining = len(man.pieces) - done_rows
+        # pieces run in order of length, so the shard that failed has the largest pieces so far
+        per_piece = max(done_bytes / done_rows if done_rows else 0.0, writer.pending_bytes() / max(1, len(writer.rows)))
+        what = "disk quota exceeded" if e.errno == errno.EDQUOT else "disk full"
+        kept = f"{len(man.shards)} complete shard{'s are' if len(man.shards) != 1 else ' is'}"
+        raise ResourceError(
+            f"{run.gradients_dir}: {what} while writing {path.name}; the extraction needs about "
+            f"{human_bytes(remaining * per_piece)} more ({remaining} pieces × {human_bytes(per_piece)}); free space, "
+            f"then rerun the same command to resume ({kept} kept), or use --out on another disk.") from None
 
 
 def extract_shard(loaded: LoadedModel, targets: list[Target], encoded: list[EncodedPiece], rows: list[int],
@@ -172,6 +202,9 @@ def extract_shard(loaded: LoadedModel, targets: list[Target], encoded: list[Enco
     """
     device, out, i = loaded.device, {}, 0
     autocast = device.type == "cuda" and dtype != "float32"
+    if autocast:  # bf16/fp16 products accumulate in fp32 (cuBLAS may otherwise reduce split-K partial sums in 16 bits)
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     while i < len(rows):
         chunk = rows[i:i + batch_size]
         batch = collate([encoded[r] for r in chunk], loaded.pad_id).to(device)
@@ -196,7 +229,7 @@ def _record(p: KnowledgePiece, e: EncodedPiece, index: int, shard: int, logprob:
     return PieceRecord(index=index, id=p.id, question_id=p.question_id, owners=sorted(p.question_ids), kind=p.kind.value,
                        hop=p.hop, prompt=e.prompt, answer=e.answer, n_prompt_tokens=e.n_prompt_tokens,
                        n_answer_tokens=e.n_answer_tokens, n_inputs=e.n_inputs, logprob=logprob, sq_norm=sq_norm,
-                       shard=shard)
+                       shard=shard, truncated_tokens=e.truncated_tokens)
 
 
 @locked("extract")
@@ -210,21 +243,25 @@ def extract(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel
     Raises:
         ConfigError: existing artifacts from other inputs (without ``overwrite``).
         DataError / ModelError: unreadable pieces, or a model that cannot be loaded.
+        ResourceError: the disk fills while a shard is written (the message says how much more is needed).
+        OSError: the run directory cannot be written (EACCES, EROFS; the CLI reports it naming the directory).
     """
     t0, run = time.perf_counter(), RunDir(run_dir)
+    use_threads(cfg.model.threads)
     pieces, inputs = load_data_pieces(cfg), extraction_inputs(cfg)
-    loaded = loaded or load_model(cfg.model.name, revision=cfg.model.revision, device=cfg.model.device, dtype=cfg.model.dtype)
+    loaded = loaded or load_model(cfg.model.name, revision=cfg.model.revision, device=rank_device(cfg.model.device),
+                                  dtype=cfg.model.dtype)
     inputs.values["model"] = loaded.identity().fingerprint  # a Hub id resolves to its commit once downloaded
     targets = select_targets(loaded.model, cfg.model.layers, cfg.model.module)
     man = _new_manifest(cfg, loaded, targets, inputs)
-    previous = resume_point(run, man, overwrite)
-    run.save_pieces(pieces)
+    work = Extraction(run, man, overwrite, pieces)  # what earlier runs left; writes pieces.jsonl (rank 0)
     encoded = encode_pieces(loaded.tokenizer, pieces, cfg.data.prompt_template, cfg.extract.max_length)
     man.pieces = [None] * len(pieces)
     writer, bs, resumed, computed = ShardWriter(man.store, man.targets), cfg.extract.batch_size, 0, 0
+    shards, previous = work.share(plan_shards(encoded, cfg.extract.shard_size), encoded), work.previous  # this rank's
     t_loop = time.perf_counter()
-    with progress("extract", len(pieces), "pieces", show_progress) as advance:
-        for k, rows in enumerate(plan_shards(encoded, cfg.extract.shard_size)):
+    with progress("extract", sum(map(len, shards.values())), "pieces", show_progress and work.main) as advance:
+        for k, rows in shards.items():
             kept = _kept_shard(run, previous, k, rows)
             if kept is not None:
                 man.shards.append(kept)
@@ -234,20 +271,20 @@ def extract(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel
                 advance(len(rows))
                 continue
             results, bs = extract_shard(loaded, targets, encoded, rows, bs, cfg.model.dtype, writer, advance)
-            man.shards.append(writer.flush(run.shard_path(k)))
+            man.shards.append(_flush(run, man, writer, k))
             for r, (lp, sq) in results.items():
                 man.pieces[r] = _record(pieces[r], encoded[r], r, k, lp, sq)
             computed += len(rows)
             man.batch_size = bs
-            run.save_manifest(man)
+            work.save(man)
     loop_s = time.perf_counter() - t_loop
+    man, computed, loop_s = work.merge(man, computed, loop_s)  # under torchrun: every rank's shards, on rank 0
     man.complete = True
     man.timing = ExtractTiming(seconds=time.perf_counter() - t0, load_seconds=t_loop - t0, extract_seconds=loop_s,
                                pieces_per_s=computed / loop_s if loop_s > 0 else 0.0, peak_rss_bytes=peak_rss_bytes(),
                                device=device_info(loaded.device))
-    run.save_manifest(man)
-    run.save_config(cfg)
-    return ExtractResult.from_manifest(run, man, resumed=resumed, seconds=man.timing.seconds)
+    man = work.finish(man, cfg)
+    return ExtractResult.from_manifest(run, man, resumed=resumed + work.resumed, seconds=man.timing.seconds)
 
 
 def ensure_extraction(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel] = None,

@@ -19,21 +19,56 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
     """Open a temp file beside ``path``; on success rename it over ``path``, on error delete it.
 
     Readers never see a half-written file, and an interrupted write leaves the old file intact.
+
+    Raises:
+        OSError: the directory cannot be made or written, or the disk is full; its ``errno``
+            says which (EACCES, EROFS, ENOSPC, ...) and its ``filename`` is ``path``, not the
+            temp file (nor None, as a failed ``write`` would leave it).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
+    path.parent.mkdir(parents=True, exist_ok=True)  # its error names the directory it could not make
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        _raise_naming(e, path)
     try:
         with os.fdopen(fd, mode, **kwargs) as fh:
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            _raise_naming(e, path)
         raise
+
+
+def _raise_naming(e: OSError, path: Path):
+    """Raise ``e`` with ``filename`` set to ``path`` (same errno, hence the same OSError subclass)."""
+    if e.errno is None or e.filename == str(path):
+        raise e
+    raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+class _KeepWriteError:
+    """A binary file whose first failed ``write`` is kept: torch.save turns it into a RuntimeError
+    ("unexpected pos ..."), which loses the errno that says the disk is full."""
+
+    def __init__(self, fh: IO[bytes]):
+        self.fh, self.error = fh, None
+
+    def write(self, b) -> int:
+        try:
+            return self.fh.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -44,11 +79,21 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """Atomically ``torch.save`` ``obj`` to ``path``."""
+    """Atomically ``torch.save`` ``obj`` to ``path``.
+
+    Raises:
+        OSError: as :func:`atomic_open` (a full disk is ENOSPC naming ``path``); no temp file is left.
+    """
     import torch
 
     with atomic_open(path, "wb") as fh:
-        torch.save(obj, fh)
+        out = _KeepWriteError(fh)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

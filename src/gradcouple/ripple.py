@@ -46,7 +46,7 @@ from .pieces import KnowledgePiece, PieceKind, PieceRole
 from .progress import progress
 from .rules import AnswerMatch, answers_match, same_answer, same_question
 from .rundir import RunDir, locked
-from .runinfo import device_info
+from .runinfo import device_info, use_threads
 from .scoring import EncodedPiece, answer_logprob, collate, encode
 from .stores import GradientReader
 
@@ -303,6 +303,7 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
         NothingToEdit: no piece can be edited.
     """
     t0 = time.perf_counter()
+    use_threads(cfg.model.threads)
     r = check_run(cfg, run_dir, loaded)
     if edit_mode(cfg, r.pieces) == "benchmark":
         from .benchmark import benchmark_edits, evaluate_benchmark, sweep_benchmark
@@ -322,14 +323,26 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
     if not planned:
         raise NothingToEdit(f"{r.run.pieces_path}: no piece can be edited (need a counterfactual or two distinct answers of one kind).")
     records, rows, pooled = [], [], []
+    journal = r.run.journal(r.run.ripple_inputs(r.manifest, r.stats, cfg))
+    resumed = 0
     with progress("ripple", len(planned), "edits", show_progress) as advance:
         for e, edit in enumerate(planned):
-            te = time.perf_counter()
-            applied = apply_edit(r, edit)
-            rec, measurements, points = record_edit(r, e, edit, applied, time.perf_counter() - te)
+            key = f"{r.pieces[edit.index].id}->{edit.new_answer}"
+            if (done := journal.finished(e, key)) is not None:
+                rec, measurements = EditRecord.model_validate(done["record"]), [Measurement.model_validate(m) for m in done["rows"]]
+                points = tuple(torch.tensor(x, dtype=torch.float64) for x in done["points"])
+                resumed += 1
+            else:
+                te = time.perf_counter()
+                applied = apply_edit(r, edit)
+                rec, measurements, points = record_edit(r, e, edit, applied, time.perf_counter() - te)
+                journal.append(e, key, {"record": rec.model_dump(mode="json"), "rows": [m.model_dump(mode="json") for m in measurements],
+                                        "points": [x.tolist() for x in points]})
             records.append(rec), rows.extend(measurements), pooled.append(points)
             advance(1)
+    journal.close()
     summary = summarise(r, records, pooled, time.perf_counter() - t0)
+    summary.resumed_edits = resumed
     r.run.save_ripple(summary, rows)
     return RippleResult(out_dir=r.run.ripple_dir, summary=summary)
 

@@ -4,8 +4,10 @@ that decides whether an artifact is current.
     RUN/pieces.jsonl            the pieces as extracted           (extract)
     RUN/config.json             the resolved RunConfig            (every stage)
     RUN/gradients/              manifest.json, shard-*.pt         (extract)
+    RUN/gradients/manifest.rank-R.jsonl  what torchrun rank R finished of an unfinished extraction; merged and removed at the end
     RUN/coupling/               gram.pt, cosine.pt | topk.pt, pairs.csv, pairs_different_answer.csv, stats.json (couple)
     RUN/ripple/                 summary.json, edits.jsonl (pieces mode) | tests.jsonl (benchmark mode), sweep.json (ripple)
+    RUN/ripple/journal-*.jsonl  finished edits of an unfinished ripple, one line each; removed when ripple completes
     RUN/report/                 index.html, summary.json          (report)
     RUN/timing.json             stage wall times of `gradcouple run`
     RUN/data/                   the bundled samples `gradcouple run` converted, when no --data was given
@@ -45,7 +47,7 @@ from .artifacts import (
 )
 from .config import RunConfig
 from .errors import ArtifactError
-from .io import atomic_open, atomic_torch_save, sha256_file, write_json
+from .io import atomic_open, atomic_torch_save, digest, sha256_file, write_json
 from .pieces import KnowledgePiece, read_pieces, write_pieces
 
 INPUT_LABELS = {"pieces": "pieces file (sha256)", "config": "settings (config hash)", "model": "model weights (fingerprint)",
@@ -117,6 +119,8 @@ class RunDir:
     def manifest_path(self) -> Path: return self.gradients_dir / "manifest.json"
     def shard_path(self, k: int) -> Path: return self.gradients_dir / f"shard-{k:05d}.pt"
     def shard_file(self, entry: ShardEntry) -> Path: return self.gradients_dir / entry.file
+    def rank_manifest_path(self, rank: int) -> Path: return self.gradients_dir / f"manifest.rank-{rank}.jsonl"
+    def rank_manifest_paths(self) -> list[Path]: return sorted(self.gradients_dir.glob("manifest.rank-*.jsonl"))
     @property
     def coupling_dir(self) -> Path: return self.root / "coupling"
     @property
@@ -155,20 +159,24 @@ class RunDir:
     def lock(self, stage: str, create: bool = False) -> Iterator[None]:
         """Hold the run directory's advisory lock (``RUN/.lock``: pid, host, stage, start time) while a stage writes.
 
-        Re-entrant within a process. A lock left by a dead process on this host is taken over with a
-        note on stderr. Only a stage that makes a run (``create``) creates its directory.
+        Re-entrant within a process; under torchrun only rank 0 takes it, for every rank. A lock
+        left by a dead process on this host is taken over with a note on stderr. Only a stage that makes a run (``create``) creates its directory, and removes
+        it again when the stage leaves it empty (it failed before writing anything).
 
         Raises:
             ArtifactError: another live process holds the lock (the message names it), or the run
                 directory does not exist and ``create`` is False.
         """
+        from .distributed import is_main
+
         key = self.root.resolve()
-        if key in _HELD:
+        if key in _HELD or not is_main():  # under torchrun rank 0 holds it for every rank
             yield
             return
         if not create and not self.root.is_dir():
             raise ArtifactError(f"{self.root}: no such run directory; make one with `gradcouple extract --out {self.root}` "
                                 f"or `gradcouple run --out {self.root}`.")
+        made = [d for d in (self.root, *self.root.parents) if not d.exists()]
         self.root.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         while True:
@@ -200,6 +208,9 @@ class RunDir:
         finally:
             _HELD.discard(key)
             self.lock_path.unlink(missing_ok=True)
+            for d in made:  # a stage that failed before writing anything leaves no empty run directory behind
+                with contextlib.suppress(OSError):
+                    d.rmdir()
 
     def relative(self, path: Path) -> str:
         """``path`` relative to the run directory, with forward slashes."""
@@ -235,26 +246,67 @@ class RunDir:
         return self.manifest_path.is_file()
 
     def load_manifest(self, complete: bool = True) -> Manifest:
-        """The gradient manifest.
+        """The gradient manifest, checked against itself and the run's pieces.jsonl (not against the
+        shard files: :class:`~gradcouple.stores.GradientReader` hashes those).
 
         Raises:
-            ArtifactError: absent, unreadable, from an older gradcouple, or (with ``complete``) unfinished.
+            ArtifactError: absent; unreadable or not JSON; from another gradcouple version; a
+                field missing or invalid; a pieces list that does not match the shard list
+                (:meth:`Manifest.mismatch`) or the ids of RUN/pieces.jsonl; or (with ``complete``)
+                unfinished. Each message names the file and the fix (``extract --overwrite``,
+                which recomputes every shard; or, unfinished, the same ``extract`` to resume).
         """
         p = self.manifest_path
+        fix = f"rerun `gradcouple extract --out {self.root} --overwrite` (it recomputes every shard)."
         if not p.is_file():
             raise ArtifactError(f"{p}: no gradient manifest; run `gradcouple extract --out {self.root}` first.")
         try:
-            raw = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ArtifactError(f"{p}: not valid JSON ({e}); rerun `gradcouple extract --out {self.root} --overwrite`.") from None
-        if raw.get("version") != Manifest.model_fields["version"].default:
-            raise ArtifactError(f"{p}: made by another gradcouple version (manifest version {raw.get('version')}); "
-                                f"rerun `gradcouple extract --out {self.root} --overwrite`.")
-        man = _load_json_model(p, Manifest, f"rerun `gradcouple extract --out {self.root} --overwrite`.")
+            data = p.read_bytes()
+            raw = json.loads(data)
+        except OSError as e:
+            raise ArtifactError(f"{p}: cannot read ({e.strerror}); check its permissions, or {fix}") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ArtifactError(f"{p}: not valid JSON ({e}); {fix}") from None
+        if not isinstance(raw, dict):
+            raise ArtifactError(f"{p}: not a gradient manifest (a JSON {type(raw).__name__}, not an object); {fix}")
+        if "version" in raw and raw["version"] != Manifest.model_fields["version"].default:
+            raise ArtifactError(f"{p}: made by another gradcouple version (manifest version {raw['version']}); {fix}")
+        missing = [k for k in Manifest.model_fields if k not in raw]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ArtifactError(f"{p}: field '{missing[0]}' is missing{more}; {fix}")
+        try:
+            man = Manifest.model_validate_json(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"]) or "<document>"
+            raise ArtifactError(f"{p}: field '{loc}': {err['msg']}; {fix}") from None
+        problem = man.mismatch()
+        if problem:
+            raise ArtifactError(f"{p}: {problem}; the manifest does not match its shards; {fix}")
+        problem = self._pieces_mismatch(man)
+        if problem:
+            raise ArtifactError(f"{p}: {problem}; the manifest does not match the run's pieces; {fix}")
         if complete and not man.complete:
             raise ArtifactError(f"{p}: extraction is incomplete ({len(man.shards)} shards); "
                                 f"rerun the same `gradcouple extract` command to resume it.")
         return man
+
+    def _pieces_mismatch(self, man: Manifest) -> Optional[str]:
+        """Where the manifest's piece ids differ from RUN/pieces.jsonl's (None: they agree, or there
+        is no readable pieces.jsonl to compare with; :meth:`load_pieces` reports that one)."""
+        try:
+            with open(self.pieces_path, encoding="utf-8") as fh:
+                ids = [json.loads(line)["id"] for line in fh if line.strip()]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        for i, rec in enumerate(man.pieces):
+            if rec is not None and (i >= len(ids) or rec.id != ids[i]):
+                there = f"{ids[i]!r}" if i < len(ids) else "absent"
+                return f"piece {i} is {rec.id!r} in the manifest but {there} in {self.pieces_path}"
+        if len(ids) != len(man.pieces):
+            return f"it lists {len(man.pieces)} pieces where {self.pieces_path} has {len(ids)}"
+        return None
 
     def save_manifest(self, manifest: Manifest) -> None:
         write_json(self.manifest_path, manifest.model_dump(mode="json"))
@@ -356,9 +408,21 @@ class RunDir:
             for m in rows:
                 fh.write(m.model_dump_json() + "\n")
         write_json(self.ripple_summary_path, summary.model_dump(mode="json"))
+        self.clear_journals()
 
     def save_sweep(self, sweep: SweepSummary) -> None:
         write_json(self.sweep_path, sweep.model_dump(mode="json"))
+        self.clear_journals()
+
+    def journal(self, inputs: Inputs) -> "EditJournal":
+        """The journal of finished edits for ripple inputs ``inputs`` (one file per inputs, so a
+        sweep's strengths each resume), holding whatever an interrupted earlier run finished."""
+        return EditJournal(self.ripple_dir / f"journal-{digest(inputs.values)[:12]}.jsonl")
+
+    def clear_journals(self) -> None:
+        """Remove every journal: called once ripple's results are saved."""
+        for path in self.ripple_dir.glob("journal-*.jsonl"):
+            path.unlink(missing_ok=True)
 
     def load_sweep(self) -> SweepSummary:
         return _load_json_model(self.sweep_path, SweepSummary, f"rerun `gradcouple ripple --run {self.root} --sweep ...`.")
@@ -436,6 +500,48 @@ class RunDir:
             raise ArtifactError(f"{what} does not match {self.pieces_path}; rerun `gradcouple couple --run {self.root}`.")
 
 
+class EditJournal:
+    """Append-only record of ripple's finished edits, so an interrupted ripple resumes.
+
+    One JSON line per finished edit, flushed and fsynced before the next edit starts, written
+    only after the model's weights are restored. A line cut short by SIGKILL is ignored on
+    reading. ``done[k]`` is edit ``k``'s payload when its ``key`` (which edit it was) matches.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: dict[int, dict] = {}
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.done[int(entry["edit"])] = entry
+                except (ValueError, KeyError, TypeError):
+                    continue  # the line being written when the process died
+        self._fh = None
+
+    def finished(self, k: int, key: str) -> Optional[dict]:
+        """Edit ``k``'s payload from an earlier run, or None when it did not finish (or was another edit)."""
+        entry = self.done.get(k)
+        return entry["payload"] if entry and entry.get("key") == key else None
+
+    def append(self, k: int, key: str, payload: dict) -> None:
+        """Record edit ``k`` (identified by ``key``) as finished; durable when this returns."""
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8")
+            if self._fh.tell() and not self.path.read_bytes().endswith(b"\n"):
+                self._fh.write("\n")  # end a line cut short, so the new one parses
+        self._fh.write(json.dumps({"edit": k, "key": key, "payload": payload}) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
 def locked(stage: str):
     """Decorator of a stage ``fn(cfg, run_dir, ...)``: it runs holding ``RunDir(run_dir).lock(stage)``."""
     import functools
@@ -472,4 +578,4 @@ def load_data_pieces(cfg: RunConfig) -> list[KnowledgePiece]:
     return pieces[: cfg.data.limit] if cfg.data.limit else pieces
 
 
-__all__ = ["RunDir", "stale_inputs", "locked", "default_run_dir", "load_data_pieces"]
+__all__ = ["RunDir", "EditJournal", "stale_inputs", "locked", "default_run_dir", "load_data_pieces"]

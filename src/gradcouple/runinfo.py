@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import sys
+from typing import Optional
 
 import torch
 
@@ -28,10 +30,36 @@ def peak_rss_bytes() -> int:
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
+def use_threads(n: Optional[int]) -> int:
+    """Set torch's CPU threads to ``n`` (None keeps torch's default, which follows ``OMP_NUM_THREADS``);
+    returns the count in use. Two processes each using every core of a small machine run many times
+    slower than one thread each, so a shared machine wants ``--threads 1``."""
+    if n is not None:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def overloaded(info: DeviceInfo) -> Optional[str]:
+    """A one-line note when the machine's load exceeded its cores during a stage, else None."""
+    if info.load_average is None or info.cpu_count <= 0 or info.load_average <= info.cpu_count:
+        return None
+    return (f"the machine's load ({info.load_average:.1f}) exceeded its {info.cpu_count} cores: other processes slowed this "
+            f"stage, so its timings are not representative (with {info.threads} threads; see --threads).")
+
+
 def device_info(device: torch.device) -> DeviceInfo:
-    """What ran the computation: device type and name, GPU memory peak (bytes) when CUDA."""
+    """What ran the computation: device type and name, threads, cores and load, GPU memory peak (bytes) when CUDA."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     info = DeviceInfo(device=str(device), cpu=platform.processor() or platform.machine(),
-                      threads=torch.get_num_threads(), torch=torch.__version__)
+                      threads=torch.get_num_threads(), cpu_count=cpu_count(), load_average=load, torch=torch.__version__)
     if device.type == "cuda":
         info.gpu = torch.cuda.get_device_name(device)
         info.peak_gpu_memory_bytes = int(torch.cuda.max_memory_allocated(device))

@@ -28,6 +28,7 @@ class EncodedPiece:
     answer_start: int
     prompt: str
     answer: str
+    truncated_tokens: int = 0  #: prompt tokens cut from the left to fit max_length
 
     @property
     def n_prompt_tokens(self) -> int:
@@ -73,6 +74,7 @@ def encode(tokenizer, prompt: str, answer: str, max_length: int = 256, where: st
         if cut >= start - keep:
             raise DataError(f"{where}answer {answer[:40]!r} is longer than extract.max_length={max_length} tokens; raise --max-length.")
         ids, start = ids[:keep] + ids[keep + cut:], start - cut
+        return EncodedPiece(tuple(ids), start, prompt, answer, cut)
     return EncodedPiece(tuple(ids), start, prompt, answer)
 
 
@@ -167,12 +169,14 @@ def score(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """
     out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    logits = _final_logits(model, hidden[batch.pos_b, batch.pos_t])
-    token_lp = logits.log_softmax(-1).gather(1, batch.targets[:, None])[:, 0]
+    # a model spread over several GPUs (--device auto-map) ends on another device than it starts
+    logits = _final_logits(model, hidden[batch.pos_b.to(hidden.device), batch.pos_t.to(hidden.device)])
+    targets, pos_b = batch.targets.to(logits.device), batch.pos_b.to(logits.device)
+    token_lp = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
     B = batch.input_ids.shape[0]
-    lp = torch.zeros(B, dtype=token_lp.dtype, device=token_lp.device).index_add(0, batch.pos_b, token_lp)
-    miss = (logits.argmax(-1) != batch.targets).long()
-    misses = torch.zeros(B, dtype=torch.long, device=miss.device).index_add(0, batch.pos_b, miss)
+    lp = torch.zeros(B, dtype=token_lp.dtype, device=token_lp.device).index_add(0, pos_b, token_lp)
+    miss = (logits.argmax(-1) != targets).long()
+    misses = torch.zeros(B, dtype=torch.long, device=miss.device).index_add(0, pos_b, miss)
     return lp, misses == 0
 
 

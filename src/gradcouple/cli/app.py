@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import sys
+from pathlib import Path
 
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
-from ..errors import GradcoupleError
+from ..errors import GradcoupleError, ResourceError
 from . import couple, download, extract, report, ripple, run
 from .options import console
 
@@ -17,26 +21,87 @@ INTERRUPTED = {
     "extract": "completed shards are kept; rerun the same command to resume.",
     "run": "completed stages and shards are kept; rerun the same command to resume.",
     "couple": "couple writes its files only at the end, so nothing changed; rerun the command.",
-    "ripple": "ripple writes its files only at the end, so nothing changed; rerun the command (it starts over).",
+    "ripple": "every finished edit is kept in RUN/ripple/journal-*.jsonl; rerun the same command to make only the missing ones.",
     "report": "nothing was written; rerun the command.",
     "download": "nothing was written; rerun the command.",
 }
 
 
-def one_line(exc: BaseException) -> tuple[str, int]:
-    """The message and exit code printed for an exception that reaches the boundary."""
+#: the remedies of running out of memory, each with the flag it needs
+GPU_MEMORY_FIXES = (("--batch-size", "lower --batch-size"), ("--device", "use --device cpu"))
+MEMORY_FIXES = (("--batch-size", "lower --batch-size"), ("--max-memory", "lower --max-memory"),
+                ("--top-k", "pass --top-k K"), ("--limit", "use fewer pieces or records (--limit)"))
+
+
+def command_flags(command: str | None) -> set[str]:
+    """Every option name of ``gradcouple COMMAND`` (empty for an unknown command)."""
+    cmd = typer.main.get_command(app).commands.get(command or "") if command else None
+    return {o for p in (cmd.params if cmd else []) for o in p.opts if o.startswith("--")}
+
+
+def _fixes(command: str | None, fixes: tuple[tuple[str, str], ...], last: str) -> str:
+    """The remedies whose flag ``command`` has (all of them when the command is unknown), then ``last``."""
+    have = command_flags(command)
+    texts = [text for flag, text in fixes if not command or flag in have]
+    return ", ".join([*texts, f"or {last}"]) if texts else last
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_PERMITTED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _os_error(exc: OSError, command: str | None) -> tuple[str, int]:
+    """A file system error, naming the file first: exit 2 for permissions and read-only file systems
+    (the directory and the flag that moves the output are named), 6 for a full disk, 1 for anything else."""
+    if not exc.filename:
+        return f"{exc.strerror or exc}; check the path, its permissions and the free disk space.", 1
+    path = Path(exc.filename)
+    if exc.errno in _DISK_FULL:
+        return (f"{path}: {exc.strerror} (disk full); free space or use another disk, then rerun the command "
+                f"(what it already saved is kept)."), ResourceError.exit_code
+    if exc.errno in _NOT_PERMITTED:
+        flag = next((f for f in ("--out", "--run") if f in command_flags(command)), "--out")
+        if exc.errno == errno.EROFS:
+            return (f"{path}: {exc.strerror} (the directory {path.parent} cannot be written); choose another {flag} "
+                    f"directory on a writable disk, then rerun."), 2
+        if not path.exists():  # creating a file or directory in path.parent
+            return (f"{path}: {exc.strerror} (the directory {path.parent} is not writable); make it writable "
+                    f"(chmod u+w {path.parent}) or choose another {flag} directory, then rerun."), 2
+        return f"{path}: {exc.strerror}; check the permissions of the file and its directory, then rerun.", 2
+    return f"{path}: {exc.strerror or exc}; check the path, its permissions and the free disk space.", 1
+
+
+def one_line(exc: BaseException, command: str | None = None) -> tuple[str, int]:
+    """The message and exit code printed for an exception that reaches the boundary; its hints name
+    only flags that ``command`` (the subcommand that raised it) has."""
     if isinstance(exc, GradcoupleError):
         return str(exc), exc.exit_code
     if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError is a RuntimeError
-        return "out of GPU memory; lower --batch-size, use --device cpu, or a smaller model.", 1
+        return f"out of GPU memory; {_fixes(command, GPU_MEMORY_FIXES, 'use a smaller model')}.", ResourceError.exit_code
     if isinstance(exc, MemoryError):
-        return "out of memory; lower --batch-size or --max-memory, or use fewer pieces (--limit).", 1
+        return f"out of memory; {_fixes(command, MEMORY_FIXES, 'use a machine with more memory')}.", ResourceError.exit_code
     if isinstance(exc, OSError):
-        where = f"{exc.filename}: " if exc.filename else ""
-        return f"{where}{exc.strerror or exc}; check the path, its permissions and the free disk space.", 1
+        return _os_error(exc, command)
     first = (str(exc).splitlines() or [""])[0]
     return (f"unexpected {type(exc).__name__}: {first} — a bug in gradcouple; rerun with GRADCOUPLE_DEBUG=1 for the "
             f"traceback and report it."), 1
+
+
+class _NoteHandler(logging.Handler):
+    """Prints the library's log records (logger ``gradcouple``) as 'note:' / 'warning:' lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        label = "[yellow]warning:[/]" if record.levelno >= logging.WARNING else "note:"
+        console.print(f"{label} {escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+
+def show_notes() -> None:
+    """Route ``logging.getLogger('gradcouple')`` records of level INFO and above to the console, once."""
+    log = logging.getLogger("gradcouple")
+    if not any(isinstance(h, _NoteHandler) for h in log.handlers):
+        log.addHandler(_NoteHandler())
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 class GuardedGroup(TyperGroup):
@@ -44,6 +109,7 @@ class GuardedGroup(TyperGroup):
     becomes one red line and an exit code (``GRADCOUPLE_DEBUG=1`` re-raises it with its traceback)."""
 
     def invoke(self, ctx: typer.Context):
+        show_notes()
         try:
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, typer.TyperException):  # usage errors and exits: typer reports them
@@ -54,8 +120,8 @@ class GuardedGroup(TyperGroup):
         except Exception as e:  # noqa: BLE001 (the boundary)
             if os.environ.get("GRADCOUPLE_DEBUG"):
                 raise
-            message, code = one_line(e)
-            console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            message, code = one_line(e, ctx.invoked_subcommand)
+            console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(code) from None
 
 

@@ -53,9 +53,20 @@ def download(
     queries, which `gradcouple ripple` evaluates. The pieces path is printed last on stdout;
     everything else goes to stderr.
     """
+    from ..errors import ConfigError
+
     if list_:
+        others = [f for f, v in (("DATASET", dataset), ("--from", from_path), ("--format", format), ("--out", out),
+                                 ("--split", split), ("--revision", revision), ("--limit", limit), ("--skip-bad", skip_bad),
+                                 ("--sample", sample)) if v]
+        if others:
+            raise ConfigError(f"--list only lists the datasets and downloads nothing, so {', '.join(others)} would be "
+                              f"ignored; run `gradcouple download --list` alone, or drop --list.")
         _print_sources()
         return
+    if revision is not None and (sample or from_path):
+        raise ConfigError(f"--revision {revision}: picks the version downloaded from the Hub or GitHub, and "
+                          f"{'--sample reads the bundled sample' if sample else '--from reads your file'}; drop --revision.")
     if sample and from_path:
         raise DataError("--sample and --from exclude each other: --sample reads the bundled sample, --from your file.")
     if dataset is None and from_path is None:
@@ -97,7 +108,7 @@ def _print_summary(result: ds.DownloadResult) -> None:
     table = Table(title=f"gradcouple download: {m.dataset}", title_justify="left", show_header=False, box=box.SIMPLE, pad_edge=False)
     table.add_column("what", style="bold", no_wrap=True)
     table.add_column("value", overflow="fold")
-    table.add_row("input", f"{where}" + (f" [{m.split}]" if m.split else "") + f" ({inp['kind']})")
+    table.add_row("input", f"{where}" + (f" \\[{m.split}]" if m.split else "") + f" ({inp['kind']})")
     table.add_row("records read", str(m.records_read))
     table.add_row("records used", str(m.records_used))
     for reason, n in m.records_skipped.items():

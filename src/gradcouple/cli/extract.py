@@ -16,8 +16,11 @@ from .options import (
     LimitOpt,
     ModelOpt,
     OverwriteOpt,
+    ThreadsOpt,
     build_config,
     console,
+    layer_names,
+    print_notes,
     print_path,
     summary_table,
 )
@@ -42,8 +45,11 @@ def extract(
     batch_size: BatchSizeOpt = None,
     shard_size: Annotated[Optional[int], typer.Option("--shard-size", help="Pieces per shard file, the unit of resume (default 64).")] = None,
     max_length: Annotated[Optional[int], typer.Option("--max-length", help="Token limit of prompt+answer (default 256).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (GPU only; CPU computes in float32).")] = None,
+    prompt_template: Annotated[Optional[str], typer.Option("--prompt-template", help="How question pieces are asked; must contain "
+                                                           "{question} (default: 'Question: {question}', a newline, 'Answer:').")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float32 (default), bfloat16 or float16: the weights' dtype; checked on the device first, recorded in the manifest.")] = None,
     device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
     limit: LimitOpt = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
@@ -55,16 +61,27 @@ def extract(
 
     cfg = build_config(config, out, {
         "data.pieces": data, "data.limit": limit, "model.name": model, "model.layers": layers, "model.module": module,
-        "model.device": device, "model.dtype": dtype, "extract.store": store, "extract.proj_dim": proj_dim,
+        "model.device": device, "model.dtype": dtype, "model.threads": threads, "extract.store": store, "extract.proj_dim": proj_dim,
         "extract.proj_blocks": proj_blocks, "extract.batch_size": batch_size, "extract.shard_size": shard_size,
-        "extract.max_length": max_length})
+        "extract.max_length": max_length, "data.prompt_template": prompt_template})
+    for flag, value in (("--proj-dim", proj_dim), ("--proj-blocks", proj_blocks)):
+        if value is not None and cfg.extract.store != "projected":
+            from ..errors import ConfigError
+
+            raise ConfigError(f"{flag} {value}: sizes the sketches of --store projected, and the store here is "
+                              f"{cfg.extract.store}; drop {flag} or pass --store projected.")
     res = stage.extract(cfg, out, overwrite=overwrite)
+    from ..distributed import is_main
+
+    if not is_main():  # under torchrun rank 0 prints the summary
+        return
     if res.resumed_shards == res.n_shards:
         console.print(f"nothing to do: all {res.n_shards} shards in {RunDir(out).gradients_dir} are complete and current.")
     console.print(summary_table("extract", [
         ("pieces", res.n_pieces), ("shards", f"{res.n_shards} ({res.resumed_shards} resumed)"),
-        ("model", cfg.model.name), ("layers", cfg.model.layers), ("store", cfg.extract.store),
+        ("model", cfg.model.name), ("layers", f"{cfg.model.layers} -> {layer_names(res.targets)}"), ("store", cfg.extract.store),
         ("time", f"{res.seconds:.1f} s"), ("throughput", f"{res.pieces_per_s:.1f} pieces/s"),
         ("on disk", human_bytes(res.bytes_on_disk)), ("peak RSS", human_bytes(res.peak_rss_bytes)),
-        ("device", (res.device.gpu or res.device.device) if res.device else "n/a")]))
+        ("device", f"{res.device.gpu or res.device.device}, {res.device.threads} threads" if res.device else "n/a")]))
+    print_notes(res.device, res.truncated, res.n_pieces, cfg.extract.max_length)
     print_path(RunDir(out).manifest_path)

@@ -27,9 +27,28 @@ LayersOpt = Annotated[
 DataOpt = Annotated[Optional[Path], typer.Option("--data", "-d", help="pieces.jsonl from `gradcouple download`.")]
 RunDirOpt = Annotated[Path, typer.Option("--run", "-r", help="Run directory made by `gradcouple extract --out` or `gradcouple run --out`.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace artifacts made from other inputs (pieces, settings, model).")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N, mps or auto.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N, mps, auto, or auto-map (spread a model larger than one GPU over every GPU).")]
 BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Pieces per forward/backward.")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Use only the first N pieces.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: torch's, which follows "
+                                                   "OMP_NUM_THREADS); 1 when other processes share the cores.")]
+
+
+def print_notes(device=None, truncated: tuple[int, int, int] = (0, 0, 0), n_pieces: int = 0, max_length: int = 0) -> None:
+    """Warnings that end a stage summary: prompts cut to --max-length, a machine busier than its cores."""
+    from ..runinfo import overloaded
+
+    n, most, total = truncated
+    if n:
+        console.print(f"[yellow]warning:[/] {n} of {n_pieces} prompts were cut from the left to --max-length {max_length} tokens "
+                      f"(by up to {most}, {total} in all); raise --max-length to score them whole.", highlight=False)
+    if device is not None and (note := overloaded(device)):
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
+def layer_names(names: list[str]) -> str:
+    """The selected target layers in a summary line: all when few, else the first and last with the count."""
+    return ", ".join(names) if len(names) <= 2 else f"{len(names)}: {names[0]} ... {names[-1]}"
 
 
 def build_config(config: Optional[Path], run_dir: Optional[Path], overrides: dict):

@@ -14,6 +14,8 @@ EPILOG = """Examples:
 
   gradcouple report --run runs/big --max-heatmap 500
 
+  gradcouple report --run runs/musique --open
+
   xdg-open "$(gradcouple report --run runs/musique)"
 """
 
@@ -21,10 +23,12 @@ EPILOG = """Examples:
 def report(
     run: RunDirOpt,
     max_heatmap: Annotated[Optional[int], typer.Option("--max-heatmap", help="Largest number of pieces drawn in the heatmap (default 200).")] = None,
+    open_page: Annotated[bool, typer.Option("--open", help="Open the page in the default browser when one is available; otherwise say where it is.")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Write RUN/report/index.html (self-contained, opens offline) and RUN/report/summary.json."""
     from .. import report as stage
+    from ..report import open_in_browser
     from ..runinfo import human_bytes
 
     cfg = build_config(config, run, {"report.max_heatmap": max_heatmap})
@@ -41,4 +45,11 @@ def report(
              ("time", f"{res.seconds:.1f} s")]
     console.print(summary_table("report", rows))
     console.print(f"summary: {res.summary_json}", highlight=False)
+    if open_page:
+        if open_in_browser(res.index_html):
+            console.print(f"opened {res.index_html.resolve().as_uri()} in the default browser", highlight=False,
+                          soft_wrap=True)
+        else:
+            console.print(f"no graphical browser here; open {res.index_html.resolve().as_uri()} in one "
+                          "(the page is self-contained: copy it anywhere)", highlight=False, soft_wrap=True)
     print_path(res.index_html)

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import (ConfigOpt, DeviceOpt, RunDirOpt, build_config, console, correlation, interval, num, print_path,
-                      summary_table)
+from .options import (ConfigOpt, DeviceOpt, RunDirOpt, ThreadsOpt, build_config, console, correlation, interval, num,
+                      print_notes, print_path, summary_table)
 
 EPILOG = """Examples:
 
@@ -58,6 +58,42 @@ def sweep_table(sw):
     return t
 
 
+#: ripple's flags that set one edit method's knobs: flag -> the method that uses it
+METHOD_FLAGS = {"--steps": "ft", "--lr": "ft", "--max-delta": "ft", "--rome-clamp": "rome"}
+#: the knob each method's --sweep varies
+SWEPT = {"ft": "--lr", "rome": "--rome-clamp"}
+
+
+def refuse_unused_flags(cfg, run: Path, given: dict[str, object]) -> None:
+    """Refuse ripple flags the edits would ignore: another method's knobs, the knob --sweep varies,
+    and --sweep itself outside benchmark mode.
+
+    Raises:
+        ConfigError: the first such flag, with the way to make it count.
+    """
+    from ..errors import ConfigError
+
+    method = cfg.ripple.method
+    for flag, value in given.items():
+        if METHOD_FLAGS.get(flag, method) != method:
+            knobs = ", ".join(f for f, m in METHOD_FLAGS.items() if m == method)
+            raise ConfigError(f"{flag} {value}: applies to --method {METHOD_FLAGS[flag]}, and these edits are {method} "
+                              f"(whose knobs are {knobs}); drop {flag} or pass --method {METHOD_FLAGS[flag]}.")
+    if "--sweep" not in given:
+        return
+    knob = SWEPT[method]
+    if knob in given:
+        raise ConfigError(f"{knob} {given[knob]}: --sweep {given['--sweep']} sets {knob} of every {method} edit, one "
+                          f"strength after another; drop {knob} or --sweep.")
+    from ..ripple import edit_mode
+    from ..rundir import RunDir
+
+    if edit_mode(cfg, RunDir(run).load_pieces()) != "benchmark":
+        why = "--edits pieces was given" if given.get("--edits") == "pieces" else f"the pieces in {run} carry no benchmark edit"
+        raise ConfigError(f"--sweep {given['--sweep']}: a sweep repeats the benchmark's edits (RippleEdits, MQuAKE) at "
+                          f"each strength, but {why}; drop --sweep, or run ripple on benchmark pieces.")
+
+
 def ripple(
     run: RunDirOpt = Path("runs/default"),
     edits: Annotated[Optional[str], typer.Option("--edits", help="benchmark (the edits the pieces carry), pieces (edit pieces "
@@ -72,12 +108,16 @@ def ripple(
                                                   "learning rates; rome: value clamps) -> RUN/ripple/sweep.json.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for the choice of edited pieces.")] = None,
     device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Make real edits (the benchmark's own, or pieces toward counterfactuals) and score how well each predictor foresees the ripple.
 
     The model, layers, prompt template, max length and batch size are those of the extraction
-    in RUN; only the device can differ.
+    in RUN; only the device can differ. Flags the edits would ignore are refused: --steps, --lr
+    and --max-delta with --method rome, --rome-clamp with ft, the knob --sweep varies, and
+    --sweep outside benchmark mode. Every finished edit is journalled, so an interrupted
+    ripple resumes: rerun the same command and only the missing edits are made.
     """
     from .. import ripple as stage
     from ..rundir import RunDir
@@ -85,8 +125,16 @@ def ripple(
     cfg = build_config(config, run, {"ripple.edits": edits, "ripple.n_edits": n_edits, "ripple.method": method,
                                      "ripple.steps": steps, "ripple.lr": lr, "ripple.max_delta": max_delta,
                                      "ripple.rome_clamp": rome_clamp, "ripple.seed": seed, "model.device": device,
-                                     "ripple.sweep": _floats(sweep, "--sweep") if sweep else None})
+                                     "model.threads": threads, "ripple.sweep": _floats(sweep, "--sweep") if sweep else None})
+    refuse_unused_flags(cfg, run, {k: v for k, v in (("--steps", steps), ("--lr", lr), ("--max-delta", max_delta),
+                                                      ("--rome-clamp", rome_clamp), ("--sweep", sweep), ("--edits", edits))
+                                   if v is not None})
     res = stage.ripple(cfg, run)
+    done = res.summary or res.sweep
+    if getattr(done, "resumed_edits", 0):
+        console.print(f"resumed: {done.resumed_edits} edits read back from the journal of an interrupted run, the rest made now.")
+    if res.summary is not None:
+        print_notes(res.summary.device)
     if res.sweep is not None:
         console.print(sweep_table(res.sweep))
         print_path(RunDir(run).sweep_path)

@@ -16,10 +16,12 @@ from .options import (
     LimitOpt,
     ModelOpt,
     OverwriteOpt,
+    ThreadsOpt,
     build_config,
     console,
     interval,
     num,
+    print_notes,
     print_path,
     summary_table,
 )
@@ -39,7 +41,8 @@ EPILOG = """Examples:
 def run(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/default"),
     data: Annotated[Optional[Path], typer.Option("--data", "-d", help="pieces.jsonl; default: the bundled real samples.")] = None,
-    datasets: Annotated[str, typer.Option(help="Bundled samples to use when --data is not given (comma-separated).")] = "musique,hotpotqa,mquake-hard",
+    datasets: Annotated[Optional[str], typer.Option(help="Bundled samples to use when --data is not given (comma-separated; "
+                                                    "default musique,hotpotqa,mquake-hard).", show_default=False)] = None,
     model: ModelOpt = None,
     layers: LayersOpt = None,
     store: Annotated[Optional[str], typer.Option(help="factors (default), dense or projected.")] = None,
@@ -50,6 +53,8 @@ def run(
     method: Annotated[Optional[str], typer.Option(help="Edit method: ft (default) or rome.")] = None,
     no_ripple: Annotated[bool, typer.Option("--no-ripple", help="Skip the ripple stage.")] = False,
     device: DeviceOpt = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Token limit of prompt+answer (default 256).")] = None,
+    threads: ThreadsOpt = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -59,14 +64,28 @@ def run(
     model weights) is refused unless --overwrite.
     """
     from .. import pipeline
+    from ..errors import ConfigError
 
+    if data is not None and datasets is not None:
+        raise ConfigError(f"--datasets {datasets}: the bundled samples are read only without --data, and --data {data} was "
+                          f"given; drop --datasets or --data.")
+    if no_ripple:
+        for flag, value in (("--edits", edits), ("--n-edits", n_edits), ("--method", method)):
+            if value is not None:
+                raise ConfigError(f"{flag} {value}: --no-ripple skips the ripple stage that {flag} sets up; drop {flag} "
+                                  f"or --no-ripple.")
     t0 = time.perf_counter()
     cfg = build_config(config, None, {
         "data.pieces": data, "data.limit": limit, "model.name": model, "model.layers": layers, "model.device": device,
-        "extract.store": store, "extract.batch_size": batch_size, "ripple.edits": edits, "ripple.n_edits": n_edits,
+        "model.threads": threads, "extract.max_length": max_length, "extract.store": store, "extract.batch_size": batch_size, "ripple.edits": edits, "ripple.n_edits": n_edits,
         "ripple.method": method})
-    res = pipeline.run_pipeline(cfg, out, datasets=[d.strip() for d in datasets.split(",") if d.strip()],
-                                skip_ripple=no_ripple, overwrite=overwrite)
+    if not no_ripple and cfg.ripple.method == "rome" and cfg.extract.store != "factors":
+        raise ConfigError(f"--method rome: ROME's keys are the layer inputs that only --store factors keeps, and the store "
+                          f"here is {cfg.extract.store}; drop --store {cfg.extract.store}, or use --method ft.")
+    names = [d.strip() for d in datasets.split(",") if d.strip()] if datasets else list(pipeline.DEFAULT_SAMPLES)
+    res = pipeline.run_pipeline(cfg, out, datasets=names, skip_ripple=no_ripple, overwrite=overwrite)
+    if res.couple.mode != "full":
+        console.print(f"[yellow]couple switched to {res.couple.mode}[/]: {res.couple.stats.note}", highlight=False)
     for stage, why in res.skipped.items():
         console.print(f"[yellow]{stage} skipped[/]: {why}")
     p = res.couple.stats.pairs
@@ -91,4 +110,5 @@ def run(
         rows.append(("ripple Spearman's rho, first order (95% CI)", interval(r.spearman_first_order)))
     rows.append(("wall time", f"{time.perf_counter() - t0:.1f} s"))
     console.print(summary_table(f"gradcouple run -> {out}", rows))
+    print_notes(res.extract.device, res.extract.truncated, res.extract.n_pieces, cfg.extract.max_length)
     print_path(res.report.index_html)

@@ -53,9 +53,22 @@ __all__ = [
 ]
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
+#: bundled sample file -> the split its records were taken from, in the registry's split names
+#: (see gradcouple/NOTICE: dev sets are "validation"; RippleEdits' sample is from POPULAR).
+SAMPLE_SPLITS = {
+    "hotpotqa_dev_distractor.sample.jsonl": "validation",
+    "musique_ans_dev.sample.jsonl": "validation",
+    "musique_dev.flashrag.sample.jsonl": "validation",
+    "2wikimultihopqa_dev.sample.jsonl": "validation",
+    "wikihop_dev.sample.jsonl": "validation",
+    "bamboogle_test.sample.jsonl": "test",
+    "mquake_hard.sample.jsonl": "all",
+    "rippleedits_compositional.sample.jsonl": "popular",
+}
 #: Parser names accepted by ``format=`` / ``--format``.
 FORMATS = tuple(PARSERS)
 SKIP_HINT = "Fix the record, or pass --skip-bad (skip_bad=True) to skip bad records; they are counted in download.json."
+SKIP_UNDECODABLE = "or pass --skip-bad (skip_bad=True) to skip undecodable records; they are counted in download.json."
 
 _MQUAKE_RAW = "https://raw.githubusercontent.com/princeton-nlp/MQuAKE/{revision}/datasets/"
 # The RippleEdits benchmark files are Git LFS objects: raw.githubusercontent.com serves only
@@ -242,7 +255,7 @@ class DownloadMeta(BaseModel):
     format: str = Field(description="Parser the records were read with (given, the source's, or sniffed).")
     dataset: str = Field(description="First part of every piece id: the source name, else the format.")
     input: dict[str, Any] = Field(description="Provenance: kind (sample, file, dataset_dir, url, hub), path/URL/Hub id, sha256 of a read file.")
-    split: Optional[str] = Field(description="Split read (Hub, URL or dataset directory); None for a file or sample.")
+    split: Optional[str] = Field(description="Split read: the Hub's, URL's or dataset directory's, or the one the bundled sample was taken from; None for a file (read whole).")
     revision: Optional[str] = Field(description="Hub or release revision asked for; None for the default.")
     limit: Optional[int] = Field(description="Most records to read, as asked (records); None for all.")
     skip_bad: bool = Field(description="Whether malformed records were skipped and counted instead of failing.")
@@ -277,10 +290,11 @@ class DownloadResult(BaseModel):
 
 
 class _Rejected(Exception):
-    """A record that cannot be used: ``problem`` goes into the error, ``reason`` is its count key."""
+    """A record that cannot be used: ``problem`` goes into the error, ``reason`` is its count key,
+    ``fix`` the repair when it is not fixing the record (re-encoding the file)."""
 
-    def __init__(self, problem: str, reason: str):
-        self.problem, self.reason = problem, reason
+    def __init__(self, problem: str, reason: str, fix: Optional[str] = None):
+        self.problem, self.reason, self.fix = problem, reason, fix
         super().__init__(problem)
 
 
@@ -334,18 +348,31 @@ def _open_input(
 ) -> tuple[Iterator[tuple[int, str, Any]], dict[str, Any], str]:
     """Records (index, location, record), provenance, and the label of the input for messages.
 
+    The provenance holds ``split`` where the input has one: the split asked for (Hub, URL), the
+    one found (dataset directory), or the one a bundled sample was taken from.
+
     Raises:
         DataError: ``"sample"`` without a source, a source with nothing to download, an unknown
-            split, or an unreadable dataset directory or file (files raise when first read).
+            split, a split other than the bundled sample's, a split with a file (read whole), or
+            an unreadable dataset directory or file (files raise when first read).
         NetworkError: the Hub or the file's host is needed but unreachable.
     """
     if from_path is not None and (from_path == "sample" or from_path.startswith("sample:")):
         if from_path == "sample" and source is None:
             raise DataError("--sample needs a dataset name, e.g. `gradcouple download musique --sample`.")
         path = sample_path(from_path[7:] if from_path.startswith("sample:") else source.name)  # type: ignore[union-attr]
-        return hub.iter_local_file(path), {"kind": "sample", "path": str(path), "sha256": sha256_file(path)}, str(path)
+        sample_split = SAMPLE_SPLITS.get(path.name)
+        # Asking for another split and getting the sample's would mislabel every piece downstream.
+        if split is not None and split != sample_split:
+            raise DataError(f"--split {split}: the bundled sample {path.name} holds {sample_split or 'unknown'}-split records only; "
+                            f"drop --split to read it, or drop --sample to download the {split} split.")
+        info = {"kind": "sample", "path": str(path), "sha256": sha256_file(path), "split": sample_split}
+        return hub.iter_local_file(path), info, str(path)
     if from_path is not None:
         path = Path(from_path).expanduser()
+        if split is not None and path.is_file():
+            raise DataError(f"--split {split}: {path} is a file, read whole; --split picks a split of the Hub, "
+                            f"a dataset directory or the bundled sample. Drop --split.")
         if path.is_dir():
             recs, info = hub.load_records(
                 str(path), config=source.hub_config if source else None, split=split or (source.default_split if source else None),
@@ -397,7 +424,7 @@ def _as_object(rec: Any) -> Mapping:
         _Rejected: the record could not be decoded, or is not an object.
     """
     if isinstance(rec, BadRecord):
-        raise _Rejected(rec.problem, rec.reason)
+        raise _Rejected(rec.problem, rec.reason, rec.fix)
     if not isinstance(rec, Mapping):
         raise _Rejected(f"expected a JSON object, got {type(rec).__name__}", "not a JSON object")
     return rec
@@ -457,7 +484,8 @@ def _parse_records(
             tally.records_skipped[e.reason] += 1
         except _Rejected as e:
             if not skip_bad:
-                raise DataError(f"{where}: {e.problem}. {SKIP_HINT}") from None
+                hint = f"; {e.fix}, {SKIP_UNDECODABLE}" if e.fix else f". {SKIP_HINT}"
+                raise DataError(f"{where}: {e.problem}{hint}") from None
             tally.records_skipped[e.reason] += 1
     return tally
 
@@ -511,7 +539,9 @@ def download(
             ``name``; or ``"sample:FILE"`` for a bundled file by name. None downloads from the Hub.
         format: parser to use (``hotpotqa``, ``musique``, ``2wikimultihopqa``, ``wikihop``,
             ``bamboogle``, ``mquake``, ``rippleedits``, ``pieces``, or a source name).
-        split, revision: Hub split (default: the source's) and revision.
+        split, revision: Hub split (default: the source's) and revision; ``split`` also picks
+            a dataset directory's split, must be the bundled sample's own (or None) with
+            ``"sample"``, and cannot be given with a file.
         limit: read at most this many records (records; at least 1).
         skip_bad: skip and count malformed records instead of failing on the first.
 
@@ -520,8 +550,10 @@ def download(
         ``download.json``). Nothing is written unless the whole input converts.
 
     Raises:
-        DataError: unknown source/format, unreadable input, a bad record (without
-            ``skip_bad``), mixed formats in one input, or no pieces at all.
+        DataError: unknown source/format, unreadable input, input that is not UTF-8 (a JSONL
+            line or parquet record is skipped with ``skip_bad``, a JSON document never), a split
+            the input does not have, a bad record (without ``skip_bad``), mixed formats in one
+            input, or no pieces at all.
         NetworkError: the Hub is needed but unreachable (fails within seconds).
     """
     source, fmt = _resolve_request(name, format, limit)
@@ -531,7 +563,7 @@ def download(
     kept, merged, conflicts = _deduplicated(tally, label)
     meta = DownloadMeta(
         source=dataset, format=tally.fmt, dataset=dataset or tally.fmt, input=provenance,
-        split=provenance.get("split", split), revision=revision, limit=limit, skip_bad=skip_bad,
+        split=provenance.get("split"), revision=revision, limit=limit, skip_bad=skip_bad,
         **tally.counts(kept, merged, conflicts),
     )
     pieces_path, meta_path = _write_outputs(Path(out_dir), kept, meta)

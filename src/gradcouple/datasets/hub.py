@@ -3,12 +3,14 @@ directories, or the Hugging Face Hub; and which format a record is in.
 
 Every record is yielded with its 0-based index and a location for error messages
 (``file.jsonl:12``, ``file.json record 3``, ``hub-id [validation] record 7``; numbers 1-based).
-A record that cannot even be decoded is yielded as a :class:`BadRecord`, so that the caller
-decides whether to fail or skip it.
+A record that cannot even be decoded (malformed JSON, a JSONL line or a parquet string that is
+not UTF-8) is yielded as a :class:`BadRecord`, so that the caller decides whether to fail or
+skip it. A whole document that cannot be decoded (a ``.json`` file, a UTF-16 file) is an error.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import os
@@ -20,6 +22,7 @@ from typing import Any, Iterator, Mapping, Optional
 from urllib.parse import urlparse
 
 from ..errors import DataError, NetworkError
+from ..pieces import is_utf16, not_utf8, reencode_hint, utf8_lines
 from . import bamboogle, hotpotqa, mquake, musique, plain, rippleedits, twowiki, wikihop
 
 #: format name -> parser module (each has ``FORMAT``, ``sniff(record)``, ``parse(record, ctx)``).
@@ -33,10 +36,16 @@ _TRUE = {"1", "true", "yes", "on"}
 
 @dataclass
 class BadRecord:
-    """A record that could not be decoded (malformed JSON, not an object)."""
+    """A record that could not be decoded (malformed JSON, not UTF-8). ``fix``: how to repair
+    it, when not by fixing the record itself."""
 
     problem: str
     reason: str
+    fix: Optional[str] = None
+
+
+NOT_UTF8 = "not UTF-8"
+PARQUET_FIX = "write the file again with its strings in UTF-8"
 
 
 def sniff_format(record: Any) -> Optional[str]:
@@ -55,9 +64,13 @@ def sniff_format(record: Any) -> Optional[str]:
 def iter_local_file(path: Path) -> Iterator[tuple[int, str, Any]]:
     """Yield (index, location, record) from a ``.jsonl``, ``.json`` or ``.parquet`` file.
 
+    A JSONL line that is not UTF-8 is yielded as a :class:`BadRecord` located by the file alone
+    (its problem names the byte offset and line).
+
     Raises:
-        DataError: the file is missing, has another suffix, is a JSON document that does not
-            parse, or is neither an array nor an object with a ``data`` list.
+        DataError: the file is missing, has another suffix, is a JSON document that is not
+            UTF-8 or does not parse, is neither an array nor an object with a ``data`` list, or
+            is UTF-16 (each message names the file; decoding errors the byte offset).
     """
     if not path.is_file():
         raise DataError(f"{path}: no such file. Pass an existing .json, .jsonl or .parquet file (or a dataset directory) to --from.")
@@ -73,9 +86,16 @@ def iter_local_file(path: Path) -> Iterator[tuple[int, str, Any]]:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, str, Any]]:
+    # Skipping lines of a UTF-16 file would skip them all: the whole file is in another encoding.
+    if is_utf16(path):
+        raise DataError(f"{path}: not UTF-8 at byte 0 (line 1: it starts with a UTF-16 byte-order mark); {reencode_hint(path)}.")
     index = 0
-    with open(path, encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, line, problem in utf8_lines(fh):
+            if problem is not None:
+                yield index, str(path), BadRecord(problem, NOT_UTF8, reencode_hint(path))
+                index += 1
+                continue
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -88,8 +108,13 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, str, Any]]:
 
 
 def _iter_json(path: Path) -> Iterator[tuple[int, str, Any]]:
-    with open(path, encoding="utf-8-sig") as fh:
-        text = fh.read()
+    data = path.read_bytes()
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: {not_utf8(e, data[start:], offset=start)}; {reencode_hint(path)}; "
+                        f"one JSON document cannot be skipped record by record, even with --skip-bad.") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
@@ -106,6 +131,24 @@ def _iter_json(path: Path) -> Iterator[tuple[int, str, Any]]:
         yield i, f"{path} record {i + 1}", rec
 
 
+def _string_problem(err: UnicodeDecodeError, column: Optional[str] = None) -> str:
+    """A string value that is not UTF-8, located within its value (columnar data has no lines)."""
+    bad = " ".join(f"0x{b:02x}" for b in err.object[err.start:err.end])
+    where = f"a string in column '{column}'" if column else "a string"
+    return f"not UTF-8: {where} (at byte {err.start} of the value: byte {bad}, {err.reason})"
+
+
+def _bad_row(columns: Mapping[str, Any], i: int, fix: str, err: UnicodeDecodeError) -> BadRecord:
+    """The BadRecord of row ``i`` of arrow ``columns``, whose conversion to Python failed with
+    ``err``: located in the column that holds the string that is not UTF-8."""
+    for name, column in columns.items():
+        try:
+            column[i].as_py()
+        except UnicodeDecodeError as e:
+            return BadRecord(_string_problem(e, name), NOT_UTF8, fix)
+    return BadRecord(_string_problem(err), NOT_UTF8, fix)
+
+
 def _iter_parquet(path: Path) -> Iterator[tuple[int, str, Any]]:
     import pyarrow.parquet as pq
 
@@ -115,7 +158,18 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, str, Any]]:
         raise DataError(f"{path}: not a readable parquet file ({e}).") from None
     index = 0
     for batch in pf.iter_batches(batch_size=1024):
-        for rec in batch.to_pylist():
+        try:
+            rows: list[Any] = batch.to_pylist()
+        except UnicodeDecodeError:
+            # Parquet strings should be UTF-8, but writers do not always check: find the bad rows.
+            columns = {name: batch.column(name) for name in batch.schema.names}
+            rows = []
+            for i in range(batch.num_rows):
+                try:
+                    rows.append(batch.slice(i, 1).to_pylist()[0])
+                except UnicodeDecodeError as e:
+                    rows.append(_bad_row(columns, i, PARQUET_FIX, e))
+        for rec in rows:
             yield index, f"{path} record {index + 1}", rec
             index += 1
 
@@ -304,5 +358,18 @@ def _load_local_dir(local: Path, config: Optional[str], split: Optional[str], sp
 
 
 def _iter_dataset(ds: Any, label: str) -> Iterator[tuple[int, str, Any]]:
-    for i, rec in enumerate(ds):
+    i = 0
+    rows = iter(ds)
+    while True:
+        try:
+            rec = next(rows)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as e:
+            # The datasets library does not check that strings are UTF-8; the failed iterator
+            # cannot go on, so the rest is read from a new one.
+            columns = {} if getattr(ds, "_indices", None) is not None else {name: ds.data.column(name) for name in ds.column_names}
+            rec = _bad_row(columns, i, "re-encode the dataset's files as UTF-8 (e.g. iconv -f latin1 -t utf-8)", e)
+            rows = iter(ds.select(range(i + 1, len(ds))) if i + 1 < len(ds) else ())
         yield i, f"{label} record {i + 1}", rec
+        i += 1

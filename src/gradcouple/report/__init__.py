@@ -54,11 +54,14 @@ def build_summary(run_dir: str | Path) -> dict:
 def render_html(run_dir: str | Path, summary: dict, cfg: RunConfig) -> str:
     """The report page of ``run_dir`` as one self-contained HTML string (plotly.js embedded once).
 
-    Shows (a) the GradSim heatmap of the first ``cfg.report.max_heatmap`` pieces in question/hop
-    order, (b) the same- vs cross-question GradSim distribution, (c) the ripple scatter of
-    predicted vs measured log-prob change (nats) when piece-to-piece ripple was run, or the
-    predictor x criterion table of a benchmark ripple, tables of headline numbers,
-    pairs, questions, edits, model, device and timing, and every metric's definition once.
+    Shows a headline panel (model, |θ|, pieces, questions, datasets, device, throughput, peak
+    memory, bytes on disk, wall time per stage, and whether coupling predicts ripple, with its
+    interval); the GradSim heatmap (up to ``cfg.report.max_heatmap`` pieces, beyond that the
+    pieces of the most coupled pairs, with a note) with a question/hop vs clustering order
+    toggle; the GradSim distribution by same question / cross question / same answer; each
+    target layer's contribution to GradSim; sortable, filterable tables of the most coupled
+    pairs; the ripple scatter and correlation table of either ripple mode with a per-edit table;
+    the resolved config and versions (collapsible) and every metric's definition once.
 
     Raises:
         ArtifactError, DataError, ConfigError: as :func:`build_summary`.
@@ -87,7 +90,30 @@ def report(cfg: RunConfig, run_dir: str | Path) -> ReportResult:
                         summary=summary, seconds=time.perf_counter() - t0, headline=headline(loaded))
 
 
-__all__ = ["SECTIONS", "ReportResult", "Headline", "LoadedRun", "load_run", "build_summary", "render_html", "report"]
+def open_in_browser(path: str | Path) -> bool:
+    """Open the page ``path`` in the default web browser (:mod:`webbrowser`), without waiting for it.
+
+    Returns False, opening nothing, when no graphical browser is available: none registered, or
+    only a console one (lynx, w3m, ...) that cannot draw the figures, as on a server without a
+    display; a browser named in ``$BROWSER`` always counts.
+    """
+    import os
+    import webbrowser
+
+    try:
+        browser = webbrowser.get()
+    except webbrowser.Error:
+        return False
+    if type(browser) is webbrowser.GenericBrowser and not os.environ.get("BROWSER"):
+        return False  # a console browser would take over the terminal
+    try:
+        return bool(browser.open(Path(path).resolve().as_uri()))
+    except (OSError, webbrowser.Error):
+        return False
+
+
+__all__ = ["SECTIONS", "ReportResult", "Headline", "LoadedRun", "load_run", "build_summary", "render_html", "report",
+           "open_in_browser"]
 
 
 from .._callable import make_callable  # noqa: E402

@@ -13,7 +13,7 @@ from ..artifacts import (BenchmarkSummary, CouplingStats, Manifest, Measurement,
 from ..config import RunConfig, load_config
 from ..couple import neighbour_pairs, upper_pairs
 from ..pieces import KnowledgePiece
-from ..rules import same_question, same_question_matrix
+from ..rules import same_answer, same_answer_matrix, same_question, same_question_matrix
 from ..rundir import RunDir
 
 
@@ -65,6 +65,13 @@ class LoadedRun:
         # top-k runs are the large ones: an N x N membership matrix may not fit, the N*k pairs do
         own = self.owners
         return torch.tensor([same_question(own[a], own[b]) for a, b in zip(i.tolist(), j.tolist())], dtype=torch.bool)
+
+    def same_answer_mask(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Bool per pair (i, j): the same-answer rule (:func:`gradcouple.rules.same_answer`) on the scored answers."""
+        answers = [r.answer for r in self.records]
+        if self.full:
+            return same_answer_matrix(answers)[i, j]
+        return torch.tensor([same_answer(answers[a], answers[b]) for a, b in zip(i.tolist(), j.tolist())], dtype=torch.bool)
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:

@@ -1,21 +1,29 @@
-"""The report page: ``templates/index.html.j2`` rendered with autoescaping, CSS and plotly.js inlined."""
+"""The report page: ``templates/index.html.j2`` rendered with autoescaping; CSS, the page's own
+script (``templates/report.js``) and plotly.js (``plotly.offline.get_plotlyjs()``, once, in the
+head) are inlined, so the file opens offline.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import platform
+from importlib import metadata
 from typing import Any, Optional
 
 import plotly.io as pio
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
+from plotly.offline import get_plotlyjs
 
 from ..config import RunConfig
 from ..metrics import DEFINITIONS
 from ..runinfo import human_bytes
-from .figures import distribution, heatmap, ripple_scatter
+from .figures import benchmark_scatter, distribution, heatmap, layer_chart, ripple_scatter
 from .load import LoadedRun
 
-TOP_PAIRS_HTML = 25
+VERSIONED = ("gradcouple", "torch", "transformers", "numpy", "scipy", "plotly", "pydantic", "jinja2")
+PLOT_CONFIG = {"responsive": True, "displaylogo": False}
 
 
 def num(x: Any, nd: int = 4) -> str:
@@ -32,6 +40,11 @@ def num(x: Any, nd: int = 4) -> str:
 def nbytes(x: Optional[float]) -> str:
     """A size in bytes, binary units and exact: '1.5 KiB (1,536 B)'."""
     return "—" if x is None else f"{human_bytes(x)} ({int(x):,} B)"
+
+
+def hbytes(x: Optional[float]) -> str:
+    """A size in bytes, binary units only: '1.5 KiB'."""
+    return "—" if x is None else human_bytes(x)
 
 
 def secs(x: Optional[float]) -> str:
@@ -74,33 +87,93 @@ def correlation(c) -> str:
     return f"{num(d['value'], 3)} [{num(d['ci_low'], 3)}, {num(d['ci_high'], 3)}]"
 
 
+def sortval(x: Any) -> str:
+    """The ``data-v`` sort key of a table cell: numbers as they are, bools as 1/0, None as ''."""
+    if x is None:
+        return ""
+    if isinstance(x, bool):
+        return "1" if x else "0"
+    if isinstance(x, (int, float)):
+        return repr(x) if math.isfinite(float(x)) else ""
+    return str(x)
+
+
 def environment() -> Environment:
     """The Jinja environment of the report templates: autoescaping on, undefined names are errors."""
     env = Environment(loader=PackageLoader("gradcouple.report"), autoescape=select_autoescape(["html", "j2"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(num=num, nbytes=nbytes, secs=secs, short=short, device=device, interval=interval,
-                       correlation=correlation)
+    env.filters.update(num=num, nbytes=nbytes, hbytes=hbytes, secs=secs, short=short, device=device,
+                       interval=interval, correlation=correlation, sortval=sortval)
     return env
 
 
-def embedded_figures(r: LoadedRun, max_heatmap: int) -> tuple[dict[str, Markup], int]:
-    """Each figure as an HTML fragment (plotly.js embedded in the first only), and the pieces the heatmap shows."""
+def build_figures(r: LoadedRun, max_heatmap: int) -> tuple[dict[str, Any], int]:
+    """The page's plotly figures by name (those without data left out), and the pieces the heatmap shows."""
     hm, shown = heatmap(r, max_heatmap)
-    figs = {"heatmap": hm, "distribution": distribution(r)}
+    figs: dict[str, Any] = {"heatmap": hm, "distribution": distribution(r), "layers": layer_chart(r)}
     if r.ripple is not None and r.measurements:
         figs["ripple"] = ripple_scatter(r)
-    out = {name: Markup(pio.to_html(fig, full_html=False, include_plotlyjs=k == 0, div_id=f"fig-{name}",
-                                    config={"responsive": True}))
-           for k, (name, fig) in enumerate(figs.items())}
+    elif r.benchmark is not None:
+        figs["ripple"] = benchmark_scatter(r)
+    return {k: v for k, v in figs.items() if v is not None}, shown
+
+
+def embedded_figures(r: LoadedRun, max_heatmap: int) -> tuple[dict[str, Markup], int]:
+    """Each figure as an HTML fragment (a div and its ``Plotly.newPlot`` call, no plotly.js), and
+    the pieces the heatmap shows. The page loads plotly.js once, in its head."""
+    figs, shown = build_figures(r, max_heatmap)
+    out = {name: Markup(pio.to_html(fig, full_html=False, include_plotlyjs=False, div_id=f"fig-{name}",
+                                    config=PLOT_CONFIG))
+           for name, fig in figs.items()}
     return out, shown
+
+
+def versions(r: LoadedRun) -> list[tuple[str, str]]:
+    """(what, version) of the report's Python and packages, and what the extraction recorded."""
+    out = [("python", platform.python_version())]
+    for pkg in VERSIONED:
+        try:
+            out.append((pkg, metadata.version(pkg)))
+        except metadata.PackageNotFoundError:
+            out.append((pkg, "not installed"))
+    out.append(("gradcouple at extraction", r.manifest.package_version))
+    t = r.manifest.timing
+    if t and t.device.torch:
+        out.append(("torch at extraction", t.device.torch))
+    rip = r.ripple or r.benchmark
+    if rip and rip.device.torch:
+        out.append(("torch at ripple", rip.device.torch))
+    return out
+
+
+def stage_times(r: LoadedRun) -> list[tuple[str, Optional[float]]]:
+    """(stage, wall seconds) of every stage that ran, read from its own output."""
+    t = r.manifest.timing
+    out: list[tuple[str, Optional[float]]] = []
+    if t:
+        out += [("load model", t.load_seconds), ("extract", t.extract_seconds)]
+    out.append(("couple", r.stats.seconds))
+    rip = r.ripple or r.benchmark
+    if rip:
+        out.append(("ripple", rip.seconds))
+    return out
+
+
+def config_json(r: LoadedRun) -> str:
+    """The resolved configuration: the run's config.json, else the extraction's recorded sections."""
+    cfg = r.config.model_dump(mode="json") if r.config else r.manifest.config
+    return json.dumps(cfg, indent=2, ensure_ascii=False)
 
 
 def render(r: LoadedRun, summary: dict, cfg: RunConfig) -> str:
     """The whole page as one self-contained HTML string (opens offline)."""
     env = environment()
     figs, shown = embedded_figures(r, cfg.report.max_heatmap)
-    css = Markup(env.loader.get_source(env, "report.css")[0])
+    src = lambda name: Markup(env.loader.get_source(env, name)[0])  # noqa: E731
     return env.get_template("index.html.j2").render(
-        s=summary, run_dir=str(r.run.root), css=css, figs=figs, definitions=DEFINITIONS, full=r.full,
+        s=summary, run_dir=str(r.run.root), css=src("report.css"), script=src("report.js"),
+        plotlyjs=Markup(get_plotlyjs()), figs=figs, definitions=DEFINITIONS, full=r.full,
         heatmap={"shown": shown, "total": len(r.records), "max": cfg.report.max_heatmap},
-        ripple=r.ripple, benchmark=r.benchmark, pairs=r.pairs[:TOP_PAIRS_HTML], pairs_different_answer=r.pairs_different_answer[:TOP_PAIRS_HTML])
+        layers=r.stats.layers, ripple=r.ripple, benchmark=r.benchmark, pairs=r.pairs,
+        pairs_different_answer=r.pairs_different_answer, versions=versions(r), stage_times=stage_times(r),
+        config_json=config_json(r), run_bytes=sum(b for _, b in r.files), n_files=len(r.files))

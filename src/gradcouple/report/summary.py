@@ -21,6 +21,7 @@ from .load import LoadedRun
 
 TOP_PAIRS = 10
 TOP_QUESTIONS = 10
+BASELINES = ("norm", "shuffled")  # benchmark predictors the headline answer quotes beside GradSim
 RIPPLE_FIELDS = ("method", "steps", "lr", "n_edits", "n_successful", "seconds", "spearman_coupling",
                  "spearman_first_order", "spearman_coupling_successful", "precision_at_k", "per_edit", "pooled",
                  "baseline_logprob_max_abs_diff_vs_manifest")
@@ -55,6 +56,48 @@ def headline(r: LoadedRun) -> Headline:
                     ripple_spearman_coupling=r.ripple.spearman_coupling if r.ripple else _as_interval(r, "gradsim"),
                     ripple_spearman_first_order=r.ripple.spearman_first_order if r.ripple else _as_interval(r, "first_order"),
                     gpu=t.device.gpu if t else None)
+
+
+def ripple_answer(r: LoadedRun) -> Optional[dict]:
+    """The one-line answer to "does coupling predict ripple here?" (None when ripple was not run).
+
+    Pieces mode reads the mean over edits of Spearman's rho between the coupling prediction and
+    the measured ripple, with its bootstrap interval (``ripple/summary.json`` spearman_coupling);
+    benchmark mode reads GradSim's pooled Spearman's rho with the measured rise, with its
+    clustered bootstrap interval. ``answer`` is 'yes' (interval above 0), 'reversed' (below 0),
+    'not detectably' (the interval holds 0) or 'undetermined' (no interval). The first-order
+    prediction's figure is given beside it for comparison, and in benchmark mode the baseline
+    predictors' (:data:`BASELINES`): a GradSim figure no better than theirs says little.
+    """
+    if r.ripple is None and r.benchmark is None:
+        return None
+    h = headline(r)
+    est, fo = h.ripple_spearman_coupling, h.ripple_spearman_first_order
+    if r.ripple is not None:
+        what = (f"mean over {r.ripple.n_edits} edits ({r.ripple.method}) of Spearman's rho between the coupling "
+                "prediction and the measured ripple")
+        interval, unit = "bootstrap interval", "edits"
+    else:
+        b = r.benchmark
+        what = (f"pooled Spearman's rho between GradSim and the measured rise over {b.n_tests_counted} test queries "
+                f"of {b.n_successful} successful {b.method} edits")
+        interval, unit = "clustered bootstrap interval", "points"
+    if est is None or est.estimate is None:
+        answer = "undetermined"
+    elif est.low is None or est.high is None:
+        answer = "undetermined"
+    elif est.low > 0:
+        answer = "yes"
+    elif est.high < 0:
+        answer = "reversed"
+    else:
+        answer = "not detectably"
+    baselines = {}
+    if r.benchmark is not None:
+        baselines = {name: _as_interval(r, name).model_dump() for name in BASELINES if name in r.benchmark.predictors}
+    return {"answer": answer, "what": what, "interval": interval, "unit": unit,
+            "estimate": est.model_dump() if est else None, "first_order": fo.model_dump() if fo else None,
+            "baselines": baselines}
 
 
 def json_safe(obj: Any) -> Any:
@@ -202,7 +245,7 @@ def experiment_readiness(r: LoadedRun) -> dict:
             "coupling_mode": r.stats.mode, "ripple_done": done,
             "ripple_mode": "benchmark" if r.benchmark else "pieces" if r.ripple else None,
             "report_written": r.run.relative(r.run.index_path) in listed, **ripple_figures(r.ripple),
-            **benchmark_figures(r.benchmark),
+            **benchmark_figures(r.benchmark), "coupling_predicts_ripple": ripple_answer(r),
             "next_step": None if done else f"gradcouple ripple --run {r.run.root}"}
 
 

@@ -41,6 +41,12 @@ class Block:
     def nbytes(self) -> int:
         raise NotImplementedError
 
+    def to(self, device: torch.device) -> "Block":
+        """The same block with its tensors on ``device`` (e.g. a GPU, for couple --device cuda)."""
+        import dataclasses
+
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+
 
 @dataclass
 class DenseBlock(Block):

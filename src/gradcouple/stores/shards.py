@@ -39,8 +39,18 @@ class ShardWriter:
         for n in self.names:
             self.buf[n].append(self.kind.encode(n, pf.x[n], pf.d[n]))
 
+    def pending_bytes(self) -> int:
+        """Bytes of the encoded pieces not yet flushed (the shard file adds a few hundred bytes more)."""
+        return sum(v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 8
+                   for n in self.names for e in self.buf[n] for v in e.values())
+
     def flush(self, path: Path) -> ShardEntry:
-        """Write the shard atomically and return its manifest entry."""
+        """Write the shard atomically and return its manifest entry.
+
+        Raises:
+            OSError: the write failed (ENOSPC when the disk is full, naming ``path``); no file
+                or temp file is left at ``path`` and the pieces stay buffered.
+        """
         layers = {n: self.kind.pack(n, self.buf[n]) for n in self.names}
         atomic_torch_save({"store": self.kind.name, "version": SHARD_VERSION, "rows": list(self.rows), "layers": layers}, path)
         entry = ShardEntry(file=path.name, sha256=sha256_file(path), rows=list(self.rows), bytes=path.stat().st_size)
@@ -52,8 +62,9 @@ class GradientReader:
     """Read access to the shards of a complete extraction.
 
     Raises:
-        ArtifactError: missing or incomplete manifest, or (with ``verify``) a shard that is
-            missing or whose sha256 differs from the manifest.
+        ArtifactError: missing, incomplete or inconsistent manifest, or (with ``verify``) a shard
+            that is missing, whose sha256 differs from the manifest, or that holds other pieces
+            than the manifest lists for it.
     """
 
     def __init__(self, run: RunDir, manifest: Manifest | None = None, verify: bool = True, cache_shards: int = 4):
@@ -71,8 +82,17 @@ class GradientReader:
                 if not p.is_file() or sha256_file(p) != s.sha256:
                     raise ArtifactError(f"{p}: missing or its sha256 differs from the manifest; rerun the same "
                                         f"`gradcouple extract --out {run.root}` command: only damaged shards are recomputed.")
+                self._check_rows(p, s)
         self._cache: OrderedDict[int, dict] = OrderedDict()
         self._cache_n = cache_shards
+
+    def _check_rows(self, path: Path, entry: ShardEntry) -> None:
+        # the sha256 vouches for the file, not for the manifest's rows of it; mmap reads the pickle only
+        held = torch.load(path, weights_only=True, map_location="cpu", mmap=True).get("rows")
+        if held != entry.rows:
+            raise ArtifactError(f"{self.run.manifest_path}: lists pieces {_brief(entry.rows)} for {entry.file}, which holds "
+                                f"pieces {_brief(held)}; the manifest does not match its shards; rerun "
+                                f"`gradcouple extract --out {self.run.root} --overwrite` (it recomputes every shard).")
 
     def shard(self, si: int) -> dict:
         """Shard ``si`` as loaded (a small LRU cache keeps the last few)."""
@@ -104,3 +124,8 @@ class GradientReader:
         out = torch.empty_like(values)
         out[torch.tensor(self.order)] = values
         return out
+
+
+def _brief(rows, n: int = 6) -> str:
+    rows = list(rows or [])
+    return "[" + ", ".join(map(str, rows[:n])) + (", ...]" if len(rows) > n else "]")

@@ -1,0 +1,158 @@
+"""An interrupted ripple keeps every finished edit and a rerun makes only the missing ones, with
+the same results as an uninterrupted run: in process (KeyboardInterrupt) and across SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_benchmark import _edit_pieces
+from test_ripple import _run
+
+from gradcouple import benchmark as benchmark_mod
+from gradcouple import ripple as ripple_mod
+from gradcouple.config import RunConfig
+from gradcouple.couple import couple
+from gradcouple.extract import extract
+from gradcouple.pieces import write_pieces
+from gradcouple.ripple import ripple
+from gradcouple.rundir import RunDir
+
+
+def _same(a, b):
+    """Summaries equal apart from wall times, the machine's load and the resumed count."""
+    strip = lambda s: {k: v for k, v in s.model_dump(mode="json").items() if k not in ("seconds", "resumed_edits", "edits", "device")}
+    assert strip(a) == strip(b)
+    assert [e.model_dump(exclude={"seconds"}) for e in a.edits] == [e.model_dump(exclude={"seconds"}) for e in b.edits]
+
+
+def _interrupt_after(monkeypatch, module, name, n):
+    """Make ``module.name`` raise KeyboardInterrupt on its (n+1)-th call; returns the call counter."""
+    real, calls = getattr(module, name), []
+
+    def fake(*a, **kw):
+        calls.append(1)
+        if len(calls) > n:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(module, name, fake)
+    return calls
+
+
+def _counting(monkeypatch, module, name):
+    real, calls = getattr(module, name), []
+    monkeypatch.setattr(module, name, lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    return calls
+
+
+def test_pieces_mode_resumes_after_an_interrupt(tmp_path, tiny_llama_loaded, monkeypatch):
+    cfg = _run(tmp_path, tiny_llama_loaded, n_edits=4)
+    run = tmp_path / "run"
+    shutil.copytree(run, tmp_path / "whole")
+    whole = ripple(cfg, tmp_path / "whole", loaded=tiny_llama_loaded, show_progress=False).summary
+
+    _interrupt_after(monkeypatch, ripple_mod, "apply_edit", 2)
+    with pytest.raises(KeyboardInterrupt):
+        ripple(cfg, run, loaded=tiny_llama_loaded, show_progress=False)
+    assert not RunDir(run).has_ripple()
+    journals = list(RunDir(run).ripple_dir.glob("journal-*.jsonl"))
+    assert len(journals) == 1 and len(journals[0].read_text().splitlines()) == 2
+
+    monkeypatch.undo()
+    calls = _counting(monkeypatch, ripple_mod, "apply_edit")
+    resumed = ripple(cfg, run, loaded=tiny_llama_loaded, show_progress=False).summary
+    assert len(calls) == 2 and resumed.resumed_edits == 2 and resumed.n_edits == 4
+    _same(resumed, whole)
+    assert RunDir(run).load_ripple()[1] == RunDir(tmp_path / "whole").load_ripple()[1]
+    assert not list(RunDir(run).ripple_dir.glob("journal-*.jsonl"))
+
+
+def test_a_journal_of_other_settings_is_not_used(tmp_path, tiny_llama_loaded, monkeypatch):
+    cfg = _run(tmp_path, tiny_llama_loaded, n_edits=3)
+    _interrupt_after(monkeypatch, ripple_mod, "apply_edit", 2)
+    with pytest.raises(KeyboardInterrupt):
+        ripple(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
+    monkeypatch.undo()
+    calls = _counting(monkeypatch, ripple_mod, "apply_edit")
+    other = cfg.model_copy(update={"ripple": cfg.ripple.model_copy(update={"lr": cfg.ripple.lr * 2})})
+    s = ripple(other, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False).summary
+    assert len(calls) == 3 and s.resumed_edits == 0
+
+
+@pytest.fixture(scope="module")
+def bench_cfg(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    write_pieces(root / "p.jsonl", _edit_pieces(n_edits=4, tests_per_edit=2))
+    cfg = RunConfig()
+    cfg.data.pieces = root / "p.jsonl"
+    cfg.model.name = "llama-tiny-random"
+    cfg.ripple.steps, cfg.ripple.lr = 4, 1e-2
+    cfg.ripple.covariance_tokens, cfg.ripple.bootstrap_resamples = 1000, 30
+    extract(cfg, root / "run", show_progress=False)
+    couple(cfg, root / "run", show_progress=False)
+    shutil.copytree(root / "run", root / "whole")
+    return cfg, root, ripple(cfg, root / "whole", show_progress=False).summary
+
+
+def test_benchmark_mode_resumes_after_an_interrupt(bench_cfg, monkeypatch):
+    cfg, root, whole = bench_cfg
+    run = root / "interrupted"
+    shutil.copytree(root / "run", run)
+    _interrupt_after(monkeypatch, benchmark_mod, "_make_and_measure", 3)
+    with pytest.raises(KeyboardInterrupt):
+        ripple(cfg, run, show_progress=False)
+    monkeypatch.undo()
+    calls = _counting(monkeypatch, benchmark_mod, "_make_and_measure")
+    resumed = ripple(cfg, run, show_progress=False).summary
+    assert len(calls) == 1 and resumed.resumed_edits == 3
+    _same(resumed, whole)
+    assert RunDir(run).load_ripple()[1] == RunDir(root / "whole").load_ripple()[1]
+
+
+KILLER = """
+import sys, time
+from gradcouple import benchmark
+real = benchmark._make_and_measure
+def slow(*a, **kw):
+    out = real(*a, **kw)
+    time.sleep(0.4)  # a window for the test to kill the process between edits and within one
+    return out
+benchmark._make_and_measure = slow
+from gradcouple.cli.app import main
+sys.argv = ["gradcouple", *sys.argv[1:]]
+main()
+"""
+
+
+def test_benchmark_mode_resumes_after_sigkill(bench_cfg):
+    cfg, root, whole = bench_cfg
+    run = root / "killed"
+    shutil.copytree(root / "run", run)
+    cmd = [sys.executable, "-c", KILLER, "ripple", "--run", str(run)]  # the run's config.json holds the settings
+    env = dict(os.environ)  # the same threads as the uninterrupted run: the same floats
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    journal = None
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        journal = next(RunDir(run).ripple_dir.glob("journal-*.jsonl"), None)
+        if journal and len(journal.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stdout.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(journal.read_text().splitlines())
+    assert 2 <= done < 4 and not RunDir(run).has_ripple()
+
+    out = subprocess.run(cmd[:2] + ["from gradcouple.cli.app import main; main()", *cmd[3:]], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    resumed, _ = RunDir(run).load_ripple()
+    assert resumed.resumed_edits == done
+    _same(resumed, whole)
