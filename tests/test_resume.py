@@ -1,5 +1,6 @@
-"""An interrupted ripple keeps every finished edit and a rerun makes only the missing ones, with
-the same results as an uninterrupted run: in process (KeyboardInterrupt) and across SIGKILL."""
+"""Interrupted stages resume: a ripple keeps every finished edit and a rerun makes only the
+missing ones; an extraction killed at a random shard keeps its complete shards. Either way the
+result equals an uninterrupted run's. In process (KeyboardInterrupt) and across SIGKILL."""
 
 from __future__ import annotations
 
@@ -156,3 +157,53 @@ def test_benchmark_mode_resumes_after_sigkill(bench_cfg):
     resumed, _ = RunDir(run).load_ripple()
     assert resumed.resumed_edits == done
     _same(resumed, whole)
+
+
+EXTRACT_KILLER = """
+import sys, time
+from gradcouple.stores import shards
+real = shards.ShardWriter.flush
+def slow(self, path):
+    time.sleep(0.3)  # a window for the test to kill the process between shards
+    return real(self, path)
+shards.ShardWriter.flush = slow
+from gradcouple.cli.app import main
+sys.argv = ["gradcouple", *sys.argv[1:]]
+main()
+"""
+
+
+def test_extract_killed_at_a_random_shard_resumes_to_the_same_shards(tmp_path):
+    import random
+
+    from conftest import write_fact_pieces
+
+    write_fact_pieces(tmp_path / "p.jsonl")
+    args = ["extract", "--data", str(tmp_path / "p.jsonl"), "--model", "llama-tiny-random", "--layers", "all",
+            "--shard-size", "2"]
+    from typer.testing import CliRunner
+
+    from gradcouple.cli.app import app
+
+    clean = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "clean")])  # same code, in this process
+    assert clean.exit_code == 0, clean.output
+    n_shards = len(RunDir(tmp_path / "clean").load_manifest().shards)
+    kill_after = random.Random(0).randrange(1, n_shards)  # complete shards before the kill
+    run = RunDir(tmp_path / "killed")
+    proc = subprocess.Popen([sys.executable, "-c", EXTRACT_KILLER, *args, "--out", str(run.root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(list(run.gradients_dir.glob("shard-*.pt"))) < kill_after:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stdout.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = {p.name: p.read_bytes() for p in run.gradients_dir.glob("shard-*.pt")}
+    assert kill_after <= len(kept) < n_shards and not run.load_manifest(complete=False).complete
+
+    again = subprocess.run([sys.executable, "-m", "gradcouple", *args, "--out", str(run.root)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert f"({len(kept)} resumed)" in " ".join(again.stderr.split())
+    resumed, whole = run.load_manifest(), RunDir(tmp_path / "clean").load_manifest()
+    assert resumed.fingerprint() == whole.fingerprint()
+    assert all((run.gradients_dir / name).read_bytes() == data for name, data in kept.items())  # kept shards untouched
