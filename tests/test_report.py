@@ -591,3 +591,16 @@ def test_cli_open_says_where_the_page_is_without_a_browser(run_dir, monkeypatch)
     res = CliRunner().invoke(app, ["report", "--run", str(run_dir), "--open"])
     assert res.exit_code == 0, res.output
     assert "no graphical browser here" in res.output and (run_dir / "report/index.html").resolve().as_uri() in res.output
+
+
+def test_the_verdict_is_not_yes_when_a_baseline_predicts_as_well():
+    from gradcouple.metrics import Interval
+    from gradcouple.report.summary import verdict
+
+    g = Interval(estimate=0.94, low=0.62, high=1.0, n=10)
+    assert verdict(g) == "yes"
+    assert verdict(g, [Interval(estimate=0.95, low=0.70, high=1.0, n=10)]) == "not beyond a baseline"
+    assert verdict(g, [Interval(estimate=0.10, low=-0.5, high=0.6, n=10)]) == "yes"
+    assert verdict(Interval(estimate=0.1, low=-0.2, high=0.4, n=10)) == "not detectably"
+    assert verdict(Interval(estimate=-0.5, low=-0.8, high=-0.2, n=10)) == "reversed"
+    assert verdict(Interval(estimate=0.5, low=None, high=None, n=2)) == "undetermined"

@@ -58,14 +58,28 @@ def headline(r: LoadedRun) -> Headline:
                     gpu=t.device.gpu if t else None)
 
 
+def verdict(est: Optional[Interval], baselines: list[Interval] = ()) -> str:
+    """'yes' (interval above 0), 'not beyond a baseline' (above 0, but a baseline predictor's
+    estimate is as high), 'reversed' (below 0), 'not detectably' (the interval holds 0) or
+    'undetermined' (no interval)."""
+    if est is None or est.estimate is None or est.low is None or est.high is None:
+        return "undetermined"
+    if est.high < 0:
+        return "reversed"
+    if est.low <= 0:
+        return "not detectably"
+    if any(b.estimate is not None and b.estimate >= est.estimate for b in baselines):
+        return "not beyond a baseline"
+    return "yes"
+
+
 def ripple_answer(r: LoadedRun) -> Optional[dict]:
     """The one-line answer to "does coupling predict ripple here?" (None when ripple was not run).
 
     Pieces mode reads the mean over edits of Spearman's rho between the coupling prediction and
     the measured ripple, with its bootstrap interval (``ripple/summary.json`` spearman_coupling);
     benchmark mode reads GradSim's pooled Spearman's rho with the measured rise, with its
-    clustered bootstrap interval. ``answer`` is 'yes' (interval above 0), 'reversed' (below 0),
-    'not detectably' (the interval holds 0) or 'undetermined' (no interval). The first-order
+    clustered bootstrap interval. ``answer`` is :func:`verdict` of it and the baselines. The first-order
     prediction's figure is given beside it for comparison, and in benchmark mode the baseline
     predictors' (:data:`BASELINES`): a GradSim figure no better than theirs says little.
     """
@@ -82,20 +96,9 @@ def ripple_answer(r: LoadedRun) -> Optional[dict]:
         what = (f"pooled Spearman's rho between GradSim and the measured rise over {b.n_tests_counted} test queries "
                 f"of {b.n_successful} successful {b.method} edits")
         interval, unit = "clustered bootstrap interval", "points"
-    if est is None or est.estimate is None:
-        answer = "undetermined"
-    elif est.low is None or est.high is None:
-        answer = "undetermined"
-    elif est.low > 0:
-        answer = "yes"
-    elif est.high < 0:
-        answer = "reversed"
-    else:
-        answer = "not detectably"
-    baselines = {}
-    if r.benchmark is not None:
-        baselines = {name: _as_interval(r, name).model_dump() for name in BASELINES if name in r.benchmark.predictors}
-    return {"answer": answer, "what": what, "interval": interval, "unit": unit,
+    base = {name: _as_interval(r, name) for name in BASELINES if name in r.benchmark.predictors} if r.benchmark else {}
+    baselines = {name: b.model_dump() for name, b in base.items()}
+    return {"answer": verdict(est, list(base.values())), "what": what, "interval": interval, "unit": unit,
             "estimate": est.model_dump() if est else None, "first_order": fo.model_dump() if fo else None,
             "baselines": baselines}
 
