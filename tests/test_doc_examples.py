@@ -271,15 +271,13 @@ def offline_and_one_thread(monkeypatch):
 
     monkeypatch.setattr(webbrowser, "get", no_browser)
 
-    from gradcouple.keys import wikipedia_covariance
+    keys = importlib.import_module("gradcouple.keys")
+    full = keys.wikipedia_covariance
 
     def fewer_tokens(model, tokenizer, target, max_tokens=50_000, *args, **kwargs):
-        return wikipedia_covariance(model, tokenizer, target, min(max_tokens, COVARIANCE_TOKENS), *args, **kwargs)
+        return full(model, tokenizer, target, min(max_tokens, COVARIANCE_TOKENS), *args, **kwargs)
 
-    for name in ("gradcouple.benchmark", "gradcouple.ripple"):
-        module = importlib.import_module(name)
-        if getattr(module, "wikipedia_covariance", None) is wikipedia_covariance:
-            monkeypatch.setattr(module, "wikipedia_covariance", fewer_tokens)
+    monkeypatch.setattr(keys, "wikipedia_covariance", fewer_tokens)  # what ripple's cached covariance calls
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -207,3 +207,18 @@ def test_extract_killed_at_a_random_shard_resumes_to_the_same_shards(tmp_path):
     resumed, whole = run.load_manifest(), RunDir(tmp_path / "clean").load_manifest()
     assert resumed.fingerprint() == whole.fingerprint()
     assert all((run.gradients_dir / name).read_bytes() == data for name, data in kept.items())  # kept shards untouched
+
+
+def test_the_wikipedia_covariance_is_computed_once_per_run(bench_cfg, monkeypatch):
+    from gradcouple import keys
+
+    cfg, root, whole = bench_cfg
+    run = root / "covariance"
+    shutil.copytree(root / "whole", run)  # its ripple already left the covariance file
+    calls = _counting(monkeypatch, keys, "wikipedia_covariance")
+    s = ripple(cfg, run, show_progress=False).summary
+    assert calls == [] and list(RunDir(run).ripple_dir.glob("covariance-*.pt"))
+    _same(s, whole)
+    other = cfg.model_copy(update={"ripple": cfg.ripple.model_copy(update={"covariance_tokens": 512})})
+    ripple(other, run, show_progress=False)
+    assert len(calls) == 1  # another token budget is another covariance

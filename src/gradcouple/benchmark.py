@@ -32,7 +32,7 @@ from .artifacts import (
 )
 from .edits import ft_edit, restore, rome_edit, snapshot
 from .gram import first_order
-from .keys import keys_at, wikipedia_covariance
+from .keys import cached_wikipedia_covariance, keys_at
 from .metrics import DEFINITIONS, auroc, bootstrap_interval, clustered_correlation, describe, spearman
 from .pieces import KnowledgePiece, PieceRole
 from .predictors import PREDICTORS, PredictorContext, predict
@@ -170,7 +170,8 @@ class BenchmarkRun:
         self.positions = positions
         keys = keys_at(r.loaded.model, self.layer, r.encoded, positions, r.loaded.pad_id, man.batch_size)
         if cfg.covariance == "wikipedia":
-            self.cov, self.cov_source = wikipedia_covariance(r.loaded.model, tok, self.layer, cfg.covariance_tokens)
+            self.cov, self.cov_source = cached_wikipedia_covariance(r.run, man.model.fingerprint, r.loaded.model, tok,
+                                                                    self.layer, cfg.covariance_tokens)
         else:
             from .edits import key_covariance
 

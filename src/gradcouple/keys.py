@@ -33,6 +33,28 @@ def wikipedia_paragraphs() -> Iterator[str]:
                 yield p.get("paragraph_text", "")
 
 
+def cached_wikipedia_covariance(run, model_fingerprint: str, model, tokenizer, target: Target,
+                                max_tokens: int = 50_000) -> tuple[torch.Tensor, CovarianceSource]:
+    """:func:`wikipedia_covariance`, kept in the run directory (``RunDir.covariance_path``) so a rerun
+    or a resumed ripple does not recompute it. The file is keyed by the model's fingerprint, the
+    layer, the token budget and the bundled text's sha256; a file that does not load is recomputed."""
+    import hashlib
+
+    from .io import atomic_torch_save
+
+    text = hashlib.sha256("\n".join(wikipedia_paragraphs()).encode()).hexdigest()
+    path = run.covariance_path([model_fingerprint, target.name, max_tokens, text, str(next(model.parameters()).dtype)])
+    if path.is_file():
+        try:
+            saved = torch.load(path, weights_only=True)
+            return saved["covariance"], CovarianceSource.model_validate_json(saved["source"])
+        except Exception:  # noqa: BLE001 (a damaged cache file is recomputed)
+            pass
+    cov, source = wikipedia_covariance(model, tokenizer, target, max_tokens)
+    atomic_torch_save({"covariance": cov, "source": source.model_dump_json()}, path)
+    return cov, source
+
+
 def _capture_inputs(model, target: Target, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     got = {}
     h = target.module.register_forward_hook(lambda m, a, o: got.__setitem__("x", a[0].detach()))

@@ -38,7 +38,7 @@ from .edits import ft_edit, key_covariance, restore, rome_edit, snapshot
 from .errors import ArtifactError, DataError
 from .extract import encode_pieces
 from .gram import first_order
-from .keys import wikipedia_covariance
+from .keys import cached_wikipedia_covariance
 from .layers import Target, select_targets
 from .metrics import DEFINITIONS, bootstrap_interval, describe, pearson, precision_at_k, spearman
 from .models import LoadedModel, load_model
@@ -198,7 +198,8 @@ def apply_edit(r: RippleRun, edit: PlannedEdit) -> AppliedEdit:
         layer = r.targets[cfg.rome_layer]
         if layer.name not in r.covariances:
             r.covariances[layer.name] = (key_covariance(r.reader, layer.name) if cfg.covariance == "pieces" else
-                                         wikipedia_covariance(r.loaded.model, r.loaded.tokenizer, layer, cfg.covariance_tokens)[0])
+                                         cached_wikipedia_covariance(r.run, r.manifest.model.fingerprint, r.loaded.model,
+                                                                     r.loaded.tokenizer, layer, cfg.covariance_tokens)[0])
         cov = r.covariances[layer.name]
         deltas = rome_edit(r.loaded.model, r.targets, layer, enc_new, cov, cfg.rome_steps, cfg.rome_lr, cfg.rome_clamp, pad)
     else:

@@ -8,6 +8,7 @@ that decides whether an artifact is current.
     RUN/coupling/               gram.pt, cosine.pt | topk.pt, pairs.csv, pairs_different_answer.csv, stats.json (couple)
     RUN/ripple/                 summary.json, edits.jsonl (pieces mode) | tests.jsonl (benchmark mode), sweep.json (ripple)
     RUN/ripple/journal-*.jsonl  finished edits of an unfinished ripple, one line each; removed when ripple completes
+    RUN/ripple/covariance-*.pt  a target's key covariance over Wikipedia text (ripple), keyed by model, layer and tokens
     RUN/report/                 index.html, summary.json          (report)
     RUN/timing.json             stage wall times of `gradcouple run`
     RUN/data/                   the bundled samples `gradcouple run` converted, when no --data was given
@@ -418,6 +419,10 @@ class RunDir:
         """The journal of finished edits for ripple inputs ``inputs`` (one file per inputs, so a
         sweep's strengths each resume), holding whatever an interrupted earlier run finished."""
         return EditJournal(self.ripple_dir / f"journal-{digest(inputs.values)[:12]}.jsonl")
+
+    def covariance_path(self, key: object) -> Path:
+        """Where ripple keeps the key covariance computed under ``key`` (model fingerprint, layer, text, tokens)."""
+        return self.ripple_dir / f"covariance-{digest(key)[:16]}.pt"
 
     def clear_journals(self) -> None:
         """Remove every journal: called once ripple's results are saved."""
