@@ -50,15 +50,15 @@ if args[:1] == ["--die"]:
     if os.environ.get("RANK") == "1":
         from gradcouple.stores import ShardWriter
 
-        flush, started = ShardWriter.flush, []
+        write, started = ShardWriter.write, []
 
-        def dying(self, path):
+        def dying(self, path, taken):
             started.append(path)
             if len(started) == die:
                 os._exit(1)
-            return flush(self, path)
+            return write(self, path, taken)
 
-        ShardWriter.flush = dying
+        ShardWriter.write = dying
 commands = [[]]
 for a in args:
     commands.append([]) if a == ";;" else commands[-1].append(a)

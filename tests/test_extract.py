@@ -107,18 +107,18 @@ def test_interrupted_extract_resumes_bit_for_bit(tmp_path, tiny_llama_loaded, mo
     write_fact_pieces(tmp_path / "p.jsonl")
     cfg = _cfg(tmp_path / "p.jsonl")
     clean = extract(cfg, tmp_path / "clean", loaded=tiny_llama_loaded, show_progress=False)
-    real_flush, calls = ShardWriter.flush, {"n": 0}
+    real_write, calls = ShardWriter.write, {"n": 0}
 
-    def flaky_flush(self, path):
+    def flaky_write(self, path, taken):  # on the shard-writing thread: the interrupt reaches extract()
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        return real_flush(self, path)
+        return real_write(self, path, taken)
 
-    monkeypatch.setattr(ShardWriter, "flush", flaky_flush)
+    monkeypatch.setattr(ShardWriter, "write", flaky_write)
     with pytest.raises(KeyboardInterrupt):
         extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
-    monkeypatch.setattr(ShardWriter, "flush", real_flush)
+    monkeypatch.setattr(ShardWriter, "write", real_write)
     partial = RunDir(tmp_path / "run").load_manifest(complete=False)
     assert not partial.complete and len(partial.shards) == 1
     assert not list((tmp_path / "run/gradients").glob("*.tmp"))
@@ -153,3 +153,36 @@ def test_other_stores_give_unit_self_similarity(tmp_path, tiny_llama_loaded, sto
     couple(cfg, tmp_path / "run", show_progress=False)
     _, cos = RunDir(tmp_path / "run").load_cosine()
     assert (cos.diagonal() - 1).abs().max() < UNIT_DIAGONAL_ATOL
+
+
+def test_shards_are_written_on_a_background_thread_while_the_next_is_computed(tmp_path, tiny_llama_loaded, monkeypatch):
+    import threading
+    import time
+
+    import gradcouple.extract as extract_mod
+
+    write_fact_pieces(tmp_path / "p.jsonl")
+    cfg = _cfg(tmp_path / "p.jsonl")
+    clean = extract(cfg, tmp_path / "clean", loaded=tiny_llama_loaded, show_progress=False)
+    events, real_write, real_shard = [], ShardWriter.write, extract_mod.extract_shard
+
+    def slow_write(self, path, taken):
+        events.append(("write", path.name, threading.current_thread().name))
+        time.sleep(0.2)
+        out = real_write(self, path, taken)
+        events.append(("written", path.name, threading.current_thread().name))
+        return out
+
+    def shard(*args, **kwargs):
+        events.append(("compute", None, threading.current_thread().name))
+        return real_shard(*args, **kwargs)
+
+    monkeypatch.setattr(ShardWriter, "write", slow_write)
+    monkeypatch.setattr(extract_mod, "extract_shard", shard)
+    res = extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
+    writes = [e for e in events if e[0] == "write"]
+    assert len(writes) == res.n_shards >= 3 and all(t.startswith("gradcouple-shards") for _, _, t in writes)
+    kinds = [e[0] for e in events]
+    assert ["write", "compute", "written"] == kinds[kinds.index("write"):kinds.index("write") + 3]  # overlap
+    a, b = RunDir(tmp_path / "run").load_manifest(), RunDir(tmp_path / "clean").load_manifest()
+    assert a.fingerprint() == b.fingerprint()

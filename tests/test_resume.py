@@ -162,11 +162,11 @@ def test_benchmark_mode_resumes_after_sigkill(bench_cfg):
 EXTRACT_KILLER = """
 import sys, time
 from gradcouple.stores import shards
-real = shards.ShardWriter.flush
-def slow(self, path):
+real = shards.ShardWriter.write
+def slow(self, path, taken):
     time.sleep(0.3)  # a window for the test to kill the process between shards
-    return real(self, path)
-shards.ShardWriter.flush = slow
+    return real(self, path, taken)
+shards.ShardWriter.write = slow
 from gradcouple.cli.app import main
 sys.argv = ["gradcouple", *sys.argv[1:]]
 main()

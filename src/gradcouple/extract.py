@@ -10,8 +10,10 @@ the shards (:mod:`gradcouple.distributed`) and rank 0 writes the one manifest.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -167,8 +169,9 @@ def _kept_shard(run: RunDir, previous: Optional[Earlier], k: int, rows: list[int
     return None if previous is None else previous.kept(run, k, rows)
 
 
-def _flush(run: RunDir, man: Manifest, writer: ShardWriter, k: int) -> ShardEntry:
-    """Write shard ``k``; a full disk becomes one line saying how much more the extraction needs.
+def _flush(run: RunDir, man: Manifest, writer: ShardWriter, k: int, taken: tuple[list[int], dict]) -> ShardEntry:
+    """Write shard ``k`` (the pieces ``taken`` from the writer); a full disk becomes one line saying
+    how much more the extraction needs. Runs on the shard-writing thread.
 
     Raises:
         ResourceError: the disk (or quota) is full (exit 6); the partial shard is gone, the
@@ -177,14 +180,14 @@ def _flush(run: RunDir, man: Manifest, writer: ShardWriter, k: int) -> ShardEntr
     """
     path = run.shard_path(k)
     try:
-        return writer.flush(path)
+        return writer.write(path, taken)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         done_rows, done_bytes = sum(len(s.rows) for s in man.shards), sum(s.bytes for s in man.shards)
         remaining = len(man.pieces) - done_rows
         # pieces run in order of length, so the shard that failed has the largest pieces so far
-        per_piece = max(done_bytes / done_rows if done_rows else 0.0, writer.pending_bytes() / max(1, len(writer.rows)))
+        per_piece = max(done_bytes / done_rows if done_rows else 0.0, writer.pending_bytes(taken) / max(1, len(taken[0])))
         what = "disk quota exceeded" if e.errno == errno.EDQUOT else "disk full"
         kept = f"{len(man.shards)} complete shard{'s are' if len(man.shards) != 1 else ' is'}"
         raise ResourceError(
@@ -260,23 +263,44 @@ def extract(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel
     writer, bs, resumed, computed = ShardWriter(man.store, man.targets), cfg.extract.batch_size, 0, 0
     shards, previous = work.share(plan_shards(encoded, cfg.extract.shard_size), encoded), work.previous  # this rank's
     t_loop = time.perf_counter()
-    with progress("extract", sum(map(len, shards.values())), "pieces", show_progress and work.main) as advance:
-        for k, rows in shards.items():
-            kept = _kept_shard(run, previous, k, rows)
-            if kept is not None:
-                man.shards.append(kept)
-                for r in rows:
-                    man.pieces[r] = previous.pieces[r]
-                resumed += 1
-                advance(len(rows))
-                continue
-            results, bs = extract_shard(loaded, targets, encoded, rows, bs, cfg.model.dtype, writer, advance)
-            man.shards.append(_flush(run, man, writer, k))
+    # shard k is written on a background thread while shard k+1 is computed (at most one in flight,
+    # so memory stays bounded and the model never waits on the disk); the manifest lists a shard
+    # only once its file is complete
+    pending: list[tuple[int, dict, Future]] = []
+
+    def settle() -> None:
+        nonlocal computed
+        while pending:
+            k, results, future = pending.pop()
+            man.shards.append(future.result())
             for r, (lp, sq) in results.items():
                 man.pieces[r] = _record(pieces[r], encoded[r], r, k, lp, sq)
-            computed += len(rows)
-            man.batch_size = bs
+            computed += len(results)
             work.save(man)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="gradcouple-shards") as disk, \
+            progress("extract", sum(map(len, shards.values())), "pieces", show_progress and work.main) as advance:
+        try:
+            for k, rows in shards.items():
+                kept = _kept_shard(run, previous, k, rows)
+                if kept is not None:
+                    settle()
+                    man.shards.append(kept)
+                    for r in rows:
+                        man.pieces[r] = previous.pieces[r]
+                    resumed += 1
+                    advance(len(rows))
+                    continue
+                results, bs = extract_shard(loaded, targets, encoded, rows, bs, cfg.model.dtype, writer, advance)
+                man.batch_size = bs
+                taken = writer.take()
+                settle()
+                pending.append((k, results, disk.submit(_flush, run, man, writer, k, taken)))
+            settle()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                settle()  # a shard written before the interrupt or fault is kept: the rerun need not redo it
+            raise
     loop_s = time.perf_counter() - t_loop
     man, computed, loop_s = work.merge(man, computed, loop_s)  # under torchrun: every rank's shards, on rank 0
     man.complete = True

@@ -39,23 +39,39 @@ class ShardWriter:
         for n in self.names:
             self.buf[n].append(self.kind.encode(n, pf.x[n], pf.d[n]))
 
-    def pending_bytes(self) -> int:
-        """Bytes of the encoded pieces not yet flushed (the shard file adds a few hundred bytes more)."""
+    def pending_bytes(self, taken: "tuple[list[int], dict] | None" = None) -> int:
+        """Bytes of the encoded pieces not yet written (the shard file adds a few hundred bytes more):
+        the buffered ones, or those of ``taken`` (:meth:`take`)."""
+        buf = self.buf if taken is None else taken[1]
         return sum(v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 8
-                   for n in self.names for e in self.buf[n] for v in e.values())
+                   for n in self.names for e in buf[n] for v in e.values())
 
-    def flush(self, path: Path) -> ShardEntry:
-        """Write the shard atomically and return its manifest entry.
+    def take(self) -> tuple[list[int], dict]:
+        """The buffered pieces (rows, encoded entries per target), leaving the writer empty for the
+        next shard; :meth:`write` writes them, on another thread if wanted."""
+        taken, (self.rows, self.buf) = (self.rows, self.buf), ([], {n: [] for n in self.names})
+        return taken
+
+    def write(self, path: Path, taken: tuple[list[int], dict]) -> ShardEntry:
+        """Write pieces :meth:`take` returned as one shard, atomically, and return its manifest entry.
+        Touches no state of the writer, so it may run on a background thread while pieces are added.
 
         Raises:
             OSError: the write failed (ENOSPC when the disk is full, naming ``path``); no file
-                or temp file is left at ``path`` and the pieces stay buffered.
+                or temp file is left at ``path``.
         """
-        layers = {n: self.kind.pack(n, self.buf[n]) for n in self.names}
-        atomic_torch_save({"store": self.kind.name, "version": SHARD_VERSION, "rows": list(self.rows), "layers": layers}, path)
-        entry = ShardEntry(file=path.name, sha256=sha256_file(path), rows=list(self.rows), bytes=path.stat().st_size)
-        self.rows, self.buf = [], {n: [] for n in self.names}
-        return entry
+        rows, buf = taken
+        layers = {n: self.kind.pack(n, buf[n]) for n in self.names}
+        atomic_torch_save({"store": self.kind.name, "version": SHARD_VERSION, "rows": list(rows), "layers": layers}, path)
+        return ShardEntry(file=path.name, sha256=sha256_file(path), rows=list(rows), bytes=path.stat().st_size)
+
+    def flush(self, path: Path) -> ShardEntry:
+        """:meth:`write` the buffered pieces now, as one shard (the writer is left empty).
+
+        Raises:
+            OSError: as :meth:`write`.
+        """
+        return self.write(path, self.take())
 
 
 class GradientReader:
