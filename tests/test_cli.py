@@ -266,3 +266,11 @@ def test_out_of_memory_is_a_resource_error_exit_code(stages, tmp_path):
     stages.extract.raises = MemoryError()
     res = runner.invoke(app, ["extract", "--data", "p.jsonl", "--out", str(tmp_path)])
     assert res.exit_code == 6 and res.output.startswith("error: out of memory; lower --batch-size")
+
+
+def test_an_interrupted_ripple_names_the_journal_in_its_run_directory(stages, tmp_path):
+    stages.ripple.raises = KeyboardInterrupt()
+    res = runner.invoke(app, ["ripple", "--run", str(tmp_path / "r")])
+    assert res.exit_code == 130
+    assert f"every finished edit is kept in {tmp_path / 'r'}/ripple/journal-*.jsonl; rerun the same command" in \
+        " ".join(res.output.split())

@@ -71,6 +71,16 @@ def _os_error(exc: OSError, command: str | None) -> tuple[str, int]:
     return f"{path}: {exc.strerror or exc}; check the path, its permissions and the free disk space.", 1
 
 
+def run_dir_arg(args: list[str]) -> str | None:
+    """The run directory a command line names (``--run``/``-r``/``--out``/``-o``), or None."""
+    for i, a in enumerate(args):
+        if a in ("--run", "-r", "--out", "-o") and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(("--run=", "--out=")):
+            return a.split("=", 1)[1]
+    return None
+
+
 def one_line(exc: BaseException, command: str | None = None) -> tuple[str, int]:
     """The message and exit code printed for an exception that reaches the boundary; its hints name
     only flags that ``command`` (the subcommand that raised it) has."""
@@ -110,12 +120,16 @@ class GuardedGroup(TyperGroup):
 
     def invoke(self, ctx: typer.Context):
         show_notes()
+        args = [*getattr(ctx, "_protected_args", []), *ctx.args]  # the subcommand's own arguments
         try:
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, typer.TyperException):  # usage errors and exits: typer reports them
             raise
         except KeyboardInterrupt:
-            console.print(f"[yellow]interrupted[/]: {INTERRUPTED.get(ctx.invoked_subcommand or '', 'rerun the command.')}")
+            what = INTERRUPTED.get(ctx.invoked_subcommand or "", "rerun the command.")
+            run_dir = run_dir_arg(args)
+            console.print(f"[yellow]interrupted[/]: {escape(what.replace('RUN/', f'{run_dir}/') if run_dir else what)}",
+                          highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
         except Exception as e:  # noqa: BLE001 (the boundary)
             if os.environ.get("GRADCOUPLE_DEBUG"):
