@@ -173,17 +173,23 @@ def test_clustered_correlation_of_independent_points_covers_zero():
     assert r.ci_low < 0 < r.ci_high and r.n_edits == 40
 
 
-@pytest.fixture(scope="module")
-def benchmark_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    write_pieces(root / "p.jsonl", _edit_pieces(n_edits=3))
+def coupled_edit_run(root, n_edits=3, tests_per_edit=3, steps=5, covariance_tokens=2000, resamples=50) -> RunConfig:
+    """Benchmark-edit pieces extracted and coupled in ``root/run`` with the tiny LLaMA; the config ripple uses."""
+    write_pieces(root / "p.jsonl", _edit_pieces(n_edits=n_edits, tests_per_edit=tests_per_edit))
     cfg = RunConfig()
     cfg.data.pieces = root / "p.jsonl"
     cfg.model.name = "llama-tiny-random"
-    cfg.ripple.steps, cfg.ripple.lr = 5, 1e-2
-    cfg.ripple.covariance_tokens, cfg.ripple.bootstrap_resamples = 2000, 50
+    cfg.ripple.steps, cfg.ripple.lr = steps, 1e-2
+    cfg.ripple.covariance_tokens, cfg.ripple.bootstrap_resamples = covariance_tokens, resamples
     extract(cfg, root / "run", show_progress=False)
     couple(cfg, root / "run", show_progress=False)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def benchmark_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    cfg = coupled_edit_run(root)
     return cfg, root / "run", ripple(cfg, root / "run", show_progress=False).summary
 
 

@@ -163,7 +163,7 @@ def test_shards_are_written_on_a_background_thread_while_the_next_is_computed(tm
 
     write_fact_pieces(tmp_path / "p.jsonl")
     cfg = _cfg(tmp_path / "p.jsonl")
-    clean = extract(cfg, tmp_path / "clean", loaded=tiny_llama_loaded, show_progress=False)
+    extract(cfg, tmp_path / "clean", loaded=tiny_llama_loaded, show_progress=False)
     events, real_write, real_shard = [], ShardWriter.write, extract_mod.extract_shard
 
     def slow_write(self, path, taken):

@@ -12,15 +12,11 @@ import sys
 import time
 
 import pytest
-from test_benchmark import _edit_pieces
+from test_benchmark import coupled_edit_run
 from test_ripple import _run
 
 from gradcouple import benchmark as benchmark_mod
 from gradcouple import ripple as ripple_mod
-from gradcouple.config import RunConfig
-from gradcouple.couple import couple
-from gradcouple.extract import extract
-from gradcouple.pieces import write_pieces
 from gradcouple.ripple import ripple
 from gradcouple.rundir import RunDir
 
@@ -89,14 +85,7 @@ def test_a_journal_of_other_settings_is_not_used(tmp_path, tiny_llama_loaded, mo
 @pytest.fixture(scope="module")
 def bench_cfg(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    write_pieces(root / "p.jsonl", _edit_pieces(n_edits=4, tests_per_edit=2))
-    cfg = RunConfig()
-    cfg.data.pieces = root / "p.jsonl"
-    cfg.model.name = "llama-tiny-random"
-    cfg.ripple.steps, cfg.ripple.lr = 4, 1e-2
-    cfg.ripple.covariance_tokens, cfg.ripple.bootstrap_resamples = 1000, 30
-    extract(cfg, root / "run", show_progress=False)
-    couple(cfg, root / "run", show_progress=False)
+    cfg = coupled_edit_run(root, n_edits=4, tests_per_edit=2, steps=4, covariance_tokens=1000, resamples=30)
     shutil.copytree(root / "run", root / "whole")
     return cfg, root, ripple(cfg, root / "whole", show_progress=False).summary
 

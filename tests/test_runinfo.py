@@ -3,8 +3,6 @@ max_length, the thread count, and a note when the machine was busier than its co
 
 from __future__ import annotations
 
-import pytest
-import torch
 from conftest import write_fact_pieces
 from typer.testing import CliRunner
 
