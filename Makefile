@@ -39,7 +39,7 @@ soak: $(STAMP)
 screenshot: $(STAMP)
 	test -f runs/demo/report/index.html || $(MAKE) demo
 	$(VENV)/bin/gradcouple report --run runs/demo >/dev/null
-	$(PY) -m gradcouple.report.browser runs/demo/report/index.html --screenshot docs/report.png --size 1280x1800
+	$(PY) -m gradcouple.stages.report.browser runs/demo/report/index.html --screenshot docs/report.png --size 1280x1800
 
 clean:
 	rm -rf runs .pytest_cache

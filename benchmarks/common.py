@@ -1,7 +1,7 @@
 """Shared helpers of the benchmarks: the piece set, its encoding and batches, machine facts.
 
 Every method scores exactly the same token sequences: pieces are rendered with the default
-``RunConfig`` prompt template and tokenized by :func:`gradcouple.extract.encode_pieces`, the
+``RunConfig`` prompt template and tokenized by :func:`gradcouple.scoring.encode_pieces`, the
 code path ``gradcouple extract`` itself uses.
 """
 
@@ -37,7 +37,7 @@ def prepare_pieces(work: Path, n: int) -> Path:
     """Write ``work/pieces.jsonl``: ``n`` real pieces from the bundled samples, spread evenly
     over the merged MuSiQue + HotpotQA + MQuAKE sample (so every dataset is represented)."""
     from gradcouple.pieces import read_pieces, write_pieces
-    from gradcouple.pipeline import sample_pieces
+    from gradcouple.stages.pipeline import sample_pieces
 
     allp = read_pieces(sample_pieces(work / "data", DATASETS))
     if n > len(allp):
@@ -66,7 +66,7 @@ def load(model_name: str):
 def encode_all(loaded, pieces_path: Path):
     """EncodedPiece per line of ``pieces_path`` (default template, default max_length)."""
     from gradcouple.config import RunConfig
-    from gradcouple.extract import encode_pieces
+    from gradcouple.scoring import encode_pieces
     from gradcouple.pieces import read_pieces
 
     cfg = RunConfig()

@@ -97,7 +97,7 @@ def write_synthetic(run_dirs: dict[str, Path], n: int, shapes: list, seed: int =
 def child(run_dir: Path, top_k: int | None, out: Path) -> None:
     """One couple() run in this process; writes {seconds, peak_rss_bytes, ...} to ``out``."""
     from gradcouple.config import RunConfig
-    from gradcouple.couple import couple
+    from gradcouple.stages.couple import couple
 
     base = common.peak_rss()
     cfg = RunConfig()

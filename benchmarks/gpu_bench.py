@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # runs from a plain checkout too (no pip install)
 
 from gradcouple.config import RunConfig  # noqa: E402
-from gradcouple.extract import encode_pieces, extract  # noqa: E402
+from gradcouple.scoring import encode_pieces  # noqa: E402
+from gradcouple.stages.extract import extract  # noqa: E402
 from gradcouple.models import LoadedModel  # noqa: E402
 from gradcouple.pieces import KnowledgePiece, write_pieces  # noqa: E402
 from gradcouple.rundir import RunDir  # noqa: E402
@@ -193,7 +194,7 @@ def bench_couple(device: torch.device, work: Path, n: int) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from couple_bench import targets_shapes, write_synthetic
 
-    from gradcouple.couple import couple
+    from gradcouple.stages.couple import couple
 
     run = work / f"couple-{n}"
     t = time.perf_counter()

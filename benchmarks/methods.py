@@ -255,8 +255,8 @@ def _gc_cfg(args, store: str):
 
 
 def run_gradcouple(loaded, targets, encoded, args, store: str) -> dict:
-    from gradcouple.couple import couple
-    from gradcouple.extract import extract
+    from gradcouple.stages.couple import couple
+    from gradcouple.stages.extract import extract
     from gradcouple.rundir import RunDir
 
     cfg = _gc_cfg(args, store)
@@ -307,7 +307,8 @@ def run_profile(loaded, targets, encoded, args) -> dict:
     from gradcouple.artifacts import Inputs, Manifest, PieceRecord
     from gradcouple.capture import FactorCapture
     from gradcouple.config import RunConfig
-    from gradcouple.couple import memory_budget, pair_split, upper_pairs
+    from gradcouple.pairs import pair_split, upper_pairs
+    from gradcouple.stages.couple import memory_budget
     from gradcouple.gradients import PieceFactors, factored_sq_norm
     from gradcouple.gram import cosine_from_gram, fit_block_size, gram_diagonal, gram_matrix, plan_methods
     from gradcouple.pieces import read_pieces

@@ -56,7 +56,7 @@ def run_once(k: int, args, pieces: Path, out: Path) -> dict:
 
 def token_deal(man: dict, k: int) -> list[int]:
     """Tokens each rank got: the deal distributed.balance makes of the shards (by token totals)."""
-    from gradcouple.distributed import balance
+    from gradcouple.ranks import balance
 
     tokens = [sum(man["pieces"][r]["n_inputs"] for r in s["rows"]) for s in man["shards"]]
     return [sum(tokens[i] for i in b) for b in balance(tokens, k)]

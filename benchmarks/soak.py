@@ -45,9 +45,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from gradcouple.config import RunConfig
-    from gradcouple.extract import extract
+    from gradcouple.stages.extract import extract
     from gradcouple.pieces import read_pieces, write_pieces
-    from gradcouple.pipeline import sample_pieces
+    from gradcouple.stages.pipeline import sample_pieces
 
     shutil.rmtree(args.work, ignore_errors=True)
     real = read_pieces(sample_pieces(args.work / "data", DATASETS))

@@ -70,7 +70,11 @@ def test_load_run_pairs_and_stats_are_the_files(nb_run):
     assert nb_run.stats == nb_run.dir.load_stats() and nb_run.ripple is None
 
 
-def test_stage_modules_stay_modules_while_callable():
-    import gradcouple.extract as extract_module
+def test_the_api_is_plain_functions_and_importing_a_stage_changes_nothing():
+    import types
 
-    assert callable(gc.extract) and gc.extract is extract_module and callable(extract_module.extract)
+    import gradcouple.stages.extract as extract_module
+
+    assert isinstance(gc.extract, types.FunctionType) and gc.extract is gc.api.extract
+    assert type(extract_module) is types.ModuleType and callable(extract_module.extract)
+    assert gc.extract is gc.api.extract  # importing the stage module did not rebind the name

@@ -7,18 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from gradcouple.benchmark import benchmark_edits
+from gradcouple.stages.benchmark import benchmark_edits
 from gradcouple.config import RunConfig
-from gradcouple.couple import couple
+from gradcouple.stages.couple import couple
 from gradcouple.edits import ft_edit, restore, rome_edit, snapshot
-from gradcouple.extract import extract
+from gradcouple.stages.extract import extract
 from gradcouple.keys import keys_at
 from gradcouple.layers import select_targets
 from gradcouple.metrics import clustered_correlation
 from gradcouple.models import byte_level_tokenizer
 from gradcouple.pieces import KnowledgePiece, PieceRole, Triple, write_pieces
 from gradcouple.predictors import PREDICTORS
-from gradcouple.ripple import ripple
+from gradcouple.stages.ripple import ripple
 from gradcouple.rundir import RunDir
 from gradcouple.scoring import answer_logprob, collate, encode, subject_position
 
@@ -271,7 +271,7 @@ def test_a_stronger_edit_raises_its_own_tests_more(sweep_run):
 
 
 def test_edit_success_compares_each_rewrite_with_its_own_original():
-    from gradcouple.benchmark import edit_succeeded
+    from gradcouple.stages.benchmark import edit_succeeded
 
     pieces = _edit_pieces(n_edits=2)
     edit = benchmark_edits(pieces)[0]

@@ -11,12 +11,12 @@ import time
 import pytest
 
 from gradcouple.config import RunConfig
-from gradcouple.couple import couple
-from gradcouple.extract import extract
+from gradcouple.stages.couple import couple
+from gradcouple.stages.extract import extract
 from gradcouple.pieces import KnowledgePiece, PieceKind, PieceRole, Triple, write_pieces
-from gradcouple.report import report
-from gradcouple.report.browser import INSTALL_HINT, find_chromium, render_page
-from gradcouple.ripple import ripple
+from gradcouple.stages.report import report
+from gradcouple.stages.report.browser import INSTALL_HINT, find_chromium, render_page
+from gradcouple.stages.ripple import ripple
 
 pytestmark = pytest.mark.skipif(find_chromium() is None,
                                 reason=f"headless Chromium is not installed; install it with `{INSTALL_HINT}`")

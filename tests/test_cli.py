@@ -34,9 +34,9 @@ class Recorder:
 @pytest.fixture
 def stages(monkeypatch):
     """Patch every stage the CLI calls; results carry just what the summaries print."""
-    import gradcouple.couple as couple_mod
-    import gradcouple.extract as extract_mod
-    import gradcouple.ripple as ripple_mod
+    import gradcouple.stages.couple as couple_mod
+    import gradcouple.stages.extract as extract_mod
+    import gradcouple.stages.ripple as ripple_mod
     from gradcouple.metrics import Describe, Interval
 
     d = Describe(n=1, mean=0.5, std=0.0, min=0.5, median=0.5, max=0.5)
@@ -147,7 +147,7 @@ def test_ripple_summary_prints_the_interval(stages, tmp_path):
 
 
 def test_run_passes_datasets_and_overwrite(monkeypatch, tmp_path):
-    import gradcouple.pipeline as pipeline
+    import gradcouple.stages.pipeline as pipeline
 
     rec = Recorder(raises=DataError("stop here"))
     monkeypatch.setattr(pipeline, "run_pipeline", rec)

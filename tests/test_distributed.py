@@ -23,11 +23,13 @@ import pytest
 import torch
 from conftest import write_fact_pieces
 
-from gradcouple import distributed
+from gradcouple import ranks
+from gradcouple.stages import resume
 from gradcouple.config import RunConfig
-from gradcouple.couple import couple
+from gradcouple.stages.couple import couple
 from gradcouple.errors import ConfigError
-from gradcouple.extract import encode_pieces, ensure_extraction, extract, extract_shard, extraction_changes, plan_shards
+from gradcouple.scoring import encode_pieces
+from gradcouple.stages.extract import ensure_extraction, extract, extract_shard, extraction_changes, plan_shards
 from gradcouple.layers import select_targets
 from gradcouple.pieces import KnowledgePiece, write_pieces
 from gradcouple.rundir import RunDir
@@ -211,7 +213,7 @@ def test_a_killed_run_resumes_with_one_process(killed, one_process, tiny_llama_l
 @pytest.mark.slow
 def test_the_default_model_on_two_processes_matches_one(tmp_path, smollm2):
     """SmolLM2-135M (the GGUF cached by the session's ``smollm2`` fixture, reused by the workers)."""
-    from gradcouple.pipeline import sample_pieces
+    from gradcouple.stages.pipeline import sample_pieces
 
     pieces = sample_pieces(tmp_path / "data")
     flags = ["--data", str(pieces), "--limit", "24", "--shard-size", "4", "--batch-size", "4", "--device", "cpu"]
@@ -236,29 +238,29 @@ def test_the_default_model_on_two_processes_matches_one(tmp_path, smollm2):
 
 def test_balance_deals_equal_token_totals_not_equal_counts():
     weights = [10, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
-    bins = distributed.balance(weights, 2)
+    bins = ranks.balance(weights, 2)
     sums = [sum(weights[i] for i in b) for b in bins]
     assert sorted(sum(bins, [])) == list(range(len(weights)))
     assert sums == [10, 10] and sorted(map(len, bins)) == [1, 10]
-    assert distributed.balance(weights, 2) == bins  # deterministic: every rank computes the same deal
+    assert ranks.balance(weights, 2) == bins  # deterministic: every rank computes the same deal
 
 
 def test_under_torchrun_other_commands_run_on_rank_zero_alone(monkeypatch):
-    monkeypatch.setattr(distributed, "_single", False)
+    monkeypatch.setattr(ranks, "_single", False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    assert distributed.runs_here(["extract", "--out", "x"]) and distributed.world_size() == 2
-    assert distributed.runs_here(["couple", "-r", "x"])
-    assert not distributed.runs_here(["ripple", "--run", "x"])
-    monkeypatch.setattr(distributed, "_single", False)
+    assert ranks.runs_here(["extract", "--out", "x"]) and ranks.world_size() == 2
+    assert ranks.runs_here(["couple", "-r", "x"])
+    assert not ranks.runs_here(["ripple", "--run", "x"])
+    monkeypatch.setattr(ranks, "_single", False)
     monkeypatch.setenv("RANK", "0")
-    assert distributed.runs_here(["report", "--run", "x"])
-    assert distributed.world_size() == 1 and distributed.is_main()  # rank 0 runs it as one process
+    assert ranks.runs_here(["report", "--run", "x"])
+    assert ranks.world_size() == 1 and ranks.is_main()  # rank 0 runs it as one process
 
 
 def test_ranks_other_than_zero_do_not_take_the_run_lock(tmp_path, monkeypatch):
     run = RunDir(tmp_path)
-    monkeypatch.setattr(distributed, "_single", False)
+    monkeypatch.setattr(ranks, "_single", False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     with run.lock("extract"):
@@ -288,13 +290,13 @@ def test_a_journal_line_cut_short_is_skipped(killed, work):
     path = work / "cut.jsonl"
     text = killed.rank_manifest_path(0).read_text(encoding="utf-8")
     path.write_text(text[: len(text) - 40], encoding="utf-8")  # the last line, cut
-    header, lines, why = distributed.read_journal(path)
+    header, lines, why = resume.read_journal(path)
     assert why is None and header is not None
     assert len(lines) == len(text.splitlines()) - 2
 
 
 def test_cuda_out_of_memory_halves_the_batch_and_loses_no_piece(monkeypatch, work, tiny_llama_loaded):
-    import gradcouple.extract as stage
+    import gradcouple.stages.extract as stage
 
     loaded, cfg = tiny_llama_loaded, tiny_cfg(work / "p.jsonl")
     from gradcouple.pieces import read_pieces

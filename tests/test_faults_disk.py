@@ -24,8 +24,8 @@ from typer.testing import CliRunner
 
 from gradcouple.cli import app
 from gradcouple.config import RunConfig
-from gradcouple.couple import couple
-from gradcouple.extract import extract
+from gradcouple.stages.couple import couple
+from gradcouple.stages.extract import extract
 from gradcouple.io import sha256_file
 from gradcouple.rundir import RunDir
 

@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 
 from gradcouple.cli import app
 from gradcouple.config import RunConfig
-from gradcouple.couple import couple
+from gradcouple.stages.couple import couple
 from gradcouple.errors import ArtifactError, ConfigError
-from gradcouple.extract import ensure_extraction, extract
+from gradcouple.stages.extract import ensure_extraction, extract
 from gradcouple.models import byte_level_tokenizer
-from gradcouple.report import report
-from gradcouple.ripple import ripple
+from gradcouple.stages.report import report
+from gradcouple.stages.ripple import ripple
 from gradcouple.rundir import RunDir
 
 runner = CliRunner()

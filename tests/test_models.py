@@ -185,7 +185,7 @@ def test_unknown_device_is_a_model_error_naming_the_flag():
 
 def test_manifest_records_the_dtype_actually_used_on_cpu(tmp_path):
     from gradcouple.config import RunConfig
-    from gradcouple.extract import extract
+    from gradcouple.stages.extract import extract
     from gradcouple.rundir import RunDir
 
     from conftest import write_fact_pieces

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from gradcouple.cli import app
-from gradcouple.report import SECTIONS
+from gradcouple.stages.report import SECTIONS
 from gradcouple.rundir import RunDir
 
 pytestmark = pytest.mark.slow

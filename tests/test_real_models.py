@@ -14,7 +14,7 @@ from conftest import write_fact_pieces
 from oracle import cosine_from_gram, oracle_piece_gradients
 
 from gradcouple.config import RunConfig
-from gradcouple.extract import encode_pieces
+from gradcouple.scoring import encode_pieces
 from gradcouple.gradients import batch_factors
 from gradcouple.layers import select_targets
 from gradcouple.models import load_model, pad_id

@@ -17,14 +17,14 @@ import torch
 from markupsafe import escape
 
 from gradcouple.config import RunConfig
-from gradcouple.couple import couple
+from gradcouple.stages.couple import couple
 from gradcouple.errors import ArtifactError
-from gradcouple.extract import extract
+from gradcouple.stages.extract import extract
 from gradcouple.metrics import DEFINITIONS, Interval
 from gradcouple.pieces import KnowledgePiece, PieceKind, write_pieces
-from gradcouple.report import SECTIONS, Headline, build_summary, load_run, open_in_browser, render_html, report
-from gradcouple.report.figures import best_partner, cluster_order, distribution, heatmap, heatmap_cells, layer_chart
-from gradcouple.ripple import ripple
+from gradcouple.stages.report import SECTIONS, Headline, build_summary, load_run, open_in_browser, render_html, report
+from gradcouple.stages.report.figures import best_partner, cluster_order, distribution, heatmap, heatmap_cells, layer_chart
+from gradcouple.stages.ripple import ripple
 
 ATOL = 1e-12  # float64 sums of the same numbers in another order
 HEATMAP_ROUNDING = 5e-5  # heatmap cells are rounded to 4 decimals
@@ -595,7 +595,7 @@ def test_cli_open_says_where_the_page_is_without_a_browser(run_dir, monkeypatch)
 
 def test_the_verdict_is_not_yes_when_a_baseline_predicts_as_well():
     from gradcouple.metrics import Interval
-    from gradcouple.report.summary import verdict
+    from gradcouple.stages.report.summary import verdict
 
     g = Interval(estimate=0.94, low=0.62, high=1.0, n=10)
     assert verdict(g) == "yes"

@@ -15,9 +15,9 @@ import pytest
 from test_benchmark import coupled_edit_run
 from test_ripple import _run
 
-from gradcouple import benchmark as benchmark_mod
-from gradcouple import ripple as ripple_mod
-from gradcouple.ripple import ripple
+from gradcouple.stages import benchmark as benchmark_mod
+from gradcouple.stages import ripple as ripple_mod
+from gradcouple.stages.ripple import ripple
 from gradcouple.rundir import RunDir
 
 
@@ -107,7 +107,7 @@ def test_benchmark_mode_resumes_after_an_interrupt(bench_cfg, monkeypatch):
 
 KILLER = """
 import sys, time
-from gradcouple import benchmark
+from gradcouple.stages import benchmark
 real = benchmark._make_and_measure
 def slow(*a, **kw):
     out = real(*a, **kw)

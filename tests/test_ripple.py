@@ -8,14 +8,15 @@ import torch
 from conftest import random_pieces, tiny_gpt2, tiny_llama, write_fact_pieces
 
 from gradcouple.config import RunConfig
-from gradcouple.couple import couple
+from gradcouple.stages.couple import couple
 from gradcouple.edits import ft_edit, restore, rome_edit, snapshot
 from gradcouple.errors import ArtifactError
-from gradcouple.extract import encode_pieces, extract
+from gradcouple.scoring import encode_pieces
+from gradcouple.stages.extract import extract
 from gradcouple.keys import keys_at
 from gradcouple.layers import select_targets
 from gradcouple.metrics import DEFINITIONS
-from gradcouple.ripple import choose_edits, ripple
+from gradcouple.stages.ripple import choose_edits, ripple
 from gradcouple.rundir import RunDir
 from gradcouple.scoring import answer_logprob, collate
 

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from gradcouple.artifacts import DeviceInfo
 from gradcouple.cli.app import app
-from gradcouple.extract import encode_pieces
+from gradcouple.scoring import encode_pieces
 from gradcouple.models import load_model
 from gradcouple.pieces import DEFAULT_PROMPT_TEMPLATE
 from gradcouple.rundir import RunDir

@@ -20,7 +20,7 @@ from oracle import flatten, oracle_first_order, oracle_piece_gradients
 from storeutil import write_store
 
 from gradcouple.artifacts import PieceRecord, TargetShape
-from gradcouple.couple import neighbour_pairs, topk_pairs
+from gradcouple.pairs import neighbour_pairs, topk_pairs
 from gradcouple.errors import ArtifactError
 from gradcouple.gradients import PieceFactors, batch_factors
 from gradcouple.gram import cosine_from_gram, first_order, fit_block_size, gram_diagonal, gram_matrix, plan_methods, topk_cosine

@@ -3,7 +3,7 @@
 import sys
 
 from .cli import main
-from .distributed import runs_here
+from .ranks import runs_here
 
 if runs_here(sys.argv[1:]):  # under torchrun: extract and couple on every rank, other commands on rank 0 alone
     main()

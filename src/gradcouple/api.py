@@ -20,8 +20,13 @@ import pandas as pd
 
 from .artifacts import CouplingStats, Manifest
 from .config import RunConfig, flag_names, load_config
+from .datasets import download
 from .errors import ConfigError
 from .rundir import RunDir
+from .stages import couple as couple_stage
+from .stages import extract as extract_stage
+from .stages import report as report_stage
+from .stages import ripple as ripple_stage
 
 
 def resolve_config(stage: str, run_dir: str | Path, cfg: Optional[RunConfig], overrides: dict[str, Any]) -> RunConfig:
@@ -59,31 +64,23 @@ def resolve_config(stage: str, run_dir: str | Path, cfg: Optional[RunConfig], ov
 
 
 def extract(run_dir: str | Path, cfg: Optional[RunConfig] = None, *, overwrite: bool = False, **overrides):
-    """:func:`gradcouple.extract.extract` with keyword overrides; returns its ExtractResult."""
-    from .extract import extract as stage
-
-    return stage(resolve_config("extract", run_dir, cfg, overrides), run_dir, overwrite=overwrite, show_progress=False)
+    """:func:`gradcouple.stages.extract.extract` with keyword overrides; returns its ExtractResult."""
+    return extract_stage.extract(resolve_config("extract", run_dir, cfg, overrides), run_dir, overwrite=overwrite, show_progress=False)
 
 
 def couple(run_dir: str | Path, cfg: Optional[RunConfig] = None, **overrides):
-    """:func:`gradcouple.couple.couple` with keyword overrides; returns its CoupleResult."""
-    from .couple import couple as stage
-
-    return stage(resolve_config("couple", run_dir, cfg, overrides), run_dir, show_progress=False)
+    """:func:`gradcouple.stages.couple.couple` with keyword overrides; returns its CoupleResult."""
+    return couple_stage.couple(resolve_config("couple", run_dir, cfg, overrides), run_dir, show_progress=False)
 
 
 def ripple(run_dir: str | Path, cfg: Optional[RunConfig] = None, **overrides):
-    """:func:`gradcouple.ripple.ripple` with keyword overrides; returns its RippleResult."""
-    from .ripple import ripple as stage
-
-    return stage(resolve_config("ripple", run_dir, cfg, overrides), run_dir, show_progress=False)
+    """:func:`gradcouple.stages.ripple.ripple` with keyword overrides; returns its RippleResult."""
+    return ripple_stage.ripple(resolve_config("ripple", run_dir, cfg, overrides), run_dir, show_progress=False)
 
 
 def report(run_dir: str | Path, cfg: Optional[RunConfig] = None, **overrides):
-    """:func:`gradcouple.report.report` with keyword overrides; returns its ReportResult."""
-    from .report import report as stage
-
-    return stage(resolve_config("report", run_dir, cfg, overrides), run_dir)
+    """:func:`gradcouple.stages.report.report` with keyword overrides; returns its ReportResult."""
+    return report_stage.report(resolve_config("report", run_dir, cfg, overrides), run_dir)
 
 
 class Run:
@@ -154,3 +151,6 @@ class Run:
 def load_run(path: str | Path) -> Run:
     """A lazy, file-only :class:`Run` of the run directory ``path``."""
     return Run(path)
+
+
+__all__ = ["download", "extract", "couple", "ripple", "report", "load_run", "Run", "RunConfig", "resolve_config"]

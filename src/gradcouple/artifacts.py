@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import __version__
+from ._version import __version__
 from .config import RunConfig
 from .errors import ArtifactError
 from .io import digest

@@ -84,7 +84,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     Raises:
         OSError: as :func:`atomic_open` (a full disk is ENOSPC naming ``path``); no temp file is left.
     """
-    import torch
+    import torch  # deferred: torch; the CLI writes JSON through this module before any model loads
 
     with atomic_open(path, "wb") as fh:
         out = _KeepWriteError(fh)

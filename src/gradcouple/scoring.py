@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from .errors import DataError, ModelError
+from .pieces import KnowledgePiece
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,15 @@ def encode(tokenizer, prompt: str, answer: str, max_length: int = 256, where: st
         ids, start = ids[:keep] + ids[keep + cut:], start - cut
         return EncodedPiece(tuple(ids), start, prompt, answer, cut)
     return EncodedPiece(tuple(ids), start, prompt, answer)
+
+
+def encode_pieces(tokenizer, pieces: list[KnowledgePiece], template: str, max_length: int) -> list[EncodedPiece]:
+    """Render each piece with ``template`` and tokenize it (errors name the piece id)."""
+    out = []
+    for p in pieces:
+        prompt, answer = p.render(template)
+        out.append(encode(tokenizer, prompt, answer, max_length, where=f"piece {p.id}: "))
+    return out
 
 
 def subject_position(tokenizer, encoded: EncodedPiece, subject: str) -> int | None:
@@ -178,6 +188,19 @@ def score(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     miss = (logits.argmax(-1) != targets).long()
     misses = torch.zeros(B, dtype=torch.long, device=miss.device).index_add(0, pos_b, miss)
     return lp, misses == 0
+
+
+def measure_logprobs(model, encoded: list[EncodedPiece], batch_size: int = 16, pad_id: int = 0) -> torch.Tensor:
+    """log P(answer | prompt) of every piece in nats, (N,) float64, batched by length, no grad."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: encoded[i].n_inputs)
+    out = torch.empty(len(encoded), dtype=torch.float64)
+    with torch.no_grad():
+        for k in range(0, len(order), batch_size):
+            idx = order[k:k + batch_size]
+            lp = answer_logprob(model, collate([encoded[i] for i in idx], pad_id).to(device))
+            out[idx] = lp.double().cpu()
+    return out
 
 
 def full_logits_logprob(model, batch: Batch) -> torch.Tensor:

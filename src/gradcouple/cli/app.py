@@ -99,7 +99,6 @@ def one_line(exc: BaseException, command: str | None = None) -> tuple[str, int]:
 
 class _NoteHandler(logging.Handler):
     """Prints the library's log records (logger ``gradcouple``) as 'note:' / 'warning:' lines."""
-
     def emit(self, record: logging.LogRecord) -> None:
         label = "[yellow]warning:[/]" if record.levelno >= logging.WARNING else "note:"
         console.print(f"{label} {escape(record.getMessage())}", highlight=False, soft_wrap=True)
@@ -117,7 +116,6 @@ def show_notes() -> None:
 class GuardedGroup(TyperGroup):
     """The command group whose ``invoke`` is the one error boundary: every exception from a command
     becomes one red line and an exit code (``GRADCOUPLE_DEBUG=1`` re-raises it with its traceback)."""
-
     def invoke(self, ctx: typer.Context):
         show_notes()
         args = [*getattr(ctx, "_protected_args", []), *ctx.args]  # the subcommand's own arguments

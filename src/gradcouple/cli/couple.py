@@ -7,8 +7,20 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import (ConfigOpt, DeviceOpt, LayersOpt, ModelOpt, ThreadsOpt, build_config, console, num, print_path,
-                      summary_table)
+from ..ranks import is_main
+from ..rundir import RunDir, default_run_dir
+from .options import (
+    ConfigOpt,
+    DeviceOpt,
+    LayersOpt,
+    ModelOpt,
+    ThreadsOpt,
+    build_config,
+    console,
+    num,
+    print_path,
+    summary_table,
+)
 
 EPILOG = """Examples:
 
@@ -43,9 +55,8 @@ def couple(
     With --run alone, the gradients are those of RUN's extraction: --layers or --data other than
     its own are refused (they could not be honoured), and so is a --device other than cpu or cuda.
     """
-    from .. import couple as stage
-    from .. import extract as extraction
-    from ..rundir import RunDir, default_run_dir
+    from ..stages import couple as stage  # deferred: torch and transformers (the stage), so `--help` stays fast
+    from ..stages import extract as extraction
 
     overrides = {"model.name": model, "model.layers": layers, "model.device": device, "couple.top_k": top_k,
                  "couple.max_memory": max_memory, "couple.block_size": block_size, "couple.method": method,
@@ -67,8 +78,6 @@ def couple(
         elif not ext.reused:
             console.print(f"no matching extraction in {run}: extracted first")
     res = stage.couple(cfg, run)
-    from ..distributed import is_main
-
     if not is_main():  # under torchrun rank 0 prints the summary
         return
     p = res.stats.pairs

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import datasets as ds
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .options import console
 
 EPILOG = """\
@@ -53,8 +53,6 @@ def download(
     queries, which `gradcouple ripple` evaluates. The pieces path is printed last on stdout;
     everything else goes to stderr.
     """
-    from ..errors import ConfigError
-
     if list_:
         others = [f for f, v in (("DATASET", dataset), ("--from", from_path), ("--format", format), ("--out", out),
                                  ("--split", split), ("--revision", revision), ("--limit", limit), ("--skip-bad", skip_bad),

@@ -7,6 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import ConfigError
+from ..ranks import is_main
+from ..rundir import RunDir
+from ..runinfo import human_bytes
 from .options import (
     BatchSizeOpt,
     ConfigOpt,
@@ -55,9 +59,7 @@ def extract(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Compute every piece's gradient of log P(answer | prompt) on the target layers."""
-    from .. import extract as stage
-    from ..rundir import RunDir
-    from ..runinfo import human_bytes
+    from ..stages import extract as stage  # deferred: torch and transformers (the stage), so `--help` stays fast
 
     cfg = build_config(config, out, {
         "data.pieces": data, "data.limit": limit, "model.name": model, "model.layers": layers, "model.module": module,
@@ -66,13 +68,10 @@ def extract(
         "extract.max_length": max_length, "data.prompt_template": prompt_template})
     for flag, value in (("--proj-dim", proj_dim), ("--proj-blocks", proj_blocks)):
         if value is not None and cfg.extract.store != "projected":
-            from ..errors import ConfigError
 
             raise ConfigError(f"{flag} {value}: sizes the sketches of --store projected, and the store here is "
                               f"{cfg.extract.store}; drop {flag} or pass --store projected.")
     res = stage.extract(cfg, out, overwrite=overwrite)
-    from ..distributed import is_main
-
     if not is_main():  # under torchrun rank 0 prints the summary
         return
     if res.resumed_shards == res.n_shards:

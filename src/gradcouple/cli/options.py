@@ -9,6 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..config import load_config
+from ..rundir import RunDir
+from ..runinfo import overloaded
+
 console = Console(stderr=True)
 
 ConfigOpt = Annotated[
@@ -36,8 +40,6 @@ ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch CPU 
 
 def print_notes(device=None, truncated: tuple[int, int, int] = (0, 0, 0), n_pieces: int = 0, max_length: int = 0) -> None:
     """Warnings that end a stage summary: prompts cut to --max-length, a machine busier than its cores."""
-    from ..runinfo import overloaded
-
     n, most, total = truncated
     if n:
         console.print(f"[yellow]warning:[/] {n} of {n_pieces} prompts were cut from the left to --max-length {max_length} tokens "
@@ -56,9 +58,6 @@ def build_config(config: Optional[Path], run_dir: Optional[Path], overrides: dic
 
     ``overrides`` maps dotted fields (``"model.name"``) to flag values; None means "not given".
     """
-    from ..config import load_config
-    from ..rundir import RunDir
-
     base = config if config is not None or run_dir is None else RunDir(run_dir).saved_config_path()
     return load_config(base, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
 

@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..runinfo import human_bytes
 from .options import ConfigOpt, RunDirOpt, build_config, console, interval, num, print_path, summary_table
 
 EPILOG = """Examples:
@@ -27,9 +28,8 @@ def report(
     config: ConfigOpt = None,
 ) -> None:
     """Write RUN/report/index.html (self-contained, opens offline) and RUN/report/summary.json."""
-    from .. import report as stage
-    from ..report import open_in_browser
-    from ..runinfo import human_bytes
+    from ..stages import report as stage  # deferred: torch and transformers (the stage), so `--help` stays fast
+    from ..stages.report import open_in_browser
 
     cfg = build_config(config, run, {"report.max_heatmap": max_heatmap})
     res = stage.report(cfg, run)

@@ -6,9 +6,24 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.table import Table
 
-from .options import (ConfigOpt, DeviceOpt, RunDirOpt, ThreadsOpt, build_config, console, correlation, interval, num,
-                      print_notes, print_path, summary_table)
+from ..errors import ConfigError
+from ..rundir import RunDir
+from .options import (
+    ConfigOpt,
+    DeviceOpt,
+    RunDirOpt,
+    ThreadsOpt,
+    build_config,
+    console,
+    correlation,
+    interval,
+    num,
+    print_notes,
+    print_path,
+    summary_table,
+)
 
 EPILOG = """Examples:
 
@@ -24,8 +39,6 @@ EPILOG = """Examples:
 
 def benchmark_table(s):
     """Every predictor's pooled Spearman and Pearson (95% CI), AUROC, and the edits' success and exact match."""
-    from rich.table import Table
-
     t = Table(title=f"ripple ({s.method}): {s.n_successful}/{s.n_edits} edits succeeded, {s.n_tests_counted} test queries "
                     f"counted; exact match {num(s.exact_match['pooled'].before, '.2f')} -> {num(s.exact_match['pooled'].after, '.2f')}",
               title_justify="left")
@@ -50,8 +63,6 @@ def _floats(text: str, flag: str) -> list[float]:
 
 def sweep_table(sw):
     """Per strength: successful edits, own-test rise, unrelated change, GradSim and first-order Spearman (95% CI)."""
-    from rich.table import Table
-
     t = Table(title=f"ripple sweep ({sw.method}, {sw.knob})", title_justify="left")
     for col in (sw.knob, "successful", "own tests rise (nats)", "unrelated change (nats)", "GradSim rho [95% CI]",
                 "first-order rho [95% CI]"):
@@ -75,8 +86,6 @@ def refuse_unused_flags(cfg, run: Path, given: dict[str, object]) -> None:
     Raises:
         ConfigError: the first such flag, with the way to make it count.
     """
-    from ..errors import ConfigError
-
     method = cfg.ripple.method
     for flag, value in given.items():
         if METHOD_FLAGS.get(flag, method) != method:
@@ -89,8 +98,7 @@ def refuse_unused_flags(cfg, run: Path, given: dict[str, object]) -> None:
     if knob in given:
         raise ConfigError(f"{knob} {given[knob]}: --sweep {given['--sweep']} sets {knob} of every {method} edit, one "
                           f"strength after another; drop {knob} or --sweep.")
-    from ..ripple import edit_mode
-    from ..rundir import RunDir
+    from ..stages.ripple import edit_mode  # deferred: torch and transformers (the stage), so `--help` stays fast
 
     if edit_mode(cfg, RunDir(run).load_pieces()) != "benchmark":
         why = "--edits pieces was given" if given.get("--edits") == "pieces" else f"the pieces in {run} carry no benchmark edit"
@@ -123,8 +131,7 @@ def ripple(
     --sweep outside benchmark mode. Every finished edit is journalled, so an interrupted
     ripple resumes: rerun the same command and only the missing edits are made.
     """
-    from .. import ripple as stage
-    from ..rundir import RunDir
+    from ..stages import ripple as stage  # deferred: torch and transformers (the stage), so `--help` stays fast
 
     cfg = build_config(config, run, {"ripple.edits": edits, "ripple.n_edits": n_edits, "ripple.method": method,
                                      "ripple.steps": steps, "ripple.lr": lr, "ripple.max_delta": max_delta,

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import ConfigError
 from .options import (
     BatchSizeOpt,
     ConfigOpt,
@@ -25,6 +26,7 @@ from .options import (
     print_path,
     summary_table,
 )
+from .ripple import benchmark_table, sweep_table
 
 EPILOG = """Examples:
 
@@ -63,8 +65,7 @@ def run(
     A current extraction in OUT is reused; a stale one (edited pieces, other settings or
     model weights) is refused unless --overwrite.
     """
-    from .. import pipeline
-    from ..errors import ConfigError
+    from ..stages import pipeline  # deferred: torch and transformers (the stage), so `--help` stays fast
 
     if data is not None and datasets is not None:
         raise ConfigError(f"--datasets {datasets}: the bundled samples are read only without --data, and --data {data} was "
@@ -97,11 +98,9 @@ def run(
              f"{num(p.same_question_different_answer.mean)} vs {num(p.cross_question_different_answer.mean)}"),
             ("same-answer pairs", f"{num(p.same_answer.mean)} ({p.same_answer.n} pairs)")]
     if res.ripple is not None and res.ripple.sweep is not None:
-        from .ripple import sweep_table
 
         console.print(sweep_table(res.ripple.sweep))
     elif res.ripple is not None and res.ripple.summary.mode == "benchmark":
-        from .ripple import benchmark_table
 
         console.print(benchmark_table(res.ripple.summary))
     elif res.ripple is not None:

@@ -27,11 +27,11 @@ from typing import Any, Iterator, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import __version__
+from .._version import __version__
 from ..errors import DataError
 from ..io import sha256_file, write_json
 from ..pieces import KnowledgePiece, PieceRole, write_pieces
-from . import hub
+from . import hotpotqa, hub, musique
 from ._common import RELATION_TEMPLATES, RecordContext, RecordError, SkipRecord, deduplicate, relation_question
 from .hub import PARSERS, BadRecord, sniff_format
 
@@ -47,6 +47,7 @@ __all__ = [
     "resolve_source",
     "sample_path",
     "sample_files",
+    "wikipedia_paragraphs",
     "sniff_format",
     "RELATION_TEMPLATES",
     "relation_question",
@@ -234,6 +235,15 @@ def sample_path(name: str) -> Path:
         have = ", ".join(s.name for s in _TABLE if s.sample)
         raise DataError(f"{source.name} has no bundled sample; bundled samples exist for: {have}. Use --from PATH for a local copy.")
     return SAMPLE_DIR / source.sample
+
+
+def wikipedia_paragraphs() -> Iterator[str]:
+    """Wikipedia paragraphs of the bundled HotpotQA (each context paragraph's sentences joined) and
+    MuSiQue samples, in file order: tens of thousands of tokens of real text with no network (the
+    text of ROME's key covariance, :mod:`gradcouple.keys`)."""
+    for name, texts in (("hotpotqa", hotpotqa.context_texts), ("musique", musique.paragraph_texts)):
+        for _, _, record in hub.iter_local_file(sample_path(name)):
+            yield from texts(record)
 
 
 LEAK_RULE = "answer mentioned in its prompt: case-insensitive, not inside a longer word"

@@ -97,6 +97,12 @@ def paragraphs(record: Mapping) -> dict[str, list[str]]:
     return out
 
 
+def context_texts(record: Mapping) -> list[str]:
+    """Each context paragraph's sentences joined into one text, in record order (either layout)."""
+    pairs, path = _title_pairs(record, "context", "sentences", "sentence list")
+    return ["".join(str(s) for s in req_list(sentences, f"{path}[{i}].sentences")) for i, (_, sentences) in enumerate(pairs)]
+
+
 def supporting_facts(record: Mapping) -> list[tuple[str, int]]:
     """``supporting_facts`` as [(title, sentence index), ...] from either layout."""
     pairs, path = _title_pairs(record, "supporting_facts", "sent_id", "sentence index")

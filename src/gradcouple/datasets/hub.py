@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import hashlib
 import json
-import os
+import shutil
 import socket
-import threading
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 from urllib.parse import urlparse
 
 from ..errors import DataError, NetworkError
+from ..io import atomic_open
+from ..network import PROBE_TIMEOUT_S, env_offline, reachable
 from ..pieces import is_utf16, not_utf8, reencode_hint, utf8_lines
 from . import bamboogle, hotpotqa, mquake, musique, plain, rippleedits, twowiki, wikihop
 
@@ -29,9 +33,6 @@ from . import bamboogle, hotpotqa, mquake, musique, plain, rippleedits, twowiki,
 PARSERS = {m.FORMAT: m for m in (hotpotqa, musique, twowiki, wikihop, bamboogle, mquake, rippleedits, plain)}
 # Most specific first: 2Wiki records also carry HotpotQA's context/supporting_facts.
 _SNIFF_ORDER = (mquake, rippleedits, musique, twowiki, hotpotqa, wikihop, plain, bamboogle)
-
-PROBE_TIMEOUT_S = 3.0
-_TRUE = {"1", "true", "yes", "on"}
 
 
 @dataclass
@@ -150,7 +151,7 @@ def _bad_row(columns: Mapping[str, Any], i: int, fix: str, err: UnicodeDecodeErr
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, str, Any]]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: pyarrow, for .parquet files only
 
     try:
         pf = pq.ParquetFile(path)
@@ -177,38 +178,11 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, str, Any]]:
 # ----------------------------------------------------------------------------- datasets library
 
 
-def env_offline() -> bool:
-    """Whether HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE) asks for offline mode."""
-    return any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
-def reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to ``url``'s host opens within ``timeout`` seconds (DNS included)."""
-    parsed = urlparse(url)
-    host = parsed.hostname
-    if not host:
-        return False
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    ok: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            ok.append(True)
-        except OSError:
-            pass
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout)
-    return bool(ok)
-
-
 @contextlib.contextmanager
 def _forced_offline() -> Iterator[None]:
     # The libraries read HF_HUB_OFFLINE once at import; honour a value set later, too.
-    import datasets.config as dconfig
-    import huggingface_hub.constants as hconst
+    import datasets.config as dconfig  # deferred: the datasets library, only when a download runs
+    import huggingface_hub.constants as hconst  # deferred: huggingface_hub, only for a Hub download
 
     saved = (dconfig.HF_HUB_OFFLINE, dconfig.HF_DATASETS_OFFLINE, hconst.HF_HUB_OFFLINE)
     dconfig.HF_HUB_OFFLINE = dconfig.HF_DATASETS_OFFLINE = hconst.HF_HUB_OFFLINE = True
@@ -249,14 +223,7 @@ def fetch_file(url: str, *, sample_name: Optional[str] = None, timeout: float = 
         NetworkError: offline without a cached copy, host unreachable, or the transfer fails.
         DataError: the server answers that the file does not exist (HTTP 404).
     """
-    import hashlib
-    import shutil
-    import urllib.error
-    import urllib.request
-
-    import datasets.config as dconfig
-
-    from ..io import atomic_open
+    import datasets.config as dconfig  # deferred: the datasets library, imported only when a download runs
 
     name = Path(urlparse(url).path).name or "data"
     cached = Path(dconfig.HF_DATASETS_CACHE) / "gradcouple-files" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
@@ -307,12 +274,12 @@ def load_records(
         ds, used_split = _load_local_dir(local, config, split, split_given)
         return _iter_dataset(ds, f"{local} [{used_split}]"), {"split": used_split}
 
-    import datasets
+    import datasets  # deferred: the datasets library (pyarrow, ...), only when a download runs
 
     what = f"{path!r}" + (f" (config {config!r})" if config else "")
     offline = env_offline()
     if not offline:
-        import huggingface_hub.constants as hconst
+        import huggingface_hub.constants as hconst  # deferred: huggingface_hub, only for a Hub download
 
         if not reachable(hconst.ENDPOINT):
             raise NetworkError(offline_message(what, sample_name, f"{urlparse(hconst.ENDPOINT).hostname} is unreachable (no answer within {PROBE_TIMEOUT_S:.0f} s)"))
@@ -337,7 +304,7 @@ def load_records(
 
 
 def _load_local_dir(local: Path, config: Optional[str], split: Optional[str], split_given: bool):
-    import datasets
+    import datasets  # deferred: the datasets library (pyarrow, ...), only when a download runs
 
     try:
         if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():

@@ -75,6 +75,11 @@ def _support(record: Mapping, step: Mapping, path: str) -> Optional[str]:
     return None
 
 
+def paragraph_texts(record: Mapping) -> list[str]:
+    """The text of every paragraph of the record (supporting or not), in record order."""
+    return [str(p.get("paragraph_text", "")) for p in record.get("paragraphs", []) if isinstance(p, Mapping)]
+
+
 def resolve_refs(text: str, answers: list[str], path: str) -> str:
     """Replace each "#k" in ``text`` by ``answers[k-1]`` (the answers of earlier steps).
 

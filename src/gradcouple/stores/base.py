@@ -10,6 +10,7 @@ Opacus registers one grad sampler per layer type.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator
@@ -43,8 +44,6 @@ class Block:
 
     def to(self, device: torch.device) -> "Block":
         """The same block with its tensors on ``device`` (e.g. a GPU, for couple --device cuda)."""
-        import dataclasses
-
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
 
 

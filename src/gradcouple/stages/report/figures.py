@@ -19,7 +19,7 @@ from plotly.colors import qualitative
 from scipy.cluster.hierarchy import leaves_list, linkage
 from scipy.spatial.distance import squareform
 
-from ..artifacts import Measurement, TestMeasurement
+from ...artifacts import Measurement, TestMeasurement
 from .load import LoadedRun
 
 HIST_BINS = 100

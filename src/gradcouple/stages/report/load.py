@@ -8,13 +8,21 @@ from typing import Optional
 
 import torch
 
-from ..artifacts import (BenchmarkSummary, CouplingStats, Manifest, Measurement, PairRow, PieceRecord, RippleSummary,
-                         TestMeasurement)
-from ..config import RunConfig, load_config
-from ..couple import neighbour_pairs, upper_pairs
-from ..pieces import KnowledgePiece
-from ..rules import same_answer, same_answer_matrix, same_question, same_question_matrix
-from ..rundir import RunDir
+from ...artifacts import (
+    BenchmarkSummary,
+    CouplingStats,
+    Manifest,
+    Measurement,
+    PairRow,
+    PieceRecord,
+    RippleSummary,
+    TestMeasurement,
+)
+from ...config import RunConfig, load_config
+from ...pairs import neighbour_pairs, upper_pairs
+from ...pieces import KnowledgePiece
+from ...rules import same_answer, same_answer_matrix, same_question, same_question_matrix
+from ...rundir import RunDir
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .artifacts import (
+from ..artifacts import (
     BenchmarkEditRecord,
     BenchmarkSummary,
     CovarianceSource,
@@ -30,15 +30,16 @@ from .artifacts import (
     SweepSummary,
     TestMeasurement,
 )
-from .edits import ft_edit, restore, rome_edit, snapshot
-from .gram import first_order
-from .keys import cached_wikipedia_covariance, keys_at
-from .metrics import DEFINITIONS, auroc, bootstrap_interval, clustered_correlation, describe, spearman
-from .pieces import KnowledgePiece, PieceRole
-from .predictors import PREDICTORS, PredictorContext, predict
-from .progress import progress
-from .rules import RULES
-from .scoring import EncodedPiece, collate, encode, score, subject_position
+from ..edits import ft_edit, key_covariance, restore, rome_edit, snapshot
+from ..gram import first_order
+from ..keys import cached_wikipedia_covariance, keys_at
+from ..metrics import DEFINITIONS, auroc, bootstrap_interval, clustered_correlation, describe, spearman
+from ..pieces import KnowledgePiece, PieceRole
+from ..predictors import PREDICTORS, PredictorContext, predict
+from ..progress import progress
+from ..rules import RULES
+from ..runinfo import device_info
+from ..scoring import EncodedPiece, collate, encode, measure_logprobs, score, subject_position
 
 MAX_ALIASES = 3
 UNRELATED_SAMPLE = 100
@@ -173,8 +174,6 @@ class BenchmarkRun:
             self.cov, self.cov_source = cached_wikipedia_covariance(r.run, man.model.fingerprint, r.loaded.model, tok,
                                                                     self.layer, cfg.covariance_tokens)
         else:
-            from .edits import key_covariance
-
             self.cov = key_covariance(r.reader, self.layer.name)
             self.cov_source = CovarianceSource(text="the run's own pieces", n_tokens=sum(p.n_inputs for p in man.records()),
                                                layer=self.layer.name)
@@ -199,8 +198,6 @@ class BenchmarkRun:
 
     def logprobs(self, rows: list[int]) -> torch.Tensor:
         """log P (nats) of the pieces ``rows`` on the model as it is now: (N,) float64, NaN elsewhere."""
-        from .ripple import measure_logprobs
-
         out = torch.full((len(self.r.pieces),), float("nan"), dtype=torch.float64)
         rows = sorted(set(rows))
         out[torch.tensor(rows, dtype=torch.long)] = measure_logprobs(
@@ -309,8 +306,6 @@ def _make_and_measure(r, b: BenchmarkRun, k: int, edit: BenchmarkEdit, before: t
 
 
 def _summary(r, b: BenchmarkRun, records, tests, auroc_points, unrelated, seconds) -> BenchmarkSummary:
-    from .runinfo import device_info
-
     ok = [t for t in tests if t.edit_success]
     em = {}
     for c in sorted({t.criterion for t in ok}) + ["pooled"]:

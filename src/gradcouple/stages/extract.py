@@ -5,7 +5,7 @@ Pieces are tokenized, sorted by length (less padding), split into shards of
 one backward per batch yields every piece's exact factors (:mod:`gradcouple.gradients`), which
 the store kind encodes. After each shard the manifest is rewritten atomically, so an
 interrupted extraction resumes from its last complete shard. Under ``torchrun`` the ranks share
-the shards (:mod:`gradcouple.distributed`) and rank 0 writes the one manifest.
+the shards (:mod:`gradcouple.stages.resume`) and rank 0 writes the one manifest.
 """
 
 from __future__ import annotations
@@ -20,20 +20,21 @@ from typing import Optional
 import torch
 from pydantic import BaseModel
 
-from .artifacts import DeviceInfo, ExtractTiming, Inputs, Manifest, PieceRecord, ShardEntry, StoreSettings
-from .config import RunConfig, config_diff
-from .distributed import Earlier, Extraction, journal_changes, rank_device
-from .errors import ArtifactError, ConfigError, ResourceError
-from .gradients import batch_factors
-from .io import sha256_file
-from .layers import Target, select_targets
-from .models import LoadedModel, load_model, model_fingerprint
-from .pieces import KnowledgePiece
-from .progress import progress
-from .rundir import RunDir, load_data_pieces, locked, stale_inputs
-from .runinfo import device_info, human_bytes, peak_rss_bytes, use_threads
-from .scoring import EncodedPiece, collate, encode
-from .stores import ShardWriter
+from ..artifacts import DeviceInfo, ExtractTiming, Inputs, Manifest, PieceRecord, ShardEntry, StoreSettings
+from ..config import RunConfig
+from ..errors import ConfigError, ResourceError
+from ..gradients import batch_factors
+from ..io import sha256_file
+from ..layers import Target, select_targets
+from ..models import LoadedModel, load_model, model_fingerprint
+from ..pieces import KnowledgePiece
+from ..progress import progress
+from ..ranks import rank_device
+from ..rundir import RunDir, load_data_pieces, locked
+from ..runinfo import device_info, human_bytes, peak_rss_bytes, use_threads
+from ..scoring import EncodedPiece, collate, encode_pieces
+from ..stores import ShardWriter
+from .resume import Earlier, Extraction, _changes, _previous, journal_changes
 
 
 class ExtractResult(BaseModel):
@@ -82,23 +83,6 @@ def extraction_inputs(cfg: RunConfig) -> Inputs:
                           "model": model_fingerprint(cfg.model.name, cfg.model.revision)})
 
 
-def _previous(run: RunDir) -> tuple[Optional[Manifest], list[str]]:
-    """The run's manifest, or (None, [why it cannot be used]) when it is unreadable or from another version."""
-    if not run.has_manifest():
-        return None, []
-    try:
-        return run.load_manifest(complete=False), []
-    except ArtifactError as e:
-        return None, [f"gradients/manifest.json unusable ({str(e).split(': ', 1)[-1]})"]
-
-
-def _changes(previous: Manifest, inputs: Inputs, config: dict) -> list[str]:
-    changed = stale_inputs(previous.inputs, inputs)
-    if any(c.startswith("settings") for c in changed):
-        changed = [c for c in changed if not c.startswith("settings")] + config_diff(previous.config, config)
-    return changed
-
-
 def extraction_changes(run: RunDir, cfg: RunConfig) -> Optional[list[str]]:
     """What differs between ``run``'s extraction and one made under ``cfg`` now: [] when it is
     complete and current; None when there is none, or an interrupted one to resume."""
@@ -114,15 +98,6 @@ def extraction_changes(run: RunDir, cfg: RunConfig) -> Optional[list[str]]:
 def _extracted_config(cfg: RunConfig) -> dict:
     return cfg.model_dump(mode="json", include={"data", "model", "extract"},
                           exclude={"data": {"pieces"}, "model": {"device"}, "extract": {"batch_size"}})
-
-
-def encode_pieces(tokenizer, pieces: list[KnowledgePiece], template: str, max_length: int) -> list[EncodedPiece]:
-    """Render each piece with ``template`` and tokenize it (errors name the piece id)."""
-    out = []
-    for p in pieces:
-        prompt, answer = p.render(template)
-        out.append(encode(tokenizer, prompt, answer, max_length, where=f"piece {p.id}: "))
-    return out
 
 
 def plan_shards(encoded: list[EncodedPiece], shard_size: int) -> list[list[int]]:
@@ -141,26 +116,6 @@ def _new_manifest(cfg: RunConfig, loaded: LoadedModel, targets: list[Target], in
                                         proj_dim=cfg.extract.proj_dim if projected else None,
                                         proj_blocks=cfg.extract.proj_blocks if projected else None),
                     config=_extracted_config(cfg), batch_size=cfg.extract.batch_size)
-
-
-def resume_point(run: RunDir, header: Manifest, overwrite: bool) -> Optional[Manifest]:
-    """The previous manifest in ``run`` when it was made from the same inputs (its complete shards are reused).
-
-    Raises:
-        ConfigError: a previous extraction from other inputs, without ``overwrite``; the
-            message names every setting, file or model that changed.
-    """
-    previous, unusable = _previous(run)
-    if previous is None and not unusable:
-        return None
-    changed = unusable or _changes(previous, header.inputs, header.config)
-    if changed and not overwrite:
-        raise ConfigError(f"{run.manifest_path}: existing gradients were made from other inputs ({'; '.join(changed)}); "
-                          f"pass --overwrite to replace them or choose another --out.")
-    if changed or overwrite:
-        run.clear_gradients()
-        return None
-    return previous
 
 
 def _kept_shard(run: RunDir, previous: Optional[Earlier], k: int, rows: list[int]) -> Optional[ShardEntry]:
@@ -330,8 +285,3 @@ def ensure_extraction(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[L
         return ExtractResult.from_manifest(run, man, resumed=len(man.shards), seconds=time.perf_counter() - t0, reused=True)
     res = extract(cfg, run_dir, loaded=loaded, overwrite=replace_stale and bool(changed), show_progress=show_progress)
     return res.model_copy(update={"changed": changed or []})
-
-
-from ._callable import make_callable  # noqa: E402
-
-make_callable(__name__)

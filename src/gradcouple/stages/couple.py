@@ -10,22 +10,34 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
+import psutil
 import torch
 from pydantic import BaseModel
 
-from .artifacts import CouplingStats, PairRow, PairSplit, PieceRecord
-from .config import RunConfig
-from .distributed import compute_device, gram_share
-from .errors import ConfigError
-from .gram import (LayerParts, cosine_from_gram, fit_block_size, gram_matrix, layer_contributions, n_block_pairs,
-                   plan_methods, topk_cosine)
-from .metrics import describe
-from .progress import progress
-from .rules import same_answer, same_answer_matrix, same_question, same_question_matrix
-from .rundir import RunDir, locked
-from .runinfo import human_bytes, peak_rss_bytes, use_threads
-from .stores import GradientReader
+from ..artifacts import CouplingStats
+from ..config import RunConfig
+from ..errors import ConfigError
+from ..gram import (
+    LayerParts,
+    cosine_from_gram,
+    fit_block_size,
+    gram_matrix,
+    layer_contributions,
+    n_block_pairs,
+    plan_methods,
+    topk_cosine,
+)
+from ..io import sha256_file
+from ..models import resolve_device
+from ..pairs import neighbour_pairs, pair_split, threshold_counts, top_pairs, topk_pairs, upper_pairs
+from ..progress import progress
+from ..ranks import rank_device
+from ..rundir import RunDir, locked
+from ..runinfo import human_bytes, peak_rss_bytes, use_threads
+from ..stores import GradientReader
+from .gram_share import GramShare, gram_share
 
 LAYER_PAIRS = 20  # the most coupled pairs whose GradSim is split by target layer in stats.json
 
@@ -44,8 +56,6 @@ def memory_budget(cfg: RunConfig) -> float:
     """Bytes couple may use: ``couple.max_memory`` GiB, default a quarter of RAM."""
     if cfg.couple.max_memory:
         return cfg.couple.max_memory * 2**30
-    import psutil
-
     return psutil.virtual_memory().total / 4
 
 
@@ -78,8 +88,6 @@ def check_extraction_flags(run_dir: str | Path, given: dict[str, object]) -> Non
     Raises:
         ConfigError: a flag whose value differs from the extraction's, naming both and the fix.
     """
-    from .io import sha256_file
-
     run = RunDir(run_dir)
     if not run.has_manifest():
         return
@@ -124,69 +132,30 @@ def check_extraction_flags(run_dir: str | Path, given: dict[str, object]) -> Non
             f"stored in {run.root}; --device {device} applies only with --model, when couple extracts first. Drop --device.")
 
 
-def upper_pairs(cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(i, j, GradSim) of every unordered off-diagonal pair of an (N, N) matrix, i < j."""
-    n = cos.shape[0]
-    i, j = torch.triu_indices(n, n, offset=1)
-    return i, j, cos[i, j]
+def compute_device(spec: Optional[str]) -> Optional[torch.device]:
+    """The device of couple's Gram blocks: a CUDA device when ``spec`` names one (``cuda``,
+    ``cuda:N``; under torchrun ``cuda`` is the rank's own GPU), else None (the CPU, as always).
+
+    Raises:
+        ModelError: ``spec`` names a CUDA device this machine does not have.
+    """
+    if not spec or not str(spec).startswith("cuda"):
+        return None
+    return resolve_device(rank_device(str(spec)))
 
 
-def neighbour_pairs(idx: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(i, j, GradSim) of every unordered pair kept in top-k mode (each once, i < j)."""
-    seen: dict[tuple[int, int], float] = {}
-    for i, (js, cs) in enumerate(zip(idx.tolist(), vals.tolist())):
-        for j, c in zip(js, cs):
-            if j != i:
-                seen.setdefault((min(i, j), max(i, j)), c)
-    keys = sorted(seen)
-    return (torch.tensor([a for a, _ in keys], dtype=torch.long), torch.tensor([b for _, b in keys], dtype=torch.long),
-            torch.tensor([seen[k] for k in keys], dtype=torch.float64))
-
-
-def pair_split(i: torch.Tensor, j: torch.Tensor, vals: torch.Tensor, records: list[PieceRecord]) -> PairSplit:
-    """GradSim of the pairs (i, j, vals), split by the same-question and same-answer rules
-    (:mod:`gradcouple.rules`). A shared answer token sequence alone makes gradients similar, so
-    coupling between different facts is best read on different-answer pairs."""
-    sq = same_question_matrix([r.owners for r in records])[i, j]
-    sa = same_answer_matrix([r.answer for r in records])[i, j]
-    return PairSplit(all=describe(vals), same_question=describe(vals[sq]), cross_question=describe(vals[~sq]),
-                     same_answer=describe(vals[sa]), different_answer=describe(vals[~sa]),
-                     same_question_different_answer=describe(vals[sq & ~sa]),
-                     cross_question_different_answer=describe(vals[~sq & ~sa]))
-
-
-def threshold_counts(values: torch.Tensor, thresholds: list[float]) -> dict[str, int]:
-    """Threshold (as a string key) -> how many of ``values`` exceed it."""
-    return {str(t): int((values > t).sum()) for t in thresholds}
-
-
-def pair_row(rank: int, cosine: float, a: PieceRecord, b: PieceRecord) -> PairRow:
-    """One pairs.csv row for pieces ``a`` and ``b``."""
-    return PairRow(rank=rank, cosine=cosine, same_question=same_question(a.owners, b.owners),
-                   same_answer=same_answer(a.answer, b.answer), id_a=a.id, id_b=b.id, question_a=a.question_id,
-                   question_b=b.question_id, prompt_a=a.prompt, answer_a=a.answer, prompt_b=b.prompt, answer_b=b.answer)
-
-
-def top_pairs(cos: torch.Tensor, records: list[PieceRecord], top: int) -> tuple[list[PairRow], list[PairRow]]:
-    """The ``top`` most coupled unordered pairs, and the ``top`` most coupled with different answers."""
-    ii, jj, vals = upper_pairs(cos)
-    rows_all, rows_diff = [], []
-    for b in vals.argsort(descending=True).tolist():
-        if len(rows_all) >= top and len(rows_diff) >= top:
-            break
-        i, j = int(ii[b]), int(jj[b])
-        if len(rows_all) < top:
-            rows_all.append(pair_row(len(rows_all) + 1, float(cos[i, j]), records[i], records[j]))
-        if len(rows_diff) < top and not same_answer(records[i].answer, records[j].answer):
-            rows_diff.append(pair_row(len(rows_diff) + 1, float(cos[i, j]), records[i], records[j]))
-    return rows_all, rows_diff
-
-
-def topk_pairs(idx: torch.Tensor, vals: torch.Tensor, records: list[PieceRecord], top: int) -> list[PairRow]:
-    """The ``top`` most coupled unordered pairs among each piece's kept neighbours (top-k mode)."""
-    ii, jj, v = neighbour_pairs(idx, vals)
-    best = sorted(zip(v.tolist(), ii.tolist(), jj.tolist()), reverse=True)[:top]
-    return [pair_row(rank, c, records[i], records[j]) for rank, (c, i, j) in enumerate(best, 1)]
+def _follow(share: GramShare, run: RunDir, reader: GradientReader, layers: LayerParts, budget: float,
+            device: Optional[torch.device], t0: float) -> CoupleResult:
+    """A rank other than 0: compute this rank's block rows, hand them to rank 0, wait for its
+    files and return the same :class:`CoupleResult`."""
+    if share.top_k is None:
+        gram_matrix(reader, share.block_size, share.methods, max_memory=budget, layers=layers, share=share, device=device)
+    else:
+        topk_cosine(reader, share.top_k, share.block_size, share.methods, max_memory=budget, layers=layers, share=share,
+                    device=device)
+    share.done()
+    stats = run.load_stats()
+    return CoupleResult(out_dir=run.coupling_dir, n=reader.n, mode=stats.mode, seconds=time.perf_counter() - t0, stats=stats)
 
 
 @locked("couple")
@@ -225,7 +194,7 @@ def couple(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True,
     if share is not None:
         bs, top_k, methods = share.block_size, share.top_k, share.methods  # rank 0's
         if not share.main:
-            return share.follow(run, reader, layers, budget, device, t0)
+            return _follow(share, run, reader, layers, budget, device, t0)
     with progress("couple", share.n_pairs if share else n_block_pairs(n, bs), "blocks", show_progress) as advance:
         if top_k is None:
             G = gram_matrix(reader, bs, methods, progress=advance, max_memory=budget, layers=layers, share=share,
@@ -258,9 +227,3 @@ def couple(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True,
     if share is not None:
         share.done()  # the other ranks return once every file is written
     return CoupleResult(out_dir=run.coupling_dir, n=n, mode=mode, seconds=stats.seconds, stats=stats)
-
-
-
-from ._callable import make_callable  # noqa: E402
-
-make_callable(__name__)

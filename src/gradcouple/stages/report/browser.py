@@ -2,7 +2,7 @@
 DOM after the page's scripts ran (and, if asked, a screenshot). The browser test and
 ``make screenshot`` use it; gradcouple itself never needs a browser.
 
-    python -m gradcouple.report.browser runs/demo/report/index.html --screenshot docs/report.png
+    python -m gradcouple.stages.report.browser runs/demo/report/index.html --screenshot docs/report.png
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ def render_page(page: str | Path, *, fragment: str = "", screenshot: Optional[st
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m gradcouple.report.browser PAGE [--screenshot PNG] [--size WxH] [--selftest]``."""
-    ap = argparse.ArgumentParser(prog="python -m gradcouple.report.browser", description=__doc__.split("\n\n")[0])
+    """``python -m gradcouple.stages.report.browser PAGE [--screenshot PNG] [--size WxH] [--selftest]``."""
+    ap = argparse.ArgumentParser(prog="python -m gradcouple.stages.report.browser", description=__doc__.split("\n\n")[0])
     ap.add_argument("page", type=Path)
     ap.add_argument("--screenshot", type=Path, help="write a PNG of the top of the page here")
     ap.add_argument("--size", default="1280x2000", help="window width x height in pixels (default 1280x2000)")

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from pydantic import BaseModel
 
-from .artifacts import (
+from ..artifacts import (
     BenchmarkSummary,
     CouplingStats,
     EditRecord,
@@ -33,22 +33,22 @@ from .artifacts import (
     RippleSummary,
     SweepSummary,
 )
-from .config import RunConfig
-from .edits import ft_edit, key_covariance, restore, rome_edit, snapshot
-from .errors import ArtifactError, DataError
-from .extract import encode_pieces
-from .gram import first_order
-from .keys import cached_wikipedia_covariance
-from .layers import Target, select_targets
-from .metrics import DEFINITIONS, bootstrap_interval, describe, pearson, precision_at_k, spearman
-from .models import LoadedModel, load_model
-from .pieces import KnowledgePiece, PieceKind, PieceRole
-from .progress import progress
-from .rules import AnswerMatch, answers_match, same_answer, same_question
-from .rundir import RunDir, locked
-from .runinfo import device_info, use_threads
-from .scoring import EncodedPiece, answer_logprob, collate, encode
-from .stores import GradientReader
+from ..config import RunConfig
+from ..edits import ft_edit, key_covariance, restore, rome_edit, snapshot
+from ..errors import ArtifactError, DataError
+from ..gram import first_order
+from ..keys import cached_wikipedia_covariance
+from ..layers import Target, select_targets
+from ..metrics import DEFINITIONS, bootstrap_interval, describe, pearson, precision_at_k, spearman
+from ..models import LoadedModel, load_model
+from ..pieces import KnowledgePiece, PieceKind, PieceRole
+from ..progress import progress
+from ..rules import AnswerMatch, answers_match, same_answer, same_question
+from ..rundir import RunDir, locked
+from ..runinfo import device_info, use_threads
+from ..scoring import EncodedPiece, encode, encode_pieces, measure_logprobs
+from ..stores import GradientReader
+from .benchmark import benchmark_edits, evaluate_benchmark, sweep_benchmark
 
 #: the per-edit metrics whose spread over edits the summary reports
 PER_EDIT = ("spearman_coupling", "spearman_first_order", "pearson_first_order", "precision_at_k")
@@ -73,19 +73,6 @@ class PlannedEdit:
     index: int
     new_answer: str
     source: str
-
-
-def measure_logprobs(model, encoded: list[EncodedPiece], batch_size: int = 16, pad_id: int = 0) -> torch.Tensor:
-    """log P(answer | prompt) of every piece in nats, (N,) float64, batched by length, no grad."""
-    device = next(model.parameters()).device
-    order = sorted(range(len(encoded)), key=lambda i: encoded[i].n_inputs)
-    out = torch.empty(len(encoded), dtype=torch.float64)
-    with torch.no_grad():
-        for k in range(0, len(order), batch_size):
-            idx = order[k:k + batch_size]
-            lp = answer_logprob(model, collate([encoded[i] for i in idx], pad_id).to(device))
-            out[idx] = lp.double().cpu()
-    return out
 
 
 def choose_edits(pieces: list[KnowledgePiece], n: int, seed: int) -> list[PlannedEdit]:
@@ -307,8 +294,6 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
     use_threads(cfg.model.threads)
     r = check_run(cfg, run_dir, loaded)
     if edit_mode(cfg, r.pieces) == "benchmark":
-        from .benchmark import benchmark_edits, evaluate_benchmark, sweep_benchmark
-
         edits = benchmark_edits(r.pieces)[: cfg.ripple.n_edits]
         if not edits:
             raise NothingToEdit(f"{r.run.pieces_path}: no benchmark edit has a test query.")
@@ -346,8 +331,3 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
     summary.resumed_edits = resumed
     r.run.save_ripple(summary, rows)
     return RippleResult(out_dir=r.run.ripple_dir, summary=summary)
-
-
-from ._callable import make_callable  # noqa: E402
-
-make_callable(__name__)

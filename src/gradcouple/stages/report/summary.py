@@ -11,12 +11,12 @@ from typing import Any, Optional
 import torch
 from pydantic import BaseModel
 
-from .. import __version__
-from ..artifacts import RippleSummary
-from ..couple import upper_pairs
-from ..io import atomic_open
-from ..metrics import Interval, describe
-from ..rundir import RunDir
+from ..._version import __version__
+from ...artifacts import RippleSummary
+from ...io import atomic_open
+from ...metrics import Interval, describe
+from ...pairs import upper_pairs
+from ...rundir import RunDir
 from .load import LoadedRun
 
 TOP_PAIRS = 10

@@ -9,15 +9,16 @@ from typing import Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from .config import RunConfig
+from ..config import RunConfig
+from ..datasets import download
+from ..errors import ArtifactError
+from ..models import load_model
+from ..pieces import read_pieces, write_pieces
+from ..rundir import RunDir, locked
 from .couple import CoupleResult, couple
-from .errors import ArtifactError
 from .extract import ExtractResult, ensure_extraction
-from .models import load_model
-from .pieces import read_pieces, write_pieces
 from .report import ReportResult, report
 from .ripple import NothingToEdit, RippleResult, ripple
-from .rundir import RunDir, locked
 
 DEFAULT_SAMPLES = ("musique", "hotpotqa", "mquake-hard")
 
@@ -27,8 +28,6 @@ def sample_pieces(out_dir: Path, datasets: Sequence[str] = DEFAULT_SAMPLES) -> P
 
     Needs no network. Piece ids carry their dataset, so the merge keeps them unique.
     """
-    from .datasets import download
-
     merged = []
     for name in datasets:
         res = download(name, out_dir / name, from_path="sample")

@@ -8,14 +8,16 @@ offline) and ``RUN/report/summary.json`` (the nine sections of :data:`SECTIONS`)
 
 from __future__ import annotations
 
+import os
 import time
+import webbrowser
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from ..config import RunConfig
-from ..io import atomic_open
-from ..rundir import locked
+from ...config import RunConfig
+from ...io import atomic_open
+from ...rundir import locked
 from .load import LoadedRun, load_run
 from .page import render
 from .summary import Headline, headline, summarize, write_summary
@@ -97,9 +99,6 @@ def open_in_browser(path: str | Path) -> bool:
     only a console one (lynx, w3m, ...) that cannot draw the figures, as on a server without a
     display; a browser named in ``$BROWSER`` always counts.
     """
-    import os
-    import webbrowser
-
     try:
         browser = webbrowser.get()
     except webbrowser.Error:
@@ -114,8 +113,3 @@ def open_in_browser(path: str | Path) -> bool:
 
 __all__ = ["SECTIONS", "ReportResult", "Headline", "LoadedRun", "load_run", "build_summary", "render_html", "report",
            "open_in_browser"]
-
-
-from .._callable import make_callable  # noqa: E402
-
-make_callable(__name__)

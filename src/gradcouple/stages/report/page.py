@@ -16,9 +16,9 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from markupsafe import Markup
 from plotly.offline import get_plotlyjs
 
-from ..config import RunConfig
-from ..metrics import DEFINITIONS
-from ..runinfo import human_bytes
+from ...config import RunConfig
+from ...metrics import DEFINITIONS
+from ...runinfo import human_bytes
 from .figures import benchmark_scatter, distribution, heatmap, layer_chart, ripple_scatter
 from .load import LoadedRun
 
@@ -100,7 +100,7 @@ def sortval(x: Any) -> str:
 
 def environment() -> Environment:
     """The Jinja environment of the report templates: autoescaping on, undefined names are errors."""
-    env = Environment(loader=PackageLoader("gradcouple.report"), autoescape=select_autoescape(["html", "j2"]),
+    env = Environment(loader=PackageLoader(__package__), autoescape=select_autoescape(["html", "j2"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(num=num, nbytes=nbytes, hbytes=hbytes, secs=secs, short=short, device=device,
                        interval=interval, correlation=correlation, sortval=sortval)
