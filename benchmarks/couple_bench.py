@@ -59,7 +59,7 @@ def write_synthetic(run_dirs: dict[str, Path], n: int, shapes: list, seed: int =
     writers = {s: ShardWriter(settings[s], shapes) for s in run_dirs}
     for run in runs.values():
         shutil.rmtree(run.root, ignore_errors=True)
-        run.gradients_dir.mkdir(parents=True)
+        run.gradients.dir.mkdir(parents=True)
     shards: dict[str, list] = {s: [] for s in run_dirs}
     spent = dict.fromkeys(run_dirs, 0.0)
     pieces = []
@@ -84,10 +84,10 @@ def write_synthetic(run_dirs: dict[str, Path], n: int, shapes: list, seed: int =
                                       n_inputs=lens[r], logprob=0.0, sq_norm=pf.sq_norm, shard=k0 // shard_size))
         for s, w in writers.items():
             t = time.perf_counter()
-            shards[s].append(w.flush(runs[s].shard_path(k0 // shard_size)))
+            shards[s].append(w.flush(runs[s].gradients.shard_path(k0 // shard_size)))
             spent[s] += time.perf_counter() - t
     for s, run in runs.items():
-        run.save_manifest(Manifest(inputs=Inputs(values={"pieces": f"synthetic:{n}:{seed}"}), pieces_file="synthetic",
+        run.gradients.save_manifest(Manifest(inputs=Inputs(values={"pieces": f"synthetic:{n}:{seed}"}), pieces_file="synthetic",
                                    model=ModelIdentity(name="synthetic", fingerprint="synthetic"), targets=shapes,
                                    n_params=sum(t.n_params for t in shapes), store=settings[s], compute_dtype="float32",
                                    config={}, batch_size=1, complete=True, shards=shards[s], pieces=pieces))
@@ -119,7 +119,7 @@ def measure(run_dir: Path, top_k: int | None, tmp: Path) -> dict:
 def bytes_per_piece(run_dir: Path) -> float:
     from gradcouple.rundir import RunDir
 
-    return common.bytes_per_piece(RunDir(run_dir).load_manifest())
+    return common.bytes_per_piece(RunDir(run_dir).gradients.load_manifest())
 
 
 def main(argv=None) -> int:

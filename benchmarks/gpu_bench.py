@@ -173,7 +173,7 @@ def bench(spec: dict, device: torch.device, work: Path, batch_size: int, n_overr
     sync(device)
     ex_wall = time.perf_counter() - t
     ex_peak = peak(device)
-    loop_pps = RunDir(run).load_manifest().timing.pieces_per_s  # the batch loop alone (no tokenization, no load)
+    loop_pps = RunDir(run).gradients.load_manifest().timing.pieces_per_s  # the batch loop alone (no tokenization, no load)
     shutil.rmtree(run, ignore_errors=True)
 
     reset_peak(device)

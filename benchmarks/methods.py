@@ -271,10 +271,10 @@ def run_gradcouple(loaded, targets, encoded, args, store: str) -> dict:
         couple(cfg, run.root, show_progress=False)
         t2 = time.perf_counter()
         splits.append({"extract_s": t1 - t0, "couple_s": t2 - t1})
-        return run.load_cosine()[1]
+        return run.coupling.load_cosine()[1]
 
     best, times, cos = _timed(args.reps, once)
-    man = run.load_manifest()
+    man = run.gradients.load_manifest()
     records = man.records()
     k = times.index(best)
     return {"seconds": best, "all_seconds": times, "cosine": cos, "batch_size": args.batch_size, "order": "length-sorted",
@@ -324,7 +324,7 @@ def run_profile(loaded, targets, encoded, args) -> dict:
     settings = common.store_settings("factors")
     run = RunDir(Path(args.work) / "profile")
     shutil.rmtree(run.root, ignore_errors=True)
-    run.gradients_dir.mkdir(parents=True)
+    run.gradients.dir.mkdir(parents=True)
     best: dict | None = None
     for _ in range(args.reps):
         s = dict.fromkeys(["collate", "forward_no_grad", "forward_capture", "backward", "factor_copy", "norms",
@@ -379,14 +379,14 @@ def run_profile(loaded, targets, encoded, args) -> dict:
                                          n_prompt_tokens=e.n_prompt_tokens, n_answer_tokens=e.n_answer_tokens,
                                          n_inputs=e.n_inputs, logprob=pf.logprob, sq_norm=pf.sq_norm, shard=0)
         t = time.perf_counter()
-        entry = writer.flush(run.shard_path(0))
+        entry = writer.flush(run.gradients.shard_path(0))
         s["shard_flush"] += time.perf_counter() - t
         s["extract_total"] = time.perf_counter() - t_all - s["forward_no_grad"]
         man = Manifest(inputs=Inputs(values={"pieces": common.file_sha(Path(args.work) / "pieces.jsonl")}),
                        pieces_file=str(Path(args.work) / "pieces.jsonl"), model=loaded.identity(), targets=shapes,
                        n_params=sum(sh.n_params for sh in shapes), store=settings, compute_dtype="float32",
                        config={}, batch_size=args.batch_size, complete=True, shards=[entry], pieces=records)
-        run.save_manifest(man)
+        run.gradients.save_manifest(man)
         t = time.perf_counter()
         reader = GradientReader(run)
         s["couple_open_verify"] = time.perf_counter() - t

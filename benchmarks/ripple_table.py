@@ -25,7 +25,7 @@ def main(paths: list[str]) -> None:
     print("|---|---|---|---|---|---|---|")
     runs = []
     for p in paths:
-        s, _ = RunDir(p).load_ripple()
+        s, _ = RunDir(p).ripple.load()
         if s.mode != "benchmark":
             raise SystemExit(f"{p}: not a benchmark ripple run")
         runs.append((Path(p).name, s))

@@ -32,7 +32,7 @@ def write_store(root: Path, targets, factors, store="factors", shard_size=3, pro
         rows = order[k:k + shard_size]
         for r in rows:
             writer.add(r, factors[r])
-        man.shards.append(writer.flush(run.shard_path(k // shard_size)))
+        man.shards.append(writer.flush(run.gradients.shard_path(k // shard_size)))
         for r in rows:
             f = factors[r]
             n_in = next(iter(f.x.values())).shape[0]
@@ -42,5 +42,5 @@ def write_store(root: Path, targets, factors, store="factors", shard_size=3, pro
                                      n_answer_tokens=1, n_inputs=n_in, logprob=f.logprob, sq_norm=f.sq_norm,
                                      shard=k // shard_size)
     man.pieces = records
-    run.save_manifest(man)
+    run.gradients.save_manifest(man)
     return GradientReader(run)

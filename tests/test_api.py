@@ -60,14 +60,14 @@ def test_load_run_pieces_join_the_manifest(nb_run):
 
 
 def test_load_run_cosine_is_indexed_by_piece_id(nb_run):
-    ids, cos = nb_run.dir.load_cosine()
+    ids, cos = nb_run.dir.coupling.load_cosine()
     assert list(nb_run.cosine.index) == ids and list(nb_run.cosine.columns) == ids
     assert torch.equal(torch.tensor(nb_run.cosine.to_numpy()), cos)
 
 
 def test_load_run_pairs_and_stats_are_the_files(nb_run):
-    assert nb_run.pairs.cosine.tolist() == [r.cosine for r in nb_run.dir.load_pairs()]
-    assert nb_run.stats == nb_run.dir.load_stats() and nb_run.ripple is None
+    assert nb_run.pairs.cosine.tolist() == [r.cosine for r in nb_run.dir.coupling.load_pairs()]
+    assert nb_run.stats == nb_run.dir.coupling.load_stats() and nb_run.ripple is None
 
 
 def test_the_api_is_plain_functions_and_importing_a_stage_changes_nothing():

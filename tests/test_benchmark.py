@@ -195,12 +195,12 @@ def benchmark_run(tmp_path_factory):
 
 def test_benchmark_mode_is_chosen_for_pieces_that_carry_edits(benchmark_run):
     _, run, s = benchmark_run
-    assert s.mode == "benchmark" and RunDir(run).tests_path.is_file() and not RunDir(run).edits_path.exists()
+    assert s.mode == "benchmark" and RunDir(run).ripple.tests_path.is_file() and not RunDir(run).ripple.edits_path.exists()
 
 
 def test_benchmark_measures_every_test_of_every_edit_once(benchmark_run):
     _, run, s = benchmark_run
-    _, rows = RunDir(run).load_ripple()
+    _, rows = RunDir(run).ripple.load()
     assert len(rows) == 9 and len({r.test_id for r in rows}) == 9 and s.n_tests == 9
 
 
@@ -213,7 +213,7 @@ def test_benchmark_reports_every_predictor_pooled_and_per_criterion(benchmark_ru
 
 def test_benchmark_counts_only_tests_of_successful_edits(benchmark_run):
     _, run, s = benchmark_run
-    _, rows = RunDir(run).load_ripple()
+    _, rows = RunDir(run).ripple.load()
     assert s.n_tests_counted == sum(r.edit_success for r in rows)
     assert s.predictors["gradsim"].pooled.spearman.n_points == s.n_tests_counted
 
@@ -243,7 +243,7 @@ def test_identical_query_rises_most_and_informative_predictors_rank_it_first(tmp
     extract(cfg, tmp_path / "run", show_progress=False)
     couple(cfg, tmp_path / "run", show_progress=False)
     ripple(cfg, tmp_path / "run", show_progress=False)
-    _, rows = RunDir(tmp_path / "run").load_ripple()
+    _, rows = RunDir(tmp_path / "run").ripple.load()
     same = next(r for r in rows if r.test_id == "re:0:test_same")
     others = [r for r in rows if r.test_id != "re:0:test_same"]
     assert same.rise > max(r.rise for r in others)
@@ -262,7 +262,7 @@ def test_sweep_evaluates_the_same_edits_at_each_strength(sweep_run):
     run, sw = sweep_run
     assert sw.knob == "lr" and [p.strength for p in sw.points] == [1e-3, 3e-2]
     assert all(p.n_edits == 3 and set(p.spearman) == set(PREDICTORS) for p in sw.points)
-    assert RunDir(run).load_sweep() == sw
+    assert RunDir(run).ripple.load_sweep() == sw
 
 
 def test_a_stronger_edit_raises_its_own_tests_more(sweep_run):

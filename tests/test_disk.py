@@ -41,7 +41,7 @@ def manifest(tmp_path_factory, targets):
                             {t.name: 0.0 for t in targets}) for _ in range(N_PIECES)]
     root = tmp_path_factory.mktemp("disk")
     write_store(root, targets, factors, shard_size=N_PIECES)
-    return RunDir(root).load_manifest()
+    return RunDir(root).gradients.load_manifest()
 
 
 def test_llama2_7b_widths_give_down_projection_targets(targets):

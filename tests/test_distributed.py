@@ -24,7 +24,6 @@ import torch
 from conftest import write_fact_pieces
 
 from gradcouple import ranks
-from gradcouple.stages import resume
 from gradcouple.config import RunConfig
 from gradcouple.stages.couple import couple
 from gradcouple.errors import ConfigError
@@ -146,24 +145,24 @@ def two_processes(work, killed):
 
 
 def test_the_killed_rank_left_complete_shards_and_journals_not_a_manifest(killed):
-    files = {p.name for p in killed.gradients_dir.iterdir() if not p.name.startswith(".")}
+    files = {p.name for p in killed.gradients.dir.iterdir() if not p.name.startswith(".")}
     assert "manifest.json" not in files
     assert {"manifest.rank-0.jsonl", "manifest.rank-1.jsonl"} <= files
-    lines = killed.rank_manifest_path(1).read_text(encoding="utf-8").splitlines()
+    lines = killed.gradients.rank_manifest_path(1).read_text(encoding="utf-8").splitlines()
     assert len(lines) == 2  # the header and rank 1's first shard
 
 
 def test_two_processes_give_the_single_process_matrices(two_processes, one_process):
     one, _ = one_process
     two = RunDir(one.root.parent / "two")
-    ids1, cos1 = one.load_cosine()
-    ids2, cos2 = two.load_cosine()
+    ids1, cos1 = one.coupling.load_cosine()
+    ids2, cos2 = two.coupling.load_cosine()
     diff = max_diff(cos1, cos2)
     print(f"tiny model, full matrix: max |cos(1 process) - cos(2 processes)| = {diff:.3g}")
     assert ids1 == ids2 and diff <= COS_ATOL_FP16
-    assert max_diff(one.load_gram(), two.load_gram()) <= COS_ATOL_FP16 * one.load_gram().abs().max().item()
-    assert [r.id_a + r.id_b for r in one.load_pairs()] == [r.id_a + r.id_b for r in two.load_pairs()]
-    s1, s2 = one.load_stats(), two.load_stats()
+    assert max_diff(one.coupling.load_gram(), two.coupling.load_gram()) <= COS_ATOL_FP16 * one.coupling.load_gram().abs().max().item()
+    assert [r.id_a + r.id_b for r in one.coupling.load_pairs()] == [r.id_a + r.id_b for r in two.coupling.load_pairs()]
+    s1, s2 = one.coupling.load_stats(), two.coupling.load_stats()
     assert s2.mode == "full" and s2.n_pieces == N_PIECES and s2.layers.n_pairs == s1.layers.n_pairs
     assert s2.layers.mean_contribution == pytest.approx(s1.layers.mean_contribution, rel=1e-6)  # other thread counts
 
@@ -171,13 +170,13 @@ def test_two_processes_give_the_single_process_matrices(two_processes, one_proce
 def test_the_merged_manifest_lists_every_piece_exactly_once(two_processes, one_process):
     one, _ = one_process
     two = RunDir(one.root.parent / "two")
-    man = two.load_manifest()
+    man = two.gradients.load_manifest()
     rows = sorted(r for s in man.shards for r in s.rows)
     assert rows == list(range(N_PIECES)) and man.mismatch() is None
     assert [s.file for s in man.shards] == [f"shard-{k:05d}.pt" for k in range(N_PIECES // SHARD)]
-    assert [s.rows for s in man.shards] == [s.rows for s in one.load_manifest().shards]  # the same global plan
+    assert [s.rows for s in man.shards] == [s.rows for s in one.gradients.load_manifest().shards]  # the same global plan
     assert man.timing.processes == 2 and man.complete
-    assert two.rank_manifest_paths() == [] and not two.lock_path.exists()
+    assert two.gradients.rank_manifest_paths() == [] and not two.lock_path.exists()
 
 
 def test_only_rank_zero_prints_summaries(two_processes):
@@ -191,9 +190,9 @@ def test_a_killed_run_resumes_with_two_processes_to_the_same_top_k(two_processes
     resumed = [int(n) for n in re.findall(r"(\d+) resumed", two_processes.stdout + two_processes.stderr)]
     assert resumed[0] == 0 and resumed[1] >= 1, resumed  # the fresh run, then the killed one
     run = RunDir(one_topk.root.parent / "resume-2")
-    assert run.load_manifest().mismatch() is None and run.rank_manifest_paths() == []
-    ids1, idx1, cos1 = one_topk.load_topk()
-    ids2, idx2, cos2 = run.load_topk()
+    assert run.gradients.load_manifest().mismatch() is None and run.gradients.rank_manifest_paths() == []
+    ids1, idx1, cos1 = one_topk.coupling.load_topk()
+    ids2, idx2, cos2 = run.coupling.load_topk()
     diff = max_diff(cos1, cos2)
     print(f"tiny model, top-{TOP_K} after a K=2 resume: max |cos diff| = {diff:.3g}")
     assert ids1 == ids2 and torch.equal(idx1, idx2) and diff <= COS_ATOL_FP16
@@ -204,8 +203,8 @@ def test_a_killed_run_resumes_with_one_process(killed, one_process, tiny_llama_l
     run = RunDir(one.root.parent / "resume-1")
     res = extract(tiny_cfg(one.root.parent / "p.jsonl"), run.root, loaded=tiny_llama_loaded, show_progress=False)
     assert res.resumed_shards >= 1 and res.n_pieces == N_PIECES
-    assert run.rank_manifest_paths() == []  # merged into manifest.json and removed
-    man, ref = run.load_manifest(), one.load_manifest()
+    assert run.gradients.rank_manifest_paths() == []  # merged into manifest.json and removed
+    man, ref = run.gradients.load_manifest(), one.gradients.load_manifest()
     assert [s.sha256 for s in man.shards] == [s.sha256 for s in ref.shards]
     assert [(p.id, p.shard) for p in man.records()] == [(p.id, p.shard) for p in ref.records()]
 
@@ -225,11 +224,11 @@ def test_the_default_model_on_two_processes_matches_one(tmp_path, smollm2):
     extract(cfg, tmp_path / "one", loaded=smollm2, show_progress=False)
     for d in ("one", "two"):
         couple(cfg, tmp_path / d, show_progress=False)
-    (ids1, cos1), (ids2, cos2) = RunDir(tmp_path / "one").load_cosine(), RunDir(tmp_path / "two").load_cosine()
+    (ids1, cos1), (ids2, cos2) = RunDir(tmp_path / "one").coupling.load_cosine(), RunDir(tmp_path / "two").coupling.load_cosine()
     diff = max_diff(cos1, cos2)
     print(f"smollm2-135m, 24 pieces: max |cos(1 process) - cos(2 processes)| = {diff:.3g}")
     assert ids1 == ids2 and diff <= COS_ATOL_FP16
-    man = RunDir(tmp_path / "two").load_manifest()
+    man = RunDir(tmp_path / "two").gradients.load_manifest()
     assert sorted(r for s in man.shards for r in s.rows) == list(range(24)) and man.timing.processes == 2
 
 
@@ -283,14 +282,14 @@ def test_a_journal_from_other_inputs_is_refused_and_overwrite_clears_it(killed, 
     changed = extraction_changes(run, cfg)  # what `couple --model` and `run` see before replacing a stale extraction
     assert changed and all(c.startswith("gradients/manifest.rank-") for c in changed), changed
     res = ensure_extraction(cfg, run.root, loaded=tiny_llama_loaded, replace_stale=True, show_progress=False)
-    assert res.changed == changed and res.resumed_shards == 0 and run.rank_manifest_paths() == []
+    assert res.changed == changed and res.resumed_shards == 0 and run.gradients.rank_manifest_paths() == []
 
 
 def test_a_journal_line_cut_short_is_skipped(killed, work):
     path = work / "cut.jsonl"
-    text = killed.rank_manifest_path(0).read_text(encoding="utf-8")
+    text = killed.gradients.rank_manifest_path(0).read_text(encoding="utf-8")
     path.write_text(text[: len(text) - 40], encoding="utf-8")  # the last line, cut
-    header, lines, why = resume.read_journal(path)
+    header, lines, why = killed.gradients.read_rank_journal(path)
     assert why is None and header is not None
     assert len(lines) == len(text.splitlines()) - 2
 
@@ -348,7 +347,7 @@ def test_auto_map_loads_through_accelerate_and_extracts_the_same_gradients(tmp_p
     cfg = tiny_cfg(one.root.parent / "p.jsonl")
     cfg.model.name = str(tmp_path / "model")
     extract(cfg, tmp_path / "mapped", loaded=mapped, show_progress=False)
-    a, b = RunDir(tmp_path / "mapped").load_manifest(), one.load_manifest()
+    a, b = RunDir(tmp_path / "mapped").gradients.load_manifest(), one.gradients.load_manifest()
     assert [p.logprob for p in a.records()] == pytest.approx([p.logprob for p in b.records()], abs=1e-5)
     assert [s.rows for s in a.shards] == [s.rows for s in b.shards]
 
@@ -366,9 +365,9 @@ def test_couple_on_the_gpu_matches_the_cpu(one_process, tmp_path, top_k):
     cfg.model.device, cfg.couple.top_k = "cuda", top_k
     couple(cfg, run.root, show_progress=False)
     if top_k is None:
-        assert max_diff(one.load_cosine()[1], run.load_cosine()[1]) <= 1e-5
+        assert max_diff(one.coupling.load_cosine()[1], run.coupling.load_cosine()[1]) <= 1e-5
     else:
-        assert max_diff(one_topk.load_topk()[2], run.load_topk()[2]) <= 1e-5
+        assert max_diff(one_topk.coupling.load_topk()[2], run.coupling.load_topk()[2]) <= 1e-5
 
 
 @pytest.mark.gpu
@@ -381,7 +380,7 @@ def test_bf16_extraction_on_the_gpu_stays_close_to_float32(work, tmp_path):
     extract(cfg, tmp_path / "bf16", show_progress=False)
     for d in ("fp32", "bf16"):
         couple(cfg, tmp_path / d, show_progress=False)
-    diff = max_diff(RunDir(tmp_path / "fp32").load_cosine()[1], RunDir(tmp_path / "bf16").load_cosine()[1])
+    diff = max_diff(RunDir(tmp_path / "fp32").coupling.load_cosine()[1], RunDir(tmp_path / "bf16").coupling.load_cosine()[1])
     assert diff < 0.1, diff  # bf16 keeps 8 bits of mantissa; the products accumulate in fp32
 
 

@@ -47,43 +47,43 @@ def extracted(tmp_path, tiny_llama_loaded):
 
 def test_cosines_from_the_shards_match_the_oracle(extracted):
     _, run, ref, _ = extracted
-    _, cos = run.load_cosine()
+    _, cos = run.coupling.load_cosine()
     assert (cos - cosine_from_gram(ref)).abs().max().item() < COS_ATOL_FP16
 
 
 def test_cosine_matrix_is_in_pieces_file_order(extracted):
     _, run, _, _ = extracted
-    ids, _ = run.load_cosine()
+    ids, _ = run.coupling.load_cosine()
     assert ids == [p.id for p in read_pieces(run.pieces_path)]
 
 
 def test_manifest_log_probs_match_the_oracle(extracted):
     _, run, _, ref_lp = extracted
-    lp = torch.tensor([r.logprob for r in run.load_manifest().records()], dtype=torch.float64)
+    lp = torch.tensor([r.logprob for r in run.gradients.load_manifest().records()], dtype=torch.float64)
     assert torch.allclose(lp, torch.tensor(ref_lp, dtype=torch.float64), atol=LOGPROB_ATOL)
 
 
 def test_manifest_squared_norms_match_the_oracle_diagonal(extracted):
     _, run, ref, _ = extracted
-    sq = torch.tensor([sum(r.sq_norm.values()) for r in run.load_manifest().records()], dtype=torch.float64)
+    sq = torch.tensor([sum(r.sq_norm.values()) for r in run.gradients.load_manifest().records()], dtype=torch.float64)
     assert torch.allclose(sq, ref.diagonal(), rtol=SQ_NORM_RTOL)
 
 
 def test_manifest_counts_every_target_parameter(extracted, tiny_llama_loaded):
     _, run, _, _ = extracted
-    assert run.load_manifest().n_params == sum(t.n_params for t in select_targets(tiny_llama_loaded.model, "all"))
+    assert run.gradients.load_manifest().n_params == sum(t.n_params for t in select_targets(tiny_llama_loaded.model, "all"))
 
 
 def test_manifest_records_the_exact_scored_strings(extracted):
     _, run, _, _ = extracted
-    first = run.load_manifest().records()[0]
+    first = run.gradients.load_manifest().records()[0]
     assert first.prompt == "Question: Who wrote Hamlet?\nAnswer:" and first.answer == " William Shakespeare"
     assert first.n_prompt_tokens + first.n_answer_tokens == first.n_inputs + 1
 
 
 def test_pair_statistics_split_by_question_and_answer(extracted):
     _, run, _, _ = extracted
-    p = run.load_stats().pairs
+    p = run.coupling.load_stats().pairs
     assert p.same_question.n == 3 + 3 + 1 + 1  # q1, q2: 3 pieces each; q3, q4: 2 each
     assert p.same_question.n + p.cross_question.n == 45
     # Paris (q2, q3), Stratford-upon-Avon and the Seine (a hop and its question): 3 same-answer pairs
@@ -93,14 +93,14 @@ def test_pair_statistics_split_by_question_and_answer(extracted):
 
 def test_different_answer_pairs_are_sorted_and_differ(extracted):
     _, run, _, _ = extracted
-    rows = run.load_pairs(different_answer=True)
+    rows = run.coupling.load_pairs(different_answer=True)
     assert len(rows) == 42 and all(r.answer_a.strip().lower() != r.answer_b.strip().lower() for r in rows)
     assert [r.cosine for r in rows] == sorted((r.cosine for r in rows), reverse=True)
 
 
 def test_gradsim_matrix_is_exactly_symmetric(extracted):
     _, run, _, _ = extracted
-    _, cos = run.load_cosine()
+    _, cos = run.coupling.load_cosine()
     assert torch.equal(cos, cos.t())
 
 
@@ -120,12 +120,12 @@ def test_interrupted_extract_resumes_bit_for_bit(tmp_path, tiny_llama_loaded, mo
     with pytest.raises(KeyboardInterrupt):
         extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
     monkeypatch.setattr(ShardWriter, "write", real_write)
-    partial = RunDir(tmp_path / "run").load_manifest(complete=False)
+    partial = RunDir(tmp_path / "run").gradients.load_manifest(complete=False)
     assert not partial.complete and len(partial.shards) == 1
     assert not list((tmp_path / "run/gradients").glob("*.tmp"))
     res = extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
     assert res.resumed_shards == 1 and res.n_shards == clean.n_shards
-    a, b = RunDir(tmp_path / "run").load_manifest(), RunDir(tmp_path / "clean").load_manifest()
+    a, b = RunDir(tmp_path / "run").gradients.load_manifest(), RunDir(tmp_path / "clean").gradients.load_manifest()
     assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
 
 
@@ -152,7 +152,7 @@ def test_other_stores_give_unit_self_similarity(tmp_path, tiny_llama_loaded, sto
     cfg = _cfg(tmp_path / "p.jsonl", store=store, proj_dim=8)
     extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
     couple(cfg, tmp_path / "run", show_progress=False)
-    _, cos = RunDir(tmp_path / "run").load_cosine()
+    _, cos = RunDir(tmp_path / "run").coupling.load_cosine()
     assert (cos.diagonal() - 1).abs().max() < UNIT_DIAGONAL_ATOL
 
 
@@ -185,5 +185,5 @@ def test_shards_are_written_on_a_background_thread_while_the_next_is_computed(tm
     assert len(writes) == res.n_shards >= 3 and all(t.startswith("gradcouple-shards") for _, _, t in writes)
     kinds = [e[0] for e in events]
     assert ["write", "compute", "written"] == kinds[kinds.index("write"):kinds.index("write") + 3]  # overlap
-    a, b = RunDir(tmp_path / "run").load_manifest(), RunDir(tmp_path / "clean").load_manifest()
+    a, b = RunDir(tmp_path / "run").gradients.load_manifest(), RunDir(tmp_path / "clean").gradients.load_manifest()
     assert a.fingerprint() == b.fingerprint()

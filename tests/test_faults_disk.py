@@ -114,7 +114,7 @@ def _damage(manifest: Path, how: str) -> None:
     ("shard rows swapped", "does not match its shards"),
 ])
 def test_a_damaged_manifest_is_refused_by_couple_in_one_line(run, how, says):
-    manifest = RunDir(run).manifest_path
+    manifest = RunDir(run).gradients.manifest_path
     _damage(manifest, how)
     before = _files(run)
     res = runner.invoke(app, ["couple", "--run", str(run)])
@@ -126,7 +126,7 @@ def test_a_damaged_manifest_is_refused_by_couple_in_one_line(run, how, says):
 
 
 def test_a_manifest_whose_ids_were_swapped_after_couple_is_refused_by_report_and_ripple(run):
-    _damage(RunDir(run).manifest_path, "two ids swapped")
+    _damage(RunDir(run).gradients.manifest_path, "two ids swapped")
     before = _files(run)
     for cmd in (["report", "--run", str(run)], ["ripple", "--run", str(run), "--n-edits", "2"]):
         res = runner.invoke(app, cmd)
@@ -136,7 +136,7 @@ def test_a_manifest_whose_ids_were_swapped_after_couple_is_refused_by_report_and
 
 
 def test_extract_overwrite_repairs_a_damaged_manifest(run, clean):
-    _damage(RunDir(run).manifest_path, "pieces reordered")
+    _damage(RunDir(run).gradients.manifest_path, "pieces reordered")
     res = runner.invoke(app, ["extract", "--data", str(run.parent / "p.jsonl"), "--out", str(run), "--overwrite", *EXTRACT])
     assert res.exit_code == 0, res.output
     assert _shards(run) == _shards(clean / "run")
@@ -260,14 +260,14 @@ def test_a_disk_that_fills_during_a_shard_write_keeps_complete_shards_and_resume
     assert left == ["manifest.json", "shard-00000.pt"]  # no partial shard, no temp file
     clean_shards = _shards(clean / "run")
     assert _shards(out) == {"gradients/shard-00000.pt": clean_shards["gradients/shard-00000.pt"]}
-    assert len(RunDir(out).load_manifest(complete=False).shards) == 1
+    assert len(RunDir(out).gradients.load_manifest(complete=False).shards) == 1
 
     monkeypatch.undo()  # space freed
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "2 (1 resumed)" in res.output
     assert _shards(out) == clean_shards
-    assert RunDir(out).load_manifest().fingerprint() == RunDir(clean / "run").load_manifest().fingerprint()
+    assert RunDir(out).gradients.load_manifest().fingerprint() == RunDir(clean / "run").gradients.load_manifest().fingerprint()
 
 
 # ---------------------------------------------------------------- 4. devices and dtypes
@@ -294,7 +294,7 @@ def test_bfloat16_on_cpu_runs_and_the_manifest_records_it(clean, tmp_path):
     res = runner.invoke(app, ["extract", "--data", str(clean / "p.jsonl"), "--out", str(tmp_path / "run"), *EXTRACT,
                               "--dtype", "bfloat16", "--limit", "4"])
     assert res.exit_code == 0, res.output
-    man = RunDir(tmp_path / "run").load_manifest()
+    man = RunDir(tmp_path / "run").gradients.load_manifest()
     assert (man.compute_dtype, man.config["model"]["dtype"]) == ("bfloat16", "bfloat16")
     assert all(torch.isfinite(torch.tensor(r.logprob)) for r in man.records())
 

@@ -63,7 +63,7 @@ def test_couple_model_reextracts_after_the_pieces_file_is_edited(tmp_path, monke
     assert res.exit_code == 0, res.output
     assert "stale" in res.output and "pieces file" in res.output
     (run,) = (tmp_path / "runs").iterdir()
-    answers = {r.id: r.answer for r in RunDir(run).load_manifest().records()}
+    answers = {r.id: r.answer for r in RunDir(run).gradients.load_manifest().records()}
     assert answers["facts:q3:1"] == " Neptune"
 
 
@@ -73,10 +73,10 @@ def test_couple_model_reuses_a_current_extraction(tmp_path, monkeypatch):
     args = ["couple", "--model", "llama-tiny-random", "--data", "p.jsonl"]
     first = runner.invoke(app, args)
     (run,) = (tmp_path / "runs").iterdir()
-    shards = [s.sha256 for s in RunDir(run).load_manifest().shards]
+    shards = [s.sha256 for s in RunDir(run).gradients.load_manifest().shards]
     again = runner.invoke(app, args)
     assert "extracted first" in first.output and "extract" not in again.output.split("couple")[0]
-    assert [s.sha256 for s in RunDir(run).load_manifest().shards] == shards
+    assert [s.sha256 for s in RunDir(run).gradients.load_manifest().shards] == shards
 
 
 def test_changed_flag_is_refused_naming_the_setting(tmp_path):
@@ -95,7 +95,7 @@ def test_changed_flag_recomputes_when_replacing_is_allowed(tmp_path):
     cfg.model.layers = "last2"
     res = ensure_extraction(cfg, tmp_path / "run", replace_stale=True, show_progress=False)
     assert not res.reused and any("model.layers" in c for c in res.changed)
-    assert len(RunDir(tmp_path / "run").load_manifest().targets) == 2
+    assert len(RunDir(tmp_path / "run").gradients.load_manifest().targets) == 2
 
 
 def test_edited_pieces_are_refused_without_overwrite(tmp_path):
@@ -114,12 +114,12 @@ def test_changed_model_weights_trigger_reextraction(tmp_path, monkeypatch):
     args = ["couple", "--model", str(tmp_path / "model"), "--data", "p.jsonl"]
     assert runner.invoke(app, args).exit_code == 0
     (run,) = (tmp_path / "runs").iterdir()
-    before = RunDir(run).load_manifest().records()[0].logprob
+    before = RunDir(run).gradients.load_manifest().records()[0].logprob
     _tiny_llama_dir(tmp_path / "model", seed=1)
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "model weights" in res.output
-    assert RunDir(run).load_manifest().records()[0].logprob != before
+    assert RunDir(run).gradients.load_manifest().records()[0].logprob != before
 
 
 def test_replaced_coupling_matrix_is_refused_by_ripple_and_report(tmp_path):
@@ -217,7 +217,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, capsys):
     (tmp_path / "run/.lock").write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "stage": "extract"}))
     extract(cfg, tmp_path / "run", show_progress=False)
     assert "taking over the lock" in capsys.readouterr().err
-    assert not (tmp_path / "run/.lock").exists() and RunDir(tmp_path / "run").load_manifest().complete
+    assert not (tmp_path / "run/.lock").exists() and RunDir(tmp_path / "run").gradients.load_manifest().complete
 
 
 def test_the_same_pieces_under_another_path_are_current(tmp_path):

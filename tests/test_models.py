@@ -194,7 +194,7 @@ def test_manifest_records_the_dtype_actually_used_on_cpu(tmp_path):
     cfg = RunConfig()
     cfg.data.pieces, cfg.model.name, cfg.model.device, cfg.model.dtype = tmp_path / "p.jsonl", "llama-tiny-random", "cpu", "bfloat16"
     extract(cfg, tmp_path / "run", show_progress=False)
-    assert RunDir(tmp_path / "run").load_manifest().compute_dtype == "bfloat16"  # torch computes in bf16 on CPU too
+    assert RunDir(tmp_path / "run").gradients.load_manifest().compute_dtype == "bfloat16"  # torch computes in bf16 on CPU too
 
 
 def test_the_dequantised_model_cache_is_verified_file_by_file(tmp_path):

@@ -38,9 +38,9 @@ def test_run_prints_the_report_path_last(demo_run):
 def test_run_writes_every_artifact(demo_run):
     out, _ = demo_run
     run = RunDir(out)
-    for p in [run.config_path, run.pieces_path, run.manifest_path, run.shard_path(0), run.cosine_path, run.gram_path,
-              run.pairs_path, run.stats_path, run.tests_path, run.ripple_summary_path, run.index_path,
-              run.report_summary_path, run.timing_path]:
+    for p in [run.config_path, run.pieces_path, run.gradients.manifest_path, run.gradients.shard_path(0), run.coupling.cosine_path, run.coupling.gram_path,
+              run.coupling.pairs_path, run.coupling.stats_path, run.ripple.tests_path, run.ripple.summary_path, run.report.index_path,
+              run.report.summary_path, run.timing_path]:
         assert p.is_file() and p.stat().st_size > 0, p
 
 
@@ -50,7 +50,7 @@ def test_run_scores_real_pieces_with_the_real_model(demo_run):
     pieces = run.load_pieces()
     assert len(pieces) == 36 and {p.dataset for p in pieces} == {"mquake-hard"}
     assert {p.kind.value for p in pieces} >= {"cloze", "multi_hop"}
-    man = run.load_manifest()
+    man = run.gradients.load_manifest()
     assert man.model.name == "smollm2-135m" and man.model.architecture == "llama"
     assert man.n_params == 4 * 576 * 1536
     lp = torch.tensor([r.logprob for r in man.records()])
@@ -58,19 +58,19 @@ def test_run_scores_real_pieces_with_the_real_model(demo_run):
 
 
 def test_run_gradsim_is_a_symmetric_unit_diagonal_matrix(demo_run):
-    _, cos = RunDir(demo_run[0]).load_cosine()
+    _, cos = RunDir(demo_run[0]).coupling.load_cosine()
     assert cos.shape == (36, 36) and (cos.diagonal() - 1).abs().max() < UNIT_DIAGONAL_ATOL
     assert torch.equal(cos, cos.t())
 
 
 def test_run_top_pair_is_the_largest_off_diagonal_cosine(demo_run):
     run = RunDir(demo_run[0])
-    _, cos = run.load_cosine()
-    assert run.load_pairs()[0].cosine == pytest.approx(float(cos.triu(1).max()), abs=PAIR_COS_ATOL)
+    _, cos = run.coupling.load_cosine()
+    assert run.coupling.load_pairs()[0].cosine == pytest.approx(float(cos.triu(1).max()), abs=PAIR_COS_ATOL)
 
 
 def test_run_evaluates_the_benchmark_edits_the_pieces_carry(demo_run):
-    s, rows = RunDir(demo_run[0]).load_ripple()
+    s, rows = RunDir(demo_run[0]).ripple.load()
     assert s.mode == "benchmark" and s.n_edits == 2 and all(e.restored for e in s.edits)
     assert all(e.logprob_new_after > e.logprob_new_before for e in s.edits)
     assert {r.criterion for r in rows} == {"multi_hop"} and len(rows) == 2
@@ -78,25 +78,25 @@ def test_run_evaluates_the_benchmark_edits_the_pieces_carry(demo_run):
 
 def test_run_report_summary_has_the_nine_sections_and_the_coupling_mean(demo_run):
     run = RunDir(demo_run[0])
-    summary = json.loads(run.report_summary_path.read_text())
+    summary = json.loads(run.report.summary_path.read_text())
     assert tuple(summary)[:9] == SECTIONS
-    assert summary["coupling_analysis"]["pairs"]["all"]["mean"] == pytest.approx(run.load_stats().pairs.all.mean)
+    assert summary["coupling_analysis"]["pairs"]["all"]["mean"] == pytest.approx(run.coupling.load_stats().pairs.all.mean)
 
 
 def test_rerun_reuses_the_current_extraction(demo_run):
     out, _ = demo_run
-    shards = [s.sha256 for s in RunDir(out).load_manifest().shards]
+    shards = [s.sha256 for s in RunDir(out).gradients.load_manifest().shards]
     res = CliRunner().invoke(app, ["run", "--datasets", "mquake-hard", "--limit", "36", "--no-ripple",
                                    "--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert "reused" in res.output and [s.sha256 for s in RunDir(out).load_manifest().shards] == shards
+    assert "reused" in res.output and [s.sha256 for s in RunDir(out).gradients.load_manifest().shards] == shards
 
 
 def test_piece_mode_on_the_same_run_restores_and_rescores_the_manifest(demo_run):
     out, _ = demo_run
     res = CliRunner().invoke(app, ["ripple", "--run", str(out), "--edits", "pieces", "--n-edits", "2"])
     assert res.exit_code == 0, res.output
-    s, rows = RunDir(out).load_ripple()
+    s, rows = RunDir(out).ripple.load()
     assert s.mode == "pieces" and all(e.restored for e in s.edits) and len(rows) == 2 * 35
     assert s.baseline_logprob_max_abs_diff_vs_manifest < BASELINE_ATOL
 

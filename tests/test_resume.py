@@ -57,8 +57,8 @@ def test_pieces_mode_resumes_after_an_interrupt(tmp_path, tiny_llama_loaded, mon
     _interrupt_after(monkeypatch, ripple_mod, "apply_edit", 2)
     with pytest.raises(KeyboardInterrupt):
         ripple(cfg, run, loaded=tiny_llama_loaded, show_progress=False)
-    assert not RunDir(run).has_ripple()
-    journals = list(RunDir(run).ripple_dir.glob("journal-*.jsonl"))
+    assert not RunDir(run).ripple.exists()
+    journals = list(RunDir(run).ripple.dir.glob("journal-*.jsonl"))
     assert len(journals) == 1 and len(journals[0].read_text().splitlines()) == 2
 
     monkeypatch.undo()
@@ -66,8 +66,8 @@ def test_pieces_mode_resumes_after_an_interrupt(tmp_path, tiny_llama_loaded, mon
     resumed = ripple(cfg, run, loaded=tiny_llama_loaded, show_progress=False).summary
     assert len(calls) == 2 and resumed.resumed_edits == 2 and resumed.n_edits == 4
     _same(resumed, whole)
-    assert RunDir(run).load_ripple()[1] == RunDir(tmp_path / "whole").load_ripple()[1]
-    assert not list(RunDir(run).ripple_dir.glob("journal-*.jsonl"))
+    assert RunDir(run).ripple.load()[1] == RunDir(tmp_path / "whole").ripple.load()[1]
+    assert not list(RunDir(run).ripple.dir.glob("journal-*.jsonl"))
 
 
 def test_a_journal_of_other_settings_is_not_used(tmp_path, tiny_llama_loaded, monkeypatch):
@@ -102,7 +102,7 @@ def test_benchmark_mode_resumes_after_an_interrupt(bench_cfg, monkeypatch):
     resumed = ripple(cfg, run, show_progress=False).summary
     assert len(calls) == 1 and resumed.resumed_edits == 3
     _same(resumed, whole)
-    assert RunDir(run).load_ripple()[1] == RunDir(root / "whole").load_ripple()[1]
+    assert RunDir(run).ripple.load()[1] == RunDir(root / "whole").ripple.load()[1]
 
 
 KILLER = """
@@ -130,7 +130,7 @@ def test_benchmark_mode_resumes_after_sigkill(bench_cfg):
     journal = None
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        journal = next(RunDir(run).ripple_dir.glob("journal-*.jsonl"), None)
+        journal = next(RunDir(run).ripple.dir.glob("journal-*.jsonl"), None)
         if journal and len(journal.read_text().splitlines()) >= 2:
             break
         time.sleep(0.05)
@@ -138,12 +138,12 @@ def test_benchmark_mode_resumes_after_sigkill(bench_cfg):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(journal.read_text().splitlines())
-    assert 2 <= done < 4 and not RunDir(run).has_ripple()
+    assert 2 <= done < 4 and not RunDir(run).ripple.exists()
 
     out = subprocess.run(cmd[:2] + ["from gradcouple.cli.app import main; main()", *cmd[3:]], env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    resumed, _ = RunDir(run).load_ripple()
+    resumed, _ = RunDir(run).ripple.load()
     assert resumed.resumed_edits == done
     _same(resumed, whole)
 
@@ -176,28 +176,28 @@ def test_extract_killed_at_a_random_shard_resumes_to_the_same_shards(tmp_path):
 
     clean = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "clean")])  # same code, in this process
     assert clean.exit_code == 0, clean.output
-    n_shards = len(RunDir(tmp_path / "clean").load_manifest().shards)
+    n_shards = len(RunDir(tmp_path / "clean").gradients.load_manifest().shards)
     kill_after = random.Random(0).randrange(1, n_shards)  # complete shards before the kill
     run = RunDir(tmp_path / "killed")
     proc = subprocess.Popen([sys.executable, "-c", EXTRACT_KILLER, *args, "--out", str(run.root)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and len(list(run.gradients_dir.glob("shard-*.pt"))) < kill_after:
+    while time.time() < deadline and proc.poll() is None and len(list(run.gradients.dir.glob("shard-*.pt"))) < kill_after:
         time.sleep(0.02)
     assert proc.poll() is None, proc.stdout.read().decode()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    partial = run.load_manifest(complete=False)
+    partial = run.gradients.load_manifest(complete=False)
     # a shard file the writing thread finished after the manifest was last saved is not listed: it is redone
-    kept = {s.file: (run.gradients_dir / s.file).read_bytes() for s in partial.shards}
+    kept = {s.file: (run.gradients.dir / s.file).read_bytes() for s in partial.shards}
     assert kill_after - 1 <= len(kept) < n_shards and not partial.complete
 
     again = subprocess.run([sys.executable, "-m", "gradcouple", *args, "--out", str(run.root)], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert f"({len(kept)} resumed)" in " ".join(again.stderr.split())
-    resumed, whole = run.load_manifest(), RunDir(tmp_path / "clean").load_manifest()
+    resumed, whole = run.gradients.load_manifest(), RunDir(tmp_path / "clean").gradients.load_manifest()
     assert resumed.fingerprint() == whole.fingerprint()
-    assert all((run.gradients_dir / name).read_bytes() == data for name, data in kept.items())  # kept shards untouched
+    assert all((run.gradients.dir / name).read_bytes() == data for name, data in kept.items())  # kept shards untouched
 
 
 def test_the_wikipedia_covariance_is_computed_once_per_run(bench_cfg, monkeypatch):
@@ -208,7 +208,7 @@ def test_the_wikipedia_covariance_is_computed_once_per_run(bench_cfg, monkeypatc
     shutil.copytree(root / "whole", run)  # its ripple already left the covariance file
     calls = _counting(monkeypatch, keys, "wikipedia_covariance")
     s = ripple(cfg, run, show_progress=False).summary
-    assert calls == [] and list(RunDir(run).ripple_dir.glob("covariance-*.pt"))
+    assert calls == [] and list(RunDir(run).ripple.dir.glob("covariance-*.pt"))
     _same(s, whole)
     other = cfg.model_copy(update={"ripple": cfg.ripple.model_copy(update={"covariance_tokens": 512})})
     ripple(other, run, show_progress=False)

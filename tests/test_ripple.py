@@ -123,7 +123,7 @@ def test_ripple_edits_raise_the_new_answer(tmp_path, tiny_llama_loaded):
 def test_ripple_measures_every_other_piece_once_per_edit(tmp_path, tiny_llama_loaded):
     cfg = _run(tmp_path, tiny_llama_loaded)
     ripple(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
-    _, rows = RunDir(tmp_path / "run").load_ripple()
+    _, rows = RunDir(tmp_path / "run").ripple.load()
     assert len(rows) == 3 * 9
     assert all(r.piece_id != r.edited_id for r in rows)
 
@@ -131,7 +131,7 @@ def test_ripple_measures_every_other_piece_once_per_edit(tmp_path, tiny_llama_lo
 def test_coupling_prediction_follows_the_sign_of_gradsim(tmp_path, tiny_llama_loaded):
     cfg = _run(tmp_path, tiny_llama_loaded)
     s = ripple(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False).summary
-    _, rows = RunDir(tmp_path / "run").load_ripple()
+    _, rows = RunDir(tmp_path / "run").ripple.load()
     for e in s.edits:
         sign = 1 if e.first_order_self > 0 else -1
         mine = [r for r in rows if r.edited_id == e.piece_id and abs(r.cosine) > 1e-9]
@@ -190,7 +190,7 @@ def test_pieces_answering_the_new_target_are_their_own_group(tmp_path, tiny_llam
     extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
     couple(cfg, tmp_path / "run", show_progress=False)
     s = ripple(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False).summary
-    _, rows = RunDir(tmp_path / "run").load_ripple()
+    _, rows = RunDir(tmp_path / "run").ripple.load()
     assert s.edits[0].piece_id == "facts:q1:0" and s.edits[0].target_answer_pieces == 2
     assert {r.piece_id for r in rows if r.target_answer} == {"facts:q2:0", "facts:q3:0"}
     assert s.pooled.n_points == 9 - 2

@@ -26,7 +26,7 @@ def test_extract_records_cut_prompts_threads_and_the_layers_selected(tmp_path):
     res = runner.invoke(app, ["extract", "--data", str(tmp_path / "p.jsonl"), "--model", "llama-tiny-random",
                               "--layers", "last2", "--max-length", str(limit), "--threads", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    man = RunDir(out).load_manifest()
+    man = RunDir(out).gradients.load_manifest()
     assert [p.truncated_tokens for p in man.pieces] == cuts and sum(cuts) > 0
     n, most, total = man.truncation()
     assert (n, most, total) == (sum(c > 0 for c in cuts), max(cuts), sum(cuts))
@@ -41,7 +41,7 @@ def test_no_truncation_warning_when_every_prompt_fits(tmp_path):
     res = runner.invoke(app, ["extract", "--data", str(tmp_path / "p.jsonl"), "--model", "llama-tiny-random",
                               "--out", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
-    assert RunDir(tmp_path / "run").load_manifest().truncation() == (0, 0, 0) and "were cut" not in res.output
+    assert RunDir(tmp_path / "run").gradients.load_manifest().truncation() == (0, 0, 0) and "were cut" not in res.output
 
 
 def test_a_load_above_the_cores_gets_a_note_naming_threads():

@@ -249,7 +249,7 @@ def test_neighbour_pairs_are_unordered_and_distinct():
 
 def test_damaged_shard_is_an_artifact_error_naming_the_file(tmp_path, case):
     store(tmp_path, case)
-    with open(RunDir(tmp_path).shard_path(1), "ab") as fh:
+    with open(RunDir(tmp_path).gradients.shard_path(1), "ab") as fh:
         fh.write(b"x")
     with pytest.raises(ArtifactError, match="shard-00001.pt"):
         GradientReader(RunDir(tmp_path))
@@ -257,7 +257,7 @@ def test_damaged_shard_is_an_artifact_error_naming_the_file(tmp_path, case):
 
 def test_missing_shard_is_an_artifact_error_naming_the_file(tmp_path, case):
     store(tmp_path, case)
-    RunDir(tmp_path).shard_path(2).unlink()
+    RunDir(tmp_path).gradients.shard_path(2).unlink()
     with pytest.raises(ArtifactError, match="shard-00002.pt"):
         GradientReader(RunDir(tmp_path))
 

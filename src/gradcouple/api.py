@@ -101,7 +101,7 @@ class Run:
 
     @cached_property
     def manifest(self) -> Manifest:
-        return self.dir.load_manifest()
+        return self.dir.gradients.load_manifest()
 
     @cached_property
     def config(self) -> Optional[RunConfig]:
@@ -118,31 +118,31 @@ class Run:
 
     @cached_property
     def stats(self) -> CouplingStats:
-        return self.dir.load_stats()
+        return self.dir.coupling.load_stats()
 
     @cached_property
     def cosine(self) -> pd.DataFrame:
-        if self.dir.cosine_path.is_file():
-            ids, cos = self.dir.load_cosine()
+        if self.dir.coupling.cosine_path.is_file():
+            ids, cos = self.dir.coupling.load_cosine()
             return pd.DataFrame(cos.numpy(), index=ids, columns=ids)
-        ids, idx, cos = self.dir.load_topk()
+        ids, idx, cos = self.dir.coupling.load_topk()
         return pd.DataFrame([{"piece_id": ids[i], "neighbour_id": ids[int(j)], "rank": r + 1, "cosine": float(c)}
                              for i in range(len(ids)) for r, (j, c) in enumerate(zip(idx[i].tolist(), cos[i].tolist()))])
 
     @cached_property
     def gram(self) -> pd.DataFrame:
         ids = [r.id for r in self.manifest.records()]
-        return pd.DataFrame(self.dir.load_gram().numpy(), index=ids, columns=ids)
+        return pd.DataFrame(self.dir.coupling.load_gram().numpy(), index=ids, columns=ids)
 
     @cached_property
     def pairs(self) -> pd.DataFrame:
-        return pd.DataFrame([r.model_dump() for r in self.dir.load_pairs()])
+        return pd.DataFrame([r.model_dump() for r in self.dir.coupling.load_pairs()])
 
     @cached_property
     def ripple(self) -> Optional[dict]:
-        if not self.dir.has_ripple():
+        if not self.dir.ripple.exists():
             return None
-        summary, rows = self.dir.load_ripple()
+        summary, rows = self.dir.ripple.load()
         lines = pd.DataFrame([r.model_dump() for r in rows])
         return {"summary": summary, "edits": pd.DataFrame([e.model_dump() for e in summary.edits]),
                 "tests" if summary.mode == "benchmark" else "measurements": lines}

@@ -494,3 +494,38 @@ class SweepSummary(_Model):
     points: list[SweepPoint]
     seconds: float
 
+
+# ---------------------------------------------------------------- report
+
+
+class GeneratedFile(_Model):
+    """One file of the run: its path relative to the run directory and its size in bytes."""
+
+    path: str
+    bytes: int
+
+
+class GeneratedFiles(_Model):
+    """Every file of the run when the report was written, the report's own two included."""
+
+    root: str = "."
+    n_files: int
+    total_bytes: int = Field(description="Bytes of every listed file together")
+    files: list[GeneratedFile]
+
+
+class ReportSummary(BaseModel):
+    """``report/summary.json``: the nine sections, each a JSON object (``high_coupling_pairs`` a list of
+    pairs.csv rows); log-probs in nats, sizes in bytes, times in seconds, non-finite numbers null."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    metadata: dict[str, Any]
+    knowledge_pieces: dict[str, Any]
+    gradient_analysis: dict[str, Any]
+    coupling_analysis: dict[str, Any]
+    high_coupling_pairs: list[PairRow]
+    cross_pot_analysis: dict[str, Any]
+    generated_files: GeneratedFiles
+    gpu_performance: dict[str, Any]
+    experiment_readiness: dict[str, Any]

@@ -20,11 +20,11 @@ from .scoring import EncodedPiece, collate
 
 def cached_wikipedia_covariance(run, model_fingerprint: str, model, tokenizer, target: Target,
                                 max_tokens: int = 50_000) -> tuple[torch.Tensor, CovarianceSource]:
-    """:func:`wikipedia_covariance`, kept in the run directory (``RunDir.covariance_path``) so a rerun
+    """:func:`wikipedia_covariance`, kept in the run directory (``RunDir.ripple.covariance_path``) so a rerun
     or a resumed ripple does not recompute it. The file is keyed by the model's fingerprint, the
     layer, the token budget and the bundled text's sha256; a file that does not load is recomputed."""
     text = hashlib.sha256("\n".join(wikipedia_paragraphs()).encode()).hexdigest()
-    path = run.covariance_path([model_fingerprint, target.name, max_tokens, text, str(next(model.parameters()).dtype)])
+    path = run.ripple.covariance_path([model_fingerprint, target.name, max_tokens, text, str(next(model.parameters()).dtype)])
     if path.is_file():
         try:
             saved = torch.load(path, weights_only=True)

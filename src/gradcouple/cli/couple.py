@@ -90,4 +90,4 @@ def couple(
             rows.append((label, f"{num(d.mean)} ({d.n} pairs)"))
     rows.append(("time", f"{res.seconds:.1f} s"))
     console.print(summary_table("couple", rows))
-    print_path(RunDir(run).stats_path)
+    print_path(RunDir(run).coupling.stats_path)

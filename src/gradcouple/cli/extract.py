@@ -75,7 +75,7 @@ def extract(
     if not is_main():  # under torchrun rank 0 prints the summary
         return
     if res.resumed_shards == res.n_shards:
-        console.print(f"nothing to do: all {res.n_shards} shards in {RunDir(out).gradients_dir} are complete and current.")
+        console.print(f"nothing to do: all {res.n_shards} shards in {RunDir(out).gradients.dir} are complete and current.")
     console.print(summary_table("extract", [
         ("pieces", res.n_pieces), ("shards", f"{res.n_shards} ({res.resumed_shards} resumed)"),
         ("model", cfg.model.name), ("layers", f"{cfg.model.layers} -> {layer_names(res.targets)}"), ("store", cfg.extract.store),
@@ -83,4 +83,4 @@ def extract(
         ("on disk", human_bytes(res.bytes_on_disk)), ("peak RSS", human_bytes(res.peak_rss_bytes)),
         ("device", f"{res.device.gpu or res.device.device}, {res.device.threads} threads" if res.device else "n/a")]))
     print_notes(res.device, res.truncated, res.n_pieces, cfg.extract.max_length)
-    print_path(RunDir(out).manifest_path)
+    print_path(RunDir(out).gradients.manifest_path)

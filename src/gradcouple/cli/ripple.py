@@ -149,12 +149,12 @@ def ripple(
         print_notes(res.summary.device)
     if res.sweep is not None:
         console.print(sweep_table(res.sweep))
-        print_path(RunDir(run).sweep_path)
+        print_path(RunDir(run).ripple.sweep_path)
         return
     s = res.summary
     if s.mode == "benchmark":
         console.print(benchmark_table(s))
-        print_path(RunDir(run).ripple_summary_path)
+        print_path(RunDir(run).ripple.summary_path)
         return
     console.print(summary_table("ripple", [
         ("edits", f"{s.n_edits} ({s.n_successful} successful)"),
@@ -163,4 +163,4 @@ def ripple(
         ("Spearman's rho, coupling (pooled)", num(s.pooled.spearman_coupling, "+.3f")),
         ("precision@k (mean over edits, 95% CI)", interval(s.precision_at_k)),
         ("time", f"{s.seconds:.1f} s")]))
-    print_path(RunDir(run).ripple_summary_path)
+    print_path(RunDir(run).ripple.summary_path)

@@ -177,7 +177,7 @@ class BenchmarkRun:
             self.cov = key_covariance(r.reader, self.layer.name)
             self.cov_source = CovarianceSource(text="the run's own pieces", n_tokens=sum(p.n_inputs for p in man.records()),
                                                layer=self.layer.name)
-        gram = r.run.load_gram()
+        gram = r.run.coupling.load_gram()
         self.ctx = PredictorContext(gram=gram, keys=keys, cinv_keys=torch.linalg.solve(self.cov, keys.t()).t(), seed=cfg.seed)
         all_tests = sorted({t for e in edits for t in e.tests})
         rng = np.random.default_rng(cfg.seed)
@@ -234,7 +234,7 @@ def evaluate_benchmark(r, edits: list[BenchmarkEdit], show_progress: bool = True
     records, tests = [], []
     auroc_points = {name: ([], [], []) for name in PREDICTORS}
     unrelated: list[float] = []
-    journal = r.run.journal(r.run.ripple_inputs(r.manifest, r.stats, r.cfg))
+    journal = r.run.ripple.journal(r.run.ripple.inputs(r.manifest, r.stats, r.cfg))
     resumed = 0
     with progress("ripple", len(edits), "edits", show_progress) as advance:
         for k, edit in enumerate(edits):
@@ -317,7 +317,7 @@ def _summary(r, b: BenchmarkRun, records, tests, auroc_points, unrelated, second
             "Pearson r", "bootstrap interval", "clustered bootstrap interval", "AUROC", "exact match", "multi-hop accuracy",
             "condition known", "answer match")
     return BenchmarkSummary(
-        inputs=r.run.ripple_inputs(r.manifest, r.stats, r.cfg), method=r.cfg.ripple.method,
+        inputs=r.run.ripple.inputs(r.manifest, r.stats, r.cfg), method=r.cfg.ripple.method,
         settings=r.cfg.ripple.model_dump(mode="json"), layer=b.layer.name, covariance=b.cov_source,
         n_edits=len(records), n_successful=sum(e.success for e in records), n_tests=len(tests), n_tests_counted=len(ok),
         exact_match=em, multi_hop_accuracy=float(np.mean(mh)) if mh else None,
@@ -343,6 +343,6 @@ def sweep_benchmark(r, edits: list[BenchmarkEdit], strengths: list[float], show_
             unrelated_change=s.unrelated_change, spearman={n: p.pooled.spearman for n, p in s.predictors.items()},
             pearson={n: p.pooled.pearson for n, p in s.predictors.items()}))
     r.cfg = base
-    return SweepSummary(inputs=r.run.ripple_inputs(r.manifest, r.stats, r.cfg), method=base.ripple.method, knob=knob,
+    return SweepSummary(inputs=r.run.ripple.inputs(r.manifest, r.stats, r.cfg), method=base.ripple.method, knob=knob,
                         points=points, seconds=time.perf_counter() - t0)
 

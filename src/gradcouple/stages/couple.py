@@ -89,9 +89,9 @@ def check_extraction_flags(run_dir: str | Path, given: dict[str, object]) -> Non
         ConfigError: a flag whose value differs from the extraction's, naming both and the fix.
     """
     run = RunDir(run_dir)
-    if not run.has_manifest():
+    if not run.gradients.has_manifest():
         return
-    man = run.load_manifest(complete=False)
+    man = run.gradients.load_manifest(complete=False)
     was = man.settings()
     layers = given.get("--layers")
     if layers is not None and str(layers) != was.model.layers:
@@ -154,8 +154,8 @@ def _follow(share: GramShare, run: RunDir, reader: GradientReader, layers: Layer
         topk_cosine(reader, share.top_k, share.block_size, share.methods, max_memory=budget, layers=layers, share=share,
                     device=device)
     share.done()
-    stats = run.load_stats()
-    return CoupleResult(out_dir=run.coupling_dir, n=reader.n, mode=stats.mode, seconds=time.perf_counter() - t0, stats=stats)
+    stats = run.coupling.load_stats()
+    return CoupleResult(out_dir=run.coupling.dir, n=reader.n, mode=stats.mode, seconds=time.perf_counter() - t0, stats=stats)
 
 
 @locked("couple")
@@ -200,30 +200,30 @@ def couple(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True,
             G = gram_matrix(reader, bs, methods, progress=advance, max_memory=budget, layers=layers, share=share,
                             device=device)
             cos = cosine_from_gram(G)
-            matrix_sha = run.save_full_coupling(ids, G, cos)
+            matrix_sha = run.coupling.save_full(ids, G, cos)
             pairs, note, mode = upper_pairs(cos), None, "full"
             rows, rows_diff = top_pairs(cos, records, cfg.couple.top_pairs)
-            run.save_pairs(rows_diff, different_answer=True)
+            run.coupling.save_pairs(rows_diff, different_answer=True)
         else:
             idx, vals = topk_cosine(reader, top_k, bs, methods, progress=advance, max_memory=budget, layers=layers,
                                     share=share, device=device)
-            matrix_sha = run.save_topk_coupling(ids, idx, vals)
+            matrix_sha = run.coupling.save_topk(ids, idx, vals)
             pairs, mode = neighbour_pairs(idx, vals), f"top{top_k}"
             note = f"statistics over each piece's {idx.shape[1]} nearest neighbours only"
             if switched:
                 note = f"{switched}; {note}"
             rows = topk_pairs(idx, vals, records, cfg.couple.top_pairs)
     v = pairs[2]
-    run.save_pairs(rows)
+    run.coupling.save_pairs(rows)
     pos = {pid: k for k, pid in enumerate(ids)}
     split = layer_contributions(reader, methods, layers, [(pos[r.id_a], pos[r.id_b], r.cosine) for r in rows[:LAYER_PAIRS]])
-    stats = CouplingStats(inputs=run.coupling_inputs(reader.manifest, cfg), matrix_sha256=matrix_sha, mode=mode,
+    stats = CouplingStats(inputs=run.coupling.inputs(reader.manifest, cfg), matrix_sha256=matrix_sha, mode=mode,
                           n_pieces=n, pairs=pair_split(*pairs, records), note=note,
                           above=threshold_counts(v, cfg.couple.thresholds),
                           abs_above=threshold_counts(v.abs(), cfg.couple.thresholds),
                           store=reader.manifest.store.kind, n_params=reader.manifest.n_params, methods=methods,
                           block_size=bs, seconds=time.perf_counter() - t0, peak_rss_bytes=peak_rss_bytes(), layers=split)
-    run.save_stats(stats)
+    run.coupling.save_stats(stats)
     if share is not None:
         share.done()  # the other ranks return once every file is written
-    return CoupleResult(out_dir=run.coupling_dir, n=n, mode=mode, seconds=stats.seconds, stats=stats)
+    return CoupleResult(out_dir=run.coupling.dir, n=n, mode=mode, seconds=stats.seconds, stats=stats)

@@ -27,10 +27,10 @@ from ..gradients import batch_factors
 from ..io import sha256_file
 from ..layers import Target, select_targets
 from ..models import LoadedModel, load_model, model_fingerprint
-from ..pieces import KnowledgePiece
+from ..pieces import KnowledgePiece, read_pieces
 from ..progress import progress
 from ..ranks import rank_device
-from ..rundir import RunDir, load_data_pieces, locked
+from ..rundir import RunDir, locked
 from ..runinfo import device_info, human_bytes, peak_rss_bytes, use_threads
 from ..scoring import EncodedPiece, collate, encode_pieces
 from ..stores import ShardWriter
@@ -70,6 +70,19 @@ class ExtractResult(BaseModel):
                    device=t.device if t else None)
 
 
+def load_data_pieces(cfg: RunConfig) -> list[KnowledgePiece]:
+    """The first ``data.limit`` pieces of ``data.pieces``.
+
+    Raises:
+        ConfigError: no pieces file configured.
+        DataError: unreadable pieces file.
+    """
+    if cfg.data.pieces is None:
+        raise ConfigError("no pieces file: pass --data PIECES.jsonl (make one with `gradcouple download`).")
+    pieces = read_pieces(cfg.data.pieces)
+    return pieces[: cfg.data.limit] if cfg.data.limit else pieces
+
+
 def extraction_inputs(cfg: RunConfig) -> Inputs:
     """The fingerprints an extraction under ``cfg`` is made from: pieces file, settings, model weights.
 
@@ -90,7 +103,7 @@ def extraction_changes(run: RunDir, cfg: RunConfig) -> Optional[list[str]]:
     if unusable:
         return unusable
     if man is None:  # an interrupted torchrun extraction has only its ranks' journals
-        return journal_changes(run, extraction_inputs(cfg), _extracted_config(cfg)) if run.rank_manifest_paths() else None
+        return journal_changes(run, extraction_inputs(cfg), _extracted_config(cfg)) if run.gradients.rank_manifest_paths() else None
     changed = _changes(man, extraction_inputs(cfg), _extracted_config(cfg))
     return None if not man.complete and not changed else changed
 
@@ -133,7 +146,7 @@ def _flush(run: RunDir, man: Manifest, writer: ShardWriter, k: int, taken: tuple
             complete shards and the manifest listing them are kept, so a rerun resumes.
         OSError: any other write error.
     """
-    path = run.shard_path(k)
+    path = run.gradients.shard_path(k)
     try:
         return writer.write(path, taken)
     except OSError as e:
@@ -146,7 +159,7 @@ def _flush(run: RunDir, man: Manifest, writer: ShardWriter, k: int, taken: tuple
         what = "disk quota exceeded" if e.errno == errno.EDQUOT else "disk full"
         kept = f"{len(man.shards)} complete shard{'s are' if len(man.shards) != 1 else ' is'}"
         raise ResourceError(
-            f"{run.gradients_dir}: {what} while writing {path.name}; the extraction needs about "
+            f"{run.gradients.dir}: {what} while writing {path.name}; the extraction needs about "
             f"{human_bytes(remaining * per_piece)} more ({remaining} pieces × {human_bytes(per_piece)}); free space, "
             f"then rerun the same command to resume ({kept} kept), or use --out on another disk.") from None
 
@@ -280,7 +293,7 @@ def ensure_extraction(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[L
     t0, run = time.perf_counter(), RunDir(run_dir)
     changed = extraction_changes(run, cfg)
     if changed == []:
-        man = run.load_manifest()
+        man = run.gradients.load_manifest()
         run.save_config(cfg)
         return ExtractResult.from_manifest(run, man, resumed=len(man.shards), seconds=time.perf_counter() - t0, reused=True)
     res = extract(cfg, run_dir, loaded=loaded, overwrite=replace_stale and bool(changed), show_progress=show_progress)

@@ -86,12 +86,12 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, datasets: Sequence[str]
         except NothingToEdit as e:
             skipped["ripple"] = str(e)
         seconds["ripple"] = time.perf_counter() - t
-    if rip is None and run.has_ripple():
+    if rip is None and run.ripple.exists():
         try:
-            run.current_ripple(run.load_manifest(), run.load_stats())
+            run.ripple.current(run.gradients.load_manifest(), run.coupling.load_stats())
         except ArtifactError:
-            shutil.rmtree(run.ripple_dir)
-            skipped["earlier ripple results"] = f"removed {run.ripple_dir}: made from another coupling"
+            shutil.rmtree(run.ripple.dir)
+            skipped["earlier ripple results"] = f"removed {run.ripple.dir}: made from another coupling"
     t = time.perf_counter()
     rep = report(cfg, run.root)
     seconds["report"] = time.perf_counter() - t

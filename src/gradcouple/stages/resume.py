@@ -15,29 +15,22 @@ resumes from them.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Optional, Sequence
-
-from pydantic import ValidationError
 
 from ..artifacts import Inputs, Manifest, PieceRecord, ShardEntry
 from ..config import config_diff
 from ..errors import ArtifactError, ConfigError
-from ..io import atomic_open, sha256_file
+from ..io import sha256_file
 from ..ranks import balance, barrier, decide, rank, world_size
 from ..rundir import RunDir, stale_inputs
 
-JOURNAL_FORMAT = "gradcouple-rank-manifest"
-
-
 def _previous(run: RunDir) -> tuple[Optional[Manifest], list[str]]:
     """The run's manifest, or (None, [why it cannot be used]) when it is unreadable or from another version."""
-    if not run.has_manifest():
+    if not run.gradients.has_manifest():
         return None, []
     try:
-        return run.load_manifest(complete=False), []
+        return run.gradients.load_manifest(complete=False), []
     except ArtifactError as e:
         return None, [f"gradients/manifest.json unusable ({str(e).split(': ', 1)[-1]})"]
 
@@ -61,10 +54,10 @@ def resume_point(run: RunDir, header: Manifest, overwrite: bool) -> Optional[Man
         return None
     changed = unusable or _changes(previous, header.inputs, header.config)
     if changed and not overwrite:
-        raise ConfigError(f"{run.manifest_path}: existing gradients were made from other inputs ({'; '.join(changed)}); "
+        raise ConfigError(f"{run.gradients.manifest_path}: existing gradients were made from other inputs ({'; '.join(changed)}); "
                           f"pass --overwrite to replace them or choose another --out.")
     if changed or overwrite:
-        run.clear_gradients()
+        run.gradients.clear()
         return None
     return previous
 
@@ -88,7 +81,7 @@ class Earlier:
         for entry, recs in reversed(self.candidates.get(k, [])):
             if entry.rows != rows or any(r not in recs or recs[r].shard != k for r in rows):
                 continue
-            path = run.shard_file(entry)
+            path = run.gradients.shard_file(entry)
             if path not in digests:
                 digests[path] = sha256_file(path) if path.is_file() else ""
             if digests[path] == entry.sha256:
@@ -98,42 +91,12 @@ class Earlier:
         return None
 
 
-def read_journal(path: Path) -> tuple[Optional[Manifest], list[tuple[int, ShardEntry, list[PieceRecord]]], Optional[str]]:
-    """(header, [(shard number, entry, records)], why it is unusable or None) of a rank journal.
-
-    A line cut short (the rank died while writing it) is skipped: its shard is recomputed.
-    """
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError as e:
-        return None, [], f"cannot read it ({e.strerror})"
-    try:
-        head = json.loads(lines[0])
-        if head.get("journal") != JOURNAL_FORMAT:
-            raise ValueError("not a journal")
-        version = head["header"].get("version")
-        if version != Manifest.model_fields["version"].default:
-            return None, [], f"made by another gradcouple version (manifest version {version})"
-        header = Manifest.model_validate(head["header"])
-    except (IndexError, ValueError, KeyError, TypeError, AttributeError, ValidationError):
-        return None, [], "not a gradcouple rank manifest"
-    out = []
-    for line in lines[1:]:
-        try:
-            d = json.loads(line)
-            out.append((int(d["shard"]), ShardEntry.model_validate(d["entry"]),
-                        [PieceRecord.model_validate(p) for p in d["pieces"]]))
-        except (ValueError, KeyError, TypeError, ValidationError):
-            continue
-    return header, out, None
-
-
 def journal_changes(run: RunDir, inputs, config: dict) -> Optional[list[str]]:
     """What differs between the rank journals in ``run`` and an extraction from ``inputs`` and
     ``config`` now: None when they all match (resume them), else the differences, file by file."""
     changed = []
-    for path in run.rank_manifest_paths():
-        head, _, why = read_journal(path)
+    for path in run.gradients.rank_manifest_paths():
+        head, _, why = run.gradients.read_rank_journal(path)
         diff = [f"unusable ({why})"] if why else _changes(head, inputs, config)
         changed += [f"{run.relative(path)}: {d}" for d in diff]
     return changed or None
@@ -149,20 +112,20 @@ def earlier(run: RunDir, header: Manifest, overwrite: bool) -> Optional[Earlier]
             message names the file and every setting, file or model that changed.
     """
     previous = resume_point(run, header, overwrite)
-    paths = run.rank_manifest_paths()
+    paths = run.gradients.rank_manifest_paths()
     if overwrite and paths:
-        run.clear_gradients()
+        run.gradients.clear()
         return None
     changed = journal_changes(run, header.inputs, header.config)
     if changed:
-        raise ConfigError(f"{run.gradients_dir}: an interrupted extraction under torchrun was made from other inputs "
+        raise ConfigError(f"{run.gradients.dir}: an interrupted extraction under torchrun was made from other inputs "
                           f"({'; '.join(changed)}); pass --overwrite to replace it or choose another --out.")
     found = Earlier()
     if previous is not None:
         for k, s in enumerate(previous.shards):
             found.add(k, s, [previous.pieces[r] for r in s.rows if r < len(previous.pieces)])
     for path in paths:
-        for k, entry, records in read_journal(path)[1]:
+        for k, entry, records in run.gradients.read_rank_journal(path)[1]:
             found.add(k, entry, records)
     return found if found.candidates else None
 
@@ -223,7 +186,7 @@ class Extraction:
     def save(self, man: Manifest) -> None:
         """Record the shard just added to ``man``: manifest.json (one process) or this rank's journal."""
         if self.world == 1:
-            self.run.save_manifest(man)
+            self.run.gradients.save_manifest(man)
             return
         entry = man.shards[-1]
         records = [man.pieces[r] for r in entry.rows]
@@ -232,23 +195,9 @@ class Extraction:
         self._append(k, entry, records)
 
     def _append(self, k: int, entry: ShardEntry, records: list[PieceRecord]) -> None:
-        path = self.run.rank_manifest_path(self.rank)
         if self._journal is None:
-            if not path.is_file():
-                head = self.header.model_dump(mode="json", exclude={"shards", "pieces", "timing", "complete"})
-                with atomic_open(path, "w", encoding="utf-8") as fh:
-                    fh.write(json.dumps({"journal": JOURNAL_FORMAT, "rank": self.rank, "world_size": self.world,
-                                         "header": head}, ensure_ascii=False) + "\n")
-            with open(path, "rb") as fh:
-                fh.seek(-1, os.SEEK_END)
-                ends_clean = fh.read(1) == b"\n"
-            self._journal = open(path, "a", encoding="utf-8")
-            if not ends_clean:
-                self._journal.write("\n")  # end a line cut short, so the next one parses
-        line = {"shard": k, "entry": entry.model_dump(mode="json"), "pieces": [r.model_dump(mode="json") for r in records]}
-        self._journal.write(json.dumps(line, ensure_ascii=False) + "\n")
-        self._journal.flush()
-        os.fsync(self._journal.fileno())
+            self._journal = self.run.gradients.rank_journal(self.rank, self.world, self.header)
+        self._journal.append(self.run.gradients.journal_line(k, entry, records))
 
     def merge(self, man: Manifest, computed: int, loop_s: float) -> tuple[Manifest, int, float]:
         """After the shard loop: (manifest, pieces computed, loop seconds) of the whole job.
@@ -284,7 +233,7 @@ class Extraction:
                     pieces[rec.index] = rec
         missing = [k for k in range(len(self._plan)) if k not in entries]
         if missing:
-            raise ArtifactError(f"{self.run.manifest_path}: no rank wrote shard(s) {missing[:6]}; rerun the same command "
+            raise ArtifactError(f"{self.run.gradients.manifest_path}: no rank wrote shard(s) {missing[:6]}; rerun the same command "
                                 f"to compute them.")
         man.shards = [entries[k] for k in range(len(self._plan))]
         man.pieces = pieces
@@ -304,14 +253,14 @@ class Extraction:
             if self.world > 1:
                 problem = man.mismatch()
                 if problem:
-                    raise ArtifactError(f"{self.run.manifest_path}: the ranks' shards do not add up ({problem}); rerun "
+                    raise ArtifactError(f"{self.run.gradients.manifest_path}: the ranks' shards do not add up ({problem}); rerun "
                                         f"`gradcouple extract --out {self.run.root} --overwrite`.")
-            self.run.save_manifest(man)
-            for path in self.run.rank_manifest_paths():
+            self.run.gradients.save_manifest(man)
+            for path in self.run.gradients.rank_manifest_paths():
                 path.unlink(missing_ok=True)
             self.run.save_config(cfg)
         if self.world > 1:
             barrier()
             if not self.main:
-                man = self.run.load_manifest()
+                man = self.run.gradients.load_manifest()
         return man

@@ -132,10 +132,10 @@ def check_run(cfg: RunConfig, run_dir: str | Path, loaded: Optional[LoadedModel]
             extraction's, or ``--method rome`` on a store without inputs.
     """
     run = RunDir(run_dir)
-    manifest = run.load_manifest()
-    stats = run.current_stats(manifest)
-    ids, cos = run.load_cosine()
-    run.check_pieces_match(ids, run.cosine_path)
+    manifest = run.gradients.load_manifest()
+    stats = run.coupling.current_stats(manifest)
+    ids, cos = run.coupling.load_cosine()
+    run.check_pieces_match(ids, run.coupling.cosine_path)
     extracted = manifest.settings()
     loaded = loaded or load_model(extracted.model.name, revision=extracted.model.revision, device=cfg.model.device,
                                   dtype=extracted.model.dtype)
@@ -252,7 +252,7 @@ def summarise(r: RippleRun, records: list[EditRecord], pooled: list[tuple[torch.
     used = ("GradSim", "ripple effect", "coupling prediction", "first-order prediction", "edit success", "describe",
             "Spearman's rho", "Pearson r", "precision@k", "bootstrap interval", "same question", "answer match")
     return RippleSummary(
-        inputs=r.run.ripple_inputs(r.manifest, r.stats, r.cfg), method=r.cfg.ripple.method, steps=r.cfg.ripple.steps,
+        inputs=r.run.ripple.inputs(r.manifest, r.stats, r.cfg), method=r.cfg.ripple.method, steps=r.cfg.ripple.steps,
         lr=r.cfg.ripple.lr, n_edits=len(records), n_successful=len(ok), seconds=seconds, device=device_info(r.loaded.device),
         spearman_coupling=bootstrap_interval([x.spearman_coupling for x in records]),
         spearman_first_order=bootstrap_interval([x.spearman_first_order for x in records]),
@@ -299,17 +299,17 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
             raise NothingToEdit(f"{r.run.pieces_path}: no benchmark edit has a test query.")
         if cfg.ripple.sweep:
             sweep = sweep_benchmark(r, edits, cfg.ripple.sweep, show_progress)
-            r.run.save_sweep(sweep)
-            return RippleResult(out_dir=r.run.ripple_dir, summary=None, sweep=sweep)
+            r.run.ripple.save_sweep(sweep)
+            return RippleResult(out_dir=r.run.ripple.dir, summary=None, sweep=sweep)
         summary, rows = evaluate_benchmark(r, edits, show_progress)
-        r.run.save_ripple(summary, rows)
-        return RippleResult(out_dir=r.run.ripple_dir, summary=summary)
+        r.run.ripple.save(summary, rows)
+        return RippleResult(out_dir=r.run.ripple.dir, summary=summary)
     planned = choose_edits(r.pieces, cfg.ripple.n_edits, cfg.ripple.seed)
     r.before = measure_logprobs(r.loaded.model, r.encoded, r.manifest.batch_size, r.loaded.pad_id)
     if not planned:
         raise NothingToEdit(f"{r.run.pieces_path}: no piece can be edited (need a counterfactual or two distinct answers of one kind).")
     records, rows, pooled = [], [], []
-    journal = r.run.journal(r.run.ripple_inputs(r.manifest, r.stats, cfg))
+    journal = r.run.ripple.journal(r.run.ripple.inputs(r.manifest, r.stats, cfg))
     resumed = 0
     with progress("ripple", len(planned), "edits", show_progress) as advance:
         for e, edit in enumerate(planned):
@@ -329,5 +329,5 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
     journal.close()
     summary = summarise(r, records, pooled, time.perf_counter() - t0)
     summary.resumed_edits = resumed
-    r.run.save_ripple(summary, rows)
-    return RippleResult(out_dir=r.run.ripple_dir, summary=summary)
+    r.run.ripple.save(summary, rows)
+    return RippleResult(out_dir=r.run.ripple.dir, summary=summary)

@@ -85,7 +85,7 @@ class GradientReader:
 
     def __init__(self, run: RunDir, manifest: Manifest | None = None, verify: bool = True, cache_shards: int = 4):
         self.run = run
-        self.manifest = manifest or run.load_manifest()
+        self.manifest = manifest or run.gradients.load_manifest()
         self.kind: StoreKind = store_kind(self.manifest.store, self.manifest.targets)
         self.names = self.manifest.names
         self.shards = self.manifest.shards
@@ -94,7 +94,7 @@ class GradientReader:
         self.row_shard: list[tuple[int, int]] = [(si, k) for si, s in enumerate(self.shards) for k in range(len(s.rows))]
         if verify:
             for s in self.shards:
-                p = run.shard_file(s)
+                p = run.gradients.shard_file(s)
                 if not p.is_file() or sha256_file(p) != s.sha256:
                     raise ArtifactError(f"{p}: missing or its sha256 differs from the manifest; rerun the same "
                                         f"`gradcouple extract --out {run.root}` command: only damaged shards are recomputed.")
@@ -106,7 +106,7 @@ class GradientReader:
         # the sha256 vouches for the file, not for the manifest's rows of it; mmap reads the pickle only
         held = torch.load(path, weights_only=True, map_location="cpu", mmap=True).get("rows")
         if held != entry.rows:
-            raise ArtifactError(f"{self.run.manifest_path}: lists pieces {_brief(entry.rows)} for {entry.file}, which holds "
+            raise ArtifactError(f"{self.run.gradients.manifest_path}: lists pieces {_brief(entry.rows)} for {entry.file}, which holds "
                                 f"pieces {_brief(held)}; the manifest does not match its shards; rerun "
                                 f"`gradcouple extract --out {self.run.root} --overwrite` (it recomputes every shard).")
 
@@ -115,7 +115,7 @@ class GradientReader:
         if si in self._cache:
             self._cache.move_to_end(si)
             return self._cache[si]
-        data = torch.load(self.run.shard_file(self.shards[si]), weights_only=True, map_location="cpu")
+        data = torch.load(self.run.gradients.shard_file(self.shards[si]), weights_only=True, map_location="cpu")
         self._cache[si] = data
         if len(self._cache) > self._cache_n:
             self._cache.popitem(last=False)

@@ -16,11 +16,10 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from ...config import RunConfig
-from ...io import atomic_open
 from ...rundir import locked
 from .load import LoadedRun, load_run
 from .page import render
-from .summary import Headline, headline, summarize, write_summary
+from .summary import Headline, headline, summarize
 
 SECTIONS = ("metadata", "knowledge_pieces", "gradient_analysis", "coupling_analysis", "high_coupling_pairs",
             "cross_pot_analysis", "generated_files", "gpu_performance", "experiment_readiness")
@@ -85,10 +84,10 @@ def report(cfg: RunConfig, run_dir: str | Path) -> ReportResult:
     loaded = load_run(run_dir)
     summary = summarize(loaded)
     run = loaded.run
-    with atomic_open(run.index_path, "w", encoding="utf-8") as fh:
-        fh.write(render(loaded, summary, cfg))
-    write_summary(run, summary)
-    return ReportResult(out_dir=run.report_dir, index_html=run.index_path, summary_json=run.report_summary_path,
+    run.report.save_index(render(loaded, summary, cfg))
+    summary["experiment_readiness"]["report_written"] = True
+    run.report.save_summary(summary)
+    return ReportResult(out_dir=run.report.dir, index_html=run.report.index_path, summary_json=run.report.summary_path,
                         summary=summary, seconds=time.perf_counter() - t0, headline=headline(loaded))
 
 

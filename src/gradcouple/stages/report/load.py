@@ -93,18 +93,18 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         ConfigError: an unreadable config.json.
     """
     run = RunDir(run_dir)
-    manifest = run.load_manifest()
-    stats = run.current_stats(manifest)
+    manifest = run.gradients.load_manifest()
+    stats = run.coupling.current_stats(manifest)
     if stats.mode == "full":
-        (ids, cosine), indices = run.load_cosine(), None
+        (ids, cosine), indices = run.coupling.load_cosine(), None
     else:
-        ids, indices, cosine = run.load_topk()
-    run.check_pieces_match(ids, run.matrix_path())
+        ids, indices, cosine = run.coupling.load_topk()
+    run.check_pieces_match(ids, run.coupling.matrix_path())
     saved = run.saved_config_path()
-    rip = run.current_ripple(manifest, stats)
+    rip = run.ripple.current(manifest, stats)
     pieces_mode, bench_mode = bool(rip) and rip[0].mode == "pieces", bool(rip) and rip[0].mode == "benchmark"
     return LoadedRun(run=run, manifest=manifest, records=manifest.records(), pieces=run.load_pieces(),
                      config=load_config(saved) if saved else None, stats=stats, cosine=cosine, indices=indices,
-                     pairs=run.load_pairs(), pairs_different_answer=run.load_pairs(different_answer=True),
+                     pairs=run.coupling.load_pairs(), pairs_different_answer=run.coupling.load_pairs(different_answer=True),
                      ripple=rip[0] if pieces_mode else None, measurements=rip[1] if pieces_mode else [],
                      benchmark=rip[0] if bench_mode else None, tests=rip[1] if bench_mode else [], files=run.files())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
@@ -13,10 +12,8 @@ from pydantic import BaseModel
 
 from ..._version import __version__
 from ...artifacts import RippleSummary
-from ...io import atomic_open
 from ...metrics import Interval, describe
 from ...pairs import upper_pairs
-from ...rundir import RunDir
 from .load import LoadedRun
 
 TOP_PAIRS = 10
@@ -119,7 +116,7 @@ def summarize(r: LoadedRun) -> dict:
 
     ``generated_files`` lists the run's files except the report's own two outputs.
     """
-    report_files = {r.run.relative(r.run.index_path), r.run.relative(r.run.report_summary_path)}
+    report_files = r.run.report.own_files()
     return json_safe({
         "metadata": metadata(r), "knowledge_pieces": knowledge_pieces(r), "gradient_analysis": gradient_analysis(r),
         "coupling_analysis": coupling_analysis(r), "high_coupling_pairs": [p.model_dump() for p in r.pairs[:TOP_PAIRS]],
@@ -168,12 +165,12 @@ def gradient_analysis(r: LoadedRun) -> dict:
             "grad_norm": describe([x.norm for x in recs]).model_dump(),
             "grad_norm_mean_per_target": {n: describe([x.sq_norm[n] ** 0.5 for x in recs if n in x.sq_norm]).mean
                                           for n in m.names},
-            "shards_present": all(r.run.relative(r.run.shard_file(s)) in listed for s in m.shards)}
+            "shards_present": all(r.run.relative(r.run.gradients.shard_file(s)) in listed for s in m.shards)}
 
 
 def coupling_analysis(r: LoadedRun) -> dict:
     """stats.json as written by couple, plus the matrix file (relative to the run)."""
-    matrix = r.run.cosine_path if r.full else r.run.topk_path
+    matrix = r.run.coupling.cosine_path if r.full else r.run.coupling.topk_path
     return {**r.stats.model_dump(mode="json"), "matrix": r.run.relative(matrix)}
 
 
@@ -185,7 +182,7 @@ def cross_pot_analysis(r: LoadedRun) -> dict:
     questions = question_coupling(r)
     split = p.model_dump(exclude={"all"})
     return {**split, "difference": diff, "ratio": same / cross if diff is not None and cross else None,
-            "source": r.run.relative(r.run.stats_path), "note": r.stats.note,
+            "source": r.run.relative(r.run.coupling.stats_path), "note": r.stats.note,
             "n_questions_with_pairs": len(questions), "top_questions": questions[:TOP_QUESTIONS]}
 
 
@@ -242,12 +239,12 @@ def gpu_performance(r: LoadedRun) -> dict:
 def experiment_readiness(r: LoadedRun) -> dict:
     """Which stages are done, the ripple figures (intervals as dicts) and the next command to run."""
     listed = {path for path, _ in r.files}
-    shards = all(r.run.relative(r.run.shard_file(s)) in listed for s in r.manifest.shards)
+    shards = all(r.run.relative(r.run.gradients.shard_file(s)) in listed for s in r.manifest.shards)
     done = r.ripple is not None or r.benchmark is not None
     return {"gradients_complete": r.manifest.complete and shards, "coupling_done": True,
             "coupling_mode": r.stats.mode, "ripple_done": done,
             "ripple_mode": "benchmark" if r.benchmark else "pieces" if r.ripple else None,
-            "report_written": r.run.relative(r.run.index_path) in listed, **ripple_figures(r.ripple),
+            "report_written": r.run.relative(r.run.report.index_path) in listed, **ripple_figures(r.ripple),
             **benchmark_figures(r.benchmark), "coupling_predicts_ripple": ripple_answer(r),
             "next_step": None if done else f"gradcouple ripple --run {r.run.root}"}
 
@@ -271,25 +268,3 @@ def ripple_figures(rip: Optional[RippleSummary]) -> dict:
     out = {f"ripple_{k}": d.get(k) for k in RIPPLE_FIELDS}
     out["ripple_success_rate"] = rip.n_successful / rip.n_edits if rip and rip.n_edits else None
     return out
-
-
-def write_summary(run: RunDir, summary: dict) -> None:
-    """Write summary.json atomically; its generated_files lists every file of the run now, itself
-    included with its exact final size in bytes (and ``report_written`` is set).
-
-    Call it after index.html is written, so that file is listed with its final size too.
-    """
-    own = run.relative(run.report_summary_path)
-    entry = {"path": own, "bytes": 0}
-    files = sorted([{"path": p, "bytes": b} for p, b in run.files() if p != own] + [entry], key=lambda f: f["path"])
-    section = {**summary["generated_files"], "files": files}
-    summary.update(generated_files=section)
-    summary["experiment_readiness"]["report_written"] = True
-    while True:  # the file's size is written in it: iterate to the fixed point (sizes only grow, so this ends)
-        section.update(n_files=len(files), total_bytes=sum(f["bytes"] for f in files))
-        text = json.dumps(summary, indent=2, ensure_ascii=False) + "\n"
-        if len(text.encode("utf-8")) == entry["bytes"]:
-            break
-        entry["bytes"] = len(text.encode("utf-8"))
-    with atomic_open(run.report_summary_path, "w", encoding="utf-8") as fh:
-        fh.write(text)

@@ -1,0 +1,9 @@
+"""The run directory: every path of a run, loading and saving each artifact, the one freshness
+rule and the lock. One module per family of files (see :mod:`.layout` for the whole layout)."""
+
+from .freshness import INPUT_LABELS, stale_inputs
+from .layout import RunDir, default_run_dir
+from .lock import locked
+from .ripple import EditJournal
+
+__all__ = ["RunDir", "EditJournal", "INPUT_LABELS", "default_run_dir", "locked", "stale_inputs"]
