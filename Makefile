@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast bench soak screenshot clean
+.PHONY: install demo test test-fast bench soak screenshot configs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,6 +40,10 @@ screenshot: $(STAMP)
 	test -f runs/demo/report/index.html || $(MAKE) demo
 	$(VENV)/bin/gradcouple report --run runs/demo >/dev/null
 	$(PY) -m gradcouple.stages.report.browser runs/demo/report/index.html --screenshot docs/report.png --size 1280x1800
+
+# configs/default.yaml: every setting at its default with its description (tests fail when it drifts)
+configs: $(STAMP)
+	$(PY) -c "from gradcouple.resolve import default_yaml; print(default_yaml(), end='')" > configs/default.yaml
 
 clean:
 	rm -rf runs .pytest_cache

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gradcouple as gc
-from gradcouple.api import resolve_config
+from gradcouple.resolve import resolve
 from gradcouple.config import RunConfig
 from gradcouple.errors import ConfigError
 
@@ -25,23 +25,30 @@ def test_the_readme_notebook_example_runs(tmp_path, monkeypatch, capsys):
 
 
 def test_keywords_are_the_cli_flags_and_the_stage_decides_shared_ones(tmp_path):
-    cfg = resolve_config("ripple", tmp_path, None, {"model": "gpt2", "batch_size": 4, "method": "rome", "ripple.lr": 0.01})
-    assert (cfg.model.name, cfg.extract.batch_size, cfg.ripple.method, cfg.ripple.lr) == ("gpt2", 4, "rome", 0.01)
-    assert cfg.couple.method == "auto"
-    assert resolve_config("couple", tmp_path, None, {"method": "dense"}).couple.method == "dense"
+    cfg = resolve("ripple", tmp_path, method="rome", rome_clamp=2.0, device="cpu", **{"ripple.covariance": "pieces"})
+    assert (cfg.ripple.method, cfg.ripple.hparams, cfg.model.device) == ("rome", {"rome": {"clamp_norm_factor": 2.0}}, "cpu")
+    assert (cfg.couple.method, cfg.ripple.covariance) == ("auto", "pieces")
+    cfg = resolve("couple", tmp_path, method="dense")
+    assert (cfg.couple.method, cfg.ripple.method) == ("dense", "ft")
 
 
 def test_keywords_override_the_runs_saved_config(tmp_path):
     saved = RunConfig()
     saved.model.layers = "last2"
     saved.save(tmp_path / "config.json")
-    cfg = resolve_config("couple", tmp_path, None, {"top_k": 5})
+    cfg = resolve("couple", tmp_path, top_k=5)
     assert (cfg.model.layers, cfg.couple.top_k) == ("last2", 5)
 
 
-def test_an_unknown_keyword_is_a_config_error_listing_the_known_ones(tmp_path):
-    with pytest.raises(ConfigError, match="unknown keyword 'modle'.*model"):
-        resolve_config("extract", tmp_path, None, {"modle": "gpt2"})
+def test_a_keyword_of_another_stage_is_refused_naming_where_it_belongs(tmp_path):
+    with pytest.raises(ConfigError, match=r"extract\(\): modle= does not apply to extract \(extract's are data, "):
+        resolve("extract", tmp_path, modle="gpt2")
+    with pytest.raises(ConfigError, match=r"n_edits= does not apply to extract \(it is an option of ripple, run\)"):
+        gc.extract(tmp_path / "r", data="p.jsonl", n_edits=3)
+    with pytest.raises(ConfigError, match=r"lr= does not apply to report \(it is an option of ripple\)"):
+        gc.report(tmp_path, lr=5.0)
+    with pytest.raises(ConfigError, match=r"'ripple.covariance' is a setting of the ripple stage, not of couple"):
+        resolve("couple", tmp_path, **{"ripple.covariance": "pieces"})
 
 
 @pytest.fixture(scope="module")

@@ -143,3 +143,22 @@ def test_a_function_level_import_defers_a_heavy_dependency_and_says_which():
     assert not found, "\n".join(found)
 
 
+
+
+def test_only_the_edit_method_registry_compares_a_method_name():
+    from gradcouple.edits import ALIASES, METHODS
+
+    names = set(METHODS) | set(ALIASES)
+    found = []
+    for module, path in MODULES.items():
+        if module.startswith("gradcouple.edits"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Compare):
+                continue
+            operands = [node.left, *node.comparators]
+            consts = [c.value for o in operands for c in ([o] if isinstance(o, ast.Constant) else
+                      getattr(o, "elts", [])) if isinstance(c, ast.Constant)]
+            if names & set(consts):
+                found.append(f"{path.relative_to(SRC.parent)}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "ask the registry (gradcouple.edits) instead:\n" + "\n".join(found)

@@ -179,7 +179,7 @@ def coupled_edit_run(root, n_edits=3, tests_per_edit=3, steps=5, covariance_toke
     cfg = RunConfig()
     cfg.data.pieces = root / "p.jsonl"
     cfg.model.name = "llama-tiny-random"
-    cfg.ripple.steps, cfg.ripple.lr = steps, 1e-2
+    cfg.ripple.hparams = {"ft": {"steps": steps, "lr": 1e-2}}
     cfg.ripple.covariance_tokens, cfg.ripple.bootstrap_resamples = covariance_tokens, resamples
     extract(cfg, root / "run", show_progress=False)
     couple(cfg, root / "run", show_progress=False)
@@ -238,7 +238,7 @@ def test_identical_query_rises_most_and_informative_predictors_rank_it_first(tmp
     cfg = RunConfig()
     cfg.data.pieces = tmp_path / "p.jsonl"
     cfg.model.name = "llama-tiny-random"
-    cfg.ripple.steps, cfg.ripple.lr, cfg.ripple.early_stop = 3, 3e-3, False
+    cfg.ripple.hparams = {"ft": {"steps": 3, "lr": 3e-3, "early_stop": False}}
     cfg.ripple.covariance_tokens, cfg.ripple.bootstrap_resamples = 1000, 20
     extract(cfg, tmp_path / "run", show_progress=False)
     couple(cfg, tmp_path / "run", show_progress=False)
@@ -254,7 +254,8 @@ def test_identical_query_rises_most_and_informative_predictors_rank_it_first(tmp
 @pytest.fixture(scope="module")
 def sweep_run(benchmark_run):
     cfg, run, _ = benchmark_run
-    swept = cfg.model_copy(update={"ripple": cfg.ripple.model_copy(update={"sweep": [1e-3, 3e-2], "early_stop": False})})
+    knobs = {"ft": {**cfg.ripple.hparams["ft"], "early_stop": False}}
+    swept = cfg.model_copy(update={"ripple": cfg.ripple.model_copy(update={"sweep": [1e-3, 3e-2], "hparams": knobs})})
     return run, ripple(swept, run, show_progress=False).sweep
 
 

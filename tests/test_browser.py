@@ -70,7 +70,7 @@ def rendered(tmp_path_factory):
     cfg = RunConfig()
     cfg.data.pieces = root / "pieces.jsonl"
     cfg.model.name = "llama-tiny-random"
-    cfg.ripple.steps, cfg.ripple.lr = 5, 1e-2
+    cfg.ripple.hparams = {"ft": {"steps": 5, "lr": 1e-2}}
     cfg.ripple.covariance_tokens, cfg.ripple.bootstrap_resamples = 2000, 50
     t0 = time.perf_counter()
     extract(cfg, root / "run", show_progress=False)

@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from gradcouple.cli import app
 from gradcouple.config import RunConfig, flag_names, load_config
+from gradcouple.edits import method_class
 from gradcouple.errors import ArtifactError, ConfigError, DataError, ModelError, NetworkError
+from gradcouple.resolve import default_yaml
 
 runner = CliRunner()
 COMMANDS = ["download", "extract", "couple", "ripple", "report", "run"]
@@ -46,10 +48,12 @@ def stages(monkeypatch):
     rec = SimpleNamespace(
         extract=Recorder(SimpleNamespace(resumed_shards=0, n_shards=1, n_pieces=2, seconds=1.0, pieces_per_s=2.0,
                                          bytes_on_disk=10, peak_rss_bytes=10, device=None,
-                                         targets=["h.0.mlp.c_proj", "h.1.mlp.c_proj"], truncated=(0, 0, 0))),
-        ensure=Recorder(SimpleNamespace(changed=[], reused=True)),
+                                         targets=["h.0.mlp.c_proj", "h.1.mlp.c_proj"], truncated=(0, 0, 0),
+                                         settings=RunConfig())),
+        ensure=Recorder(SimpleNamespace(changed=[], reused=True, run_dir=Path("R"))),
         couple=Recorder(SimpleNamespace(n=2, mode="full", seconds=1.0, out_dir=Path("R/coupling"),
-                                        stats=SimpleNamespace(pairs=pairs))),
+                                        stats_json=Path("R/coupling/stats.json"), stats=SimpleNamespace(pairs=pairs),
+                                        extract=None)),
         ripple=Recorder(SimpleNamespace(sweep=None, summary=SimpleNamespace(
             mode="pieces", n_edits=3, n_successful=2, spearman_coupling=iv, spearman_first_order=iv, precision_at_k=iv,
             pooled=SimpleNamespace(spearman_coupling=0.2), seconds=1.0, resumed_edits=0, device=None))),
@@ -78,7 +82,7 @@ def test_extract_passes_flags_as_config_fields(stages, tmp_path):
                               "--max-length", "64", "--limit", "5", "--overwrite"])
     assert res.exit_code == 0, res.output
     (cfg, out), kwargs = stages.extract.calls[0]
-    assert out == tmp_path / "r" and kwargs == {"overwrite": True}
+    assert out == tmp_path / "r" and kwargs == {"overwrite": True, "show_progress": True}
     assert (cfg.data.pieces, cfg.data.limit, cfg.model.name, cfg.model.layers) == (Path("p.jsonl"), 5, "gpt2", "all")
     assert (cfg.extract.store, cfg.extract.batch_size, cfg.extract.shard_size, cfg.extract.max_length) == ("dense", 4, 8, 64)
 
@@ -114,7 +118,7 @@ def test_couple_with_model_extracts_if_needed_in_a_run_named_after_model_and_set
     assert res.exit_code == 0, res.output
     (cfg, run), kwargs = stages.ensure.calls[0]
     assert run.parent == Path("runs") and run.name == f"org_My_Model-{cfg.extract_hash()[:8]}"
-    assert kwargs == {"replace_stale": True} and stages.couple.calls[0][0][1] == run
+    assert kwargs == {"replace_stale": True, "show_progress": True} and stages.couple.calls[0][0][1] == run
 
 
 def test_couple_without_run_or_model_names_the_flag(stages):
@@ -128,11 +132,12 @@ def test_ripple_passes_its_flags(stages, tmp_path):
     assert res.exit_code == 0, res.output
     (cfg, run), _ = stages.ripple.calls[0]
     r = cfg.ripple
-    assert (run, r.edits, r.n_edits, r.method, r.steps, r.lr, r.max_delta, r.seed, cfg.model.device) == \
-        (tmp_path, "pieces", 4, "ft", 3, 0.01, 0.001, 5, "cpu")
+    assert (run, r.edits, r.n_edits, r.method, r.hparams, r.seed, cfg.model.device) == \
+        (tmp_path, "pieces", 4, "ft", {"ft": {"steps": 3, "lr": 0.01, "max_delta": 0.001}}, 5, "cpu")
     res = runner.invoke(app, ["ripple", "--run", str(tmp_path), "--method", "rome", "--rome-clamp", "2"])
     assert res.exit_code == 0, res.output
-    assert (stages.ripple.calls[1][0][0].ripple.method, stages.ripple.calls[1][0][0].ripple.rome_clamp) == ("rome", 2.0)
+    r = stages.ripple.calls[1][0][0].ripple
+    assert (r.method, r.hparams["rome"]) == ("rome", {"clamp_norm_factor": 2.0})
 
 
 def test_ripple_accepts_finetune_as_the_old_name_of_ft(stages, tmp_path):
@@ -155,7 +160,7 @@ def test_run_passes_datasets_and_overwrite(monkeypatch, tmp_path):
                         "--method", "rome", "--overwrite"])
     (cfg, out), kwargs = rec.calls[0]
     assert out == tmp_path and (cfg.ripple.n_edits, cfg.ripple.edits, cfg.ripple.method) == (2, "benchmark", "rome")
-    assert kwargs == {"datasets": ["musique", "mquake"], "skip_ripple": False, "overwrite": True}
+    assert kwargs == {"datasets": ["musique", "mquake"], "skip_ripple": False, "overwrite": True, "show_progress": True}
     runner.invoke(app, ["run", "--out", str(tmp_path), "--no-ripple"])
     assert rec.calls[1][1]["skip_ripple"] is True
 
@@ -222,7 +227,11 @@ def test_shipped_configs_are_valid_and_default_is_the_default():
     assert len(files) >= 3
     for f in files:
         load_config(f)
-    assert load_config(files[[f.name for f in files].index("default.yaml")]) == RunConfig()
+    default = load_config(files[[f.name for f in files].index("default.yaml")])
+    assert default.model_copy(update={"ripple": default.ripple.model_copy(update={"hparams": {}})}) == RunConfig()
+    assert all(method_class(m).resolve(knobs).hp == method_class(m).resolve().hp for m, knobs in default.ripple.hparams.items())
+    assert (Path(__file__).parents[1] / "configs" / "default.yaml").read_text(encoding="utf-8") == default_yaml(), \
+        "configs/default.yaml drifted from the field descriptions: run `make configs`"
 
 
 def test_missing_pieces_file_is_a_data_error_naming_it(tmp_path):

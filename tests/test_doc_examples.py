@@ -552,10 +552,18 @@ def test_ripple_refuses_flags_its_edits_would_ignore(extracted, flags, needles):
     (["--no-ripple", "--n-edits", "3"], ["--n-edits 3", "--no-ripple skips the ripple stage", "drop --n-edits or --no-ripple"]),
     (["--no-ripple", "--method", "rome"], ["--method rome", "--no-ripple"]),
     (["--data", "p.jsonl", "--datasets", "musique"], ["--datasets musique", "--data p.jsonl", "drop --datasets or --data"]),
-    (["--method", "rome", "--store", "dense"], ["--method rome", "--store factors", "drop --store dense"]),
 ])
 def test_run_refuses_flags_that_would_not_apply(tmp_path, flags, needles):
     refused(["run", "--out", str(tmp_path / "r"), "--model", TINY, *flags], *needles)
+
+
+def test_run_refuses_the_pieces_covariance_on_a_store_without_inputs(tmp_path):
+    """rome reads its keys from the model, so it edits any store; the covariance of the run's own
+    pieces needs their stored layer inputs, which only the factors store keeps."""
+    (tmp_path / "c.yaml").write_text("ripple:\n  covariance: pieces\n")
+    refused(["run", "--out", str(tmp_path / "r"), "--model", TINY, "--config", str(tmp_path / "c.yaml"),
+             "--method", "rome", "--store", "dense"],
+            f"ripple.covariance pieces (in {tmp_path / 'c.yaml'})", "only --store factors keeps", "drop --store dense")
 
 
 @pytest.mark.parametrize("flags, needles", [

@@ -37,7 +37,7 @@ def _cfg(pieces, model="llama-tiny-random") -> RunConfig:
     cfg.data.pieces = pieces
     cfg.model.name = model
     cfg.ripple.n_edits = 1
-    cfg.ripple.steps = 1
+    cfg.ripple.hparams = {"ft": {"steps": 1}}
     cfg.couple.method = "factored"
     return cfg
 

@@ -61,7 +61,7 @@ def _config(pieces: Path) -> RunConfig:
     cfg.data.pieces = pieces
     cfg.model.name = "llama-tiny-random"
     cfg.ripple.n_edits = 2
-    cfg.ripple.steps = 2
+    cfg.ripple.hparams = {"ft": {"steps": 2}}
     return cfg
 
 

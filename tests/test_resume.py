@@ -77,7 +77,7 @@ def test_a_journal_of_other_settings_is_not_used(tmp_path, tiny_llama_loaded, mo
         ripple(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
     monkeypatch.undo()
     calls = _counting(monkeypatch, ripple_mod, "apply_edit")
-    other = cfg.model_copy(update={"ripple": cfg.ripple.model_copy(update={"lr": cfg.ripple.lr * 2})})
+    other = cfg.model_copy(update={"ripple": cfg.ripple.model_copy(update={"hparams": {"ft": {"steps": 2, "lr": 1e-3}}})})
     s = ripple(other, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False).summary
     assert len(calls) == 3 and s.resumed_edits == 0
 

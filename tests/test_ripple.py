@@ -9,7 +9,8 @@ from conftest import random_pieces, tiny_gpt2, tiny_llama, write_fact_pieces
 
 from gradcouple.config import RunConfig
 from gradcouple.stages.couple import couple
-from gradcouple.edits import ft_edit, restore, rome_edit, snapshot
+from gradcouple.edits import (METHODS, EditContext, Rewrite, edited, ft_edit, method_class, restore, restored, rome_edit,
+                              snapshot)
 from gradcouple.errors import ArtifactError
 from gradcouple.scoring import encode_pieces
 from gradcouple.stages.extract import extract
@@ -33,7 +34,8 @@ def _run(tmp_path, loaded, store="factors", **ripple_kw) -> RunConfig:
     cfg.model.layers = "all"
     cfg.extract.store = store
     cfg.extract.shard_size = 4
-    for k, v in {"n_edits": 3, "steps": 2, **ripple_kw}.items():
+    cfg.ripple.hparams = {"ft": {"steps": 2}}
+    for k, v in {"n_edits": 3, **ripple_kw}.items():
         setattr(cfg.ripple, k, v)
     extract(cfg, tmp_path / "run", loaded=loaded, show_progress=False)
     couple(cfg, tmp_path / "run", show_progress=False)
@@ -81,6 +83,35 @@ def test_ft_edit_moves_bfloat16_weights_through_fp32_masters():
         assert torch.isfinite(d).all() and d.device.type == "cpu"
         assert (d != 0).float().mean() > 0.5
     assert restore(targets, saved)
+
+
+def _context(model, targets) -> EditContext:
+    return EditContext(model=model, targets=targets, pad_id=0, reader=None,
+                       covariance=lambda t: torch.eye(t.d_in_aug, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_edits_inside_edited_and_restores_bit_for_bit_even_when_the_block_raises(method):
+    model = tiny_llama()
+    targets = select_targets(model, "all")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rewrite = [Rewrite(random_pieces(1, seed=4, min_len=8)[0])]
+    with pytest.raises(ZeroDivisionError):
+        with edited(method_class(method).resolve(), _context(model, targets), rewrite) as delta:
+            moved = [t.name for t in targets if not torch.equal(t.module.weight, before[f"{t.name}.weight"])]
+            assert moved and all(float(delta[n].abs().max()) > 0 for n in moved)
+            1 / 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_restored_raises_when_the_weights_cannot_be_put_back(monkeypatch):
+    import gradcouple.edits.base as base
+
+    targets = select_targets(tiny_llama(), "all")
+    monkeypatch.setattr(base, "restore", lambda targets, saved: False)
+    with pytest.raises(RuntimeError, match="could not be restored bit for bit"):
+        with restored(targets):
+            pass
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -186,7 +217,7 @@ def test_pieces_answering_the_new_target_are_their_own_group(tmp_path, tiny_llam
     cfg = RunConfig()
     cfg.data.pieces = tmp_path / "p.jsonl"
     cfg.model.name = "llama-tiny-random"
-    cfg.ripple.n_edits, cfg.ripple.steps = 1, 2
+    cfg.ripple.n_edits, cfg.ripple.hparams = 1, {"ft": {"steps": 2}}
     extract(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
     couple(cfg, tmp_path / "run", show_progress=False)
     s = ripple(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False).summary

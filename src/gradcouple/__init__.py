@@ -14,7 +14,7 @@ The stages' library functions (``cfg``, ``run_dir``) live in :mod:`gradcouple.st
 
 from ._version import __version__
 
-_API = ("download", "extract", "couple", "ripple", "report", "load_run", "Run", "RunConfig")
+_API = ("download", "extract", "couple", "ripple", "report", "run", "load_run", "Run", "RunConfig")
 
 
 def __getattr__(name: str):

@@ -1,5 +1,6 @@
-"""The Python API for notebooks: each stage as a function of a run directory with keyword
-overrides, and :func:`load_run`, a lazy, file-only view of a run as pandas tables.
+"""The Python API for notebooks, and what every CLI command calls: each stage as a plain function
+of a run directory with the CLI's flags as keywords, and :func:`load_run`, a lazy, file-only view
+of a run as pandas tables.
 
     import gradcouple as gc
     gc.extract("runs/nb", data="pieces.jsonl", model="llama-tiny-random")
@@ -7,80 +8,99 @@ overrides, and :func:`load_run`, a lazy, file-only view of a run as pandas table
     run = gc.load_run("runs/nb")
     run.cosine.loc["musique:2hop__1:0"].nlargest(5)
 
-pandas comes with ``datasets`` (a dependency already), so it is not declared separately.
+A keyword is a flag without its dashes (``n_edits=3``) or a dotted field (``**{"ripple.covariance":
+"pieces"}``); one that does not apply to the stage, or that the stage could not honour, is refused
+with the CLI's own message (:func:`gradcouple.resolve.resolve`). pandas comes with ``datasets``
+(a dependency already), so it is not declared separately.
 """
 
 from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import pandas as pd
 
 from .artifacts import CouplingStats, Manifest
-from .config import RunConfig, flag_names, load_config
+from .config import RunConfig, load_config
 from .datasets import download
 from .errors import ConfigError
-from .rundir import RunDir
+from .resolve import resolve
+from .rundir import RunDir, default_run_dir
 from .stages import couple as couple_stage
 from .stages import extract as extract_stage
+from .stages import pipeline
 from .stages import report as report_stage
 from .stages import ripple as ripple_stage
+from .stages.couple import CoupleResult
+from .stages.extract import ExtractResult
+from .stages.pipeline import PipelineResult
+from .stages.report import ReportResult
+from .stages.ripple import RippleResult
+
+Where = Optional[str | Path]
 
 
-def resolve_config(stage: str, run_dir: str | Path, cfg: Optional[RunConfig], overrides: dict[str, Any]) -> RunConfig:
-    """``cfg`` (default: the run's saved config.json, else the defaults) with keyword overrides applied.
+def extract(run_dir: str | Path, cfg: Optional[RunConfig] = None, *, config: Where = None, overwrite: bool = False,
+            show_progress: bool = False, **keywords: Any) -> ExtractResult:
+    """Per-piece gradients into ``run_dir/gradients`` (:func:`gradcouple.stages.extract.extract`).
 
-    A keyword is a CLI flag without its dashes (``model``, ``layers``, ``batch_size``, ``n_edits``, ...)
-    or a dotted field (``"ripple.lr"``); a flag that names fields of several sections (``method``,
-    ``top_k``) sets the one of ``stage``.
+    ``cfg`` replaces the run's saved config as the base of ``keywords``; ``config`` is a YAML file
+    whose settings count as given. Raises as :func:`~gradcouple.resolve.resolve` and the stage.
+    """
+    resolved = resolve("extract", run_dir, cfg=cfg, config=config, **keywords)
+    return extract_stage.extract(resolved, run_dir, overwrite=overwrite, show_progress=show_progress)
+
+
+def couple(run_dir: Where = None, cfg: Optional[RunConfig] = None, *, config: Where = None,
+           show_progress: bool = False, **keywords: Any) -> CoupleResult:
+    """GradSim of every pair of pieces (:func:`gradcouple.stages.couple.couple`).
+
+    With ``model=`` (and ``data=``) the extraction it needs is made first, or reused when it is
+    current, in ``run_dir`` or, without one, in ``runs/<model>-<settings hash>``; the result's
+    ``extract`` says which. Without ``model=`` the gradients are those of ``run_dir``'s extraction,
+    and extraction settings other than its own are refused.
 
     Raises:
-        ConfigError: an unknown keyword (the message lists the known ones) or an invalid value.
+        ConfigError: neither ``run_dir`` nor ``model=``; as :func:`~gradcouple.resolve.resolve`.
     """
-    by_kw: dict[str, list[str]] = {}
-    for field, flag in flag_names().items():
-        by_kw.setdefault(flag.lstrip("-").replace("-", "_"), []).append(field)
-    dotted = {}
-    for key, value in overrides.items():
-        if "." in key:
-            dotted[key] = value
-            continue
-        fields = by_kw.get(key)
-        if not fields:
-            raise ConfigError(f"{stage}(): unknown keyword {key!r}; known: {', '.join(sorted(by_kw))}, or a dotted field "
-                              f"such as 'ripple.lr'.")
-        dotted[next((f for f in fields if f.startswith(stage + ".")), fields[0])] = value
-    base = cfg.model_dump(mode="json") if cfg is not None else None
-    if base is None:
-        saved = RunDir(run_dir).saved_config_path()
-        base = load_config(saved).model_dump(mode="json") if saved else RunConfig().model_dump(mode="json")
-    for key, value in dotted.items():
-        section, _, field = key.partition(".")
-        base.setdefault(section, {})[field] = str(value) if isinstance(value, Path) else value
-    return load_config(None, {k: v for s, fields in base.items() for k, v in
-                              ((f"{s}.{f}", x) for f, x in fields.items())})
+    model = keywords.get("model")
+    if run_dir is None:
+        if model is None:
+            raise ConfigError("couple: give --run RUN_DIR, or --model M with --data PIECES.jsonl.")
+        run_dir = default_run_dir(model, resolve("couple", None, cfg=cfg, config=config, **keywords))
+    resolved = resolve("couple", run_dir, cfg=cfg, config=config, **keywords)
+    ext = None
+    if model is not None:
+        ext = extract_stage.ensure_extraction(resolved, run_dir, replace_stale=True, show_progress=show_progress)
+    res = couple_stage.couple(resolved, run_dir, show_progress=show_progress)
+    res.extract = ext
+    return res
 
 
-def extract(run_dir: str | Path, cfg: Optional[RunConfig] = None, *, overwrite: bool = False, **overrides):
-    """:func:`gradcouple.stages.extract.extract` with keyword overrides; returns its ExtractResult."""
-    return extract_stage.extract(resolve_config("extract", run_dir, cfg, overrides), run_dir, overwrite=overwrite, show_progress=False)
+def ripple(run_dir: str | Path, cfg: Optional[RunConfig] = None, *, config: Where = None, show_progress: bool = False,
+           **keywords: Any) -> RippleResult:
+    """Real edits and their measured ripple effect (:func:`gradcouple.stages.ripple.ripple`);
+    ``sweep=[...]`` makes the same benchmark edits at several strengths."""
+    resolved = resolve("ripple", run_dir, cfg=cfg, config=config, **keywords)
+    return ripple_stage.ripple(resolved, run_dir, show_progress=show_progress)
 
 
-def couple(run_dir: str | Path, cfg: Optional[RunConfig] = None, **overrides):
-    """:func:`gradcouple.stages.couple.couple` with keyword overrides; returns its CoupleResult."""
-    return couple_stage.couple(resolve_config("couple", run_dir, cfg, overrides), run_dir, show_progress=False)
+def report(run_dir: str | Path, cfg: Optional[RunConfig] = None, *, config: Where = None, **keywords: Any) -> ReportResult:
+    """The report page and summary.json (:func:`gradcouple.stages.report.report`)."""
+    return report_stage.report(resolve("report", run_dir, cfg=cfg, config=config, **keywords), run_dir)
 
 
-def ripple(run_dir: str | Path, cfg: Optional[RunConfig] = None, **overrides):
-    """:func:`gradcouple.stages.ripple.ripple` with keyword overrides; returns its RippleResult."""
-    return ripple_stage.ripple(resolve_config("ripple", run_dir, cfg, overrides), run_dir, show_progress=False)
-
-
-def report(run_dir: str | Path, cfg: Optional[RunConfig] = None, **overrides):
-    """:func:`gradcouple.stages.report.report` with keyword overrides; returns its ReportResult."""
-    return report_stage.report(resolve_config("report", run_dir, cfg, overrides), run_dir)
+def run(run_dir: str | Path, cfg: Optional[RunConfig] = None, *, config: Where = None,
+        datasets: Optional[Sequence[str]] = None, no_ripple: bool = False, overwrite: bool = False,
+        show_progress: bool = False, **keywords: Any) -> PipelineResult:
+    """Every stage with one model load (:func:`gradcouple.stages.pipeline.run_pipeline`): on ``data=``,
+    or on the bundled samples of ``datasets`` (default musique, hotpotqa, mquake-hard)."""
+    resolved = resolve("run", run_dir, cfg=cfg, config=config, options={"datasets": datasets, "no_ripple": no_ripple},
+                       **keywords)
+    return pipeline.run_pipeline(resolved, run_dir, datasets=list(datasets or pipeline.DEFAULT_SAMPLES),
+                                 skip_ripple=no_ripple, overwrite=overwrite, show_progress=show_progress)
 
 
 class Run:
@@ -153,4 +173,4 @@ def load_run(path: str | Path) -> Run:
     return Run(path)
 
 
-__all__ = ["download", "extract", "couple", "ripple", "report", "load_run", "Run", "RunConfig", "resolve_config"]
+__all__ = ["download", "extract", "couple", "ripple", "report", "run", "load_run", "Run", "RunConfig"]

@@ -352,8 +352,7 @@ class RippleSummary(_Model):
     mode: Literal["pieces"] = "pieces"
     inputs: Inputs
     method: str
-    steps: int
-    lr: float
+    hparams: dict[str, Any] = Field(description="The edit method's knobs as resolved (its defaults, the config's, the flags')")
     n_edits: int
     n_successful: int
     resumed_edits: int = Field(0, description="Edits read back from the journal of an interrupted earlier run, not recomputed")
@@ -454,7 +453,8 @@ class BenchmarkSummary(_Model):
     mode: Literal["benchmark"] = "benchmark"
     inputs: Inputs
     method: str
-    settings: dict[str, Any]
+    hparams: dict[str, Any] = Field(description="The edit method's knobs as resolved (its defaults, the config's, the flags')")
+    settings: dict[str, Any] = Field(description="The ripple section of the config, but the methods' knobs")
     layer: str = Field(description="The layer whose keys the activation and whitened-key predictors use (and rome edits)")
     covariance: CovarianceSource
     n_edits: int

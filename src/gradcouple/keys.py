@@ -16,6 +16,7 @@ from .datasets import wikipedia_paragraphs
 from .io import atomic_torch_save
 from .layers import Target
 from .scoring import EncodedPiece, collate
+from .stores import GradientReader
 
 
 def cached_wikipedia_covariance(run, model_fingerprint: str, model, tokenizer, target: Target,
@@ -34,6 +35,27 @@ def cached_wikipedia_covariance(run, model_fingerprint: str, model, tokenizer, t
     cov, source = wikipedia_covariance(model, tokenizer, target, max_tokens)
     atomic_torch_save({"covariance": cov, "source": source.model_dump_json()}, path)
     return cov, source
+
+
+def stored_key_covariance(reader: GradientReader, name: str, ridge: float = 1e-2, block_size: int = 256) -> torch.Tensor:
+    """C = E[k k^T] over every stored input position of target ``name``: (d_in', d_in') float64.
+
+    ROME estimates this second moment of the layer's keys on Wikipedia text; here it comes from
+    the pieces' own stored inputs X. A ridge of ``ridge`` times the mean eigenvalue keeps it
+    invertible.
+
+    Raises:
+        ArtifactError: the store keeps no inputs (dense and projected stores).
+    """
+    d = next(t.d_in_aug for t in reader.manifest.targets if t.name == name)
+    C = torch.zeros(d, d, dtype=torch.float64)
+    count = 0
+    for i0 in range(0, reader.n, block_size):
+        xs = reader.kind.inputs(reader, i0, min(reader.n, i0 + block_size), name)
+        C += xs.t() @ xs
+        count += xs.shape[0]
+    C /= max(1, count)
+    return C + ridge * C.diagonal().mean() * torch.eye(d, dtype=torch.float64)
 
 
 def _capture_inputs(model, target: Target, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -8,16 +8,17 @@ from typing import Annotated, Optional
 import typer
 
 from ..ranks import is_main
-from ..rundir import RunDir, default_run_dir
 from .options import (
     ConfigOpt,
+    DataOpt,
     DeviceOpt,
     LayersOpt,
+    MaxLengthOpt,
     ModelOpt,
     ThreadsOpt,
-    build_config,
     console,
     num,
+    opt,
     print_path,
     summary_table,
 )
@@ -35,16 +36,15 @@ EPILOG = """Examples:
 def couple(
     run: Annotated[Optional[Path], typer.Option("--run", "-r", help="Run directory with gradients (from `gradcouple extract`).")] = None,
     model: ModelOpt = None,
-    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="pieces.jsonl (with --model: extract first if needed).")] = None,
+    data: DataOpt = None,
     layers: LayersOpt = None,
     device: DeviceOpt = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Keep the K most similar pieces per piece instead of N x N.")] = None,
-    max_memory: Annotated[Optional[float], typer.Option("--max-memory", help="Memory bound in GiB (default: a quarter of RAM); "
-                                                        "a full N x N matrix over it is refused: pass --top-k.")] = None,
-    block_size: Annotated[Optional[int], typer.Option("--block-size", help="Pieces per block.")] = None,
-    top_pairs: Annotated[Optional[int], typer.Option("--top-pairs", help="Rows of pairs.csv and pairs_different_answer.csv (default 50).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="auto, factored or dense (factors store).")] = None,
-    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Token limit of prompt+answer when couple extracts (with --model; default 256).")] = None,
+    top_k: Annotated[Optional[int], opt("couple.top_k", "--top-k")] = None,
+    max_memory: Annotated[Optional[float], opt("couple.max_memory", "--max-memory")] = None,
+    block_size: Annotated[Optional[int], opt("couple.block_size", "--block-size")] = None,
+    top_pairs: Annotated[Optional[int], opt("couple.top_pairs", "--top-pairs")] = None,
+    method: Annotated[Optional[str], opt("couple.method", "--method")] = None,
+    max_length: MaxLengthOpt = None,
     threads: ThreadsOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -52,34 +52,24 @@ def couple(
 
     With --model (and --data), the extraction it needs is made first, or reused when it is
     current: edited pieces, other settings or other model weights make it extract again.
-    With --run alone, the gradients are those of RUN's extraction: --layers or --data other than
-    its own are refused (they could not be honoured), and so is a --device other than cpu or cuda.
+    With --run alone, the gradients are those of RUN's extraction: --layers, --data or
+    --max-length other than its own are refused (they could not be honoured), and so is a
+    --device other than cpu or cuda.
     """
-    from ..stages import couple as stage  # deferred: torch and transformers (the stage), so `--help` stays fast
-    from ..stages import extract as extraction
+    from .. import api  # deferred: torch and transformers (the stages), so `--help` stays fast
 
-    overrides = {"model.name": model, "model.layers": layers, "model.device": device, "couple.top_k": top_k,
-                 "couple.max_memory": max_memory, "couple.block_size": block_size, "couple.method": method,
-                 "couple.top_pairs": top_pairs, "data.pieces": data, "extract.max_length": max_length,
-                 "model.threads": threads}
-    if run is None:
-        if model is None:
-            raise typer.BadParameter("give --run RUN_DIR, or --model M with --data PIECES.jsonl", param_hint="--run")
-        run = default_run_dir(model, build_config(config, None, overrides))
-    elif model is None:
-        stage.check_extraction_flags(run, {k: v for k, v in (("--layers", layers), ("--data", data), ("--device", device),
-                                                                          ("--max-length", max_length))
-                                           if v is not None})
-    cfg = build_config(config, run, overrides)
-    if model is not None:
-        ext = extraction.ensure_extraction(cfg, run, replace_stale=True)
-        if ext.changed:
-            console.print(f"the extraction in {run} was stale ({'; '.join(ext.changed)}): extracted again")
-        elif not ext.reused:
-            console.print(f"no matching extraction in {run}: extracted first")
-    res = stage.couple(cfg, run)
+    if run is None and model is None:
+        raise typer.BadParameter("give --run RUN_DIR, or --model M with --data PIECES.jsonl", param_hint="--run")
+    res = api.couple(run, config=config, show_progress=True, model=model, data=data, layers=layers, device=device,
+                     top_k=top_k, max_memory=max_memory, block_size=block_size, top_pairs=top_pairs, method=method,
+                     max_length=max_length, threads=threads)
     if not is_main():  # under torchrun rank 0 prints the summary
         return
+    ext = res.extract
+    if ext is not None and ext.changed:
+        console.print(f"the extraction in {ext.run_dir} was stale ({'; '.join(ext.changed)}): extracted again")
+    elif ext is not None and not ext.reused:
+        console.print(f"no matching extraction in {ext.run_dir}: extracted first")
     p = res.stats.pairs
     rows = [("pieces", res.n), ("mode", res.mode), ("mean GradSim", f"{num(p.all.mean)} ± {num(p.all.std)}"),
             ("min / max", f"{num(p.all.min)} / {num(p.all.max)}")]
@@ -90,4 +80,4 @@ def couple(
             rows.append((label, f"{num(d.mean)} ({d.n} pairs)"))
     rows.append(("time", f"{res.seconds:.1f} s"))
     console.print(summary_table("couple", rows))
-    print_path(RunDir(run).coupling.stats_path)
+    print_path(res.stats_json)

@@ -1,4 +1,4 @@
-"""Option aliases shared by the commands, the config they resolve to, and the summary printing."""
+"""Option aliases shared by the commands (their help is the settings' field descriptions), and the summary printing."""
 
 from __future__ import annotations
 
@@ -9,33 +9,39 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..config import load_config
-from ..rundir import RunDir
+from ..resolve import help_text
 from ..runinfo import overloaded
 
 console = Console(stderr=True)
 
+
+def opt(setting: str, *decls: str, **kwargs) -> typer.models.OptionInfo:
+    """A Typer option whose help is the setting's field description (:func:`gradcouple.resolve.help_text`):
+    ``setting`` is a dotted field (``model.layers``) or a method knob (``ripple.hparams.ft.lr``)."""
+    return typer.Option(*decls, help=help_text(setting), show_default=False, **kwargs)
+
+
 ConfigOpt = Annotated[
     Optional[Path],
-    typer.Option("--config", "-c", help="YAML config (sections data/model/extract/couple/ripple/report); flags override it.", exists=True, dir_okay=False),
+    typer.Option("--config", "-c", help="YAML config (sections data/model/extract/couple/ripple/report, as in "
+                 "configs/default.yaml); its settings count as given, and flags override it.", exists=True, dir_okay=False),
 ]
-ModelOpt = Annotated[
-    Optional[str],
-    typer.Option("--model", "-m", help="Hub id, local directory, .gguf file, or alias: smollm2-135m (default; SmolLM2-135M-Instruct, "
-                 "Q4_1 GGUF dequantised to float32), gemma3-270m, gpt2-tiny-random, llama-tiny-random."),
-]
-LayersOpt = Annotated[
-    Optional[str],
-    typer.Option("--layers", "-l", help="Target blocks: 'last4' (default), 'all', a range '26-29', a list '0,5,11', or a module-name regex 're:...'."),
-]
-DataOpt = Annotated[Optional[Path], typer.Option("--data", "-d", help="pieces.jsonl from `gradcouple download`.")]
-RunDirOpt = Annotated[Path, typer.Option("--run", "-r", help="Run directory made by `gradcouple extract --out` or `gradcouple run --out`.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace artifacts made from other inputs (pieces, settings, model).")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N, mps, auto, or auto-map (spread a model larger than one GPU over every GPU).")]
-BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Pieces per forward/backward.")]
-LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Use only the first N pieces.")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: torch's, which follows "
-                                                   "OMP_NUM_THREADS); 1 when other processes share the cores.")]
+ModelOpt = Annotated[Optional[str], opt("model.name", "--model", "-m")]
+LayersOpt = Annotated[Optional[str], opt("model.layers", "--layers", "-l")]
+DataOpt = Annotated[Optional[Path], opt("data.pieces", "--data", "-d")]
+RunDirOpt = Annotated[Path, typer.Option("--run", "-r", help="Run directory made by `gradcouple extract --out` or "
+                                         "`gradcouple run --out`.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace artifacts made from other inputs (pieces, "
+                                            "settings, model).")]
+DeviceOpt = Annotated[Optional[str], opt("model.device", "--device")]
+BatchSizeOpt = Annotated[Optional[int], opt("extract.batch_size", "--batch-size", "-b")]
+LimitOpt = Annotated[Optional[int], opt("data.limit", "--limit")]
+ThreadsOpt = Annotated[Optional[int], opt("model.threads", "--threads")]
+MaxLengthOpt = Annotated[Optional[int], opt("extract.max_length", "--max-length")]
+EditsOpt = Annotated[Optional[str], opt("ripple.edits", "--edits")]
+NEditsOpt = Annotated[Optional[int], opt("ripple.n_edits", "--n-edits", "-n")]
+MethodOpt = Annotated[Optional[str], opt("ripple.method", "--method")]
+StoreOpt = Annotated[Optional[str], opt("extract.store", "--store")]
 
 
 def print_notes(device=None, truncated: tuple[int, int, int] = (0, 0, 0), n_pieces: int = 0, max_length: int = 0) -> None:
@@ -51,15 +57,6 @@ def print_notes(device=None, truncated: tuple[int, int, int] = (0, 0, 0), n_piec
 def layer_names(names: list[str]) -> str:
     """The selected target layers in a summary line: all when few, else the first and last with the count."""
     return ", ".join(names) if len(names) <= 2 else f"{len(names)}: {names[0]} ... {names[-1]}"
-
-
-def build_config(config: Optional[Path], run_dir: Optional[Path], overrides: dict):
-    """Resolve a RunConfig: ``--config`` file, else the run directory's saved config.json, then flags.
-
-    ``overrides`` maps dotted fields (``"model.name"``) to flag values; None means "not given".
-    """
-    base = config if config is not None or run_dir is None else RunDir(run_dir).saved_config_path()
-    return load_config(base, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
 
 
 def summary_table(title: str, rows: list[tuple[str, object]]) -> Table:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..runinfo import human_bytes
-from .options import ConfigOpt, RunDirOpt, build_config, console, interval, num, print_path, summary_table
+from .options import ConfigOpt, RunDirOpt, console, interval, num, opt, print_path, summary_table
 
 EPILOG = """Examples:
 
@@ -23,16 +23,15 @@ EPILOG = """Examples:
 
 def report(
     run: RunDirOpt,
-    max_heatmap: Annotated[Optional[int], typer.Option("--max-heatmap", help="Largest number of pieces drawn in the heatmap (default 200).")] = None,
+    max_heatmap: Annotated[Optional[int], opt("report.max_heatmap", "--max-heatmap")] = None,
     open_page: Annotated[bool, typer.Option("--open", help="Open the page in the default browser when one is available; otherwise say where it is.")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Write RUN/report/index.html (self-contained, opens offline) and RUN/report/summary.json."""
-    from ..stages import report as stage  # deferred: torch and transformers (the stage), so `--help` stays fast
+    from .. import api  # deferred: torch and transformers (the stages), so `--help` stays fast
     from ..stages.report import open_in_browser
 
-    cfg = build_config(config, run, {"report.max_heatmap": max_heatmap})
-    res = stage.report(cfg, run)
+    res = api.report(run, config=config, max_heatmap=max_heatmap)
     h = res.headline
     rows = [("pieces", h.n_pieces), ("mean GradSim", num(h.mean_gradsim)),
             ("same / cross question", f"{num(h.same_question_mean)} / {num(h.cross_question_mean)}")]

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import inspect
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
-import typer
 from rich.table import Table
 
-from ..errors import ConfigError
+from ..edits import METHODS
 from ..rundir import RunDir
 from .options import (
     ConfigOpt,
     DeviceOpt,
+    EditsOpt,
+    MethodOpt,
+    NEditsOpt,
     RunDirOpt,
     ThreadsOpt,
-    build_config,
     console,
     correlation,
     interval,
     num,
+    opt,
     print_notes,
     print_path,
     summary_table,
@@ -54,13 +58,6 @@ def benchmark_table(s):
     return t
 
 
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=flag) from None
-
-
 def sweep_table(sw):
     """Per strength: successful edits, own-test rise, unrelated change, GradSim and first-order Spearman (95% CI)."""
     t = Table(title=f"ripple sweep ({sw.method}, {sw.knob})", title_justify="left")
@@ -73,74 +70,46 @@ def sweep_table(sw):
     return t
 
 
-#: ripple's flags that set one edit method's knobs: flag -> the method that uses it
-METHOD_FLAGS = {"--steps": "ft", "--lr": "ft", "--max-delta": "ft", "--rome-clamp": "rome"}
-#: the knob each method's --sweep varies
-SWEPT = {"ft": "--lr", "rome": "--rome-clamp"}
-
-
-def refuse_unused_flags(cfg, run: Path, given: dict[str, object]) -> None:
-    """Refuse ripple flags the edits would ignore: another method's knobs, the knob --sweep varies,
-    and --sweep itself outside benchmark mode.
-
-    Raises:
-        ConfigError: the first such flag, with the way to make it count.
-    """
-    method = cfg.ripple.method
-    for flag, value in given.items():
-        if METHOD_FLAGS.get(flag, method) != method:
-            knobs = ", ".join(f for f, m in METHOD_FLAGS.items() if m == method)
-            raise ConfigError(f"{flag} {value}: applies to --method {METHOD_FLAGS[flag]}, and these edits are {method} "
-                              f"(whose knobs are {knobs}); drop {flag} or pass --method {METHOD_FLAGS[flag]}.")
-    if "--sweep" not in given:
-        return
-    knob = SWEPT[method]
-    if knob in given:
-        raise ConfigError(f"{knob} {given[knob]}: --sweep {given['--sweep']} sets {knob} of every {method} edit, one "
-                          f"strength after another; drop {knob} or --sweep.")
-    from ..stages.ripple import edit_mode  # deferred: torch and transformers (the stage), so `--help` stays fast
-
-    if edit_mode(cfg, RunDir(run).load_pieces()) != "benchmark":
-        why = "--edits pieces was given" if given.get("--edits") == "pieces" else f"the pieces in {run} carry no benchmark edit"
-        raise ConfigError(f"--sweep {given['--sweep']}: a sweep repeats the benchmark's edits (RippleEdits, MQuAKE) at "
-                          f"each strength, but {why}; drop --sweep, or run ripple on benchmark pieces.")
+def _knob_parameters() -> list[inspect.Parameter]:
+    """One option per flagged knob of every registered edit method (a method's knobs are refused
+    with the others' by the config rules), typed as the knob's field."""
+    out = []
+    for cls in METHODS.values():
+        for knob, flag in cls.knobs().items():
+            if not flag:
+                continue
+            kind = cls.Hparams.model_fields[knob].annotation
+            kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+            out.append(inspect.Parameter(flag.lstrip("-").replace("-", "_"), inspect.Parameter.KEYWORD_ONLY, default=None,
+                                         annotation=Annotated[Optional[kind], opt(f"ripple.hparams.{cls.name}.{knob}", flag)]))
+    return out
 
 
 def ripple(
     run: RunDirOpt = Path("runs/default"),
-    edits: Annotated[Optional[str], typer.Option("--edits", help="benchmark (the edits the pieces carry), pieces (edit pieces "
-                                                  "toward counterfactuals, measure every other piece) or auto (default).")] = None,
-    n_edits: Annotated[Optional[int], typer.Option("--n-edits", "-n", help="How many edits to make, one at a time (default 10).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="ft (fine-tuning: Adam on all target layers; FT-L with --max-delta) or rome (rank-one update of one layer).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Adam steps per ft edit (at most: it stops once the new target is greedy).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate of an ft edit.")] = None,
-    max_delta: Annotated[Optional[float], typer.Option("--max-delta", help="FT-L bound on each weight's change (L-infinity).")] = None,
-    rome_clamp: Annotated[Optional[float], typer.Option("--rome-clamp", help="Max |delta| of a rome value as a multiple of |W k*|.")] = None,
-    sweep: Annotated[Optional[str], typer.Option("--sweep", help="Benchmark edits at several strengths, e.g. 1e-4,1e-3 (ft: "
-                                                  "learning rates; rome: value clamps) -> RUN/ripple/sweep.json.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for the choice of edited pieces.")] = None,
+    edits: EditsOpt = None,
+    n_edits: NEditsOpt = None,
+    method: MethodOpt = None,
+    sweep: Annotated[Optional[str], opt("ripple.sweep", "--sweep")] = None,
+    seed: Annotated[Optional[int], opt("ripple.seed", "--seed")] = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
     config: ConfigOpt = None,
+    **knobs,
 ) -> None:
     """Make real edits (the benchmark's own, or pieces toward counterfactuals) and score how well each predictor foresees the ripple.
 
     The model, layers, prompt template, max length and batch size are those of the extraction
-    in RUN; only the device can differ. Flags the edits would ignore are refused: --steps, --lr
-    and --max-delta with --method rome, --rome-clamp with ft, the knob --sweep varies, and
-    --sweep outside benchmark mode. Every finished edit is journalled, so an interrupted
-    ripple resumes: rerun the same command and only the missing edits are made.
+    in RUN; only the device can differ. Flags the edits would ignore are refused: another
+    method's knobs (--lr with --method rome), the knob --sweep varies, and --sweep outside
+    benchmark mode. Every finished edit is journalled, so an interrupted ripple resumes: rerun
+    the same command and only the missing edits are made.
     """
-    from ..stages import ripple as stage  # deferred: torch and transformers (the stage), so `--help` stays fast
+    from .. import api  # deferred: torch and transformers (the stages), so `--help` stays fast
 
-    cfg = build_config(config, run, {"ripple.edits": edits, "ripple.n_edits": n_edits, "ripple.method": method,
-                                     "ripple.steps": steps, "ripple.lr": lr, "ripple.max_delta": max_delta,
-                                     "ripple.rome_clamp": rome_clamp, "ripple.seed": seed, "model.device": device,
-                                     "model.threads": threads, "ripple.sweep": _floats(sweep, "--sweep") if sweep else None})
-    refuse_unused_flags(cfg, run, {k: v for k, v in (("--steps", steps), ("--lr", lr), ("--max-delta", max_delta),
-                                                      ("--rome-clamp", rome_clamp), ("--sweep", sweep), ("--edits", edits))
-                                   if v is not None})
-    res = stage.ripple(cfg, run)
+    res = api.ripple(run, config=config, show_progress=True, edits=edits, n_edits=n_edits, method=method,
+                     sweep=sweep, seed=seed, device=device, threads=threads,
+                     **knobs)
     done = res.summary or res.sweep
     if getattr(done, "resumed_edits", 0):
         n = done.resumed_edits
@@ -164,3 +133,8 @@ def ripple(
         ("precision@k (mean over edits, 95% CI)", interval(s.precision_at_k)),
         ("time", f"{s.seconds:.1f} s")]))
     print_path(RunDir(run).ripple.summary_path)
+
+
+_sig = inspect.signature(ripple, eval_str=True)
+ripple.__signature__ = _sig.replace(parameters=[p for p in _sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+                                    + _knob_parameters())

@@ -9,7 +9,8 @@ from ..artifacts import Inputs
 
 #: what each input fingerprint stands for, in messages
 INPUT_LABELS = {"pieces": "pieces file (sha256)", "config": "settings (config hash)", "model": "model weights (fingerprint)",
-                "gradients": "gradients (manifest fingerprint)", "coupling": "coupling matrix (sha256)"}
+                "gradients": "gradients (manifest fingerprint)", "coupling": "coupling matrix (sha256)",
+                "method": "edit method and its knobs"}
 
 
 def stale_inputs(recorded: Inputs, current: Inputs) -> list[str]:

@@ -13,12 +13,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 from pydantic import ValidationError
 
-from ..artifacts import (BenchmarkSummary, CouplingStats, Inputs, Manifest, Measurement, RippleSummary, SweepSummary,
-                         TestMeasurement)
+from ..artifacts import (
+    BenchmarkSummary,
+    CouplingStats,
+    Inputs,
+    Manifest,
+    Measurement,
+    RippleSummary,
+    SweepSummary,
+    TestMeasurement,
+)
 from ..config import RunConfig
 from ..errors import ArtifactError
 from ..io import atomic_open, digest, write_json
@@ -27,6 +35,7 @@ from .journal import Journal
 from .read import read_model
 
 if TYPE_CHECKING:
+    from ..edits import EditMethod
     from .layout import RunDir
 
 Summary = Union[RippleSummary, BenchmarkSummary]
@@ -59,6 +68,25 @@ class EditJournal:
     def append(self, k: int, key: str, payload: dict) -> None:
         """Record edit ``k`` (identified by ``key``) as finished; durable when this returns."""
         self._journal.append({"edit": k, "key": key, "payload": payload})
+
+    def each(self, keys: list[str], make: Callable[[int], dict], advance: Callable[[int], None]) -> tuple[list[dict], int]:
+        """Every edit's payload, in order: read back when an earlier run finished edit ``k`` (with the
+        same ``keys[k]``), else ``make(k)``, journalled before the next edit starts. Returns the
+        payloads and how many were read back; the journal is closed afterwards."""
+        out, resumed = [], 0
+        try:
+            for k, key in enumerate(keys):
+                done = self.finished(k, key)
+                if done is None:
+                    done = make(k)
+                    self.append(k, key, done)
+                else:
+                    resumed += 1
+                out.append(done)
+                advance(1)
+        finally:
+            self.close()
+        return out, resumed
 
     def close(self) -> None:
         self._journal.close()
@@ -144,10 +172,10 @@ class RippleFiles:
         return self.dir / f"covariance-{digest(key)[:16]}.pt"
 
     @staticmethod
-    def inputs(manifest: Manifest, stats: CouplingStats, cfg: RunConfig) -> Inputs:
-        """What ripple results made now under ``cfg`` are made from."""
+    def inputs(manifest: Manifest, stats: CouplingStats, cfg: RunConfig, method: "EditMethod") -> Inputs:
+        """What ripple results made now under ``cfg`` with ``method`` (its resolved knobs) are made from."""
         return Inputs(values={"gradients": manifest.fingerprint(), "coupling": stats.matrix_sha256,
-                              "config": cfg.ripple_hash()})
+                              "config": cfg.ripple_hash(), "method": digest([method.name, method.settings()])[:16]})
 
     def current(self, manifest: Manifest, stats: CouplingStats) -> Optional[tuple[Summary, Lines]]:
         """The ripple results when present and made from this run's gradients and coupling; None when absent.

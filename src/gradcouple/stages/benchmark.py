@@ -12,6 +12,7 @@ does.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -22,7 +23,6 @@ import torch
 from ..artifacts import (
     BenchmarkEditRecord,
     BenchmarkSummary,
-    CovarianceSource,
     ExactMatch,
     PredictorReport,
     PredictorScore,
@@ -30,9 +30,9 @@ from ..artifacts import (
     SweepSummary,
     TestMeasurement,
 )
-from ..edits import ft_edit, key_covariance, restore, rome_edit, snapshot
+from ..edits import EditMethod, Rewrite, edit_norm, edited
 from ..gram import first_order
-from ..keys import cached_wikipedia_covariance, keys_at
+from ..keys import keys_at
 from ..metrics import DEFINITIONS, auroc, bootstrap_interval, clustered_correlation, describe, spearman
 from ..pieces import KnowledgePiece, PieceRole
 from ..predictors import PREDICTORS, PredictorContext, predict
@@ -40,6 +40,7 @@ from ..progress import progress
 from ..rules import RULES
 from ..runinfo import device_info
 from ..scoring import EncodedPiece, collate, encode, measure_logprobs, score, subject_position
+from .edit_run import RippleRun
 
 MAX_ALIASES = 3
 UNRELATED_SAMPLE = 100
@@ -154,12 +155,11 @@ def predictor_reports(tests: list[TestMeasurement], auroc_points: dict[str, tupl
 class BenchmarkRun:
     """The unedited model's view of a run's benchmark edits: encodings, keys, covariance, predictor context."""
 
-    def __init__(self, r, edits: list[BenchmarkEdit]):
+    def __init__(self, r: RippleRun, edits: list[BenchmarkEdit]):
         self.r, self.edits = r, edits
         tok, cfg, man = r.loaded.tokenizer, r.cfg.ripple, r.manifest
-        settings = man.settings()
-        self.template, self.max_length = settings.data.prompt_template, settings.extract.max_length
-        self.layer = r.targets[cfg.rome_layer] if cfg.method == "rome" else r.targets[0]
+        self.template, self.max_length = r.template, r.max_length
+        self.layer = r.method.key_target(r.targets)
         # keys at the edit subject's last token, in the edit and in its tests (ROME's key position),
         # else at the last prompt token
         positions = [e.answer_start - 1 for e in r.encoded]
@@ -170,13 +170,7 @@ class BenchmarkRun:
                 positions[i] = pos if pos is not None else positions[i]
         self.positions = positions
         keys = keys_at(r.loaded.model, self.layer, r.encoded, positions, r.loaded.pad_id, man.batch_size)
-        if cfg.covariance == "wikipedia":
-            self.cov, self.cov_source = cached_wikipedia_covariance(r.run, man.model.fingerprint, r.loaded.model, tok,
-                                                                    self.layer, cfg.covariance_tokens)
-        else:
-            self.cov = key_covariance(r.reader, self.layer.name)
-            self.cov_source = CovarianceSource(text="the run's own pieces", n_tokens=sum(p.n_inputs for p in man.records()),
-                                               layer=self.layer.name)
+        self.cov, self.cov_source = r.covariance(self.layer)
         gram = r.run.coupling.load_gram()
         self.ctx = PredictorContext(gram=gram, keys=keys, cinv_keys=torch.linalg.solve(self.cov, keys.t()).t(), seed=cfg.seed)
         all_tests = sorted({t for e in edits for t in e.tests})
@@ -204,23 +198,15 @@ class BenchmarkRun:
             self.r.loaded.model, [self.r.encoded[i] for i in rows], self.r.manifest.batch_size, self.r.loaded.pad_id)
         return out
 
-    def make_edit(self, edit: BenchmarkEdit) -> dict[str, torch.Tensor]:
-        """Edit the model toward every new target of ``edit`` (weights not restored here)."""
-        r, cfg = self.r, self.r.cfg.ripple
-        new = [r.encoded[i] for i in edit.edits]
-        if cfg.method == "ft":
-            return ft_edit(r.loaded.model, r.targets, new, cfg.steps, cfg.lr, r.loaded.pad_id, cfg.max_delta, cfg.early_stop)
-        total: dict[str, torch.Tensor] = {}
-        for i, enc in zip(edit.edits, new):
-            d = rome_edit(r.loaded.model, r.targets, self.layer, enc, self.cov, cfg.rome_steps, cfg.rome_lr, cfg.rome_clamp,
-                          r.loaded.pad_id, key_position=self.positions[i])
-            total = {k: total.get(k, 0) + v for k, v in d.items()}
-        return total
+    def rewrites(self, edit: BenchmarkEdit) -> list[Rewrite]:
+        """The edit's rewrites: each new target with its subject's key position."""
+        return [Rewrite(self.r.encoded[i], self.positions[i]) for i in edit.edits]
 
 
-def evaluate_benchmark(r, edits: list[BenchmarkEdit], show_progress: bool = True,
+def evaluate_benchmark(r: RippleRun, method: EditMethod, edits: list[BenchmarkEdit], show_progress: bool = True,
                        b: Optional[BenchmarkRun] = None) -> tuple[BenchmarkSummary, list[TestMeasurement]]:
-    """Make every edit, measure its tests, score every predictor; the model is restored after each edit.
+    """Make every edit with ``method``, measure its tests, score every predictor; the model is
+    restored after each edit.
 
     Each finished edit goes to the run's journal (:class:`gradcouple.rundir.EditJournal`), so an
     interrupted call resumes: edits found there are read back, not made again.
@@ -231,51 +217,38 @@ def evaluate_benchmark(r, edits: list[BenchmarkEdit], show_progress: bool = True
     before = b.logprobs([i for e in edits for i in (*e.tests, *e.edits, *e.originals)])
     all_tests = torch.tensor(sorted({t for e in edits for t in e.tests}), dtype=torch.long)
     test_edit = {t: k for k, e in enumerate(edits) for t in e.tests}
-    records, tests = [], []
-    auroc_points = {name: ([], [], []) for name in PREDICTORS}
-    unrelated: list[float] = []
-    journal = r.run.ripple.journal(r.run.ripple.inputs(r.manifest, r.stats, r.cfg))
-    resumed = 0
+    keys = [",".join(r.pieces[i].id for i in edit.edits) for edit in edits]
     with progress("ripple", len(edits), "edits", show_progress) as advance:
-        for k, edit in enumerate(edits):
-            key = ",".join(r.pieces[i].id for i in edit.edits)
-            done = journal.finished(k, key)
-            if done is None:
-                done = _make_and_measure(r, b, k, edit, before, all_tests, test_edit)
-                journal.append(k, key, done)
-            else:
-                resumed += 1
-            records.append(BenchmarkEditRecord.model_validate(done["record"]))
-            tests.extend(TestMeasurement.model_validate(t) for t in done["tests"])
-            for name, pts in done["auroc"].items():
-                for acc, new in zip(auroc_points[name], pts):
-                    acc.extend(tuple(x) if isinstance(x, list) else x for x in new)
-            unrelated.extend(done["unrelated"])
-            advance(1)
-    journal.close()
-    summary = _summary(r, b, records, tests, auroc_points, unrelated, time.perf_counter() - t0)
+        done, resumed = r.run.ripple.journal(r.inputs(method)).each(
+            keys, lambda k: _make_and_measure(r, method, b, k, edits[k], before, all_tests, test_edit), advance)
+    records = [BenchmarkEditRecord.model_validate(d["record"]) for d in done]
+    tests = [TestMeasurement.model_validate(t) for d in done for t in d["tests"]]
+    auroc_points: dict[str, tuple[list, list, list]] = {name: ([], [], []) for name in PREDICTORS}
+    for d in done:
+        for name, pts in d["auroc"].items():
+            for acc, new in zip(auroc_points[name], pts):
+                acc.extend(tuple(x) if isinstance(x, list) else x for x in new)
+    unrelated = [x for d in done for x in d["unrelated"]]
+    summary = _summary(r, method, b, records, tests, auroc_points, unrelated, time.perf_counter() - t0)
     summary.resumed_edits = resumed
     return summary, tests
 
 
-def _make_and_measure(r, b: BenchmarkRun, k: int, edit: BenchmarkEdit, before: torch.Tensor, all_tests: torch.Tensor,
-                      test_edit: dict[int, int]) -> dict:
+def _make_and_measure(r: RippleRun, method: EditMethod, b: BenchmarkRun, k: int, edit: BenchmarkEdit,
+                      before: torch.Tensor, all_tests: torch.Tensor, test_edit: dict[int, int]) -> dict:
     """Edit ``k``: make it, measure, restore; its record, test measurements, AUROC points and
     unrelated changes as JSON-ready lists (the journal's payload)."""
     te = time.perf_counter()
-    saved = snapshot(r.targets)
-    deltas = b.make_edit(edit)
     others = [t for t in b.unrelated_pool if test_edit[t] != k]
-    after = b.logprobs([*edit.tests, *edit.edits, *edit.originals, *others])
-    greedy_after = dict(zip(edit.tests, greedy_matches(r.loaded.model, [b.variants[t] for t in edit.tests], r.loaded.pad_id)))
-    restored = restore(r.targets, saved)
-    if not restored:
-        raise RuntimeError("target weights could not be restored bit for bit")
-    b.ctx.first_order = first_order(r.reader, deltas)
+    with edited(method, r.context(), b.rewrites(edit)) as deltas:
+        after = b.logprobs([*edit.tests, *edit.edits, *edit.originals, *others])
+        greedy_after = dict(zip(edit.tests, greedy_matches(r.loaded.model, [b.variants[t] for t in edit.tests],
+                                                           r.loaded.pad_id)))
+    ctx = dataclasses.replace(b.ctx, first_order=first_order(r.reader, deltas))
     success = edit_succeeded(r.pieces, edit, before, after)
     own = torch.tensor(edit.tests, dtype=torch.long)
-    preds = predict(b.ctx, edit.edits, edit.originals, all_tests)  # every edit's tests: AUROC
-    own_preds = predict(b.ctx, edit.edits, edit.originals, own)     # the edit's own tests: correlations
+    preds = predict(ctx, edit.edits, edit.originals, all_tests)  # every edit's tests: AUROC
+    own_preds = predict(ctx, edit.edits, edit.originals, own)     # the edit's own tests: correlations
     auroc, unrelated = {}, []
     if success:
         for name, v in preds.items():
@@ -298,14 +271,14 @@ def _make_and_measure(r, b: BenchmarkRun, k: int, edit: BenchmarkEdit, before: t
         success=success, logprob_new_before=float(before[edit.edits].sum()), logprob_new_after=float(after[edit.edits].sum()),
         logprob_true_after=float(after[edit.originals].sum()) if edit.originals else None,
         subject_key_found=all(b.positions[i] != r.encoded[i].answer_start - 1 for i in edit.edits),
-        edit_norm=float(sum((d.double() ** 2).sum() for d in deltas.values()) ** 0.5),
-        n_tests=len(edit.tests), mean_rise_own_tests=float((after[own] - before[own]).mean()),
-        restored=restored, seconds=time.perf_counter() - te)
+        edit_norm=edit_norm(deltas), n_tests=len(edit.tests), mean_rise_own_tests=float((after[own] - before[own]).mean()),
+        restored=True, seconds=time.perf_counter() - te)
     return {"record": record.model_dump(mode="json"), "tests": [t.model_dump(mode="json") for t in tests],
             "auroc": auroc, "unrelated": unrelated}
 
 
-def _summary(r, b: BenchmarkRun, records, tests, auroc_points, unrelated, seconds) -> BenchmarkSummary:
+def _summary(r: RippleRun, method: EditMethod, b: BenchmarkRun, records, tests, auroc_points, unrelated,
+             seconds) -> BenchmarkSummary:
     ok = [t for t in tests if t.edit_success]
     em = {}
     for c in sorted({t.criterion for t in ok}) + ["pooled"]:
@@ -317,8 +290,8 @@ def _summary(r, b: BenchmarkRun, records, tests, auroc_points, unrelated, second
             "Pearson r", "bootstrap interval", "clustered bootstrap interval", "AUROC", "exact match", "multi-hop accuracy",
             "condition known", "answer match")
     return BenchmarkSummary(
-        inputs=r.run.ripple.inputs(r.manifest, r.stats, r.cfg), method=r.cfg.ripple.method,
-        settings=r.cfg.ripple.model_dump(mode="json"), layer=b.layer.name, covariance=b.cov_source,
+        inputs=r.inputs(method), method=method.name, hparams=method.settings(),
+        settings=r.cfg.ripple.model_dump(mode="json", exclude={"hparams"}), layer=b.layer.name, covariance=b.cov_source,
         n_edits=len(records), n_successful=sum(e.success for e in records), n_tests=len(tests), n_tests_counted=len(ok),
         exact_match=em, multi_hop_accuracy=float(np.mean(mh)) if mh else None,
         unrelated_change=describe(unrelated), predictors=predictor_reports(tests, auroc_points, r.cfg.ripple.bootstrap_resamples),
@@ -326,23 +299,20 @@ def _summary(r, b: BenchmarkRun, records, tests, auroc_points, unrelated, second
         seconds=seconds, device=device_info(r.loaded.device), edits=records)
 
 
-def sweep_benchmark(r, edits: list[BenchmarkEdit], strengths: list[float], show_progress: bool = True) -> SweepSummary:
-    """The same edits at each strength (ft: ``ripple.lr``; rome: ``ripple.rome_clamp``): per strength,
-    efficacy (mean rise of an edit's own tests), specificity (change of other edits' tests) and every
-    predictor's pooled Spearman and Pearson with their intervals."""
+def sweep_benchmark(r: RippleRun, edits: list[BenchmarkEdit], strengths: list[float],
+                    show_progress: bool = True) -> SweepSummary:
+    """The same edits at each value of the method's strength knob (ft: ``lr``; rome:
+    ``clamp_norm_factor``): per strength, efficacy (mean rise of an edit's own tests), specificity
+    (change of other edits' tests) and every predictor's pooled Spearman and Pearson with their intervals."""
     t0 = time.perf_counter()
     b = BenchmarkRun(r, edits)
-    knob = "lr" if r.cfg.ripple.method == "ft" else "rome_clamp"
-    base, points = r.cfg, []
+    points = []
     for strength in strengths:
-        r.cfg = base.model_copy(update={"ripple": base.ripple.model_copy(update={knob: strength})})
-        s, _ = evaluate_benchmark(r, edits, show_progress, b)
+        s, _ = evaluate_benchmark(r, r.method.with_strength(strength), edits, show_progress, b)
         points.append(SweepPoint(
             strength=strength, n_edits=s.n_edits, n_successful=s.n_successful,
             mean_rise_own_tests=describe([e.mean_rise_own_tests for e in s.edits]),
             unrelated_change=s.unrelated_change, spearman={n: p.pooled.spearman for n, p in s.predictors.items()},
             pearson={n: p.pooled.pearson for n, p in s.predictors.items()}))
-    r.cfg = base
-    return SweepSummary(inputs=r.run.ripple.inputs(r.manifest, r.stats, r.cfg), method=base.ripple.method, knob=knob,
-                        points=points, seconds=time.perf_counter() - t0)
-
+    return SweepSummary(inputs=r.inputs(r.method), method=r.method.name, knob=r.method.strength, points=points,
+                        seconds=time.perf_counter() - t0)

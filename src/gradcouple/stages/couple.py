@@ -14,7 +14,7 @@ from typing import Optional
 
 import psutil
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from ..artifacts import CouplingStats
 from ..config import RunConfig
@@ -29,7 +29,6 @@ from ..gram import (
     plan_methods,
     topk_cosine,
 )
-from ..io import sha256_file
 from ..models import resolve_device
 from ..pairs import neighbour_pairs, pair_split, threshold_counts, top_pairs, topk_pairs, upper_pairs
 from ..progress import progress
@@ -37,6 +36,7 @@ from ..ranks import rank_device
 from ..rundir import RunDir, locked
 from ..runinfo import human_bytes, peak_rss_bytes, use_threads
 from ..stores import GradientReader
+from .extract import ExtractResult
 from .gram_share import GramShare, gram_share
 
 LAYER_PAIRS = 20  # the most coupled pairs whose GradSim is split by target layer in stats.json
@@ -46,10 +46,12 @@ class CoupleResult(BaseModel):
     """Where the outputs are, and the statistics written to stats.json."""
 
     out_dir: Path
+    stats_json: Path
     n: int
     mode: str
     seconds: float
     stats: CouplingStats
+    extract: Optional[ExtractResult] = Field(None, description="The extraction couple made or found first (couple --model)")
 
 
 def memory_budget(cfg: RunConfig) -> float:
@@ -75,63 +77,6 @@ def too_large_message(cfg: RunConfig, n: int, budget: float) -> str:
             f"pieces, or --max-memory {gib:g} or more if the machine has it.")
 
 
-def check_extraction_flags(run_dir: str | Path, given: dict[str, object]) -> None:
-    """Refuse extraction flags that ``couple --run`` cannot honour: the gradients in ``run_dir`` are
-    fixed by their extraction, so ``--layers`` or ``--data`` other than the extraction's (and a
-    ``--device`` other than the CPU or an available CUDA GPU, where the Gram blocks can run) would
-    be ignored.
-
-    ``given`` maps flags given (``--layers``, ``--data``, ``--device``) to their values; flags
-    not given are left out. Nothing is checked when ``run_dir`` has no extraction (the stage
-    says so itself).
-
-    Raises:
-        ConfigError: a flag whose value differs from the extraction's, naming both and the fix.
-    """
-    run = RunDir(run_dir)
-    if not run.gradients.has_manifest():
-        return
-    man = run.gradients.load_manifest(complete=False)
-    was = man.settings()
-    layers = given.get("--layers")
-    if layers is not None and str(layers) != was.model.layers:
-        names = man.names
-        span = names[0] if len(names) == 1 else f"{names[0]} ... {names[-1]}"
-        raise ConfigError(
-            f"--layers {layers}: the gradients in {run.root} were extracted for layers {was.model.layers} "
-            f"({len(names)} targets: {span}); rerun `gradcouple extract --out {run.root} --layers {layers} --overwrite` "
-            f"(or `gradcouple couple --model {was.model.name} --data {man.pieces_file} --layers {layers}`, which extracts "
-            f"them in a run directory of its own), or drop --layers.")
-    data = given.get("--data")
-    if data is not None:
-        path = Path(str(data))
-        if not path.is_file():
-            raise ConfigError(f"--data {path}: no such file; the gradients in {run.root} were extracted from "
-                              f"{man.pieces_file}, which couple --run uses without --data.")
-        if sha256_file(path) != man.inputs.values.get("pieces"):
-            raise ConfigError(
-                f"--data {path}: the gradients in {run.root} were extracted from other pieces ({man.pieces_file}); "
-                f"rerun `gradcouple extract --data {path} --out {run.root} --overwrite` "
-                f"(or `gradcouple couple --model {was.model.name} --data {path}`, which extracts them in a run "
-                f"directory of its own), or drop --data.")
-    max_length = given.get("--max-length")
-    if max_length is not None and int(max_length) != was.extract.max_length:
-        raise ConfigError(
-            f"--max-length {max_length}: the gradients in {run.root} were extracted with --max-length "
-            f"{was.extract.max_length}; rerun `gradcouple extract --out {run.root} --max-length {max_length} --overwrite`, "
-            f"or drop --max-length.")
-    device = given.get("--device")
-    if device is not None and device not in ("cpu", "auto"):
-        if str(device).startswith("cuda"):
-            if torch.cuda.is_available():
-                return  # the Gram blocks run on the GPU
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine, so couple computes GradSim on "
-                              f"the CPU from the gradients stored in {run.root}. Drop --device.")
-        raise ConfigError(
-            f"--device {device}: couple computes GradSim on the CPU (or a CUDA GPU, --device cuda) from the gradients "
-            f"stored in {run.root}; --device {device} applies only with --model, when couple extracts first. Drop --device.")
-
-
 def compute_device(spec: Optional[str]) -> Optional[torch.device]:
     """The device of couple's Gram blocks: a CUDA device when ``spec`` names one (``cuda``,
     ``cuda:N``; under torchrun ``cuda`` is the rank's own GPU), else None (the CPU, as always).
@@ -155,7 +100,7 @@ def _follow(share: GramShare, run: RunDir, reader: GradientReader, layers: Layer
                     device=device)
     share.done()
     stats = run.coupling.load_stats()
-    return CoupleResult(out_dir=run.coupling.dir, n=reader.n, mode=stats.mode, seconds=time.perf_counter() - t0, stats=stats)
+    return CoupleResult(out_dir=run.coupling.dir, stats_json=run.coupling.stats_path, n=reader.n, mode=stats.mode, seconds=time.perf_counter() - t0, stats=stats)
 
 
 @locked("couple")
@@ -226,4 +171,4 @@ def couple(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True,
     run.coupling.save_stats(stats)
     if share is not None:
         share.done()  # the other ranks return once every file is written
-    return CoupleResult(out_dir=run.coupling.dir, n=n, mode=mode, seconds=stats.seconds, stats=stats)
+    return CoupleResult(out_dir=run.coupling.dir, stats_json=run.coupling.stats_path, n=n, mode=mode, seconds=stats.seconds, stats=stats)

@@ -58,6 +58,7 @@ class ExtractResult(BaseModel):
     device: Optional[DeviceInfo] = None
     targets: list[str] = []
     truncated: tuple[int, int, int] = (0, 0, 0)
+    settings: Optional[RunConfig] = None  #: the data, model and extract settings the gradients were extracted with
 
     @classmethod
     def from_manifest(cls, run: RunDir, man: Manifest, *, resumed: int, seconds: float, reused: bool = False,
@@ -66,8 +67,8 @@ class ExtractResult(BaseModel):
         return cls(run_dir=run.root, n_pieces=len(man.pieces), n_shards=len(man.shards), resumed_shards=resumed,
                    reused=reused, changed=changed or [], seconds=seconds, pieces_per_s=t.pieces_per_s if t else 0.0,
                    bytes_on_disk=sum(s.bytes for s in man.shards), peak_rss_bytes=peak_rss_bytes(),
-                   targets=man.names, truncated=man.truncation(),
-                   device=t.device if t else None)
+                   targets=man.names, truncated=man.truncation(), device=t.device if t else None,
+                   settings=man.settings())
 
 
 def load_data_pieces(cfg: RunConfig) -> list[KnowledgePiece]:

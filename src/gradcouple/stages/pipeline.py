@@ -15,10 +15,14 @@ from ..errors import ArtifactError
 from ..models import load_model
 from ..pieces import read_pieces, write_pieces
 from ..rundir import RunDir, locked
-from .couple import CoupleResult, couple
-from .extract import ExtractResult, ensure_extraction
-from .report import ReportResult, report
-from .ripple import NothingToEdit, RippleResult, ripple
+from . import couple as couple_stage
+from . import extract as extract_stage
+from . import report as report_stage
+from . import ripple as ripple_stage
+from .couple import CoupleResult
+from .extract import ExtractResult
+from .report import ReportResult
+from .ripple import NothingToEdit, RippleResult
 
 DEFAULT_SAMPLES = ("musique", "hotpotqa", "mquake-hard")
 
@@ -55,7 +59,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, datasets: Sequence[str]
                  skip_ripple: bool = False, overwrite: bool = False, show_progress: bool = True) -> PipelineResult:
     """download (bundled samples, unless ``cfg.data.pieces`` is set) -> extract -> couple -> ripple -> report.
 
-    The extraction is reused when current (:func:`~gradcouple.extract.ensure_extraction`); a stale
+    The extraction is reused when current (:func:`~gradcouple.stages.extract.ensure_extraction`); a stale
     one is replaced only with ``overwrite``. Each stage writes its files before the next starts, so
     any stage can be rerun alone. Stage wall times in seconds go to ``run_dir/timing.json``.
 
@@ -64,17 +68,17 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, datasets: Sequence[str]
     """
     run, seconds, skipped = RunDir(run_dir), {}, {}
     t = time.perf_counter()
-    if cfg.data.pieces is None:
-        cfg.data.pieces = sample_pieces(run.data_dir, datasets)
+    if cfg.data.pieces is None:  # a copy: the caller's config is not changed
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"pieces": sample_pieces(run.data_dir, datasets)})})
     seconds["download"] = time.perf_counter() - t
     t = time.perf_counter()
     loaded = load_model(cfg.model.name, revision=cfg.model.revision, device=cfg.model.device, dtype=cfg.model.dtype)
     seconds["load_model"] = time.perf_counter() - t
     t = time.perf_counter()
-    ext = ensure_extraction(cfg, run.root, loaded=loaded, replace_stale=overwrite, show_progress=show_progress)
+    ext = extract_stage.ensure_extraction(cfg, run.root, loaded=loaded, replace_stale=overwrite, show_progress=show_progress)
     seconds["extract"] = time.perf_counter() - t
     t = time.perf_counter()
-    cpl = couple(cfg, run.root, show_progress=show_progress, fallback_top_k=10)  # too many pieces: top 10, noted
+    cpl = couple_stage.couple(cfg, run.root, show_progress=show_progress, fallback_top_k=10)  # too many pieces: top 10, noted
     seconds["couple"] = time.perf_counter() - t
     rip = None
     if not skip_ripple and cpl.mode != "full":
@@ -82,7 +86,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, datasets: Sequence[str]
     elif not skip_ripple:
         t = time.perf_counter()
         try:
-            rip = ripple(cfg, run.root, loaded=loaded, show_progress=show_progress)
+            rip = ripple_stage.ripple(cfg, run.root, loaded=loaded, show_progress=show_progress)
         except NothingToEdit as e:
             skipped["ripple"] = str(e)
         seconds["ripple"] = time.perf_counter() - t
@@ -93,7 +97,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, datasets: Sequence[str]
             shutil.rmtree(run.ripple.dir)
             skipped["earlier ripple results"] = f"removed {run.ripple.dir}: made from another coupling"
     t = time.perf_counter()
-    rep = report(cfg, run.root)
+    rep = report_stage.report(cfg, run.root)
     seconds["report"] = time.perf_counter() - t
     run.save_timing(seconds)
     return PipelineResult(run_dir=run.root, seconds=seconds, extract=ext, couple=cpl, ripple=rip, report=rep, skipped=skipped)

@@ -25,6 +25,7 @@ from ..io import sha256_file
 from ..ranks import balance, barrier, decide, rank, world_size
 from ..rundir import RunDir, stale_inputs
 
+
 def _previous(run: RunDir) -> tuple[Optional[Manifest], list[str]]:
     """The run's manifest, or (None, [why it cannot be used]) when it is unreadable or from another version."""
     if not run.gradients.has_manifest():

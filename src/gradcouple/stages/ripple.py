@@ -16,39 +16,28 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 from pydantic import BaseModel
 
-from ..artifacts import (
-    BenchmarkSummary,
-    CouplingStats,
-    EditRecord,
-    Manifest,
-    Measurement,
-    PooledRipple,
-    RippleSummary,
-    SweepSummary,
-)
+from ..artifacts import BenchmarkSummary, EditRecord, Measurement, PooledRipple, RippleSummary, SweepSummary
 from ..config import RunConfig
-from ..edits import ft_edit, key_covariance, restore, rome_edit, snapshot
-from ..errors import ArtifactError, DataError
+from ..edits import EditMethod, Rewrite, edit_norm, edited
+from ..errors import DataError
 from ..gram import first_order
-from ..keys import cached_wikipedia_covariance
-from ..layers import Target, select_targets
 from ..metrics import DEFINITIONS, bootstrap_interval, describe, pearson, precision_at_k, spearman
-from ..models import LoadedModel, load_model
+from ..models import LoadedModel
 from ..pieces import KnowledgePiece, PieceKind, PieceRole
 from ..progress import progress
 from ..rules import AnswerMatch, answers_match, same_answer, same_question
-from ..rundir import RunDir, locked
+from ..rundir import locked
 from ..runinfo import device_info, use_threads
-from ..scoring import EncodedPiece, encode, encode_pieces, measure_logprobs
-from ..stores import GradientReader
+from ..scoring import encode, measure_logprobs
 from .benchmark import benchmark_edits, evaluate_benchmark, sweep_benchmark
+from .edit_run import RippleRun, check_run
 
 #: the per-edit metrics whose spread over edits the summary reports
 PER_EDIT = ("spearman_coupling", "spearman_first_order", "pearson_first_order", "precision_at_k")
@@ -98,67 +87,6 @@ def choose_edits(pieces: list[KnowledgePiece], n: int, seed: int) -> list[Planne
 
 
 @dataclass
-class RippleRun:
-    """Everything an edit needs, checked once: the run's artifacts, the model, and the unedited log-probs."""
-
-    run: RunDir
-    cfg: RunConfig
-    manifest: Manifest
-    stats: CouplingStats
-    reader: GradientReader
-    pieces: list[KnowledgePiece]
-    cos: torch.Tensor
-    loaded: LoadedModel
-    targets: list[Target]
-    encoded: list[EncodedPiece]
-    norms: torch.Tensor
-    before: Optional[torch.Tensor] = None
-    covariances: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def template(self) -> str:
-        return self.manifest.settings().data.prompt_template
-
-    @property
-    def max_length(self) -> int:
-        return self.manifest.settings().extract.max_length
-
-
-def check_run(cfg: RunConfig, run_dir: str | Path, loaded: Optional[LoadedModel]) -> RippleRun:
-    """Load and check the run: current coupling, the extraction's model and settings.
-
-    Raises:
-        ArtifactError: gradients or coupling missing or stale, the model differs from the
-            extraction's, or ``--method rome`` on a store without inputs.
-    """
-    run = RunDir(run_dir)
-    manifest = run.gradients.load_manifest()
-    stats = run.coupling.current_stats(manifest)
-    ids, cos = run.coupling.load_cosine()
-    run.check_pieces_match(ids, run.coupling.cosine_path)
-    extracted = manifest.settings()
-    loaded = loaded or load_model(extracted.model.name, revision=extracted.model.revision, device=cfg.model.device,
-                                  dtype=extracted.model.dtype)
-    if loaded.identity().fingerprint != manifest.model.fingerprint:
-        raise ArtifactError(f"model {loaded.name} is not the one the gradients in {run.root} were extracted with "
-                            f"({manifest.model.name}); rerun extract.")
-    targets = select_targets(loaded.model, extracted.model.layers, extracted.model.module)
-    if [t.name for t in targets] != manifest.names:
-        raise ArtifactError(f"target layers {[t.name for t in targets]} differ from the extraction's {manifest.names}.")
-    reader = GradientReader(run, manifest)
-    if cfg.ripple.method == "rome":
-        if cfg.ripple.covariance == "pieces" and not reader.kind.keeps_inputs:
-            raise ArtifactError(f"--method rome needs the factors store (its inputs are ROME's keys); {run.root} has "
-                                f"'{reader.kind.name}': rerun extract with --store factors.")
-        if not -len(targets) <= cfg.ripple.rome_layer < len(targets):
-            raise ArtifactError(f"ripple.rome_layer={cfg.ripple.rome_layer}: there are {len(targets)} target layers.")
-    pieces = run.load_pieces()
-    encoded = encode_pieces(loaded.tokenizer, pieces, extracted.data.prompt_template, extracted.extract.max_length)
-    norms = torch.tensor([r.norm for r in manifest.records()], dtype=torch.float64)
-    return RippleRun(run, cfg, manifest, stats, reader, pieces, cos, loaded, targets, encoded, norms)
-
-
-@dataclass
 class AppliedEdit:
     """An edit's weight change per target and the log-probs it produced (nats); weights already restored."""
 
@@ -170,33 +98,21 @@ class AppliedEdit:
     prompt: str
 
 
-def apply_edit(r: RippleRun, edit: PlannedEdit) -> AppliedEdit:
-    """Edit the model toward ``edit.new_answer``, measure every piece, and restore the weights bit for bit.
+def apply_edit(r: RippleRun, method: EditMethod, edit: PlannedEdit) -> AppliedEdit:
+    """Edit the model toward ``edit.new_answer`` with ``method``, measure every piece, and restore the
+    weights bit for bit.
 
     Raises:
         RuntimeError: the weights could not be restored exactly (a bug; nothing more is measured).
     """
-    piece, cfg, pad = r.pieces[edit.index], r.cfg.ripple, r.loaded.pad_id
+    piece, pad = r.pieces[edit.index], r.loaded.pad_id
     prompt, new_ans = piece.render_answer(edit.new_answer, r.template)
     enc_new = encode(r.loaded.tokenizer, prompt, new_ans, r.max_length, where=f"edit of {piece.id}: ")
     new_before = float(measure_logprobs(r.loaded.model, [enc_new], 1, pad)[0])
-    saved = snapshot(r.targets)
-    if cfg.method == "rome":
-        layer = r.targets[cfg.rome_layer]
-        if layer.name not in r.covariances:
-            r.covariances[layer.name] = (key_covariance(r.reader, layer.name) if cfg.covariance == "pieces" else
-                                         cached_wikipedia_covariance(r.run, r.manifest.model.fingerprint, r.loaded.model,
-                                                                     r.loaded.tokenizer, layer, cfg.covariance_tokens)[0])
-        cov = r.covariances[layer.name]
-        deltas = rome_edit(r.loaded.model, r.targets, layer, enc_new, cov, cfg.rome_steps, cfg.rome_lr, cfg.rome_clamp, pad)
-    else:
-        deltas = ft_edit(r.loaded.model, r.targets, [enc_new], cfg.steps, cfg.lr, pad, cfg.max_delta, cfg.early_stop)
-    after = measure_logprobs(r.loaded.model, r.encoded, r.manifest.batch_size, pad)
-    new_after = float(measure_logprobs(r.loaded.model, [enc_new], 1, pad)[0])
-    restored = restore(r.targets, saved)
-    if not restored:
-        raise RuntimeError("target weights could not be restored bit for bit")
-    return AppliedEdit(deltas, new_before, new_after, after, restored, prompt)
+    with edited(method, r.context(), [Rewrite(enc_new)]) as deltas:
+        after = measure_logprobs(r.loaded.model, r.encoded, r.manifest.batch_size, pad)
+        new_after = float(measure_logprobs(r.loaded.model, [enc_new], 1, pad)[0])
+    return AppliedEdit(deltas, new_before, new_after, after, True, prompt)
 
 
 def record_edit(r: RippleRun, e: int, edit: PlannedEdit, applied: AppliedEdit,
@@ -227,7 +143,7 @@ def record_edit(r: RippleRun, e: int, edit: PlannedEdit, applied: AppliedEdit,
         logprob_true_before=float(r.before[i]), logprob_true_after=float(applied.after[i]),
         logprob_new_before=applied.new_before, logprob_new_after=applied.new_after,
         success=applied.new_after > float(applied.after[i]),
-        edit_norm=float(sum((d.double() ** 2).sum() for d in applied.deltas.values()) ** 0.5),
+        edit_norm=edit_norm(applied.deltas),
         first_order_self=float(pred_f[i]), spearman_coupling=spearman(pc, m), spearman_first_order=spearman(pf, m),
         pearson_first_order=pearson(pf, m), precision_at_k=precision_at_k(pc, m, r.cfg.ripple.top_k),
         k=min(r.cfg.ripple.top_k, len(others)),
@@ -252,8 +168,8 @@ def summarise(r: RippleRun, records: list[EditRecord], pooled: list[tuple[torch.
     used = ("GradSim", "ripple effect", "coupling prediction", "first-order prediction", "edit success", "describe",
             "Spearman's rho", "Pearson r", "precision@k", "bootstrap interval", "same question", "answer match")
     return RippleSummary(
-        inputs=r.run.ripple.inputs(r.manifest, r.stats, r.cfg), method=r.cfg.ripple.method, steps=r.cfg.ripple.steps,
-        lr=r.cfg.ripple.lr, n_edits=len(records), n_successful=len(ok), seconds=seconds, device=device_info(r.loaded.device),
+        inputs=r.inputs(r.method), method=r.method.name, hparams=r.method.settings(), n_edits=len(records),
+        n_successful=len(ok), seconds=seconds, device=device_info(r.loaded.device),
         spearman_coupling=bootstrap_interval([x.spearman_coupling for x in records]),
         spearman_first_order=bootstrap_interval([x.spearman_first_order for x in records]),
         spearman_coupling_successful=bootstrap_interval([x.spearman_coupling for x in ok]),
@@ -301,32 +217,27 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
             sweep = sweep_benchmark(r, edits, cfg.ripple.sweep, show_progress)
             r.run.ripple.save_sweep(sweep)
             return RippleResult(out_dir=r.run.ripple.dir, summary=None, sweep=sweep)
-        summary, rows = evaluate_benchmark(r, edits, show_progress)
+        summary, rows = evaluate_benchmark(r, r.method, edits, show_progress)
         r.run.ripple.save(summary, rows)
         return RippleResult(out_dir=r.run.ripple.dir, summary=summary)
     planned = choose_edits(r.pieces, cfg.ripple.n_edits, cfg.ripple.seed)
     r.before = measure_logprobs(r.loaded.model, r.encoded, r.manifest.batch_size, r.loaded.pad_id)
     if not planned:
         raise NothingToEdit(f"{r.run.pieces_path}: no piece can be edited (need a counterfactual or two distinct answers of one kind).")
-    records, rows, pooled = [], [], []
-    journal = r.run.ripple.journal(r.run.ripple.inputs(r.manifest, r.stats, cfg))
-    resumed = 0
+
+    def make(e: int) -> dict:
+        te = time.perf_counter()
+        applied = apply_edit(r, r.method, planned[e])
+        rec, rows, points = record_edit(r, e, planned[e], applied, time.perf_counter() - te)
+        return {"record": rec.model_dump(mode="json"), "rows": [m.model_dump(mode="json") for m in rows],
+                "points": [x.tolist() for x in points]}
+
+    keys = [f"{r.pieces[e.index].id}->{e.new_answer}" for e in planned]
     with progress("ripple", len(planned), "edits", show_progress) as advance:
-        for e, edit in enumerate(planned):
-            key = f"{r.pieces[edit.index].id}->{edit.new_answer}"
-            if (done := journal.finished(e, key)) is not None:
-                rec, measurements = EditRecord.model_validate(done["record"]), [Measurement.model_validate(m) for m in done["rows"]]
-                points = tuple(torch.tensor(x, dtype=torch.float64) for x in done["points"])
-                resumed += 1
-            else:
-                te = time.perf_counter()
-                applied = apply_edit(r, edit)
-                rec, measurements, points = record_edit(r, e, edit, applied, time.perf_counter() - te)
-                journal.append(e, key, {"record": rec.model_dump(mode="json"), "rows": [m.model_dump(mode="json") for m in measurements],
-                                        "points": [x.tolist() for x in points]})
-            records.append(rec), rows.extend(measurements), pooled.append(points)
-            advance(1)
-    journal.close()
+        done, resumed = r.run.ripple.journal(r.inputs(r.method)).each(keys, make, advance)
+    records = [EditRecord.model_validate(d["record"]) for d in done]
+    rows = [Measurement.model_validate(m) for d in done for m in d["rows"]]
+    pooled = [tuple(torch.tensor(x, dtype=torch.float64) for x in d["points"]) for d in done]
     summary = summarise(r, records, pooled, time.perf_counter() - t0)
     summary.resumed_edits = resumed
     r.run.ripple.save(summary, rows)

@@ -19,7 +19,7 @@ from .load import LoadedRun
 TOP_PAIRS = 10
 TOP_QUESTIONS = 10
 BASELINES = ("norm", "shuffled")  # benchmark predictors the headline answer quotes beside GradSim
-RIPPLE_FIELDS = ("method", "steps", "lr", "n_edits", "n_successful", "seconds", "spearman_coupling",
+RIPPLE_FIELDS = ("method", "hparams", "n_edits", "n_successful", "seconds", "spearman_coupling",
                  "spearman_first_order", "spearman_coupling_successful", "precision_at_k", "per_edit", "pooled",
                  "baseline_logprob_max_abs_diff_vs_manifest")
 

@@ -1,0 +1,117 @@
+"""Everything ripple's edits need, loaded and checked once: the run's artifacts, the model and its
+target layers (the extraction's), the edit method, and the key covariance of a layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..artifacts import CouplingStats, CovarianceSource, Inputs, Manifest
+from ..config import RunConfig
+from ..edits import EditContext, EditMethod, method_class
+from ..errors import ArtifactError
+from ..keys import cached_wikipedia_covariance, stored_key_covariance
+from ..layers import Target, select_targets
+from ..models import LoadedModel, load_model
+from ..pieces import KnowledgePiece
+from ..rundir import RunDir
+from ..scoring import EncodedPiece, encode_pieces
+from ..stores import GradientReader
+
+
+@dataclass
+class RippleRun:
+    """A run ready for edits. ``before`` holds the unedited log-probs (nats) once measured."""
+
+    run: RunDir
+    cfg: RunConfig
+    manifest: Manifest
+    stats: CouplingStats
+    reader: GradientReader
+    pieces: list[KnowledgePiece]
+    cos: torch.Tensor
+    loaded: LoadedModel
+    targets: list[Target]
+    encoded: list[EncodedPiece]
+    norms: torch.Tensor
+    method: EditMethod
+    before: Optional[torch.Tensor] = None
+    _covariances: dict[str, tuple[torch.Tensor, CovarianceSource]] = field(default_factory=dict)
+
+    @property
+    def template(self) -> str:
+        return self.manifest.settings().data.prompt_template
+
+    @property
+    def max_length(self) -> int:
+        return self.manifest.settings().extract.max_length
+
+    def covariance(self, target: Target) -> tuple[torch.Tensor, CovarianceSource]:
+        """C = E[k kᵀ] of ``target``'s inputs ((d_in', d_in') float64) and where it came from:
+        ``ripple.covariance`` 'wikipedia' (bundled Wikipedia text, kept in the run directory) or
+        'pieces' (the run's stored inputs). Computed once per target.
+
+        Raises:
+            ArtifactError: 'pieces' on a store that keeps no inputs.
+        """
+        if target.name not in self._covariances:
+            rc = self.cfg.ripple
+            if rc.covariance == "pieces":
+                if not self.reader.kind.keeps_inputs:
+                    raise ArtifactError(f"ripple.covariance 'pieces' reads the layer inputs that only the factors store "
+                                        f"keeps; {self.run.root} has '{self.reader.kind.name}': rerun extract with "
+                                        f"--store factors, or use the Wikipedia covariance.")
+                n = sum(p.n_inputs for p in self.manifest.records())
+                found = (stored_key_covariance(self.reader, target.name),
+                         CovarianceSource(text="the run's own pieces", n_tokens=n, layer=target.name))
+            else:
+                found = cached_wikipedia_covariance(self.run, self.manifest.model.fingerprint, self.loaded.model,
+                                                    self.loaded.tokenizer, target, rc.covariance_tokens)
+            self._covariances[target.name] = found
+        return self._covariances[target.name]
+
+    def context(self) -> EditContext:
+        """What an edit method may use (:class:`~gradcouple.edits.EditContext`)."""
+        return EditContext(model=self.loaded.model, targets=self.targets, pad_id=self.loaded.pad_id, reader=self.reader,
+                           covariance=lambda t: self.covariance(t)[0])
+
+    def inputs(self, method: EditMethod) -> Inputs:
+        """What results of edits made with ``method`` (its resolved knobs) are made from."""
+        return self.run.ripple.inputs(self.manifest, self.stats, self.cfg, method)
+
+
+def check_run(cfg: RunConfig, run_dir: str | Path, loaded: Optional[LoadedModel]) -> RippleRun:
+    """Load and check the run: current coupling, the extraction's model and settings, the edit method.
+
+    Raises:
+        ArtifactError: gradients or coupling missing or stale, the model differs from the
+            extraction's, or the method cannot edit these target layers.
+        ConfigError: an unknown method or knob.
+    """
+    run = RunDir(run_dir)
+    method = method_class(cfg.ripple.method).resolve(cfg.ripple.hparams.get(cfg.ripple.method))
+    manifest = run.gradients.load_manifest()
+    stats = run.coupling.current_stats(manifest)
+    ids, cos = run.coupling.load_cosine()
+    run.check_pieces_match(ids, run.coupling.cosine_path)
+    extracted = manifest.settings()
+    loaded = loaded or load_model(extracted.model.name, revision=extracted.model.revision, device=cfg.model.device,
+                                  dtype=extracted.model.dtype)
+    if loaded.identity().fingerprint != manifest.model.fingerprint:
+        raise ArtifactError(f"model {loaded.name} is not the one the gradients in {run.root} were extracted with "
+                            f"({manifest.model.name}); rerun extract.")
+    targets = select_targets(loaded.model, extracted.model.layers, extracted.model.module)
+    if [t.name for t in targets] != manifest.names:
+        raise ArtifactError(f"target layers {[t.name for t in targets]} differ from the extraction's {manifest.names}.")
+    method.check(targets)
+    reader = GradientReader(run, manifest)
+    pieces = run.load_pieces()
+    encoded = encode_pieces(loaded.tokenizer, pieces, extracted.data.prompt_template, extracted.extract.max_length)
+    norms = torch.tensor([r.norm for r in manifest.records()], dtype=torch.float64)
+    return RippleRun(run, cfg, manifest, stats, reader, pieces, cos, loaded, targets, encoded, norms, method)
+
+
+__all__ = ["RippleRun", "check_run"]
