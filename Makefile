@@ -20,11 +20,15 @@ demo: $(STAMP)
 	$(VENV)/bin/gradcouple run --out runs/demo --overwrite
 	@echo "report: runs/demo/report/index.html"
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# one pytest worker per core (at most 4), whole test files per worker so module fixtures are made once
+PYTEST := $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
+test: $(STAMP)
+	$(PYTEST) --durations=15
+
+# the inner loop: without the tests that load a real model, start subprocesses or a browser
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,bench]'

@@ -1,6 +1,8 @@
-"""Shared fixtures. Every cache the suite touches (gradcouple's dequantised models, the Hugging
-Face Hub and datasets caches) lives in one temporary directory made here, before any library is
-imported, and removed at exit: tests never write into the user's home."""
+"""Shared fixtures. The Hugging Face Hub and datasets caches live in one temporary directory made
+here, before any library is imported, and removed at exit. gradcouple's own cache of dequantised
+models is the user's (``$XDG_CACHE_HOME/gradcouple``): it is keyed by the GGUF file's sha256 and
+verified on every load, so the suite reuses it across sessions and never deletes it; tests of the
+cache itself work in their own temporary directories."""
 
 from __future__ import annotations
 
@@ -12,10 +14,13 @@ import tempfile
 
 _CACHE = tempfile.mkdtemp(prefix="gradcouple-tests-")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-os.environ["GRADCOUPLE_CACHE"] = os.path.join(_CACHE, "gradcouple")
 os.environ["HF_HOME"] = os.path.join(_CACHE, "huggingface")
 os.environ.pop("HF_HUB_CACHE", None)
 os.environ.pop("HF_DATASETS_CACHE", None)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest worker per core: each computes on one thread (two processes with
+    # two threads each on two cores run several times slower), and so do the processes it starts
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 import torch

@@ -4,6 +4,7 @@ what heavy dependency it defers, and only the edit-method registry knows method 
 from __future__ import annotations
 
 import ast
+import functools
 import sys
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def _imported(module: str, path: Path, node: ast.Import | ast.ImportFrom) -> lis
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def module_graph() -> dict[str, set[str]]:
     """gradcouple module -> the gradcouple modules it imports, at module level or in a function."""
     graph: dict[str, set[str]] = {}

@@ -18,8 +18,8 @@ from gradcouple.stages.report import report
 from gradcouple.stages.report.browser import INSTALL_HINT, find_chromium, render_page
 from gradcouple.stages.ripple import ripple
 
-pytestmark = pytest.mark.skipif(find_chromium() is None,
-                                reason=f"headless Chromium is not installed; install it with `{INSTALL_HINT}`")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(find_chromium() is None, reason=f"headless Chromium is not installed; "
+                                                                                   f"install it with `{INSTALL_HINT}`")]
 
 FIGURES = {"fig-heatmap", "fig-distribution", "fig-layers", "fig-ripple"}
 SCREEN = (1280, 3000)

@@ -654,7 +654,7 @@ def mquake_t_url(tmp_path, monkeypatch, hf_cache):
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
     handler.log_message = lambda *a, **k: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/{{revision}}/MQuAKE-T.json"
     monkeypatch.setitem(SOURCES, "mquake-t", dataclasses.replace(SOURCES["mquake-t"], url=url))
     yield url
@@ -1270,7 +1270,7 @@ def ripple_url(tmp_path, monkeypatch, hf_cache):
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
     handler.log_message = lambda *a, **k: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/{{revision}}/{{split}}.json"
     monkeypatch.setitem(SOURCES, "rippleedits", dataclasses.replace(SOURCES["rippleedits"], url=url))
     yield url

@@ -56,6 +56,11 @@ if args[:1] == ["--die"]:
         def dying(self, path, taken):
             started.append(path)
             if len(started) == die:
+                import time  # wait for rank 0's first finished shard, so what the death leaves does not race it
+                rank0 = path.parent / "manifest.rank-0.jsonl"
+                deadline = time.time() + 60
+                while time.time() < deadline and not (rank0.is_file() and len(rank0.read_text().splitlines()) >= 2):
+                    time.sleep(0.05)
                 os._exit(1)
             return write(self, path, taken)
 
@@ -130,20 +135,30 @@ def killed(work):
     return RunDir(work / "killed")
 
 
+SMOL = ["--limit", "24", "--shard-size", "4", "--batch-size", "4", "--device", "cpu"]  # the default model
+
+
 @pytest.fixture(scope="module")
-def two_processes(work, killed):
-    """One 2-process job: extract + couple a fresh run (full), then resume the killed run + couple --top-k.
+def two_processes(work, killed, smollm2):
+    """One 2-process job (one start-up for all of it): extract + couple a fresh run (full), resume the
+    killed run + couple --top-k, and extract 24 real pieces with the default model (SmolLM2-135M,
+    from the dequantised cache that the session's ``smollm2`` fixture made sure of).
 
     The couples give the run directory as -r: torchrun's own parser takes --run for its --run-path.
     """
+    from gradcouple.stages.pipeline import sample_pieces
+
+    sample_pieces(work / "smol-data")
     data = ["--data", "p.jsonl", *TINY]
     res = torchrun(work, "worker.py", "extract", "--out", "two", *data, ";;", "couple", "-r", "two", "--block-size",
                    str(BLOCK), ";;", "extract", "--out", "resume-2", *data, ";;", "couple", "-r", "resume-2",
-                   "--block-size", str(BLOCK), "--top-k", str(TOP_K))
+                   "--block-size", str(BLOCK), "--top-k", str(TOP_K), ";;",
+                   "extract", "--out", "smol-two", "--data", "smol-data/pieces.jsonl", *SMOL)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return res
 
 
+@pytest.mark.slow
 def test_the_killed_rank_left_complete_shards_and_journals_not_a_manifest(killed):
     files = {p.name for p in killed.gradients.dir.iterdir() if not p.name.startswith(".")}
     assert "manifest.json" not in files
@@ -152,6 +167,7 @@ def test_the_killed_rank_left_complete_shards_and_journals_not_a_manifest(killed
     assert len(lines) == 2  # the header and rank 1's first shard
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_matrices(two_processes, one_process):
     one, _ = one_process
     two = RunDir(one.root.parent / "two")
@@ -167,6 +183,7 @@ def test_two_processes_give_the_single_process_matrices(two_processes, one_proce
     assert s2.layers.mean_contribution == pytest.approx(s1.layers.mean_contribution, rel=1e-6)  # other thread counts
 
 
+@pytest.mark.slow
 def test_the_merged_manifest_lists_every_piece_exactly_once(two_processes, one_process):
     one, _ = one_process
     two = RunDir(one.root.parent / "two")
@@ -179,12 +196,14 @@ def test_the_merged_manifest_lists_every_piece_exactly_once(two_processes, one_p
     assert two.gradients.rank_manifest_paths() == [] and not two.lock_path.exists()
 
 
+@pytest.mark.slow
 def test_only_rank_zero_prints_summaries(two_processes):
     out = two_processes.stdout + two_processes.stderr
-    assert out.count("throughput") == 2  # two extract summaries, rank 0's
+    assert out.count("throughput") == 3  # three extract summaries, rank 0's
     assert out.count("mean GradSim") == 2  # two couple summaries
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_with_two_processes_to_the_same_top_k(two_processes, one_process):
     _, one_topk = one_process
     resumed = [int(n) for n in re.findall(r"(\d+) resumed", two_processes.stdout + two_processes.stderr)]
@@ -198,6 +217,7 @@ def test_a_killed_run_resumes_with_two_processes_to_the_same_top_k(two_processes
     assert ids1 == ids2 and torch.equal(idx1, idx2) and diff <= COS_ATOL_FP16
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_with_one_process(killed, one_process, tiny_llama_loaded):
     one, _ = one_process
     run = RunDir(one.root.parent / "resume-1")
@@ -210,25 +230,19 @@ def test_a_killed_run_resumes_with_one_process(killed, one_process, tiny_llama_l
 
 
 @pytest.mark.slow
-def test_the_default_model_on_two_processes_matches_one(tmp_path, smollm2):
-    """SmolLM2-135M (the GGUF cached by the session's ``smollm2`` fixture, reused by the workers)."""
-    from gradcouple.stages.pipeline import sample_pieces
-
-    pieces = sample_pieces(tmp_path / "data")
-    flags = ["--data", str(pieces), "--limit", "24", "--shard-size", "4", "--batch-size", "4", "--device", "cpu"]
-    res = torchrun(tmp_path, "-m", "gradcouple", "extract", "--out", "two", *flags)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+def test_the_default_model_on_two_processes_matches_one(two_processes, work, smollm2):
+    """SmolLM2-135M: the 2-process extraction of the job above against one process here."""
     cfg = RunConfig()
-    cfg.data.pieces, cfg.data.limit, cfg.model.device = pieces, 24, "cpu"
+    cfg.data.pieces, cfg.data.limit, cfg.model.device = work / "smol-data" / "pieces.jsonl", 24, "cpu"
     cfg.extract.shard_size, cfg.extract.batch_size = 4, 4
-    extract(cfg, tmp_path / "one", loaded=smollm2, show_progress=False)
-    for d in ("one", "two"):
-        couple(cfg, tmp_path / d, show_progress=False)
-    (ids1, cos1), (ids2, cos2) = RunDir(tmp_path / "one").coupling.load_cosine(), RunDir(tmp_path / "two").coupling.load_cosine()
+    extract(cfg, work / "smol-one", loaded=smollm2, show_progress=False)
+    for d in ("smol-one", "smol-two"):
+        couple(cfg, work / d, show_progress=False)
+    (ids1, cos1), (ids2, cos2) = (RunDir(work / d).coupling.load_cosine() for d in ("smol-one", "smol-two"))
     diff = max_diff(cos1, cos2)
     print(f"smollm2-135m, 24 pieces: max |cos(1 process) - cos(2 processes)| = {diff:.3g}")
     assert ids1 == ids2 and diff <= COS_ATOL_FP16
-    man = RunDir(tmp_path / "two").gradients.load_manifest()
+    man = RunDir(work / "smol-two").gradients.load_manifest()
     assert sorted(r for s in man.shards for r in s.rows) == list(range(24)) and man.timing.processes == 2
 
 
@@ -271,6 +285,7 @@ def test_ranks_other_than_zero_do_not_take_the_run_lock(tmp_path, monkeypatch):
     assert not run.lock_path.exists()
 
 
+@pytest.mark.slow
 def test_a_journal_from_other_inputs_is_refused_and_overwrite_clears_it(killed, work, tiny_llama_loaded):
     run = RunDir(work / "other-inputs")
     shutil.copytree(killed.root, run.root)
@@ -285,6 +300,7 @@ def test_a_journal_from_other_inputs_is_refused_and_overwrite_clears_it(killed, 
     assert res.changed == changed and res.resumed_shards == 0 and run.gradients.rank_manifest_paths() == []
 
 
+@pytest.mark.slow
 def test_a_journal_line_cut_short_is_skipped(killed, work):
     path = work / "cut.jsonl"
     text = killed.gradients.rank_manifest_path(0).read_text(encoding="utf-8")

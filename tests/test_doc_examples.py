@@ -304,6 +304,7 @@ def test_examples_are_found_in_every_document_and_epilog():
     assert all(counts[f"gradcouple {c} --help"] >= 2 for c in COMMANDS), counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", list(all_sources()))
 def test_every_documented_example_runs(source, tmp_path, monkeypatch):
     examples, make_inputs = all_sources()[source]

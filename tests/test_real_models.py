@@ -94,3 +94,25 @@ def test_cosines_from_factors_match_autograd(factors_and_oracle):
     mine = torch.stack([torch.cat([f.dense(t.name).double().flatten() for t in targets]) for f in factors])
     ref = torch.stack([torch.cat([g[t.name].flatten() for t in targets]) for g in grads])
     assert (cosine_from_gram(mine @ mine.t()) - cosine_from_gram(ref @ ref.t())).abs().max() < COS_ATOL
+
+
+def test_the_default_model_is_smollm2_with_the_documented_parameter_count(smollm2):
+    assert RunConfig().model.name == "smollm2-135m" and smollm2.architecture == "llama"
+    targets = select_targets(smollm2.model, RunConfig().model.layers)
+    assert sum(t.shape_info().n_params for t in targets) == 4 * 576 * 1536  # last4 down_proj, as the README states
+
+
+def test_a_real_fine_tuning_edit_raises_the_new_target_and_is_undone_bit_for_bit(smollm2, tmp_path):
+    from gradcouple.edits import EditContext, Rewrite, edited, method_class
+    from gradcouple.scoring import encode, measure_logprobs
+
+    targets = select_targets(smollm2.model, "last4")
+    before = {t.name: t.module.weight.detach().clone() for t in targets}
+    new = encode(smollm2.tokenizer, "The capital of France is", " Rome")
+    lp0 = float(measure_logprobs(smollm2.model, [new], pad_id=pad_id(smollm2.tokenizer))[0])
+    ctx = EditContext(model=smollm2.model, targets=targets, pad_id=pad_id(smollm2.tokenizer), reader=None,
+                      covariance=lambda t: torch.eye(t.d_in_aug, dtype=torch.float64))
+    with edited(method_class("ft").resolve({"steps": 5, "lr": 1e-3}), ctx, [Rewrite(new)]) as delta:
+        lp1 = float(measure_logprobs(smollm2.model, [new], pad_id=pad_id(smollm2.tokenizer))[0])
+    assert lp1 > lp0 + 1.0 and all(float(d.abs().max()) > 0 for d in delta.values())
+    assert all(torch.equal(t.module.weight, before[t.name]) for t in targets)

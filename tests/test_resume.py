@@ -14,11 +14,13 @@ import time
 import pytest
 from test_benchmark import coupled_edit_run
 from test_ripple import _run
+from typer.testing import CliRunner
 
+from gradcouple.cli.app import app
+from gradcouple.rundir import RunDir
 from gradcouple.stages import benchmark as benchmark_mod
 from gradcouple.stages import ripple as ripple_mod
 from gradcouple.stages.ripple import ripple
-from gradcouple.rundir import RunDir
 
 
 def _same(a, b):
@@ -120,6 +122,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_benchmark_mode_resumes_after_sigkill(bench_cfg):
     cfg, root, whole = bench_cfg
     run = root / "killed"
@@ -140,9 +143,8 @@ def test_benchmark_mode_resumes_after_sigkill(bench_cfg):
     done = len(journal.read_text().splitlines())
     assert 2 <= done < 4 and not RunDir(run).ripple.exists()
 
-    out = subprocess.run(cmd[:2] + ["from gradcouple.cli.app import main; main()", *cmd[3:]], env=env,
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
+    out = CliRunner().invoke(app, cmd[3:])  # the same command, rerun (in this process: the same code, no start-up)
+    assert out.exit_code == 0, out.output
     resumed, _ = RunDir(run).ripple.load()
     assert resumed.resumed_edits == done
     _same(resumed, whole)
@@ -162,6 +164,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_extract_killed_at_a_random_shard_resumes_to_the_same_shards(tmp_path):
     import random
 
@@ -170,10 +173,6 @@ def test_extract_killed_at_a_random_shard_resumes_to_the_same_shards(tmp_path):
     write_fact_pieces(tmp_path / "p.jsonl")
     args = ["extract", "--data", str(tmp_path / "p.jsonl"), "--model", "llama-tiny-random", "--layers", "all",
             "--shard-size", "2"]
-    from typer.testing import CliRunner
-
-    from gradcouple.cli.app import app
-
     clean = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "clean")])  # same code, in this process
     assert clean.exit_code == 0, clean.output
     n_shards = len(RunDir(tmp_path / "clean").gradients.load_manifest().shards)
@@ -192,9 +191,9 @@ def test_extract_killed_at_a_random_shard_resumes_to_the_same_shards(tmp_path):
     kept = {s.file: (run.gradients.dir / s.file).read_bytes() for s in partial.shards}
     assert kill_after - 1 <= len(kept) < n_shards and not partial.complete
 
-    again = subprocess.run([sys.executable, "-m", "gradcouple", *args, "--out", str(run.root)], capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr
-    assert f"({len(kept)} resumed)" in " ".join(again.stderr.split())
+    again = CliRunner().invoke(app, [*args, "--out", str(run.root)])  # the same command, rerun in this process
+    assert again.exit_code == 0, again.output
+    assert f"({len(kept)} resumed)" in " ".join(again.output.split())
     resumed, whole = run.gradients.load_manifest(), RunDir(tmp_path / "clean").gradients.load_manifest()
     assert resumed.fingerprint() == whole.fingerprint()
     assert all((run.gradients.dir / name).read_bytes() == data for name, data in kept.items())  # kept shards untouched

@@ -2,7 +2,8 @@
 
 GGUF files are dequantized by transformers (``gguf_file=``), which takes ~15 s for
 SmolLM2-135M on 2 cores; the dequantized model is cached once as safetensors under
-``$GRADCOUPLE_CACHE`` (default ``~/.cache/gradcouple``) keyed by the file's sha256.
+:func:`cache_dir` (``$XDG_CACHE_HOME/gradcouple`` by default) keyed by the file's sha256 and
+verified file by file on load.
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
 def cache_dir() -> Path:
-    """Root of gradcouple's own cache (``$GRADCOUPLE_CACHE`` or ``~/.cache/gradcouple``)."""
-    return Path(os.environ.get("GRADCOUPLE_CACHE", Path.home() / ".cache" / "gradcouple"))
+    """Root of gradcouple's own cache, which outlives runs: ``$GRADCOUPLE_CACHE``, else
+    ``$XDG_CACHE_HOME/gradcouple``, else ``~/.cache/gradcouple``."""
+    if os.environ.get("GRADCOUPLE_CACHE"):
+        return Path(os.environ["GRADCOUPLE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gradcouple"
 
 
 @dataclass
