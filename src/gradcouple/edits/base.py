@@ -67,6 +67,8 @@ class EditMethod(ABC):
     summary: ClassVar[str]                  #: one line: the method and its source (paper, reference code)
     Hparams: ClassVar[type[Hparams]]
     strength: ClassVar[str]                 #: the knob ``--sweep`` varies
+    #: what it reads beyond the model: "covariance" (the key covariance of the layer it edits)
+    needs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, hp: Hparams):
         self.hp = hp
@@ -114,6 +116,13 @@ class EditMethod(ABC):
 
     def check(self, targets: list[Target]) -> None:
         """Raise :class:`~gradcouple.errors.ArtifactError` when the run's target layers cannot take this method."""
+
+    def prepare(self, ctx: EditContext) -> None:
+        """Compute once, before the first edit, what every edit reads (what :attr:`needs` names), so a
+        missing input fails before any edit is made and no edit's time includes it."""
+        self.check(ctx.targets)
+        if "covariance" in self.needs:
+            ctx.covariance(self.key_target(ctx.targets))
 
     @abstractmethod
     def apply(self, ctx: EditContext, rewrites: list[Rewrite]) -> dict[str, torch.Tensor]:

@@ -86,6 +86,7 @@ class Rome(EditMethod):
     summary = "rank-one update of one target layer (simplified ROME, Meng et al. 2022)"
     Hparams = RomeHparams
     strength = "clamp_norm_factor"
+    needs = frozenset({"covariance"})
 
     def key_target(self, targets: list[Target]) -> Target:
         return check_target_index(self.name, self.hp.layer, targets)

@@ -106,12 +106,13 @@ def check_run(cfg: RunConfig, run_dir: str | Path, loaded: Optional[LoadedModel]
     targets = select_targets(loaded.model, extracted.model.layers, extracted.model.module)
     if [t.name for t in targets] != manifest.names:
         raise ArtifactError(f"target layers {[t.name for t in targets]} differ from the extraction's {manifest.names}.")
-    method.check(targets)
     reader = GradientReader(run, manifest)
     pieces = run.load_pieces()
     encoded = encode_pieces(loaded.tokenizer, pieces, extracted.data.prompt_template, extracted.extract.max_length)
     norms = torch.tensor([r.norm for r in manifest.records()], dtype=torch.float64)
-    return RippleRun(run, cfg, manifest, stats, reader, pieces, cos, loaded, targets, encoded, norms, method)
+    r = RippleRun(run, cfg, manifest, stats, reader, pieces, cos, loaded, targets, encoded, norms, method)
+    method.prepare(r.context())
+    return r
 
 
 __all__ = ["RippleRun", "check_run"]
