@@ -71,6 +71,23 @@ def test_every_command_help_has_examples(cmd):
     assert res.exit_code == 0 and "Examples" in res.output
 
 
+def test_version_prints_the_installed_packages_version():
+    import importlib.metadata
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output == f"gradcouple {importlib.metadata.version('gradcouple')}\n"
+
+
+@pytest.mark.parametrize("args", [["extract", "--data", "p.jsonl", "--out"], ["run", "--out"],
+                                  ["download", "musique", "--sample", "--out"], ["couple", "--run"], ["ripple", "--run"],
+                                  ["report", "--run"]])
+def test_a_directory_flag_naming_a_file_is_a_bad_option(tmp_path, args):
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    res = runner.invoke(app, [*args, str(afile)])
+    assert res.exit_code == 2 and res.output.startswith(f"error: {args[-1]} {afile} is a file, not a directory;"), res.output
+
+
 def test_no_arguments_lists_the_commands():
     res = runner.invoke(app, [])
     assert all(c in res.output for c in COMMANDS)

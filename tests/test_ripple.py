@@ -145,6 +145,14 @@ def test_ripple_restores_every_edit_and_rescores_the_manifest(tmp_path, tiny_lla
     assert s.baseline_logprob_max_abs_diff_vs_manifest < BASELINE_ATOL
 
 
+def test_asking_for_more_edits_than_the_pieces_allow_says_how_many_are_made(tmp_path, tiny_llama_loaded, caplog):
+    cfg = _run(tmp_path, tiny_llama_loaded, n_edits=500)
+    with caplog.at_level("WARNING", logger="gradcouple"):
+        s = ripple(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False).summary
+    assert s.n_edits == 8  # every single-hop and cloze fact
+    assert f"--n-edits 500: 8 pieces in {tmp_path / 'run'} can be edited, so 8 edits are made." in caplog.text
+
+
 def test_ripple_edits_raise_the_new_answer(tmp_path, tiny_llama_loaded):
     cfg = _run(tmp_path, tiny_llama_loaded)
     s = ripple(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False).summary

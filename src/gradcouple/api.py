@@ -26,6 +26,7 @@ from .artifacts import CouplingStats, Manifest
 from .config import RunConfig, load_config
 from .datasets import download
 from .errors import ConfigError
+from .io import check_directory
 from .resolve import resolve
 from .rundir import RunDir, default_run_dir
 from .stages import couple as couple_stage
@@ -49,6 +50,7 @@ def extract(run_dir: str | Path, cfg: Optional[RunConfig] = None, *, config: Whe
     ``cfg`` replaces the run's saved config as the base of ``keywords``; ``config`` is a YAML file
     whose settings count as given. Raises as :func:`~gradcouple.resolve.resolve` and the stage.
     """
+    check_directory(run_dir, "--out")
     resolved = resolve("extract", run_dir, cfg=cfg, config=config, **keywords)
     return extract_stage.extract(resolved, run_dir, overwrite=overwrite, show_progress=show_progress)
 
@@ -66,6 +68,8 @@ def couple(run_dir: Where = None, cfg: Optional[RunConfig] = None, *, config: Wh
         ConfigError: neither ``run_dir`` nor ``model=``; as :func:`~gradcouple.resolve.resolve`.
     """
     model = keywords.get("model")
+    if run_dir is not None:
+        check_directory(run_dir, "--run")
     if run_dir is None:
         if model is None:
             raise ConfigError("couple: give --run RUN_DIR, or --model M with --data PIECES.jsonl.")
@@ -83,12 +87,14 @@ def ripple(run_dir: str | Path, cfg: Optional[RunConfig] = None, *, config: Wher
            **keywords: Any) -> RippleResult:
     """Real edits and their measured ripple effect (:func:`gradcouple.stages.ripple.ripple`);
     ``sweep=[...]`` makes the same benchmark edits at several strengths."""
+    check_directory(run_dir, "--run")
     resolved = resolve("ripple", run_dir, cfg=cfg, config=config, **keywords)
     return ripple_stage.ripple(resolved, run_dir, show_progress=show_progress)
 
 
 def report(run_dir: str | Path, cfg: Optional[RunConfig] = None, *, config: Where = None, **keywords: Any) -> ReportResult:
     """The report page and summary.json (:func:`gradcouple.stages.report.report`)."""
+    check_directory(run_dir, "--run")
     return report_stage.report(resolve("report", run_dir, cfg=cfg, config=config, **keywords), run_dir)
 
 
@@ -97,6 +103,7 @@ def run(run_dir: str | Path, cfg: Optional[RunConfig] = None, *, config: Where =
         show_progress: bool = False, **keywords: Any) -> PipelineResult:
     """Every stage with one model load (:func:`gradcouple.stages.pipeline.run_pipeline`): on ``data=``,
     or on the bundled samples of ``datasets`` (default musique, hotpotqa, mquake-hard)."""
+    check_directory(run_dir, "--out")
     resolved = resolve("run", run_dir, cfg=cfg, config=config, options={"datasets": datasets, "no_ripple": no_ripple},
                        **keywords)
     return pipeline.run_pipeline(resolved, run_dir, datasets=list(datasets or pipeline.DEFAULT_SAMPLES),

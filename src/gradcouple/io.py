@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from .errors import ConfigError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -94,6 +96,17 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             if out.error is None:
                 raise
             raise out.error from None
+
+
+def check_directory(path: str | os.PathLike, flag: str) -> None:
+    """Refuse an output or run directory that exists as something else.
+
+    Raises:
+        ConfigError: ``path`` exists and is not a directory (the message names ``flag``).
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{flag} {p} is a file, not a directory; give a directory ({flag} makes it when missing).")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

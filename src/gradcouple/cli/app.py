@@ -7,11 +7,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from .._version import __version__
 from ..errors import GradcoupleError, ResourceError
 from . import couple, download, extract, report, ripple, run
 from .options import console
@@ -140,12 +142,27 @@ class GuardedGroup(TyperGroup):
 app = typer.Typer(
     name="gradcouple",
     cls=GuardedGroup,
-    help="Gradient coupling of knowledge pieces in causal LMs, and the ripple effects of editing them.\n\n"
-    "Stages: download -> extract -> couple -> ripple -> report, or all at once with `run`.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gradcouple {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                   help="Print gradcouple's version and exit.")] = False) -> None:
+    """Gradient coupling of knowledge pieces in causal LMs, and the ripple effects of editing them.
+
+    Stages: download -> extract -> couple -> ripple -> report, or all at once with `run`.
+    """
+
+
 for _module, _name in ((download, "download"), (extract, "extract"), (couple, "couple"), (ripple, "ripple"),
                        (report, "report"), (run, "run")):
     app.command(name=_name, epilog=_module.EPILOG)(getattr(_module, _name))

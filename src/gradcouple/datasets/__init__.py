@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .._version import __version__
 from ..errors import DataError
-from ..io import sha256_file, write_json
+from ..io import check_directory, sha256_file, write_json
 from ..pieces import KnowledgePiece, PieceRole, write_pieces
 from . import hotpotqa, hub, musique
 from ._common import RELATION_TEMPLATES, RecordContext, RecordError, SkipRecord, deduplicate, relation_question
@@ -566,6 +566,7 @@ def download(
             input, or no pieces at all.
         NetworkError: the Hub is needed but unreachable (fails within seconds).
     """
+    check_directory(out_dir, "--out")
     source, fmt = _resolve_request(name, format, limit)
     records, provenance, label = _open_input(source, str(from_path) if from_path is not None else None, split, revision)
     dataset = source.name if source else None

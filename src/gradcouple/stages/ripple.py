@@ -14,6 +14,7 @@ scores exactly the strings the gradients were taken of.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from ..runinfo import device_info, use_threads
 from ..scoring import encode, measure_logprobs
 from .benchmark import benchmark_edits, evaluate_benchmark, sweep_benchmark
 from .edit_run import RippleRun, check_run
+
+log = logging.getLogger(__name__)
 
 #: the per-edit metrics whose spread over edits the summary reports
 PER_EDIT = ("spearman_coupling", "spearman_first_order", "pearson_first_order", "precision_at_k")
@@ -194,6 +197,11 @@ def edit_mode(cfg: RunConfig, pieces: list[KnowledgePiece]) -> str:
     return "benchmark" if cfg.ripple.edits == "benchmark" or (cfg.ripple.edits == "auto" and has) else "pieces"
 
 
+def _fewer(asked: int, made: int, why: str) -> None:
+    if made < asked:
+        log.warning(f"--n-edits {asked}: {why}, so {made} edit{'s are' if made != 1 else ' is'} made.")
+
+
 @locked("ripple")
 def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel] = None, show_progress: bool = True) -> RippleResult:
     """Make ``ripple.n_edits`` edits one at a time and measure their ripple effect.
@@ -213,6 +221,8 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
         edits = benchmark_edits(r.pieces)[: cfg.ripple.n_edits]
         if not edits:
             raise NothingToEdit(f"{r.run.pieces_path}: no benchmark edit has a test query.")
+        _fewer(cfg.ripple.n_edits, len(edits), f"the pieces in {r.run.root} carry {len(edits)} benchmark edits with "
+                                                f"test queries")
         if cfg.ripple.sweep:
             sweep = sweep_benchmark(r, edits, cfg.ripple.sweep, show_progress)
             r.run.ripple.save_sweep(sweep)
@@ -224,6 +234,7 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
     r.before = measure_logprobs(r.loaded.model, r.encoded, r.manifest.batch_size, r.loaded.pad_id)
     if not planned:
         raise NothingToEdit(f"{r.run.pieces_path}: no piece can be edited (need a counterfactual or two distinct answers of one kind).")
+    _fewer(cfg.ripple.n_edits, len(planned), f"{len(planned)} pieces in {r.run.root} can be edited")
 
     def make(e: int) -> dict:
         te = time.perf_counter()
