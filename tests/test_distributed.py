@@ -301,6 +301,24 @@ def test_a_journal_from_other_inputs_is_refused_and_overwrite_clears_it(killed, 
 
 
 @pytest.mark.slow
+def test_couple_on_a_killed_torchrun_run_names_the_waiting_shards_and_a_command_that_finishes_them(killed, work):
+    from typer.testing import CliRunner
+
+    from gradcouple.cli.app import app
+
+    run = work / "advised"
+    shutil.copytree(killed.root, run)
+    res = CliRunner().invoke(app, ["couple", "--run", str(run)])
+    assert res.exit_code == 5 and "the extraction under torchrun was interrupted (" in res.output
+    assert re.search(r"\((\d+) shards done, in 2 rank journals\)", res.output), res.output
+    command = re.search(r"`gradcouple ([^`]+)`", res.output).group(1).split()
+    assert command == ["extract", "--out", str(run)]
+    res = CliRunner().invoke(app, command)  # one process finishes what two started, from the run's own pieces
+    assert res.exit_code == 0, res.output
+    assert CliRunner().invoke(app, ["couple", "--run", str(run)]).exit_code == 0
+
+
+@pytest.mark.slow
 def test_a_journal_line_cut_short_is_skipped(killed, work):
     path = work / "cut.jsonl"
     text = killed.gradients.rank_manifest_path(0).read_text(encoding="utf-8")

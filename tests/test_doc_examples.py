@@ -347,8 +347,11 @@ def test_readme_network_example_fails_offline_with_exit_4_and_one_line(tmp_path,
 
 @functools.cache
 def flags_of(command: str) -> frozenset[str]:
-    cmd = typer.main.get_command(app).commands[command]
-    return frozenset({o for p in cmd.params for o in p.opts if o.startswith("--")} | {"--help"})
+    """The command's flags, with those of `gradcouple` itself (--help, --version)."""
+    group = typer.main.get_command(app)
+    own = {o for p in group.params for o in p.opts if o.startswith("--")}
+    cmd = group.commands[command]
+    return frozenset({o for p in cmd.params for o in p.opts if o.startswith("--")} | {"--help"} | own)
 
 
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")

@@ -198,8 +198,9 @@ def select_targets(model: nn.Module, layers: str = "last4", module: str | None =
     targets = []
     for i in parse_block_spec(layers, len(blocks)):
         sub = dict(blocks[i].named_modules()).get(mod)
-        if sub is None:
+        if sub is None or not (isinstance(sub, nn.Linear) or _is_conv1d(sub)):
             linear = [n for n, m in blocks[i].named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
-            raise ConfigError(f"--module {mod!r}: block {path}.{i} has no such module; its linear layers are {', '.join(linear)}.")
+            what = "has no such module" if sub is None else f"has it as a {type(sub).__name__}, not a linear layer"
+            raise ConfigError(f"--module {mod}: block {path}.{i} {what}; its linear layers are {', '.join(linear)}.")
         targets.append(_make_target(f"{path}.{i}.{mod}", sub))
     return targets

@@ -351,6 +351,10 @@ def _spread(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].strip()
+
+
 def load_model(name: str, *, revision: str | None = None, device: str = "auto", dtype: str = "float32") -> LoadedModel:
     """Load a causal LM and its (fast) tokenizer, in eval mode, with every parameter frozen.
 
@@ -388,6 +392,10 @@ def load_model(name: str, *, revision: str | None = None, device: str = "auto", 
         source = "random init (seed 0) with a byte-level tokenizer"
     else:
         source = str(p) if p.is_dir() else name
+        if p.is_dir() and not (p / "config.json").is_file():
+            raise ModelError(f"--model {name}: {p} is a directory but not a model (no config.json in it); pass a directory "
+                             f"written by save_pretrained, a .gguf file, a Hub id or an alias "
+                             f"({', '.join([*GGUF_ALIASES, *RANDOM_ALIASES])}).")
         kw = {"revision": revision, "token": os.environ.get("HF_TOKEN"), **({"device_map": "auto"} if auto_map else {})}
         try:
             try:  # the HF cache first: no network round trip when the files are there
@@ -401,13 +409,13 @@ def load_model(name: str, *, revision: str | None = None, device: str = "auto", 
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kw)
         except OSError as e:
             if p.exists() or name.startswith((".", "/")):
-                raise ModelError(f"{name}: cannot load a causal LM from this path ({e}).") from None
+                raise ModelError(f"{name}: cannot load a causal LM from this path ({_first_line(e)}).") from None
             raise ModelError(
                 f"--model {name}: not an alias, a local directory or a .gguf file, and not loadable from the "
                 f"Hugging Face Hub (offline, gated without HF_TOKEN, or no such repo). Aliases: "
                 f"{', '.join([*GGUF_ALIASES, *RANDOM_ALIASES])}. Cause: {str(e).splitlines()[0]}") from None
         except ValueError as e:
-            raise ModelError(f"--model {name}: {e}") from None
+            raise ModelError(f"--model {name}: {source} has no model transformers can load ({_first_line(e)})") from None
     if not getattr(tok, "is_fast", False):
         raise ModelError(f"--model {name}: gradcouple needs a fast tokenizer (offset mapping) to locate answer tokens.")
     if auto_map:

@@ -190,9 +190,10 @@ def read_pieces(path: str | os.PathLike) -> list[KnowledgePiece]:
                 err = e.errors()[0]
                 field = ".".join(str(x) for x in err["loc"]) or "<record>"
                 hint = ""
-                if isinstance(obj, dict) and "id" not in obj and {"prompt", "answer"} <= set(obj):
-                    hint = (f" This looks like a plain facts file: convert it with "
-                            f"`gradcouple download --from {path} --format pieces --out DIR`.")
+                if isinstance(obj, dict) and {"prompt", "answer"} <= set(obj) and err["type"] == "missing":
+                    hint = (f" This looks like a hand-written file of facts (prompt, answer, ...): convert it into a "
+                            f"pieces file with `gradcouple download pieces --from {path} --out DIR`, which fills in "
+                            f"the missing fields.")
                 raise DataError(f"{path}:{lineno}: field '{field}': {err['msg']}.{hint}") from None
             if piece.id in seen:
                 raise DataError(f"{path}:{lineno}: field 'id': duplicate piece id {piece.id!r}.")

@@ -23,7 +23,7 @@ import yaml
 
 from .config import Given, GivenField, RunConfig, flag_names, read_config_file, validate_config
 from .edits import ALIASES, METHODS, method_class
-from .errors import ArtifactError, ConfigError
+from .errors import ConfigError
 from .rundir import RunDir
 
 #: method knob keyword -> the dotted field it sets for whichever method is chosen
@@ -131,13 +131,11 @@ def _raw(base: RunConfig, given: dict[str, GivenField]) -> dict[str, Any]:
 
 
 def _extraction(run: RunDir, given: Given) -> None:
-    """What the run's extraction was made with, when it has a readable one."""
-    if not run.gradients.has_manifest():
+    """What the run's extraction was made with, when it has a readable one (the stage itself reports
+    a damaged one)."""
+    man = run.gradients.header()
+    if man is None:
         return
-    try:
-        man = run.gradients.load_manifest(complete=False)
-    except ArtifactError:
-        return  # the stage itself reports a damaged manifest
     given.extracted = man.settings()
     given.extracted_pieces = (man.pieces_file, man.inputs.values.get("pieces", ""))
     given.extracted_names = man.names
@@ -174,6 +172,8 @@ def resolve(stage: str, run_dir: Optional[str | Path] = None, *, cfg: Optional[R
         base = cfg
     elif run is not None and run.saved_config_path():
         base = validate_config(_read_json(run.config_path), str(run.config_path))
+    elif run is not None and stage == "extract" and (head := run.gradients.header()) is not None:
+        base = _resumed(head)  # an interrupted extraction (no config.json yet): resume it as it was started
     else:
         base = RunConfig()
     fields = _given_fields(stage, keywords, Path(config) if config is not None else None, file_raw)
@@ -189,6 +189,12 @@ def resolve(stage: str, run_dir: Optional[str | Path] = None, *, cfg: Optional[R
         name = resolved.ripple.method
         method_class(name).resolve(resolved.ripple.hparams.get(name))  # an invalid knob value, named by its flag
     return resolved
+
+
+def _resumed(head) -> RunConfig:
+    """The settings an interrupted extraction was started with, its pieces file included."""
+    settings = head.settings()
+    return settings.model_copy(update={"data": settings.data.model_copy(update={"pieces": Path(head.pieces_file)})})
 
 
 def _read_json(path: Path) -> dict:

@@ -86,8 +86,8 @@ def run_dir_arg(args: list[str]) -> str | None:
 def one_line(exc: BaseException, command: str | None = None) -> tuple[str, int]:
     """The message and exit code printed for an exception that reaches the boundary; its hints name
     only flags that ``command`` (the subcommand that raised it) has."""
-    if isinstance(exc, GradcoupleError):
-        return str(exc), exc.exit_code
+    if isinstance(exc, GradcoupleError):  # one line, whatever a wrapped library message held
+        return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()), exc.exit_code
     if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError is a RuntimeError
         return f"out of GPU memory; {_fixes(command, GPU_MEMORY_FIXES, 'use a smaller model')}.", ResourceError.exit_code
     if isinstance(exc, MemoryError):

@@ -303,8 +303,8 @@ class _Rejected(Exception):
     """A record that cannot be used: ``problem`` goes into the error, ``reason`` is its count key,
     ``fix`` the repair when it is not fixing the record (re-encoding the file)."""
 
-    def __init__(self, problem: str, reason: str, fix: Optional[str] = None):
-        self.problem, self.reason, self.fix = problem, reason, fix
+    def __init__(self, problem: str, reason: str, fix: Optional[str] = None, looks_like: Optional[str] = None):
+        self.problem, self.reason, self.fix, self.looks_like = problem, reason, fix, looks_like
         super().__init__(problem)
 
 
@@ -463,7 +463,8 @@ def _parse_record(rec: Mapping, index: int, fmt: str, dataset: str) -> RecordCon
     parser = PARSERS[fmt]
     sniffed = sniff_format(rec)
     if not parser.sniff(rec) and sniffed not in (None, fmt, "bamboogle"):
-        raise _Rejected(f"mixed formats: this record looks like {sniffed}, but the input is read as {fmt}", "mixed formats")
+        raise _Rejected(f"mixed formats: this record looks like {sniffed}, but the input is read as {fmt}", "mixed formats",
+                        looks_like=sniffed)
     ctx = RecordContext(dataset, index)
     try:
         parser.parse(rec, ctx)
@@ -473,7 +474,8 @@ def _parse_record(rec: Mapping, index: int, fmt: str, dataset: str) -> RecordCon
 
 
 def _parse_records(
-    records: Iterator[tuple[int, str, Any]], fmt: Optional[str], dataset: Optional[str], *, limit: Optional[int], skip_bad: bool
+    records: Iterator[tuple[int, str, Any]], fmt: Optional[str], dataset: Optional[str], *, limit: Optional[int], skip_bad: bool,
+    from_path: Optional[str] = None,
 ) -> _Tally:
     """Parse at most ``limit`` records into pieces; count records and pieces skipped by reason.
 
@@ -493,6 +495,11 @@ def _parse_records(
         except SkipRecord as e:
             tally.records_skipped[e.reason] += 1
         except _Rejected as e:
+            if e.looks_like and not tally.pieces and not tally.records_skipped:  # the first record: the wrong format
+                how = (f"`gradcouple download --from {from_path} --format {e.looks_like} --out DIR`" if from_path
+                       else f"--format {e.looks_like}")
+                raise DataError(f"{where}: this record looks like {e.looks_like}, not {tally.fmt}, so every record would be "
+                                f"rejected (--skip-bad would skip them all); read it as {e.looks_like}: {how}.") from None
             if not skip_bad:
                 hint = f"; {e.fix}, {SKIP_UNDECODABLE}" if e.fix else f". {SKIP_HINT}"
                 raise DataError(f"{where}: {e.problem}{hint}") from None
@@ -570,7 +577,8 @@ def download(
     source, fmt = _resolve_request(name, format, limit)
     records, provenance, label = _open_input(source, str(from_path) if from_path is not None else None, split, revision)
     dataset = source.name if source else None
-    tally = _parse_records(records, fmt, dataset, limit=limit, skip_bad=skip_bad)
+    tally = _parse_records(records, fmt, dataset, limit=limit, skip_bad=skip_bad,
+                           from_path=str(from_path) if from_path not in (None, "sample") else None)
     kept, merged, conflicts = _deduplicated(tally, label)
     meta = DownloadMeta(
         source=dataset, format=tally.fmt, dataset=dataset or tally.fmt, input=provenance,

@@ -60,7 +60,11 @@ class GradientFiles:
         p, root = self.manifest_path, self.run.root
         fix = f"rerun `gradcouple extract --out {root} --overwrite` (it recomputes every shard)."
         if not p.is_file():
-            raise ArtifactError(f"{p}: no gradient manifest; run `gradcouple extract --out {root}` first.")
+            if (done := self.unfinished()) is not None:
+                raise ArtifactError(f"{p}: the extraction under torchrun was interrupted ({done}); rerun `gradcouple "
+                                    f"extract --out {root}` (with any number of processes) to finish it.")
+            raise ArtifactError(f"{p}: no gradient manifest; make one with `gradcouple extract --data PIECES.jsonl "
+                                f"--out {root}`.")
         try:
             data = p.read_bytes()
             raw = json.loads(data)
@@ -89,8 +93,9 @@ class GradientFiles:
         if problem:
             raise ArtifactError(f"{p}: {problem}; the manifest does not match the run's pieces; {fix}")
         if complete and not man.complete:
-            raise ArtifactError(f"{p}: extraction is incomplete ({len(man.shards)} shards); "
-                                f"rerun the same `gradcouple extract` command to resume it.")
+            done = sum(r is not None for r in man.pieces)
+            raise ArtifactError(f"{p}: the extraction is incomplete ({len(man.shards)} shards, {done} of "
+                                f"{len(man.pieces)} pieces); rerun `gradcouple extract --out {root}` to resume it.")
         return man
 
     def _pieces_mismatch(self, man: Manifest) -> Optional[str]:
@@ -109,6 +114,35 @@ class GradientFiles:
         if len(ids) != len(man.pieces):
             return f"it lists {len(man.pieces)} pieces where {path} has {len(ids)}"
         return None
+
+    def header(self) -> Optional[Manifest]:
+        """What the run's extraction, finished or not, was made from: manifest.json, else the header of
+        an interrupted torchrun extraction's rank journal; None when there is neither (or neither reads)."""
+        if self.has_manifest():
+            try:
+                return self.load_manifest(complete=False)
+            except ArtifactError:
+                return None
+        for path in self.rank_manifest_paths():
+            head, _, why = self.read_rank_journal(path)
+            if why is None:
+                return head
+        return None
+
+    def unfinished(self) -> Optional[str]:
+        """How far an interrupted extraction got ('7 of 12 shards', '11 shards in the rank journals'),
+        or None when the run has no interrupted extraction."""
+        if self.has_manifest():
+            try:
+                man = self.load_manifest(complete=False)
+            except ArtifactError:
+                return None
+            if man.complete:
+                return None
+            done = sum(p is not None for p in man.pieces)
+            return f"{len(man.shards)} shards ({done} of {len(man.pieces)} pieces) done"
+        shards = {k for path in self.rank_manifest_paths() for k, _, _ in self.read_rank_journal(path)[1]}
+        return f"{len(shards)} shards done, in {len(self.rank_manifest_paths())} rank journals" if self.rank_manifest_paths() else None
 
     def save_manifest(self, manifest: Manifest) -> None:
         write_json(self.manifest_path, manifest.model_dump(mode="json"))

@@ -123,7 +123,7 @@ def plan_shards(encoded: list[EncodedPiece], shard_size: int) -> list[list[int]]
 def _new_manifest(cfg: RunConfig, loaded: LoadedModel, targets: list[Target], inputs: Inputs) -> Manifest:
     shapes = [t.shape_info() for t in targets]
     projected = cfg.extract.store == "projected"
-    return Manifest(inputs=inputs, pieces_file=str(cfg.data.pieces), model=loaded.identity(), targets=shapes,
+    return Manifest(inputs=inputs, pieces_file=str(Path(cfg.data.pieces).resolve()), model=loaded.identity(), targets=shapes,
                     n_params=sum(s.n_params for s in shapes),
                     compute_dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
                     store=StoreSettings(kind=cfg.extract.store, seed=cfg.extract.seed,
