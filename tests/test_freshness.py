@@ -247,3 +247,20 @@ def test_non_finite_measurements_survive_the_json_round_trip(tmp_path):
         fh.write(m.model_dump_json())
     back = Measurement.model_validate_json((tmp_path / "line.json").read_text())
     assert back.measured == float("inf") and back.predicted_coupling != back.predicted_coupling
+
+
+def test_couple_with_model_on_a_run_refuses_to_replace_its_gradients_without_overwrite(tmp_path):
+    """couple --run R --model M with other settings deleted R's gradients (hours of them on a 7B run)."""
+    write_fact_pieces(tmp_path / "p.jsonl")
+    run = RunDir(tmp_path / "run")
+    base = ["couple", "--run", str(run.root), "--model", "llama-tiny-random", "--data", str(tmp_path / "p.jsonl")]
+    assert runner.invoke(app, base).exit_code == 0
+    before = {p.name: p.read_bytes() for p in run.gradients.dir.iterdir()}
+    res = runner.invoke(app, [*base, "--layers", "last2"])
+    assert res.exit_code == 2
+    assert res.output.startswith(f"error: {run.gradients.manifest_path}: the gradients in {run.root} were made from other "
+                                 f"inputs (model.layers: 'last4' -> 'last2'); pass --overwrite to replace them")
+    assert {p.name: p.read_bytes() for p in run.gradients.dir.iterdir()} == before  # nothing deleted
+    res = runner.invoke(app, [*base, "--layers", "last2", "--overwrite"])
+    assert res.exit_code == 0 and "was stale (model.layers: 'last4' -> 'last2'): extracted again" in " ".join(res.output.split())
+    assert len(run.gradients.load_manifest().targets) == 2

@@ -55,19 +55,21 @@ def extract(run_dir: str | Path, cfg: Optional[RunConfig] = None, *, config: Whe
     return extract_stage.extract(resolved, run_dir, overwrite=overwrite, show_progress=show_progress)
 
 
-def couple(run_dir: Where = None, cfg: Optional[RunConfig] = None, *, config: Where = None,
+def couple(run_dir: Where = None, cfg: Optional[RunConfig] = None, *, config: Where = None, overwrite: bool = False,
            show_progress: bool = False, **keywords: Any) -> CoupleResult:
     """GradSim of every pair of pieces (:func:`gradcouple.stages.couple.couple`).
 
     With ``model=`` (and ``data=``) the extraction it needs is made first, or reused when it is
     current, in ``run_dir`` or, without one, in ``runs/<model>-<settings hash>``; the result's
-    ``extract`` says which. Without ``model=`` the gradients are those of ``run_dir``'s extraction,
-    and extraction settings other than its own are refused.
+    ``extract`` says which. The gradients of ``run_dir`` are replaced only with ``overwrite``; those
+    of the directory named after the settings are replaced when their pieces file or model weights
+    changed. Without ``model=`` the gradients are those of ``run_dir``'s extraction, and extraction
+    settings other than its own are refused.
 
     Raises:
         ConfigError: neither ``run_dir`` nor ``model=``; as :func:`~gradcouple.resolve.resolve`.
     """
-    model = keywords.get("model")
+    model, mine = keywords.get("model"), run_dir is None
     if run_dir is not None:
         check_directory(run_dir, "--run")
     if run_dir is None:
@@ -77,7 +79,7 @@ def couple(run_dir: Where = None, cfg: Optional[RunConfig] = None, *, config: Wh
     resolved = resolve("couple", run_dir, cfg=cfg, config=config, **keywords)
     ext = None
     if model is not None:
-        ext = extract_stage.ensure_extraction(resolved, run_dir, replace_stale=True, show_progress=show_progress)
+        ext = extract_stage.ensure_extraction(resolved, run_dir, replace_stale=mine or overwrite, show_progress=show_progress)
     res = couple_stage.couple(resolved, run_dir, show_progress=show_progress)
     res.extract = ext
     return res

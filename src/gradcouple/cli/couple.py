@@ -15,6 +15,7 @@ from .options import (
     LayersOpt,
     MaxLengthOpt,
     ModelOpt,
+    OverwriteOpt,
     ThreadsOpt,
     console,
     num,
@@ -47,11 +48,14 @@ def couple(
     max_length: MaxLengthOpt = None,
     threads: ThreadsOpt = None,
     config: ConfigOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Compute the GradSim matrix, stats.json and the most coupled pairs.
 
     With --model (and --data), the extraction it needs is made first, or reused when it is
-    current: edited pieces, other settings or other model weights make it extract again.
+    current: in a run directory named after the model and settings, where edited pieces or other
+    model weights make it extract again; with --run, a stale extraction there is replaced only
+    with --overwrite.
     With --run alone, the gradients are those of RUN's extraction: --layers, --data or
     --max-length other than its own are refused (they could not be honoured), and so is a
     --device other than cpu or cuda.
@@ -60,7 +64,7 @@ def couple(
 
     if run is None and model is None:
         raise typer.BadParameter("give --run RUN_DIR, or --model M with --data PIECES.jsonl", param_hint="--run")
-    res = api.couple(run, config=config, show_progress=True, model=model, data=data, layers=layers, device=device,
+    res = api.couple(run, config=config, overwrite=overwrite, show_progress=True, model=model, data=data, layers=layers, device=device,
                      top_k=top_k, max_memory=max_memory, block_size=block_size, top_pairs=top_pairs, method=method,
                      max_length=max_length, threads=threads)
     if not is_main():  # under torchrun rank 0 prints the summary

@@ -293,6 +293,9 @@ def ensure_extraction(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[L
     """
     t0, run = time.perf_counter(), RunDir(run_dir)
     changed = extraction_changes(run, cfg)
+    if changed and not replace_stale:  # refused before the model loads; nothing is deleted
+        raise ConfigError(f"{run.gradients.manifest_path}: the gradients in {run.root} were made from other inputs "
+                          f"({'; '.join(changed)}); pass --overwrite to replace them, or give another run directory.")
     if changed == []:
         man = run.gradients.load_manifest()
         run.save_config(cfg)

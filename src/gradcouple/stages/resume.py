@@ -56,7 +56,7 @@ def resume_point(run: RunDir, header: Manifest, overwrite: bool) -> Optional[Man
     changed = unusable or _changes(previous, header.inputs, header.config)
     if changed and not overwrite:
         raise ConfigError(f"{run.gradients.manifest_path}: existing gradients were made from other inputs ({'; '.join(changed)}); "
-                          f"pass --overwrite to replace them or choose another --out.")
+                          f"pass --overwrite to replace them, or give another run directory.")
     if changed or overwrite:
         run.gradients.clear()
         return None
