@@ -19,6 +19,7 @@ from gradcouple.models import byte_level_tokenizer
 from gradcouple.pieces import KnowledgePiece, PieceRole, Triple, write_pieces
 from gradcouple.predictors import PREDICTORS
 from gradcouple.stages.ripple import ripple
+from gradcouple.errors import ConfigError
 from gradcouple.rundir import RunDir
 from gradcouple.scoring import answer_logprob, collate, encode, subject_position
 
@@ -195,7 +196,7 @@ def benchmark_run(tmp_path_factory):
 
 def test_benchmark_mode_is_chosen_for_pieces_that_carry_edits(benchmark_run):
     _, run, s = benchmark_run
-    assert s.mode == "benchmark" and RunDir(run).ripple.tests_path.is_file() and not RunDir(run).ripple.edits_path.exists()
+    assert s.mode == "benchmark" and RunDir(run).ripple.latest().tests_path.is_file() and not RunDir(run).ripple.latest().edits_path.exists()
 
 
 def test_benchmark_measures_every_test_of_every_edit_once(benchmark_run):
@@ -263,7 +264,64 @@ def test_sweep_evaluates_the_same_edits_at_each_strength(sweep_run):
     run, sw = sweep_run
     assert sw.knob == "lr" and [p.strength for p in sw.points] == [1e-3, 3e-2]
     assert all(p.n_edits == 3 and set(p.spearman) == set(PREDICTORS) for p in sw.points)
-    assert RunDir(run).ripple.load_sweep() == sw
+    assert RunDir(run).ripple.sets()[-1].load_sweep() == sw
+
+
+def test_results_of_each_method_and_setting_stand_side_by_side(benchmark_run, tmp_path):
+    """`ripple --method ft` on a run with rome results replaced them (summary and tests)."""
+    import shutil
+
+    import gradcouple as gc
+
+    _, run, ft = benchmark_run
+    shutil.copytree(run, tmp_path / "run")
+    rome = gc.ripple(tmp_path / "run", method="rome")
+    again = gc.ripple(tmp_path / "run", method="ft")  # the settings of the first ft set: that set, made again
+    other = gc.ripple(tmp_path / "run", method="ft", steps=2)  # another setting of ft: a set of its own
+    sets = RunDir(tmp_path / "run").ripple.sets()
+    names = [r.name for r in sets]  # the module's run may hold sets of other tests (a sweep) before these
+    assert names[-3:] == [rome.results, again.results, other.results]
+    sets = sets[-3:]
+    assert again.results.startswith("ft-") and rome.results.startswith("rome-") and again.summary.n_edits == ft.n_edits
+    assert (again.summary.hparams["steps"], other.summary.hparams["steps"]) == (5, 2)
+    assert sets[0].load()[0].method == "rome"  # ft twice replaced nothing of rome's
+    view = gc.load_run(tmp_path / "run")
+    assert list(view.ripples)[-3:] == names[-3:] and view.ripple["summary"].hparams == other.summary.hparams
+    assert list(view.ripple_results.method)[-3:] == ["rome", "ft", "ft"]
+    rep = gc.report(tmp_path / "run")
+    listed = rep.summary["experiment_readiness"]["ripple_results"]
+    assert [x["name"] for x in listed][-3:] == names[-3:]
+    page = rep.index_html.read_text()
+    assert 'id="ripple-sets"' in page and all(f"<code>{r.name}</code>" in page for r in sets)
+
+
+def test_a_sweep_names_its_knob_and_warns_when_no_edit_succeeds(benchmark_run, tmp_path, caplog, monkeypatch):
+    """--sweep 1e-4,1e-3 on rome edits read the learning rates as value clamps: every edit failed, silently.
+    (Whether an edit succeeds is the tiny random model's business; the warning is tested by ruling every
+    edit a failure.)"""
+    import shutil
+
+    import gradcouple as gc
+    from gradcouple.stages import benchmark as stage
+
+    _, run, _ = benchmark_run
+    shutil.copytree(run, tmp_path / "run")
+    with caplog.at_level("INFO", logger="gradcouple"):
+        sw = gc.ripple(tmp_path / "run", method="rome", sweep="1e-4,1e-3").sweep
+    assert sw.knob == "clamp_norm_factor" and [p.strength for p in sw.points] == [1e-4, 1e-3]
+    assert "sweep: clamp_norm_factor (--rome-clamp) of rome edits at 0.0001, 0.001." in caplog.text
+    monkeypatch.setattr(stage, "edit_succeeded", lambda *a: False)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gradcouple"):
+        gc.ripple(tmp_path / "run", method="rome", sweep="rome-clamp=2e-4")
+    assert "--sweep: at clamp_norm_factor=0.0002 none of the 3 rome edits succeeded; check that clamp_norm_factor is " \
+           "the knob you meant to vary" in caplog.text
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match=r"--sweep lr=1e-4,1e-3: lr is not a knob of rome edits, whose knobs are "
+                                          r"layer, v_num_grad_steps, v_lr, clamp_norm_factor \(--rome-clamp\)"):
+        gc.ripple(tmp_path / "run", method="rome", sweep="lr=1e-4,1e-3")
+    sw = gc.ripple(tmp_path / "run", method="ft", sweep="lr=3e-2", steps=2).sweep
+    assert sw.knob == "lr" and [p.strength for p in sw.points] == [3e-2]
 
 
 def test_a_stronger_edit_raises_its_own_tests_more(sweep_run):

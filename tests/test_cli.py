@@ -54,7 +54,7 @@ def stages(monkeypatch):
         couple=Recorder(SimpleNamespace(n=2, mode="full", seconds=1.0, out_dir=Path("R/coupling"),
                                         stats_json=Path("R/coupling/stats.json"), stats=SimpleNamespace(pairs=pairs),
                                         extract=None)),
-        ripple=Recorder(SimpleNamespace(sweep=None, summary=SimpleNamespace(
+        ripple=Recorder(SimpleNamespace(sweep=None, path=Path("R/ripple/ft-0/summary.json"), summary=SimpleNamespace(
             mode="pieces", n_edits=3, n_successful=2, spearman_coupling=iv, spearman_first_order=iv, precision_at_k=iv,
             pooled=SimpleNamespace(spearman_coupling=0.2), seconds=1.0, resumed_edits=0, device=None))),
     )
@@ -298,5 +298,5 @@ def test_an_interrupted_ripple_names_the_journal_in_its_run_directory(stages, tm
     stages.ripple.raises = KeyboardInterrupt()
     res = runner.invoke(app, ["ripple", "--run", str(tmp_path / "r")])
     assert res.exit_code == 130
-    assert f"every finished edit is kept in {tmp_path / 'r'}/ripple/journal-*.jsonl; rerun the same command" in \
+    assert f"every finished edit is kept in {tmp_path / 'r'}/ripple/*/journal-*.jsonl; rerun the same command" in \
         " ".join(res.output.split())

@@ -148,16 +148,27 @@ def test_coupling_from_replaced_gradients_is_refused(tmp_path):
         ripple(cfg, tmp_path / "run", show_progress=False)
 
 
-def test_ripple_results_from_another_coupling_are_refused_by_report(tmp_path):
+def test_ripple_results_from_a_top_k_coupling_name_a_way_out_not_a_loop(tmp_path):
+    """report said rerun ripple, ripple refused the top-k coupling: a loop. Now the report leaves the stale
+    results out and names the commands that redo them, and those commands work as printed."""
     write_fact_pieces(tmp_path / "p.jsonl")
-    cfg = _cfg(tmp_path / "p.jsonl")
-    extract(cfg, tmp_path / "run", show_progress=False)
-    couple(cfg, tmp_path / "run", show_progress=False)
-    ripple(cfg, tmp_path / "run", show_progress=False)
-    cfg.couple.method = "dense"
-    couple(cfg, tmp_path / "run", show_progress=False)
-    with pytest.raises(ArtifactError, match="stale ripple"):
-        report(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["couple", "--run", str(run), "--model", "llama-tiny-random", "--data",
+                               str(tmp_path / "p.jsonl")]).exit_code == 0
+    assert runner.invoke(app, ["ripple", "--run", str(run), "--n-edits", "1", "--steps", "1"]).exit_code == 0
+    res = runner.invoke(app, ["couple", "--run", str(run), "--top-k", "3"])
+    assert res.exit_code == 0 and "mean GradSim (each piece's 3 nearest only)" in " ".join(res.output.split())
+    res = runner.invoke(app, ["report", "--run", str(run)])
+    assert res.exit_code == 0, res.output
+    ready = json.loads(RunDir(run).report.summary_path.read_text())["experiment_readiness"]
+    assert len(ready["stale_ripple_results"]) == 1 and not ready["ripple_done"]
+    assert ready["next_step"].startswith(f"ripple reads the full GradSim matrix: rerun `gradcouple couple --run {run}` "
+                                         f"without --top-k, then `gradcouple ripple --run {run}`")
+    assert runner.invoke(app, ["couple", "--run", str(run)]).exit_code == 0  # the advice, as printed
+    assert runner.invoke(app, ["ripple", "--run", str(run), "--n-edits", "1", "--steps", "1"]).exit_code == 0
+    ready = json.loads(RunDir(run).report.summary_path.read_text())["experiment_readiness"] \
+        if runner.invoke(app, ["report", "--run", str(run)]).exit_code == 0 else None
+    assert ready["ripple_done"] and ready["stale_ripple_results"] == []
 
 
 def test_replaced_shard_is_refused(tmp_path):

@@ -42,7 +42,7 @@ def test_run_writes_every_artifact(demo_run):
     out, _ = demo_run
     run = RunDir(out)
     for p in [run.config_path, run.pieces_path, run.gradients.manifest_path, run.gradients.shard_path(0), run.coupling.cosine_path, run.coupling.gram_path,
-              run.coupling.pairs_path, run.coupling.stats_path, run.ripple.tests_path, run.ripple.summary_path, run.report.index_path,
+              run.coupling.pairs_path, run.coupling.stats_path, run.ripple.latest().tests_path, run.ripple.latest().summary_path, run.report.index_path,
               run.report.summary_path, run.timing_path]:
         assert p.is_file() and p.stat().st_size > 0, p
 

@@ -25,6 +25,7 @@ from gradcouple.pieces import KnowledgePiece, PieceKind, write_pieces
 from gradcouple.stages.report import SECTIONS, Headline, build_summary, load_run, open_in_browser, render_html, report
 from gradcouple.stages.report.figures import best_partner, cluster_order, distribution, heatmap, heatmap_cells, layer_chart
 from gradcouple.stages.ripple import ripple
+from gradcouple.rundir import RunDir
 
 ATOL = 1e-12  # float64 sums of the same numbers in another order
 HEATMAP_ROUNDING = 5e-5  # heatmap cells are rounded to 4 decimals
@@ -184,7 +185,7 @@ def test_logprob_and_gradient_norm_summaries_are_those_of_the_manifest(written, 
 
 
 def test_ripple_figures_are_those_of_ripple_summary(reported, written):
-    rip, ready = _json(reported[0], "ripple/summary.json"), written["experiment_readiness"]
+    rip, ready = json.loads(RunDir(reported[0]).ripple.latest().summary_path.read_text()), written["experiment_readiness"]
     assert ready["ripple_done"] is True
     for key in ("spearman_coupling", "spearman_first_order", "precision_at_k", "pooled", "n_edits"):
         assert ready[f"ripple_{key}"] == rip[key], key
@@ -193,8 +194,8 @@ def test_ripple_figures_are_those_of_ripple_summary(reported, written):
 
 def test_headline_is_read_from_stats_manifest_and_ripple_summary(reported):
     run, h = reported[0], reported[1].headline
-    pairs, rip = _json(run, "coupling/stats.json")["pairs"], _json(run, "ripple/summary.json")
-    assert set(Headline.model_fields) == {"n_pieces", "mean_gradsim", "same_question_mean", "cross_question_mean",
+    pairs, rip = _json(run, "coupling/stats.json")["pairs"], json.loads(RunDir(run).ripple.latest().summary_path.read_text())
+    assert set(Headline.model_fields) == {"n_pieces", "mode", "mean_gradsim", "same_question_mean", "cross_question_mean",
                                           "ripple_done", "ripple_spearman_coupling", "ripple_spearman_first_order", "gpu"}
     assert h.n_pieces == len(_json(run, "gradients/manifest.json")["pieces"])
     assert (h.mean_gradsim, h.same_question_mean, h.cross_question_mean) == (
@@ -221,7 +222,7 @@ def test_the_report_directory_holds_exactly_the_two_outputs(reported):
 
 def test_build_summary_lists_the_files_of_the_other_stages(reported):
     listed = {f["path"] for f in build_summary(reported[0])["generated_files"]["files"]}
-    assert "coupling/cosine.pt" in listed and "ripple/summary.json" in listed
+    assert "coupling/cosine.pt" in listed and RunDir(reported[0]).relative(RunDir(reported[0]).ripple.latest().summary_path) in listed
     assert not any(p.startswith("report/") for p in listed)
 
 
@@ -286,12 +287,18 @@ def test_stale_coupling_is_refused(run_dir, made, make_stale):
         report(made[1], run_dir)
 
 
-def test_stale_ripple_results_are_refused(run_dir, made):
-    rip = _json(run_dir, "ripple/summary.json")
+def test_stale_ripple_results_are_left_out_and_named_with_what_redoes_them(run_dir, made):
+    latest = RunDir(run_dir).ripple.latest()
+    rip = json.loads(latest.summary_path.read_text())
     rip["inputs"]["values"]["coupling"] = "f" * 64
-    (run_dir / "ripple/summary.json").write_text(json.dumps(rip), encoding="utf-8")
-    with pytest.raises(ArtifactError, match="stale"):
-        report(made[1], run_dir)
+    latest.summary_path.write_text(json.dumps(rip), encoding="utf-8")
+    res = report(made[1], run_dir)
+    ready = res.summary["experiment_readiness"]
+    assert not ready["ripple_done"] and ready["ripple_results"] == []
+    assert ready["stale_ripple_results"][0]["name"] == latest.name
+    assert ready["stale_ripple_results"][0]["changed"][0].startswith("coupling matrix (sha256): ffffffff -> ")
+    assert ready["next_step"] == f"rerun `gradcouple ripple --run {run_dir}` with each method to redo them"
+    assert f"Left out, made from another coupling: <code>{latest.name}</code>" in res.index_html.read_text()
 
 
 @pytest.mark.parametrize("name", ["stats.json", "cosine.pt", "pairs.csv"])
@@ -410,7 +417,6 @@ def test_best_partner_is_each_pieces_most_coupled_other_piece(reported):
 def _layer_grams(run: Path, cfg: RunConfig) -> tuple[list[str], list[torch.Tensor], torch.Tensor]:
     """Each target's own Gram (pieces.jsonl order), computed as separate one-target Gram products, and the whole Gram."""
     from gradcouple.gram import gram_matrix, plan_methods
-    from gradcouple.rundir import RunDir
     from gradcouple.stores import GradientReader
 
     reader = GradientReader(RunDir(run))
@@ -487,7 +493,7 @@ def _json_lines_csv(path: Path) -> list[dict]:
 
 
 def test_headline_answers_whether_coupling_predicts_ripple_with_its_interval(reported, written, page):
-    rip = _json(reported[0], "ripple/summary.json")
+    rip = json.loads(RunDir(reported[0]).ripple.latest().summary_path.read_text())
     ans = written["experiment_readiness"]["coupling_predicts_ripple"]
     iv = rip["spearman_coupling"]
     assert ans["estimate"]["estimate"] == iv["estimate"]

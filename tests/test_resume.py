@@ -60,7 +60,7 @@ def test_pieces_mode_resumes_after_an_interrupt(tmp_path, tiny_llama_loaded, mon
     with pytest.raises(KeyboardInterrupt):
         ripple(cfg, run, loaded=tiny_llama_loaded, show_progress=False)
     assert not RunDir(run).ripple.exists()
-    journals = list(RunDir(run).ripple.dir.glob("journal-*.jsonl"))
+    journals = list(RunDir(run).ripple.dir.rglob("journal-*.jsonl"))
     assert len(journals) == 1 and len(journals[0].read_text().splitlines()) == 2
 
     monkeypatch.undo()
@@ -69,7 +69,7 @@ def test_pieces_mode_resumes_after_an_interrupt(tmp_path, tiny_llama_loaded, mon
     assert len(calls) == 2 and resumed.resumed_edits == 2 and resumed.n_edits == 4
     _same(resumed, whole)
     assert RunDir(run).ripple.load()[1] == RunDir(tmp_path / "whole").ripple.load()[1]
-    assert not list(RunDir(run).ripple.dir.glob("journal-*.jsonl"))
+    assert not list(RunDir(run).ripple.dir.rglob("journal-*.jsonl"))
 
 
 def test_a_journal_of_other_settings_is_not_used(tmp_path, tiny_llama_loaded, monkeypatch):
@@ -133,7 +133,7 @@ def test_benchmark_mode_resumes_after_sigkill(bench_cfg):
     journal = None
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        journal = next(RunDir(run).ripple.dir.glob("journal-*.jsonl"), None)
+        journal = next(RunDir(run).ripple.dir.rglob("journal-*.jsonl"), None)
         if journal and len(journal.read_text().splitlines()) >= 2:
             break
         time.sleep(0.05)

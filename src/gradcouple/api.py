@@ -118,8 +118,9 @@ class Run:
     ``pieces``: one row per piece (pieces.jsonl fields plus the manifest's log-prob in nats, |g| and
     token counts); ``cosine``: the GradSim matrix as an (N, N) DataFrame indexed by piece id, or in
     top-k mode a long table (piece_id, neighbour_id, rank, cosine); ``gram``: the Gram matrix
-    (full mode); ``stats``: the coupling statistics; ``pairs``: pairs.csv; ``ripple``: a dict of
-    DataFrames (``edits``, and ``measurements`` or ``tests``) plus ``summary``, or None.
+    (full mode); ``stats``: the coupling statistics; ``pairs``: pairs.csv; ``ripples``: every ripple
+    result set by name, each a dict of DataFrames (``edits``, and ``measurements`` or ``tests``)
+    plus ``summary``; ``ripple``: the most recent of them, or None; ``ripple_results``: one row per set.
     """
 
     def __init__(self, path: str | Path):
@@ -168,13 +169,30 @@ class Run:
         return pd.DataFrame([r.model_dump() for r in self.dir.coupling.load_pairs()])
 
     @cached_property
+    def ripples(self) -> dict[str, dict]:
+        """Every ripple result set by name (``ft-3fa9c2d1``), oldest first: each a dict of ``summary``,
+        ``edits`` and ``tests`` (benchmark mode) or ``measurements`` (pieces mode) DataFrames."""
+        out = {}
+        for results in self.dir.ripple.sets():
+            if results.exists():
+                summary, rows = results.load()
+                lines = pd.DataFrame([r.model_dump() for r in rows])
+                out[results.name] = {"summary": summary, "edits": pd.DataFrame([e.model_dump() for e in summary.edits]),
+                                     "tests" if summary.mode == "benchmark" else "measurements": lines}
+        return out
+
+    @cached_property
     def ripple(self) -> Optional[dict]:
-        if not self.dir.ripple.exists():
-            return None
-        summary, rows = self.dir.ripple.load()
-        lines = pd.DataFrame([r.model_dump() for r in rows])
-        return {"summary": summary, "edits": pd.DataFrame([e.model_dump() for e in summary.edits]),
-                "tests" if summary.mode == "benchmark" else "measurements": lines}
+        """The most recent ripple result set (see :attr:`ripples`), or None when ripple was not run."""
+        return list(self.ripples.values())[-1] if self.ripples else None
+
+    @cached_property
+    def ripple_results(self) -> pd.DataFrame:
+        """One row per ripple result set, side by side: name, method, knobs, mode, edits, successful."""
+        return pd.DataFrame([{"name": name, "method": r["summary"].method, "hparams": r["summary"].hparams,
+                              "mode": r["summary"].mode, "n_edits": r["summary"].n_edits,
+                              "n_successful": r["summary"].n_successful} for name, r in self.ripples.items()],
+                            columns=["name", "method", "hparams", "mode", "n_edits", "n_successful"])
 
 
 def load_run(path: str | Path) -> Run:

@@ -486,7 +486,7 @@ class SweepPoint(_Model):
 
 
 class SweepSummary(_Model):
-    """``ripple/sweep.json``: one set of benchmark edits at several strengths (ft: learning rate; rome: value clamp)."""
+    """``ripple/sweep.json``: one set of benchmark edits at several values of one knob of the edit method."""
 
     inputs: Inputs
     method: str

@@ -136,7 +136,10 @@ class RippleConfig(_Section):
         "Seed of the choice of edited pieces, of substitute counterfactuals and of the shuffled baseline"))
     top_k: int = Field(default=10, ge=1, description="k of precision@k")
     sweep: Optional[list[PositiveFloat]] = Field(default=None, json_schema_extra=_flag("--sweep"), description=(
-        "Benchmark edits at several strengths of the method's strength knob, e.g. 1e-4,1e-3 -> RUN/ripple/sweep.json"))
+        "Benchmark edits at several values of one knob, KNOB=v1,v2,... (e.g. lr=1e-4,1e-3 or rome-clamp=1,4); "
+        "values alone vary the method's strength knob (ft: lr, rome: clamp_norm_factor) -> RUN/ripple/sweep.json"))
+    sweep_knob: Optional[str] = Field(default=None, description=(
+        "The knob --sweep varies (set by --sweep KNOB=...); none: the edit method's strength knob"))
     bootstrap_resamples: int = Field(default=1000, ge=10, description=(
         "Resamples of whole edits behind each correlation's interval (benchmark mode)"))
 
@@ -156,10 +159,17 @@ class RippleConfig(_Section):
         data["hparams"] = hp
         return data
 
-    @field_validator("sweep", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _comma_separated(cls, v):
-        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+    def _sweep_text(cls, data):
+        """``--sweep lr=1e-4,1e-3`` (or values alone) as the knob and the list of values."""
+        if isinstance(data, dict) and isinstance(data.get("sweep"), str):
+            data = dict(data)
+            knob, _, values = data["sweep"].rpartition("=")
+            if knob.strip():
+                data["sweep_knob"] = knob.strip()
+            data["sweep"] = [x.strip() for x in values.split(",") if x.strip()]
+        return data
 
 
 
@@ -369,7 +379,14 @@ def _method_knobs(cfg: RunConfig, g: Given) -> None:
     sweep = g.value("ripple.sweep")
     if sweep is None:
         return
-    swept = f"ripple.hparams.*.{strength}"
+    swept_knob = strength
+    if cfg.ripple.sweep_knob is not None:
+        swept_knob = canonical_knob(cfg.ripple.sweep_knob, knobs)
+        if swept_knob is None:
+            names = ", ".join(f"{k} ({f})" if f else k for k, f in knobs.items())
+            _refuse(f"{g.label('ripple.sweep')}: {cfg.ripple.sweep_knob} is not a knob of {method} edits, whose knobs "
+                    f"are {names}; name one of them, or pass --method.")
+    swept = f"ripple.hparams.*.{swept_knob}"
     if swept in g.fields:
         flag = g.flag(swept)
         _refuse(f"{g.label(swept)}: --sweep {_shown(sweep)} sets {flag} of every {method} edit, one strength after "
@@ -379,6 +396,13 @@ def _method_knobs(cfg: RunConfig, g: Given) -> None:
             f"the pieces in {g.run_dir} carry no benchmark edit"
         _refuse(f"{g.label('ripple.sweep')}: a sweep repeats the benchmark's edits (RippleEdits, MQuAKE) at each "
                 f"strength, but {why}; drop --sweep, or run ripple on benchmark pieces.")
+
+
+def canonical_knob(name: str, knobs: dict[str, str]) -> Optional[str]:
+    """The knob of ``knobs`` (knob -> flag) that ``name`` names: the knob itself or its flag, with or
+    without dashes, '-' and '_' alike; None when it names none."""
+    key = name.strip().lstrip("-").replace("-", "_")
+    return next((k for k, f in knobs.items() if key in (k, f.lstrip("-").replace("-", "_"))), None)
 
 
 def _run_options(cfg: RunConfig, g: Given) -> None:

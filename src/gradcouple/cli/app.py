@@ -23,7 +23,7 @@ INTERRUPTED = {
     "extract": "completed shards are kept; rerun the same command to resume.",
     "run": "completed stages and shards are kept; rerun the same command to resume.",
     "couple": "couple writes its files only at the end, so nothing changed; rerun the command.",
-    "ripple": "every finished edit is kept in RUN/ripple/journal-*.jsonl; rerun the same command to make only the missing ones.",
+    "ripple": "every finished edit is kept in RUN/ripple/*/journal-*.jsonl; rerun the same command to make only the missing ones.",
     "report": "nothing was written; rerun the command.",
     "download": "nothing was written; rerun the command.",
 }

@@ -18,6 +18,7 @@ from .options import (
     OverwriteOpt,
     ThreadsOpt,
     console,
+    gradsim_label,
     num,
     opt,
     print_path,
@@ -75,7 +76,7 @@ def couple(
     elif ext is not None and not ext.reused:
         console.print(f"no matching extraction in {ext.run_dir}: extracted first")
     p = res.stats.pairs
-    rows = [("pieces", res.n), ("mode", res.mode), ("mean GradSim", f"{num(p.all.mean)} ± {num(p.all.std)}"),
+    rows = [("pieces", res.n), ("mode", res.mode), (gradsim_label(res.mode), f"{num(p.all.mean)} ± {num(p.all.std)}"),
             ("min / max", f"{num(p.all.min)} / {num(p.all.max)}")]
     for label, d in (("same-question", p.same_question), ("cross-question", p.cross_question),
                      ("same-answer", p.same_answer), ("same-question, different answers", p.same_question_different_answer),

@@ -59,6 +59,11 @@ def layer_names(names: list[str]) -> str:
     return ", ".join(names) if len(names) <= 2 else f"{len(names)}: {names[0]} ... {names[-1]}"
 
 
+def gradsim_label(mode: str) -> str:
+    """'mean GradSim', saying when it is over each piece's k nearest pieces only (a top-k coupling)."""
+    return "mean GradSim" if mode == "full" else f"mean GradSim (each piece's {mode.removeprefix('top')} nearest only)"
+
+
 def summary_table(title: str, rows: list[tuple[str, object]]) -> Table:
     """A two-column rich table for the one-screen summary that ends every stage."""
     t = Table(title=title, show_header=False, title_justify="left", title_style="bold")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..runinfo import human_bytes
-from .options import ConfigOpt, RunDirOpt, console, interval, num, opt, print_path, summary_table
+from .options import ConfigOpt, RunDirOpt, console, gradsim_label, interval, num, opt, print_path, summary_table
 
 EPILOG = """Examples:
 
@@ -33,7 +33,7 @@ def report(
 
     res = api.report(run, config=config, max_heatmap=max_heatmap)
     h = res.headline
-    rows = [("pieces", h.n_pieces), ("mean GradSim", num(h.mean_gradsim)),
+    rows = [("pieces", h.n_pieces), (gradsim_label(h.mode), num(h.mean_gradsim)),
             ("same / cross question", f"{num(h.same_question_mean)} / {num(h.cross_question_mean)}")]
     if h.ripple_done:
         rows.append(("ripple Spearman's rho, coupling / first order",

@@ -10,7 +10,6 @@ from typing import Annotated, Optional
 from rich.table import Table
 
 from ..edits import METHODS
-from ..rundir import RunDir
 from .options import (
     ConfigOpt,
     DeviceOpt,
@@ -37,7 +36,9 @@ EPILOG = """Examples:
 
   gradcouple ripple --run runs/musique --edits pieces --n-edits 20 --steps 5 --lr 5e-4
 
-  gradcouple ripple --run runs/rippleedits --sweep 1e-4,3e-4,1e-3        # one set of edits at three strengths
+  gradcouple ripple --run runs/rippleedits --sweep lr=1e-4,3e-4,1e-3     # one set of edits at three learning rates
+
+  gradcouple ripple --run runs/rippleedits --method rome --sweep rome-clamp=1,4   # at two value clamps
 """
 
 
@@ -118,12 +119,12 @@ def ripple(
         print_notes(res.summary.device)
     if res.sweep is not None:
         console.print(sweep_table(res.sweep))
-        print_path(RunDir(run).ripple.sweep_path)
+        print_path(res.path)
         return
     s = res.summary
     if s.mode == "benchmark":
         console.print(benchmark_table(s))
-        print_path(RunDir(run).ripple.summary_path)
+        print_path(res.path)
         return
     console.print(summary_table("ripple", [
         ("edits", f"{s.n_edits} ({s.n_successful} successful)"),
@@ -132,7 +133,7 @@ def ripple(
         ("Spearman's rho, coupling (pooled)", num(s.pooled.spearman_coupling, "+.3f")),
         ("precision@k (mean over edits, 95% CI)", interval(s.precision_at_k)),
         ("time", f"{s.seconds:.1f} s")]))
-    print_path(RunDir(run).ripple.summary_path)
+    print_path(res.path)
 
 
 _sig = inspect.signature(ripple, eval_str=True)

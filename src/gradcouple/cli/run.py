@@ -24,6 +24,7 @@ from .options import (
     StoreOpt,
     ThreadsOpt,
     console,
+    gradsim_label,
     interval,
     num,
     print_notes,
@@ -84,7 +85,7 @@ def run(
     p, settings = res.couple.stats.pairs, res.extract.settings
     rows = [("pieces", res.extract.n_pieces), ("model", settings.model.name),
             ("extract", "reused (current)" if res.extract.reused else f"{res.extract.pieces_per_s:.1f} pieces/s"),
-            ("mean GradSim", num(p.all.mean)),
+            (gradsim_label(res.couple.mode), num(p.all.mean)),
             ("same- vs cross-question", f"{num(p.same_question.mean)} vs {num(p.cross_question.mean)}"),
             ("same- vs cross-question, different answers",
              f"{num(p.same_question_different_answer.mean)} vs {num(p.cross_question_different_answer.mean)}"),

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ..config import canonical_knob
 from ..errors import ArtifactError, ConfigError
 from ..layers import Target
 from ..scoring import EncodedPiece
@@ -97,9 +98,24 @@ class EditMethod(ABC):
                                   f"{', '.join(cls.Hparams.model_fields)}).") from None
             raise ConfigError(f"{flag} {overrides.get(knob)!r}: {err['msg']}.") from None
 
-    def with_strength(self, value: float) -> "EditMethod":
-        """The same method with its :attr:`strength` knob set to ``value`` (a point of a sweep)."""
-        return type(self)(self.hp.model_copy(update={self.strength: value}))
+    @classmethod
+    def knob_named(cls, name: Optional[str]) -> str:
+        """The knob ``name`` names (the knob or its flag, :func:`gradcouple.config.canonical_knob`);
+        None names :attr:`strength`.
+
+        Raises:
+            ConfigError: no knob of this method has that name.
+        """
+        if name is None:
+            return cls.strength
+        knob = canonical_knob(name, cls.knobs())
+        if knob is None:
+            raise ConfigError(f"--sweep {name}=...: not a knob of {cls.name} edits ({', '.join(cls.knobs())}).")
+        return knob
+
+    def with_knob(self, knob: str, value: float) -> "EditMethod":
+        """The same method with ``knob`` set to ``value`` (a point of a sweep)."""
+        return type(self)(self.hp.model_validate({**self.hp.model_dump(), knob: value}))
 
     def settings(self) -> dict[str, Any]:
         """The resolved hyperparameters, as recorded in the ripple summary."""

@@ -1,19 +1,24 @@
-"""``RUN/ripple/``: the measured ripple effects of real edits, and what an unfinished ripple keeps.
+"""``RUN/ripple/``: the measured ripple effects of real edits, one result set per edit method and
+settings, side by side, and what an unfinished ripple keeps.
 
-    summary.json               RippleSummary (pieces mode) or BenchmarkSummary (benchmark mode)
-    edits.jsonl | tests.jsonl  one line per (edit, other piece) | per (edit, test query)
-    sweep.json                 SweepSummary: the same edits at several strengths
-    journal-*.jsonl            finished edits of an unfinished ripple, one file per ripple inputs;
-                               removed once the results are saved
-    covariance-*.pt            a layer's key covariance over Wikipedia text, keyed by model, layer,
-                               text and token budget
+    <method>-<hash>/                   one result set: made by one method with one set of knobs and
+                                       ripple settings (``ft-3fa9c2d1``); another method or setting
+                                       makes another set, and never replaces this one
+        summary.json                   RippleSummary (pieces mode) or BenchmarkSummary (benchmark mode)
+        edits.jsonl | tests.jsonl      one line per (edit, other piece) | per (edit, test query)
+        sweep.json                     SweepSummary: the same edits at several values of one knob
+        journal-*.jsonl                finished edits of an unfinished ripple (one file per inputs);
+                                       removed once the set's results are saved
+    covariance-*.pt                    a layer's key covariance over Wikipedia text, keyed by model,
+                                       layer, text and token budget
+    summary.json, tests.jsonl, ...     a run made before result sets: read as the set 'ripple'
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Union
+from typing import TYPE_CHECKING, Union
 
 from pydantic import ValidationError
 
@@ -31,7 +36,7 @@ from ..config import RunConfig
 from ..errors import ArtifactError
 from ..io import atomic_open, digest, write_json
 from .freshness import stale_inputs
-from .journal import Journal
+from .journal import EditJournal
 from .read import read_model
 
 if TYPE_CHECKING:
@@ -42,62 +47,19 @@ Summary = Union[RippleSummary, BenchmarkSummary]
 Lines = Union[list[Measurement], list[TestMeasurement]]
 
 
-class EditJournal:
-    """Ripple's finished edits, so an interrupted ripple resumes: one line per edit, written only
-    after the model's weights are restored. ``finished(k, key)`` is edit ``k``'s payload when its
-    ``key`` (which edit it was) matches."""
+class RippleResults:
+    """The files of one result set (a directory of ``RUN/ripple``), named :attr:`name`."""
 
-    def __init__(self, path: Path):
-        self._journal = Journal(path)
-        self.done: dict[int, dict] = {}
-        for entry in self._journal.lines():
-            try:
-                self.done[int(entry["edit"])] = entry
-            except (KeyError, TypeError, ValueError):
-                continue
+    def __init__(self, run: "RunDir", directory: Path):
+        self.run, self.dir = run, directory
+
+    def __repr__(self) -> str:
+        return f"RippleResults({str(self.dir)!r})"
 
     @property
-    def path(self) -> Path:
-        return self._journal.path
-
-    def finished(self, k: int, key: str) -> Optional[dict]:
-        """Edit ``k``'s payload from an earlier run, or None when it did not finish (or was another edit)."""
-        entry = self.done.get(k)
-        return entry["payload"] if entry and entry.get("key") == key else None
-
-    def append(self, k: int, key: str, payload: dict) -> None:
-        """Record edit ``k`` (identified by ``key``) as finished; durable when this returns."""
-        self._journal.append({"edit": k, "key": key, "payload": payload})
-
-    def each(self, keys: list[str], make: Callable[[int], dict], advance: Callable[[int], None]) -> tuple[list[dict], int]:
-        """Every edit's payload, in order: read back when an earlier run finished edit ``k`` (with the
-        same ``keys[k]``), else ``make(k)``, journalled before the next edit starts. Returns the
-        payloads and how many were read back; the journal is closed afterwards."""
-        out, resumed = [], 0
-        try:
-            for k, key in enumerate(keys):
-                done = self.finished(k, key)
-                if done is None:
-                    done = make(k)
-                    self.append(k, key, done)
-                else:
-                    resumed += 1
-                out.append(done)
-                advance(1)
-        finally:
-            self.close()
-        return out, resumed
-
-    def close(self) -> None:
-        self._journal.close()
-
-
-class RippleFiles:
-    """The ripple files of one run directory."""
-
-    def __init__(self, run: "RunDir"):
-        self.run = run
-        self.dir = run.root / "ripple"
+    def name(self) -> str:
+        """The set's name: ``<method>-<hash>`` ('ripple' for a run made before result sets)."""
+        return self.dir.name
 
     @property
     def summary_path(self) -> Path: return self.dir / "summary.json"
@@ -111,9 +73,19 @@ class RippleFiles:
     def _fix(self, flags: str = "") -> str:
         return f"rerun `gradcouple ripple --run {self.run.root}{flags}`."
 
+    def journal(self, inputs: Inputs) -> EditJournal:
+        """The journal of finished edits for ripple inputs ``inputs`` (one file per inputs, so a
+        sweep's points each resume), holding whatever an interrupted earlier run finished."""
+        return EditJournal(self.dir / f"journal-{digest(inputs.values)[:12]}.jsonl")
+
+    def clear_journals(self) -> None:
+        """Remove the set's journals: called once its results are saved."""
+        for path in self.dir.glob("journal-*.jsonl"):
+            path.unlink(missing_ok=True)
+
     def save(self, summary: Summary, rows: Lines) -> None:
         """summary.json, and one line per measurement: edits.jsonl (pieces mode) or tests.jsonl
-        (benchmark mode); the journals go, since every edit is now in the results."""
+        (benchmark mode); the set's journals go, since every edit is now in the results."""
         keep = self.tests_path if summary.mode == "benchmark" else self.edits_path
         for stale in {self.tests_path, self.edits_path} - {keep}:
             stale.unlink(missing_ok=True)
@@ -134,10 +106,10 @@ class RippleFiles:
         return self.summary_path.is_file()
 
     def load(self) -> tuple[Summary, Lines]:
-        """The ripple summary (either mode) and its measurement lines.
+        """The set's summary (either mode) and its measurement lines.
 
         Raises:
-            ArtifactError: unreadable or invalid summary or line (the message names the file and line).
+            ArtifactError: absent, unreadable or invalid summary or line (the message names the file and line).
         """
         fix = self._fix()
         try:
@@ -157,15 +129,50 @@ class RippleFiles:
                         raise ArtifactError(f"{path}:{n}: {e.errors()[0]['msg']}; {fix}") from None
         return summary, rows
 
-    def journal(self, inputs: Inputs) -> EditJournal:
-        """The journal of finished edits for ripple inputs ``inputs`` (one file per inputs, so a
-        sweep's strengths each resume), holding whatever an interrupted earlier run finished."""
-        return EditJournal(self.dir / f"journal-{digest(inputs.values)[:12]}.jsonl")
+    def stale(self, manifest: Manifest, stats: CouplingStats) -> list[str]:
+        """What changed since the set was made ([] when it was made from this run's gradients and coupling)."""
+        summary, _ = self.load()
+        now = Inputs(values={"gradients": manifest.fingerprint(), "coupling": stats.matrix_sha256})
+        return stale_inputs(Inputs(values={k: v for k, v in summary.inputs.values.items() if k in now.values}), now)
 
-    def clear_journals(self) -> None:
-        """Remove every journal: called once ripple's results are saved."""
-        for path in self.dir.glob("journal-*.jsonl"):
-            path.unlink(missing_ok=True)
+
+class RippleFiles:
+    """The ripple files of one run directory: its result sets, and the covariances they share."""
+
+    def __init__(self, run: "RunDir"):
+        self.run = run
+        self.dir = run.root / "ripple"
+
+    def results(self, cfg: RunConfig, method: "EditMethod") -> RippleResults:
+        """The result set of edits made with ``method`` (its resolved knobs) under ``cfg``'s ripple settings."""
+        return RippleResults(self.run, self.dir / f"{method.name}-{digest([cfg.ripple_hash(), method.name, method.settings()])[:8]}")
+
+    def sets(self) -> list[RippleResults]:
+        """Every result set with a summary (or a sweep), oldest first ('ripple' of a run made before sets included)."""
+        found = [RippleResults(self.run, d) for d in self.dir.iterdir() if d.is_dir()] if self.dir.is_dir() else []
+        legacy = RippleResults(self.run, self.dir)
+        found = [r for r in found if r.exists() or r.sweep_path.is_file()]
+        if legacy.exists():
+            found.append(legacy)
+        return sorted(found, key=lambda r: (r.summary_path if r.exists() else r.sweep_path).stat().st_mtime_ns)
+
+    def latest(self) -> RippleResults:
+        """The most recently written result set.
+
+        Raises:
+            ArtifactError: ripple has not been run.
+        """
+        sets = [r for r in self.sets() if r.exists()]
+        if not sets:
+            raise ArtifactError(f"{self.dir}: no ripple results; run `gradcouple ripple --run {self.run.root}` first.")
+        return sets[-1]
+
+    def exists(self) -> bool:
+        return any(r.exists() for r in self.sets())
+
+    def load(self) -> tuple[Summary, Lines]:
+        """The most recent result set's summary and lines (:meth:`latest`)."""
+        return self.latest().load()
 
     def covariance_path(self, key: object) -> Path:
         """Where ripple keeps the key covariance computed under ``key`` (model fingerprint, layer, text, tokens)."""
@@ -177,22 +184,20 @@ class RippleFiles:
         return Inputs(values={"gradients": manifest.fingerprint(), "coupling": stats.matrix_sha256,
                               "config": cfg.ripple_hash(), "method": digest([method.name, method.settings()])[:16]})
 
-    def current(self, manifest: Manifest, stats: CouplingStats) -> Optional[tuple[Summary, Lines]]:
-        """The ripple results when present and made from this run's gradients and coupling; None when absent.
-
-        Raises:
-            ArtifactError: present but stale (the message names what changed).
-        """
-        if not self.exists():
-            return None
-        summary, rows = self.load()
-        now = Inputs(values={"gradients": manifest.fingerprint(), "coupling": stats.matrix_sha256})
-        was = Inputs(values={k: v for k, v in summary.inputs.values.items() if k in now.values})
-        changed = stale_inputs(was, now)
-        if changed:
-            raise ArtifactError(f"{self.summary_path}: stale ripple results ({'; '.join(changed)}); rerun "
-                                f"`gradcouple ripple --run {self.run.root}` or delete {self.dir}.")
-        return summary, rows
+    def current(self, manifest: Manifest, stats: CouplingStats) -> tuple[list[tuple[RippleResults, Summary, Lines]],
+                                                                          list[tuple[RippleResults, list[str]]]]:
+        """The result sets made from this run's gradients and coupling (set, summary, lines), oldest
+        first, and the stale ones with what changed since (a report leaves those out, saying so)."""
+        current, stale = [], []
+        for r in self.sets():
+            if not r.exists():
+                continue
+            changed = r.stale(manifest, stats)
+            if changed:
+                stale.append((r, changed))
+            else:
+                current.append((r, *r.load()))
+        return current, stale
 
 
-__all__ = ["EditJournal", "RippleFiles"]
+__all__ = ["EditJournal", "RippleFiles", "RippleResults"]

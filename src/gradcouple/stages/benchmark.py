@@ -13,6 +13,7 @@ does.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -41,6 +42,8 @@ from ..rules import RULES
 from ..runinfo import device_info
 from ..scoring import EncodedPiece, collate, encode, measure_logprobs, score, subject_position
 from .edit_run import RippleRun
+
+log = logging.getLogger(__name__)
 
 MAX_ALIASES = 3
 UNRELATED_SAMPLE = 100
@@ -219,7 +222,7 @@ def evaluate_benchmark(r: RippleRun, method: EditMethod, edits: list[BenchmarkEd
     test_edit = {t: k for k, e in enumerate(edits) for t in e.tests}
     keys = [",".join(r.pieces[i].id for i in edit.edits) for edit in edits]
     with progress("ripple", len(edits), "edits", show_progress) as advance:
-        done, resumed = r.run.ripple.journal(r.inputs(method)).each(
+        done, resumed = r.results().journal(r.inputs(method)).each(
             keys, lambda k: _make_and_measure(r, method, b, k, edits[k], before, all_tests, test_edit), advance)
     records = [BenchmarkEditRecord.model_validate(d["record"]) for d in done]
     tests = [TestMeasurement.model_validate(t) for d in done for t in d["tests"]]
@@ -299,20 +302,33 @@ def _summary(r: RippleRun, method: EditMethod, b: BenchmarkRun, records, tests, 
         seconds=seconds, device=device_info(r.loaded.device), edits=records)
 
 
-def sweep_benchmark(r: RippleRun, edits: list[BenchmarkEdit], strengths: list[float],
+def sweep_benchmark(r: RippleRun, edits: list[BenchmarkEdit], strengths: list[float], knob: Optional[str] = None,
                     show_progress: bool = True) -> SweepSummary:
-    """The same edits at each value of the method's strength knob (ft: ``lr``; rome:
-    ``clamp_norm_factor``): per strength, efficacy (mean rise of an edit's own tests), specificity
-    (change of other edits' tests) and every predictor's pooled Spearman and Pearson with their intervals."""
+    """The same edits at each value of ``knob`` (None: the method's strength knob, ft ``lr``, rome
+    ``clamp_norm_factor``): per value, efficacy (mean rise of an edit's own tests), specificity
+    (change of other edits' tests) and every predictor's pooled Spearman and Pearson with their
+    intervals. A value at which no edit succeeds is warned about (logged): it often means another
+    knob was meant.
+
+    Raises:
+        ConfigError: ``knob`` is not a knob of the run's edit method.
+    """
     t0 = time.perf_counter()
+    knob = r.method.knob_named(knob)
+    flag = r.method.knobs()[knob]
+    log.info(f"sweep: {knob}{f' ({flag})' if flag else ''} of {r.method.name} edits at "
+             f"{', '.join(f'{v:g}' for v in strengths)}.")
     b = BenchmarkRun(r, edits)
     points = []
     for strength in strengths:
-        s, _ = evaluate_benchmark(r, r.method.with_strength(strength), edits, show_progress, b)
+        s, _ = evaluate_benchmark(r, r.method.with_knob(knob, strength), edits, show_progress, b)
+        if s.n_successful == 0:
+            log.warning(f"--sweep: at {knob}={strength:g} none of the {s.n_edits} {r.method.name} edits succeeded; "
+                        f"check that {knob} is the knob you meant to vary (--sweep KNOB=v1,v2).")
         points.append(SweepPoint(
             strength=strength, n_edits=s.n_edits, n_successful=s.n_successful,
             mean_rise_own_tests=describe([e.mean_rise_own_tests for e in s.edits]),
             unrelated_change=s.unrelated_change, spearman={n: p.pooled.spearman for n, p in s.predictors.items()},
             pearson={n: p.pooled.pearson for n, p in s.predictors.items()}))
-    return SweepSummary(inputs=r.inputs(r.method), method=r.method.name, knob=r.method.strength, points=points,
+    return SweepSummary(inputs=r.inputs(r.method), method=r.method.name, knob=knob, points=points,
                         seconds=time.perf_counter() - t0)

@@ -17,7 +17,7 @@ from ..keys import cached_wikipedia_covariance, stored_key_covariance
 from ..layers import Target, select_targets
 from ..models import LoadedModel, load_model
 from ..pieces import KnowledgePiece
-from ..rundir import RunDir
+from ..rundir import RippleResults, RunDir
 from ..scoring import EncodedPiece, encode_pieces
 from ..stores import GradientReader
 
@@ -81,6 +81,10 @@ class RippleRun:
     def inputs(self, method: EditMethod) -> Inputs:
         """What results of edits made with ``method`` (its resolved knobs) are made from."""
         return self.run.ripple.inputs(self.manifest, self.stats, self.cfg, method)
+
+    def results(self) -> RippleResults:
+        """The result set this run's method and settings write (beside every other method's)."""
+        return self.run.ripple.results(self.cfg, self.method)
 
 
 def check_run(cfg: RunConfig, run_dir: str | Path, loaded: Optional[LoadedModel]) -> RippleRun:

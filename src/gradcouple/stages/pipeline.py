@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -11,7 +10,6 @@ from pydantic import BaseModel, ConfigDict
 
 from ..config import RunConfig
 from ..datasets import download
-from ..errors import ArtifactError
 from ..models import load_model
 from ..pieces import read_pieces, write_pieces
 from ..rundir import RunDir, locked
@@ -90,12 +88,6 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, datasets: Sequence[str]
         except NothingToEdit as e:
             skipped["ripple"] = str(e)
         seconds["ripple"] = time.perf_counter() - t
-    if rip is None and run.ripple.exists():
-        try:
-            run.ripple.current(run.gradients.load_manifest(), run.coupling.load_stats())
-        except ArtifactError:
-            shutil.rmtree(run.ripple.dir)
-            skipped["earlier ripple results"] = f"removed {run.ripple.dir}: made from another coupling"
     t = time.perf_counter()
     rep = report_stage.report(cfg, run.root)
     seconds["report"] = time.perf_counter() - t

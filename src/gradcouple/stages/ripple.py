@@ -51,9 +51,12 @@ class NothingToEdit(DataError):
 
 
 class RippleResult(BaseModel):
-    """Where the outputs are, and the summary written to ripple/summary.json (pieces or benchmark mode)."""
+    """The result set written (``out_dir``, named ``results``, with its main file ``path``) and its
+    summary (pieces or benchmark mode) or sweep."""
 
     out_dir: Path
+    results: str
+    path: Path
     summary: Optional[RippleSummary | BenchmarkSummary]
     sweep: Optional[SweepSummary] = None
 
@@ -217,6 +220,7 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
     t0 = time.perf_counter()
     use_threads(cfg.model.threads)
     r = check_run(cfg, run_dir, loaded)
+    out = r.results()  # beside the results of every other method and setting
     if edit_mode(cfg, r.pieces) == "benchmark":
         edits = benchmark_edits(r.pieces)[: cfg.ripple.n_edits]
         if not edits:
@@ -224,12 +228,12 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
         _fewer(cfg.ripple.n_edits, len(edits), f"the pieces in {r.run.root} carry {len(edits)} benchmark edits with "
                                                 f"test queries")
         if cfg.ripple.sweep:
-            sweep = sweep_benchmark(r, edits, cfg.ripple.sweep, show_progress)
-            r.run.ripple.save_sweep(sweep)
-            return RippleResult(out_dir=r.run.ripple.dir, summary=None, sweep=sweep)
+            sweep = sweep_benchmark(r, edits, cfg.ripple.sweep, cfg.ripple.sweep_knob, show_progress)
+            out.save_sweep(sweep)
+            return RippleResult(out_dir=out.dir, results=out.name, path=out.sweep_path, summary=None, sweep=sweep)
         summary, rows = evaluate_benchmark(r, r.method, edits, show_progress)
-        r.run.ripple.save(summary, rows)
-        return RippleResult(out_dir=r.run.ripple.dir, summary=summary)
+        out.save(summary, rows)
+        return RippleResult(out_dir=out.dir, results=out.name, path=out.summary_path, summary=summary)
     planned = choose_edits(r.pieces, cfg.ripple.n_edits, cfg.ripple.seed)
     r.before = measure_logprobs(r.loaded.model, r.encoded, r.manifest.batch_size, r.loaded.pad_id)
     if not planned:
@@ -245,11 +249,11 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
 
     keys = [f"{r.pieces[e.index].id}->{e.new_answer}" for e in planned]
     with progress("ripple", len(planned), "edits", show_progress) as advance:
-        done, resumed = r.run.ripple.journal(r.inputs(r.method)).each(keys, make, advance)
+        done, resumed = out.journal(r.inputs(r.method)).each(keys, make, advance)
     records = [EditRecord.model_validate(d["record"]) for d in done]
     rows = [Measurement.model_validate(m) for d in done for m in d["rows"]]
     pooled = [tuple(torch.tensor(x, dtype=torch.float64) for x in d["points"]) for d in done]
     summary = summarise(r, records, pooled, time.perf_counter() - t0)
     summary.resumed_edits = resumed
-    r.run.ripple.save(summary, rows)
-    return RippleResult(out_dir=r.run.ripple.dir, summary=summary)
+    out.save(summary, rows)
+    return RippleResult(out_dir=out.dir, results=out.name, path=out.summary_path, summary=summary)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -49,6 +49,8 @@ class LoadedRun:
     benchmark: Optional[BenchmarkSummary]
     tests: list[TestMeasurement]
     files: list[tuple[str, int]]
+    ripple_sets: list[tuple[str, RippleSummary | BenchmarkSummary]] = field(default_factory=list)
+    stale_ripple: list[tuple[str, list[str]]] = field(default_factory=list)
 
     @property
     def full(self) -> bool:
@@ -87,8 +89,9 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 
     Raises:
         ArtifactError: no complete extraction; coupling statistics, matrix or pairs.csv missing
-            (the message names the file and ``gradcouple couple --run``); stale coupling or ripple
-            results; a matrix whose pieces differ from pieces.jsonl.
+            (the message names the file and ``gradcouple couple --run``); a stale coupling; a
+            matrix whose pieces differ from pieces.jsonl. Stale ripple result sets are left out
+            (``stale_ripple`` says which and why), never refused.
         DataError: an unreadable pieces.jsonl.
         ConfigError: an unreadable config.json.
     """
@@ -101,10 +104,12 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         ids, indices, cosine = run.coupling.load_topk()
     run.check_pieces_match(ids, run.coupling.matrix_path())
     saved = run.saved_config_path()
-    rip = run.ripple.current(manifest, stats)
+    current, stale = run.ripple.current(manifest, stats)
+    rip = current[-1][1:] if current else None  # the most recent set is shown in full, every set in the comparison
     pieces_mode, bench_mode = bool(rip) and rip[0].mode == "pieces", bool(rip) and rip[0].mode == "benchmark"
     return LoadedRun(run=run, manifest=manifest, records=manifest.records(), pieces=run.load_pieces(),
                      config=load_config(saved) if saved else None, stats=stats, cosine=cosine, indices=indices,
                      pairs=run.coupling.load_pairs(), pairs_different_answer=run.coupling.load_pairs(different_answer=True),
                      ripple=rip[0] if pieces_mode else None, measurements=rip[1] if pieces_mode else [],
-                     benchmark=rip[0] if bench_mode else None, tests=rip[1] if bench_mode else [], files=run.files())
+                     benchmark=rip[0] if bench_mode else None, tests=rip[1] if bench_mode else [], files=run.files(),
+                     ripple_sets=[(r.name, s) for r, s, _ in current], stale_ripple=[(r.name, c) for r, c in stale])

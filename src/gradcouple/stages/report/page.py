@@ -21,6 +21,7 @@ from ...metrics import DEFINITIONS
 from ...runinfo import human_bytes
 from .figures import benchmark_scatter, distribution, heatmap, layer_chart, ripple_scatter
 from .load import LoadedRun
+from .summary import stale_ripple_advice
 
 VERSIONED = ("gradcouple", "torch", "transformers", "numpy", "scipy", "plotly", "pydantic", "jinja2")
 PLOT_CONFIG = {"responsive": True, "displaylogo": False}
@@ -176,4 +177,5 @@ def render(r: LoadedRun, summary: dict, cfg: RunConfig) -> str:
         heatmap={"shown": shown, "total": len(r.records), "max": cfg.report.max_heatmap},
         layers=r.stats.layers, ripple=r.ripple, benchmark=r.benchmark, pairs=r.pairs,
         pairs_different_answer=r.pairs_different_answer, versions=versions(r), stage_times=stage_times(r),
-        config_json=config_json(r), run_bytes=sum(b for _, b in r.files), n_files=len(r.files))
+        config_json=config_json(r), run_bytes=sum(b for _, b in r.files), n_files=len(r.files),
+        stale_advice=stale_ripple_advice(r))

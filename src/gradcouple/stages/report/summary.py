@@ -28,6 +28,7 @@ class Headline(BaseModel):
     """The few numbers a caller prints: GradSim means over off-diagonal pairs, ripple rank correlations."""
 
     n_pieces: int
+    mode: str = "full"
     mean_gradsim: Optional[float]
     same_question_mean: Optional[float]
     cross_question_mean: Optional[float]
@@ -48,7 +49,7 @@ def _as_interval(r: LoadedRun, predictor: str) -> Optional[Interval]:
 def headline(r: LoadedRun) -> Headline:
     """The :class:`Headline` of a loaded run (ripple figures None when ripple was not run)."""
     p, t = r.stats.pairs, r.manifest.timing
-    return Headline(n_pieces=len(r.records), mean_gradsim=p.all.mean, same_question_mean=p.same_question.mean,
+    return Headline(n_pieces=len(r.records), mode=r.stats.mode, mean_gradsim=p.all.mean, same_question_mean=p.same_question.mean,
                     cross_question_mean=p.cross_question.mean, ripple_done=r.ripple is not None or r.benchmark is not None,
                     ripple_spearman_coupling=r.ripple.spearman_coupling if r.ripple else _as_interval(r, "gradsim"),
                     ripple_spearman_first_order=r.ripple.spearman_first_order if r.ripple else _as_interval(r, "first_order"),
@@ -98,6 +99,39 @@ def ripple_answer(r: LoadedRun) -> Optional[dict]:
     return {"answer": verdict(est, list(base.values())), "what": what, "interval": interval, "unit": unit,
             "estimate": est.model_dump() if est else None, "first_order": fo.model_dump() if fo else None,
             "baselines": baselines}
+
+
+def _headline_of(s) -> tuple[Optional[Interval], Optional[Interval]]:
+    """(coupling, first order) Spearman's rho of one ripple summary, as the headline reads them."""
+    if s.mode == "pieces":
+        return s.spearman_coupling, s.spearman_first_order
+    def iv(name):
+        c = s.predictors[name].pooled.spearman if name in s.predictors else None
+        return Interval(estimate=c.value, low=c.ci_low, high=c.ci_high, n=c.n_points) if c else None
+    return iv("gradsim"), iv("first_order")
+
+
+def ripple_results(r: LoadedRun) -> list[dict]:
+    """Every current ripple result set side by side (oldest first): method, knobs, mode, edits made and
+    successful, and the headline's Spearman's rho of coupling and of first order with their intervals."""
+    out = []
+    for name, s in r.ripple_sets:
+        coupling, first = _headline_of(s)
+        out.append({"name": name, "method": s.method, "hparams": s.hparams, "mode": s.mode, "n_edits": s.n_edits,
+                    "n_successful": s.n_successful, "spearman_coupling": coupling.model_dump() if coupling else None,
+                    "spearman_first_order": first.model_dump() if first else None})
+    return out
+
+
+def stale_ripple_advice(r: LoadedRun) -> Optional[str]:
+    """What to run to redo the ripple result sets made from another coupling (None when there are none)."""
+    if not r.stale_ripple:
+        return None
+    root = r.run.root
+    if not r.full:  # ripple needs the full matrix: rerunning ripple on a top-k coupling would be refused
+        return (f"ripple reads the full GradSim matrix: rerun `gradcouple couple --run {root}` without --top-k, "
+                f"then `gradcouple ripple --run {root}` with each method")
+    return f"rerun `gradcouple ripple --run {root}` with each method to redo them"
 
 
 def json_safe(obj: Any) -> Any:
@@ -246,7 +280,10 @@ def experiment_readiness(r: LoadedRun) -> dict:
             "ripple_mode": "benchmark" if r.benchmark else "pieces" if r.ripple else None,
             "report_written": r.run.relative(r.run.report.index_path) in listed, **ripple_figures(r.ripple),
             **benchmark_figures(r.benchmark), "coupling_predicts_ripple": ripple_answer(r),
-            "next_step": None if done else f"gradcouple ripple --run {r.run.root}"}
+            "ripple_results": ripple_results(r),
+            "stale_ripple_results": [{"name": n, "changed": c} for n, c in r.stale_ripple],
+            "next_step": stale_ripple_advice(r) if r.stale_ripple and not done else
+            (None if done else f"gradcouple ripple --run {r.run.root}")}
 
 
 def benchmark_figures(b) -> dict:
