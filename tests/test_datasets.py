@@ -1311,6 +1311,24 @@ def test_plain_piece_keeps_its_kind(plain):
     assert plain.pieces[0].kind.value == "cloze"
 
 
+def test_a_plain_fact_without_a_kind_is_scored_as_written(plain):
+    """It was wrapped in 'Question: ... Answer:' as a single-hop question."""
+    fact = plain.pieces[1]  # "What is the capital of France?" / "Paris", no kind in the file
+    assert fact.kind.value == "cloze" and fact.render() == ("What is the capital of France?", " Paris")
+    assert plain.pieces[2].render()[0].startswith("Question: ")  # its file says multi_hop: a question
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity"])
+def test_a_json_nan_answer_is_refused_or_skipped_and_counted_not_read_as_text(tmp_path, value):
+    """A JSON NaN answer became the answer 'nan'."""
+    path = tmp_path / "facts.jsonl"
+    path.write_text(f'{{"prompt": "The sky is", "answer": {value}}}\n{{"prompt": "Grass is", "answer": "green"}}\n')
+    with pytest.raises(DataError, match=rf"facts.jsonl:1: field 'answer': expected a string, got {value.lower()[:3]}"):
+        download(None, tmp_path / "a", from_path=path)
+    res = download(None, tmp_path / "b", from_path=path, skip_bad=True)
+    assert [p.answer for p in res.pieces] == ["green"] and res.meta.records_skipped == {"not a string: answer": 1}
+
+
 def test_plain_piece_reads_its_triple(plain):
     assert plain.pieces[3].triple.object == "Bram Stoker"
 

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradcouple.metrics import DEFINITIONS, bootstrap_interval, definitions_markdown, describe, pearson, precision_at_k, spearman
+from gradcouple.metrics import (
+    DEFINITIONS,
+    bootstrap_interval,
+    definitions_markdown,
+    describe,
+    pearson,
+    precision_at_k,
+    spearman,
+)
 from gradcouple.rules import (
     AnswerMatch,
     answer_continuation,
@@ -104,3 +112,19 @@ def test_bootstrap_interval_brackets_the_mean():
 def test_bootstrap_interval_of_one_value_has_no_width_to_estimate():
     iv = bootstrap_interval([0.3])
     assert iv.estimate == 0.3 and iv.low is None
+
+
+@pytest.mark.parametrize("prompt, answer, scored", [
+    ("The capital of France is", "Paris", " Paris"),
+    ("The capital of China is", "北京", " 北京"),          # an English prompt: a word start
+    ("中国的首都是", "北京", "北京"),                       # Chinese is written without spaces
+    ("日本の首都は", "東京", "東京"),                       # Japanese too
+    ("首都は？", "東京", "東京"),                           # after fullwidth punctuation
+    ("ประเทศไทยมีเมืองหลวงคือ", "กรุงเทพ", "กรุงเทพ"),       # Thai
+    ("한국의 수도는", "서울", " 서울"),                      # Korean separates words with spaces
+    ("Answer:\n", "Paris", "Paris"),                        # the prompt already ends in whitespace
+])
+def test_the_leading_space_rule_follows_the_prompts_script(prompt, answer, scored):
+    from gradcouple.rules import answer_continuation
+
+    assert answer_continuation(prompt, answer) == scored

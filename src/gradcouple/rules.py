@@ -5,6 +5,7 @@ these functions, and :data:`RULES` is the text the docs and the report quote.
 
 from __future__ import annotations
 
+import unicodedata
 from enum import Enum
 from typing import Iterable, Sequence
 
@@ -17,8 +18,10 @@ RULES: dict[str, str] = {
                    "collapsing whitespace (the case-folded match).",
     "answer match": "exact: the strings are equal; alias: the candidate equals the answer or one of its aliases "
                     "(each case-folded); case-folded: equal after case-folding and collapsing whitespace.",
-    "leading space": "The scored answer starts with one space unless the prompt already ends in whitespace, so "
-                     "BPE and SentencePiece vocabularies see the answer as a word start.",
+    "leading space": "The scored answer starts with one space unless the prompt already ends in whitespace or in a "
+                     "script written without spaces between words (Chinese, Japanese, Thai, ...; fullwidth and "
+                     "ideographic punctuation too), so BPE and SentencePiece vocabularies see the answer as a "
+                     "word start where the prompt's script has word starts.",
     "exact match": "The greedy continuation of the prompt begins with the expected answer or one of its first three "
                    "aliases: every answer token is the argmax given the prompt and the answer tokens before it "
                    "(case-sensitive; RippleEdits' rule, applied to the start of the continuation).",
@@ -79,7 +82,17 @@ def same_answer_matrix(answers: Sequence[str]) -> torch.Tensor:
     return ids[:, None] == ids[None, :]
 
 
+#: Unicode character-name prefixes of scripts written without spaces between words, and of their punctuation
+UNSPACED_SCRIPTS = ("CJK", "HIRAGANA", "KATAKANA", "IDEOGRAPHIC", "FULLWIDTH", "THAI", "LAO", "KHMER", "MYANMAR",
+                    "TIBETAN")
+
+
+def unspaced(ch: str) -> bool:
+    """Whether the character ``ch`` belongs to a script written without spaces between words."""
+    return unicodedata.name(ch, "").startswith(UNSPACED_SCRIPTS)
+
+
 def answer_continuation(prompt: str, answer: str) -> str:
     """The answer string as scored after ``prompt``: the leading-space rule (``RULES['leading space']``)."""
     answer = answer.strip()
-    return answer if prompt[-1:].isspace() else " " + answer
+    return answer if not prompt or prompt[-1].isspace() or unspaced(prompt[-1]) else " " + answer

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import html
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -117,6 +118,9 @@ def req_str(obj: Mapping, key: str, where: str = "", *, allow_empty: bool = Fals
     value = obj[key]
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise RecordError(path, f"expected a string, got {type(value).__name__}", f"not a string: {_generic(path)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecordError(path, f"expected a string, got {value} (a JSON NaN or Infinity, not text)",
+                          f"not a string: {_generic(path)}")
     text = clean(value)
     if not text and not allow_empty:
         raise RecordError(path, "empty", f"empty: {_generic(path)}")
@@ -157,6 +161,8 @@ def str_list(value: Any, path: str) -> list[str]:
             continue
         if not isinstance(v, (str, int, float)) or isinstance(v, bool):
             raise RecordError(f"{path}[{i}]", f"expected a string, got {type(v).__name__}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise RecordError(f"{path}[{i}]", f"expected a string, got {v} (a JSON NaN or Infinity, not text)")
         if clean(v):
             out.append(clean(v))
     return out

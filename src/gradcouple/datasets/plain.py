@@ -1,7 +1,8 @@
 """A plain pieces file: a user's own facts, one knowledge piece per record.
 
 Each record needs ``prompt`` and ``answer``; optional fields are ``id``, ``question_id``,
-``hop``, ``kind`` (``single_hop`` by default, ``cloze`` or ``multi_hop``), ``aliases``,
+``hop``, ``kind`` (``cloze`` by default: the prompt is scored as written; ``single_hop`` or
+``multi_hop`` ask it as a question, through the prompt template), ``aliases``,
 ``counterfactual``, ``support``, ``triple`` ({subject, relation, object} or a 3-item list),
 ``dataset``, ``owners`` and the benchmark fields ``role`` (edit, original, test, condition),
 ``edit_id``, ``criterion``, ``answer_before`` and ``condition_id``. A ``pieces.jsonl`` written
@@ -50,7 +51,7 @@ def parse(record: Mapping, ctx: RecordContext) -> None:
         raise RecordError(unknown[0], f"unknown field (allowed: {', '.join(sorted(FIELDS))})", "unknown field")
     prompt = req_str(record, "prompt")
     answer = req_str(record, "answer")
-    kind_value = clean(record.get("kind") or "single_hop")
+    kind_value = clean(record.get("kind") or "cloze")  # a plain prompt/answer pair is scored as written
     try:
         kind = PieceKind(kind_value)
     except ValueError:
