@@ -126,6 +126,19 @@ def test_a_screenshot_is_saved(rendered):
     assert (width, height) == SCREEN
 
 
+@pytest.mark.parametrize("width, height", [(1280, 800), (1920, 1080)])
+def test_the_verdict_and_the_ripple_table_are_on_the_first_screen_and_no_table_is_cut_off(rendered, width, height,
+                                                                                          tmp_path):
+    """At 1,400 px the per-edit and model tables were cut off and the ripple answer sat ~9,000 px down."""
+    shot = tmp_path / f"report-{width}.png"
+    layout = render_page(rendered[0], fragment="selftest", screenshot=shot, size=(width, height)).selftest["layout"]
+    screen_width, screen_height = layout["viewport"]  # the window less headless Chromium's own bars
+    assert screen_width == width and layout["page_width"] <= width
+    assert layout["answer_bottom"] <= screen_height and layout["glance_bottom"] <= screen_height, layout
+    assert layout["cut_off"] == [], layout
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_the_ripple_answer_is_on_the_rendered_page(rendered):
     assert "Does coupling predict ripple here?" in rendered[1].dom
     assert "pooled Spearman's rho between GradSim and the measured rise" in rendered[1].dom

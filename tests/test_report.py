@@ -610,3 +610,27 @@ def test_the_verdict_is_not_yes_when_a_baseline_predicts_as_well():
     assert verdict(Interval(estimate=0.1, low=-0.2, high=0.4, n=10)) == "not detectably"
     assert verdict(Interval(estimate=-0.5, low=-0.8, high=-0.2, n=10)) == "reversed"
     assert verdict(Interval(estimate=0.5, low=None, high=None, n=2)) == "undetermined"
+
+
+def test_a_large_heatmap_labels_its_questions_instead_of_nothing():
+    """At N = 145 the heatmap had no labels at all."""
+    from gradcouple.stages.report.figures import MAX_TICK_LABELS, tick_texts
+
+    ids = [f"q{k // 4}:{k % 4}" for k in range(145)]
+    qids = [f"q{k // 4}" for k in range(145)]
+    ticks = tick_texts(ids, qids)
+    assert len(ticks) == 145 and ticks[0] == "q0" and ticks[4] == "q1" and ticks[1] == ""
+    assert len([t for t in ticks if t]) == 37 <= MAX_TICK_LABELS
+    assert tick_texts(ids[:10], qids[:10]) == ids[:10]  # few pieces: each piece's id
+    many = tick_texts([str(k) for k in range(400)], [f"q{k}" for k in range(400)])
+    assert 0 < len([t for t in many if t]) <= MAX_TICK_LABELS
+
+
+def test_the_model_source_is_shown_by_name_not_by_one_machines_path(tmp_path):
+    from gradcouple.stages.report.page import source_name
+
+    f = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    f.write_bytes(b"")
+    assert source_name(str(f)) == f.name
+    assert source_name("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+    assert source_name("random init (seed 0) with a byte-level tokenizer").startswith("random init")

@@ -23,7 +23,7 @@ from ...artifacts import Measurement, TestMeasurement
 from .load import LoadedRun
 
 HIST_BINS = 100
-MAX_TICK_LABELS = 60  # more pieces than this: tick labels would overlap, hover still names each cell
+MAX_TICK_LABELS = 60  # more pieces than this: piece ids would overlap, so questions are labelled instead
 MAX_QUESTION_LINES = 150
 HOVER_WIDTH = 80  # characters per hover line
 HOVER_PROMPT = 400  # characters of a prompt shown on hover
@@ -134,7 +134,7 @@ def heatmap(r: LoadedRun, max_n: int) -> tuple[go.Figure, int]:
         colorbar={"title": {"text": "GradSim"}}, hoverongaps=False,
         hovertemplate="<b>row</b> %{y}<br><br><b>column</b> %{x}<br><br>GradSim = %{z:.4f}<extra></extra>"))
     axis = {"type": "category", "tickmode": "array", "tickvals": labels, "tickfont": {"size": 9},
-            "ticktext": [plotly_text(recs[i].id) for i in shown], "showticklabels": n <= MAX_TICK_LABELS}
+            "ticktext": tick_texts([recs[i].id for i in shown], [recs[i].question_id for i in shown])}
     size = max(520, min(1000, 300 + 6 * n))
     fig.update_layout(title={"text": f"GradSim between pieces ({n} of {len(recs)} shown)"},
                       xaxis=axis, yaxis={**axis, "autorange": "reversed"}, width=size + 120, height=size,
@@ -142,6 +142,17 @@ def heatmap(r: LoadedRun, max_n: int) -> tuple[go.Figure, int]:
                       hoverlabel={"align": "left"},
                       meta={"orders": {"question": list(range(n)), "cluster": cluster_order(z)}, "lines": lines})
     return fig, n
+
+
+def tick_texts(ids: list[str], qids: list[str]) -> list[str]:
+    """One tick label per drawn piece: its id when they fit (:data:`MAX_TICK_LABELS`), else its question's
+    id at the first piece of each question (every k-th question when even those would overlap) and ''."""
+    if len(ids) <= MAX_TICK_LABELS:
+        return [plotly_text(i) for i in ids]
+    starts = [k for k in range(len(qids)) if k == 0 or qids[k] != qids[k - 1]]
+    every = -(-len(starts) // MAX_TICK_LABELS)
+    keep = set(starts[::every])
+    return [plotly_text(_short(q, 24)) if k in keep else "" for k, q in enumerate(qids)]
 
 
 def _question_lines(qids: list[str]) -> list[dict]:

@@ -9,6 +9,7 @@ import json
 import math
 import platform
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Optional
 
 import plotly.io as pio
@@ -88,6 +89,15 @@ def correlation(c) -> str:
     return f"{num(d['value'], 3)} [{num(d['ci_low'], 3)}, {num(d['ci_high'], 3)}]"
 
 
+def source_name(source: Optional[str]) -> str:
+    """Where a model came from, as the page shows it: a file's or directory's name (not its absolute
+    path, which belongs to one machine), a Hub id as it is."""
+    if not source:
+        return "—"
+    p = Path(source)
+    return p.name if p.is_absolute() or p.exists() else source
+
+
 def sortval(x: Any) -> str:
     """The ``data-v`` sort key of a table cell: numbers as they are, bools as 1/0, None as ''."""
     if x is None:
@@ -104,7 +114,7 @@ def environment() -> Environment:
     env = Environment(loader=PackageLoader(__package__), autoescape=select_autoescape(["html", "j2"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(num=num, nbytes=nbytes, hbytes=hbytes, secs=secs, short=short, device=device,
-                       interval=interval, correlation=correlation, sortval=sortval)
+                       interval=interval, correlation=correlation, sortval=sortval, source_name=source_name)
     return env
 
 

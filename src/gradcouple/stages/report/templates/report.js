@@ -122,8 +122,24 @@
     return new Promise(function (res) { setTimeout(res, 50); }).then(function () { return waitForPlots(deadline); });
   }
 
+  // Where the answer and the ripple table sit, and every table that pokes out of the page instead of
+  // scrolling inside its box.
+  function layout() {
+    var bottom = function (id) {
+      var el = document.getElementById(id);
+      return el ? el.getBoundingClientRect().bottom + window.scrollY : null;
+    };
+    var right = document.body.getBoundingClientRect().right;
+    var cut = Array.prototype.filter.call(document.querySelectorAll("table"), function (t) {
+      return !t.closest(".scroll, details:not([open])") && t.getBoundingClientRect().right > right + 1;
+    }).map(function (t) { return t.id || t.className || t.tHead && t.tHead.textContent.slice(0, 40) || "table"; });
+    return {viewport: [window.innerWidth, window.innerHeight], page_width: document.documentElement.scrollWidth,
+            answer_bottom: bottom("answer"), glance_bottom: bottom("ripple-glance"), cut_off: cut};
+  }
+
   function selftest() {
-    var out = {errors: window.__gcErrors, figures: {}, heatmap: null, sort: null, filter: null, plotly: !!window.Plotly};
+    var out = {errors: window.__gcErrors, figures: {}, heatmap: null, sort: null, filter: null, plotly: !!window.Plotly,
+               layout: layout()};
     return waitForPlots(Date.now() + 10000).then(function (ready) {
       out.plots_ready = ready;
       Array.prototype.forEach.call(document.querySelectorAll(".plotly-graph-div"), function (gd) {
