@@ -25,7 +25,7 @@ def test_the_readme_notebook_example_runs(tmp_path, monkeypatch, capsys):
 
 
 def test_keywords_are_the_cli_flags_and_the_stage_decides_shared_ones(tmp_path):
-    cfg = resolve("ripple", tmp_path, method="rome", rome_clamp=2.0, device="cpu", **{"ripple.covariance": "pieces"})
+    cfg = resolve("ripple", tmp_path, method="rome", clamp_norm_factor=2.0, device="cpu", **{"ripple.covariance": "pieces"})
     assert (cfg.ripple.method, cfg.ripple.hparams, cfg.model.device) == ("rome", {"rome": {"clamp_norm_factor": 2.0}}, "cpu")
     assert (cfg.couple.method, cfg.ripple.covariance) == ("auto", "pieces")
     cfg = resolve("couple", tmp_path, method="dense")

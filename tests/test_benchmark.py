@@ -10,7 +10,7 @@ import torch
 from gradcouple.stages.benchmark import benchmark_edits
 from gradcouple.config import RunConfig
 from gradcouple.stages.couple import couple
-from gradcouple.edits import ft_edit, restore, rome_edit, snapshot
+from gradcouple.edits import ft_edit, restore, snapshot
 from gradcouple.stages.extract import extract
 from gradcouple.keys import keys_at
 from gradcouple.layers import select_targets
@@ -25,7 +25,6 @@ from gradcouple.scoring import answer_logprob, collate, encode, subject_position
 
 from conftest import random_pieces, tiny_gpt2, tiny_llama
 
-KEY_ATOL = 1e-5
 FLOAT32_ROUNDING = 1e-6  # w + dw - w in float32 differs from dw by an ulp of w
 INFORMATIVE = ("gradsim", "inner_product", "first_order", "activation_cosine", "whitened_key")
 
@@ -95,25 +94,6 @@ def test_subject_position_with_a_sentencepiece_tokenizer():
 def test_subject_position_is_none_when_the_prompt_does_not_name_the_subject():
     tok = byte_level_tokenizer()
     assert subject_position(tok, encode(tok, "The country of him is", " Syria"), "Leonardo DiCaprio") is None
-
-
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_rome_leaves_keys_orthogonal_under_the_inverse_covariance_unchanged(arch):
-    model = tiny_gpt2() if arch == "gpt2" else tiny_llama()
-    targets = select_targets(model, "all")
-    t = targets[1]
-    piece = random_pieces(1, seed=9, min_len=8)[0]
-    k = keys_at(model, t, [piece], [piece.answer_start - 1])[0]
-    g = torch.Generator().manual_seed(0)
-    A = torch.randn(t.d_in_aug, t.d_in_aug, generator=g, dtype=torch.float64)
-    C = A @ A.t() + t.d_in_aug * torch.eye(t.d_in_aug, dtype=torch.float64)
-    ck = torch.linalg.solve(C, k)
-    other = torch.randn(t.d_in_aug, generator=g, dtype=torch.float64)
-    other -= (other @ ck) / (ck @ ck) * ck  # other^T C^-1 k = 0
-    saved = snapshot(targets)
-    dw = rome_edit(model, targets, t, piece, C, steps=5, lr=0.5)[t.name].double()
-    assert (dw @ other).abs().max() < KEY_ATOL * max(1.0, float((dw @ k).abs().max()))
-    assert restore(targets, saved)
 
 
 def test_ft_edit_respects_the_weight_change_bound():
@@ -309,16 +289,16 @@ def test_a_sweep_names_its_knob_and_warns_when_no_edit_succeeds(benchmark_run, t
     with caplog.at_level("INFO", logger="gradcouple"):
         sw = gc.ripple(tmp_path / "run", method="rome", sweep="1e-4,1e-3").sweep
     assert sw.knob == "clamp_norm_factor" and [p.strength for p in sw.points] == [1e-4, 1e-3]
-    assert "sweep: clamp_norm_factor (--rome-clamp) of rome edits at 0.0001, 0.001." in caplog.text
+    assert "sweep: clamp_norm_factor (--clamp-norm-factor) of rome edits at 0.0001, 0.001." in caplog.text
     monkeypatch.setattr(stage, "edit_succeeded", lambda *a: False)
     caplog.clear()
     with caplog.at_level("WARNING", logger="gradcouple"):
-        gc.ripple(tmp_path / "run", method="rome", sweep="rome-clamp=2e-4")
+        gc.ripple(tmp_path / "run", method="rome", sweep="clamp-norm-factor=2e-4")
     assert "--sweep: at clamp_norm_factor=0.0002 none of the 3 rome edits succeeded; check that clamp_norm_factor is " \
            "the knob you meant to vary" in caplog.text
     monkeypatch.undo()
     with pytest.raises(ConfigError, match=r"--sweep lr=1e-4,1e-3: lr is not a knob of rome edits, whose knobs are "
-                                          r"layer, v_num_grad_steps, v_lr, clamp_norm_factor \(--rome-clamp\)"):
+                                          r"layers \(--edit-layers\), fact_token, v_num_grad_steps"):
         gc.ripple(tmp_path / "run", method="rome", sweep="lr=1e-4,1e-3")
     sw = gc.ripple(tmp_path / "run", method="ft", sweep="lr=3e-2", steps=2).sweep
     assert sw.knob == "lr" and [p.strength for p in sw.points] == [3e-2]

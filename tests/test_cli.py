@@ -54,7 +54,7 @@ def stages(monkeypatch):
         couple=Recorder(SimpleNamespace(n=2, mode="full", seconds=1.0, out_dir=Path("R/coupling"),
                                         stats_json=Path("R/coupling/stats.json"), stats=SimpleNamespace(pairs=pairs),
                                         extract=None)),
-        ripple=Recorder(SimpleNamespace(sweep=None, path=Path("R/ripple/ft-0/summary.json"), summary=SimpleNamespace(
+        ripple=Recorder(SimpleNamespace(sweep=None, layer_sweep=None, path=Path("R/ripple/ft-0/summary.json"), summary=SimpleNamespace(
             mode="pieces", n_edits=3, n_successful=2, spearman_coupling=iv, spearman_first_order=iv, precision_at_k=iv,
             pooled=SimpleNamespace(spearman_coupling=0.2), seconds=1.0, resumed_edits=0, device=None))),
     )
@@ -151,7 +151,7 @@ def test_ripple_passes_its_flags(stages, tmp_path):
     r = cfg.ripple
     assert (run, r.edits, r.n_edits, r.method, r.hparams, r.seed, cfg.model.device) == \
         (tmp_path, "pieces", 4, "ft", {"ft": {"steps": 3, "lr": 0.01, "max_delta": 0.001}}, 5, "cpu")
-    res = runner.invoke(app, ["ripple", "--run", str(tmp_path), "--method", "rome", "--rome-clamp", "2"])
+    res = runner.invoke(app, ["ripple", "--run", str(tmp_path), "--method", "rome", "--clamp-norm-factor", "2"])
     assert res.exit_code == 0, res.output
     r = stages.ripple.calls[1][0][0].ripple
     assert (r.method, r.hparams["rome"]) == ("rome", {"clamp_norm_factor": 2.0})

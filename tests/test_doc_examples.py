@@ -272,12 +272,12 @@ def offline_and_one_thread(monkeypatch):
     monkeypatch.setattr(webbrowser, "get", no_browser)
 
     keys = importlib.import_module("gradcouple.keys")
-    full = keys.wikipedia_covariance
+    full = keys.wikipedia_covariances
 
-    def fewer_tokens(model, tokenizer, target, max_tokens=50_000, *args, **kwargs):
-        return full(model, tokenizer, target, min(max_tokens, COVARIANCE_TOKENS), *args, **kwargs)
+    def fewer_tokens(model, tokenizer, targets, max_tokens=50_000, *args, **kwargs):
+        return full(model, tokenizer, targets, min(max_tokens, COVARIANCE_TOKENS), *args, **kwargs)
 
-    monkeypatch.setattr(keys, "wikipedia_covariance", fewer_tokens)  # what ripple's cached covariance calls
+    monkeypatch.setattr(keys, "wikipedia_covariances", fewer_tokens)  # what ripple's cached covariance calls
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -543,7 +543,7 @@ def test_run_switches_to_top_k_with_a_printed_note(tmp_path):
     (["--method", "rome", "--lr", "1e-3"], ["--lr 0.001", "applies to --method ft", "drop --lr or pass --method ft"]),
     (["--method", "rome", "--steps", "3"], ["--steps 3", "--method ft"]),
     (["--method", "rome", "--max-delta", "1e-3"], ["--max-delta 0.001", "--method ft"]),
-    (["--rome-clamp", "2"], ["--rome-clamp 2.0", "applies to --method rome", "pass --method rome"]),
+    (["--clamp-norm-factor", "2"], ["--clamp-norm-factor 2.0", "applies to --method rome", "pass --method rome"]),
     (["--sweep", "1e-4,1e-3", "--lr", "1e-3"], ["--lr 0.001", "--sweep 1e-4,1e-3 sets --lr", "drop --lr or --sweep"]),
     (["--sweep", "1e-4,1e-3"], ["--sweep 1e-4,1e-3", "carry no benchmark edit", "drop --sweep"]),
     (["--sweep", "1e-4", "--edits", "pieces"], ["--sweep 1e-4", "--edits pieces was given"]),

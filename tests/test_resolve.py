@@ -59,7 +59,7 @@ def _refusals(root):
     run, p = str(root / "run"), str(root / "p.jsonl")
     return [
         ("ripple", ["--run", run, "--method", "rome", "--lr", "1e-3"], dict(method="rome", lr=1e-3)),
-        ("ripple", ["--run", run, "--rome-clamp", "2"], dict(rome_clamp=2.0)),
+        ("ripple", ["--run", run, "--clamp-norm-factor", "2"], dict(clamp_norm_factor=2.0)),
         ("ripple", ["--run", run, "--sweep", "1e-4,1e-3"], dict(sweep="1e-4,1e-3")),
         ("ripple", ["--run", run, "--method", "memo"], dict(method="memo")),
         ("couple", ["--run", run, "--layers", "all"], dict(layers="all")),

@@ -96,11 +96,11 @@ def test_benchmark_mode_resumes_after_an_interrupt(bench_cfg, monkeypatch):
     cfg, root, whole = bench_cfg
     run = root / "interrupted"
     shutil.copytree(root / "run", run)
-    _interrupt_after(monkeypatch, benchmark_mod, "_make_and_measure", 3)
+    _interrupt_after(monkeypatch, benchmark_mod, "_measure_batch", 3)
     with pytest.raises(KeyboardInterrupt):
         ripple(cfg, run, show_progress=False)
     monkeypatch.undo()
-    calls = _counting(monkeypatch, benchmark_mod, "_make_and_measure")
+    calls = _counting(monkeypatch, benchmark_mod, "_measure_batch")
     resumed = ripple(cfg, run, show_progress=False).summary
     assert len(calls) == 1 and resumed.resumed_edits == 3
     _same(resumed, whole)
@@ -110,12 +110,12 @@ def test_benchmark_mode_resumes_after_an_interrupt(bench_cfg, monkeypatch):
 KILLER = """
 import sys, time
 from gradcouple.stages import benchmark
-real = benchmark._make_and_measure
+real = benchmark._measure_batch
 def slow(*a, **kw):
     out = real(*a, **kw)
     time.sleep(0.4)  # a window for the test to kill the process between edits and within one
     return out
-benchmark._make_and_measure = slow
+benchmark._measure_batch = slow
 from gradcouple.cli.app import main
 sys.argv = ["gradcouple", *sys.argv[1:]]
 main()
@@ -205,7 +205,7 @@ def test_the_wikipedia_covariance_is_computed_once_per_run(bench_cfg, monkeypatc
     cfg, root, whole = bench_cfg
     run = root / "covariance"
     shutil.copytree(root / "whole", run)  # its ripple already left the covariance file
-    calls = _counting(monkeypatch, keys, "wikipedia_covariance")
+    calls = _counting(monkeypatch, keys, "wikipedia_covariances")
     s = ripple(cfg, run, show_progress=False).summary
     assert calls == [] and list(RunDir(run).ripple.dir.glob("covariance-*.pt"))
     _same(s, whole)

@@ -9,7 +9,7 @@ from conftest import random_pieces, tiny_gpt2, tiny_llama, write_fact_pieces
 
 from gradcouple.config import RunConfig
 from gradcouple.stages.couple import couple
-from gradcouple.edits import (METHODS, EditContext, Rewrite, edited, ft_edit, method_class, restore, restored, rome_edit,
+from gradcouple.edits import (METHODS, EditContext, Rewrite, edited, ft_edit, method_class, restore, restored,
                               snapshot)
 from gradcouple.errors import ArtifactError
 from gradcouple.scoring import encode_pieces
@@ -19,10 +19,9 @@ from gradcouple.layers import select_targets
 from gradcouple.metrics import DEFINITIONS
 from gradcouple.stages.ripple import choose_edits, ripple
 from gradcouple.rundir import RunDir
-from gradcouple.scoring import answer_logprob, collate
+from gradcouple.scoring import answer_logprob, collate, encode
 
 BASELINE_ATOL = 1e-4  # nats: the unedited model re-scores the manifest's log-probs
-RANK_ONE_RTOL = 1e-5
 WEIGHT_ATOL = 1e-5
 
 
@@ -85,19 +84,19 @@ def test_ft_edit_moves_bfloat16_weights_through_fp32_masters():
     assert restore(targets, saved)
 
 
-def _context(model, targets) -> EditContext:
-    return EditContext(model=model, targets=targets, pad_id=0, reader=None,
-                       covariance=lambda t: torch.eye(t.d_in_aug, dtype=torch.float64))
-
-
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_edits_inside_edited_and_restores_bit_for_bit_even_when_the_block_raises(method):
-    model = tiny_llama()
+def test_every_method_edits_inside_edited_and_restores_bit_for_bit_even_when_the_block_raises(method, tiny_llama_loaded):
+    lm = tiny_llama_loaded
+    model = lm.model
     targets = select_targets(model, "all")
+    ctx = EditContext(model=model, targets=targets, pad_id=lm.pad_id, reader=None, tokenizer=lm.tokenizer,
+                      covariance=lambda t: 1e-3 * torch.eye(t.d_in_aug, dtype=torch.float64), fingerprint="test:tiny-llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    rewrite = [Rewrite(random_pieces(1, seed=4, min_len=8)[0])]
+    rewrite = [Rewrite(encode(lm.tokenizer, "The capital of France is", " Rome"), subject="France")]
+    fast = {"ft": {"steps": 2}, "ft-l": {"num_steps": 2}}.get(method, {"v_num_grad_steps": 2,
+                                                                       "context_template_length_params": [[5, 5]]})
     with pytest.raises(ZeroDivisionError):
-        with edited(method_class(method).resolve(), _context(model, targets), rewrite) as delta:
+        with edited(method_class(method).resolve(fast, model=model), ctx, rewrite) as delta:
             moved = [t.name for t in targets if not torch.equal(t.module.weight, before[f"{t.name}.weight"])]
             assert moved and all(float(delta[n].abs().max()) > 0 for n in moved)
             1 / 0
@@ -112,30 +111,6 @@ def test_restored_raises_when_the_weights_cannot_be_put_back(monkeypatch):
     with pytest.raises(RuntimeError, match="could not be restored bit for bit"):
         with restored(targets):
             pass
-
-
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_rome_update_is_rank_one_and_moves_the_key_by_delta(arch):
-    model = tiny_gpt2() if arch == "gpt2" else tiny_llama()
-    targets = select_targets(model, "all")
-    t = targets[1]
-    piece = random_pieces(1, seed=9, min_len=8)[0]
-    batch = collate([piece])
-    with torch.no_grad():
-        before_lp = float(answer_logprob(model, batch))
-    k = keys_at(model, t, [piece], [piece.answer_start - 1])[0]
-    saved, w0 = snapshot(targets), t.weight_matrix().double()
-    deltas = rome_edit(model, targets, t, piece, torch.eye(t.d_in_aug, dtype=torch.float64) * 2.0, steps=10, lr=0.5)
-    dw = deltas[t.name].double()
-    assert torch.allclose(t.weight_matrix().double() - w0, dw, atol=WEIGHT_ATOL)
-    s = torch.linalg.svdvals(dw)
-    assert s[1] < RANK_ONE_RTOL * s[0]
-    # with C = 2 I: dW = delta k^T / (k^T k), so dW = (dW k) k^T / (k^T k)
-    assert torch.allclose(dw, torch.outer(dw @ k, k) / (k @ k), atol=1e-6 * float(dw.abs().max()))
-    assert all(float(deltas[o.name].abs().max()) == 0 for o in targets if o.name != t.name)
-    with torch.no_grad():
-        assert float(answer_logprob(model, batch)) > before_lp
-    assert restore(targets, saved) and torch.equal(t.weight_matrix(), w0.float())
 
 
 def test_ripple_restores_every_edit_and_rescores_the_manifest(tmp_path, tiny_llama_loaded):
@@ -199,8 +174,8 @@ def test_ripple_with_rome_restores_and_raises_the_new_answer(tmp_path, tiny_llam
     assert all(e.logprob_new_after > e.logprob_new_before for e in s.edits)
 
 
-def test_rome_with_the_pieces_covariance_needs_a_store_that_keeps_inputs(tmp_path, tiny_llama_loaded):
-    cfg = _run(tmp_path, tiny_llama_loaded, store="dense", method="rome", covariance="pieces")
+def test_memit_with_the_pieces_covariance_needs_a_store_that_keeps_inputs(tmp_path, tiny_llama_loaded):
+    cfg = _run(tmp_path, tiny_llama_loaded, store="dense", method="memit", covariance="pieces")
     with pytest.raises(ArtifactError, match="--store factors"):
         ripple(cfg, tmp_path / "run", loaded=tiny_llama_loaded, show_progress=False)
 

@@ -307,6 +307,7 @@ class EditRecord(_Model):
     logprob_new_before: float
     logprob_new_after: float
     success: bool
+    already_satisfied: bool = Field(False, description="The model preferred the new answer before the edit")
     edit_norm: float
     first_order_self: float
     spearman_coupling: Optional[float]
@@ -397,6 +398,8 @@ class TestMeasurement(_Model):
     greedy_after: bool
     condition_known: Optional[bool]
     edit_success: bool
+    token_accuracy_before: Optional[float] = Field(None, description="Teacher-forced token accuracy of the expected answer before the edit")
+    token_accuracy_after: Optional[float] = Field(None, description="... and after it (portability)")
     predictors: dict[str, Optional[float]] = Field(description="Predictor name -> score; None where undefined (no original answer)")
 
 
@@ -404,14 +407,18 @@ class BenchmarkEditRecord(_Model):
     """One benchmark edit as made: its targets, success, log-probs of the new target (summed over its rewrites, nats)."""
 
     edit: int
+    batch: int = Field(0, description="The first edit of the batch it was made with (itself when edits are made one at a time)")
     edit_ids: list[str]
     question_id: str
     subject: Optional[str]
     new_target: str
     true_target: Optional[str]
     success: bool
+    already_satisfied: bool = Field(False, description="The model preferred the new target before the edit (left out of efficacy)")
+    same_target: bool = Field(False, description="The new target is the true one (left out of efficacy)")
     logprob_new_before: float
     logprob_new_after: float
+    logprob_true_before: Optional[float] = None
     logprob_true_after: Optional[float]
     subject_key_found: bool
     edit_norm: float
@@ -447,6 +454,35 @@ class ExactMatch(_Model):
     after: Optional[float]
 
 
+class RetentionPoint(_Model):
+    """In a sequence of edits (``ripple --sequential``), after ``n_edits_made`` of them: how many still hold."""
+
+    n_edits_made: int
+    n_counted: int = Field(description="Of them, the edits not already satisfied")
+    efficacy: Optional[float] = Field(description="Fraction of the counted edits that are still an edit success")
+    exact_match_tests: Optional[float] = Field(description="Greedy exact match of every test query of the edits made")
+
+
+class EditMetrics(_Model):
+    """The edit metrics the field reports, each as ``metrics.DEFINITIONS`` defines it under its name."""
+
+    n_edits: int
+    n_already_satisfied: int = Field(description="Edits the model satisfied before they were made (reported apart)")
+    n_same_target: int = Field(0, description="Edits whose new target is the true one (reported apart)")
+    n_counted: int = Field(description="Edits neither already satisfied nor of the same target: the ones efficacy is over")
+    n_successful_counted: int
+    efficacy: Optional[float] = Field(description="n_successful_counted / n_counted")
+    efficacy_magnitude: Describe = Field(description="Rise of log P(new target), nats, over the counted edits")
+    generalisation: Optional[float]
+    n_rephrasings: int = Field(description="Rephrasing test queries generalisation is over")
+    specificity: Describe = Field(description="Change of log P of other edits' test queries, nats")
+    locality: Describe = Field(description="Token-accuracy locality of other edits' test queries")
+    portability: dict[str, Optional[float]] = Field(description="Criterion (and 'pooled') -> mean teacher-forced token "
+                                                    "accuracy of successful edits' test queries after the edit")
+    exact_match_after: dict[str, Optional[float]] = Field(description="Criterion (and 'pooled') -> greedy exact match of "
+                                                          "the same test queries after the edit")
+
+
 class BenchmarkSummary(_Model):
     """``ripple/summary.json`` of the benchmark mode (``ripple --edits benchmark``)."""
 
@@ -466,6 +502,9 @@ class BenchmarkSummary(_Model):
     multi_hop_accuracy: Optional[float]
     unrelated_change: Describe = Field(description="Change of log P (nats) of a fixed sample of other edits' test queries "
                                                    "(up to 100, seeded): specificity")
+    metrics: Optional[EditMetrics] = Field(None, description="Efficacy, generalisation, specificity, locality, portability")
+    method_source: Optional[str] = Field(None, description="Where the method's settings came from (a published file, --hparams)")
+    retention: list[RetentionPoint] = Field(default_factory=list, description="--sequential: after each batch, the edits made so far")
     predictors: dict[str, PredictorReport]
     definitions: dict[str, str]
     seconds: float
@@ -479,10 +518,40 @@ class SweepPoint(_Model):
     strength: float
     n_edits: int
     n_successful: int
+    metrics: Optional[EditMetrics] = None
     mean_rise_own_tests: Describe = Field(description="Over all edits (failed ones included), the mean rise of an edit's own test queries (nats)")
     unrelated_change: Describe
     spearman: dict[str, Correlation]
     pearson: dict[str, Correlation]
+
+
+class LayerSweepPoint(_Model):
+    """The benchmark edits made at one set of blocks: the edit metrics that need no gradients."""
+
+    layers: list[int]
+    n_edits: int
+    n_already_satisfied: int
+    n_same_target: int = 0
+    n_counted: int
+    n_successful_counted: int
+    efficacy: Optional[float]
+    efficacy_magnitude: Describe
+    specificity: Describe
+    locality: Describe
+    seconds: float
+
+
+class LayerSweepSummary(_Model):
+    """``layer_sweep.json``: the method's efficacy, specificity and locality with each block as its
+    first edited layer (``ripple --layer-sweep``), what a model's published layers are chosen from."""
+
+    inputs: Inputs
+    method: str
+    hparams: dict[str, Any]
+    points: list[LayerSweepPoint]
+    definitions: dict[str, str]
+    seconds: float
+    device: DeviceInfo
 
 
 class SweepSummary(_Model):

@@ -115,6 +115,9 @@ class CoupleConfig(_Section):
                                     description="Cosine thresholds counted in stats.json")
     method: Literal["auto", "factored", "dense"] = Field(default="auto", json_schema_extra=_flag("--method"),
                                                          description="Gram algorithm: auto, factored or dense (factors store)")
+    layers: Optional[str] = Field(default=None, json_schema_extra=_flag("--couple-layers"), description=(
+        "Blocks GradSim is computed over, among the extracted ones (e.g. 26-29); none: every extracted layer. "
+        "`run --method` sets it when it extracts the edited blocks too"))
 
 
 class RippleConfig(_Section):
@@ -128,6 +131,18 @@ class RippleConfig(_Section):
     method: str = Field(default="ft", json_schema_extra=_flag("--method"), description="Edit method")
     hparams: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
         "Knobs per edit method over the method's defaults, {method: {knob: value}}"))
+    hparams_file: Optional[Path] = Field(default=None, json_schema_extra=_flag("--hparams"), description=(
+        "Settings of the edit method, YAML or JSON (gradcouple/hparams/<method>/*.yaml, EasyEdit's YAML, ROME's JSON), "
+        "over the published settings for the model; knobs given otherwise win"))
+    batch_size: int = Field(default=1, ge=1, json_schema_extra=_flag("--batch-size"), description=(
+        "Benchmark edits made together, their rewrites as one batch (MEMIT and AlphaEdit write a batch at once, ROME one "
+        "rewrite after another); an MQuAKE case's rewrites are always one edit"))
+    sequential: bool = Field(default=False, json_schema_extra=_flag("--sequential"), description=(
+        "Make the batches one after another without restoring the weights between them, measuring every earlier edit "
+        "again after each (how MEMIT and AlphaEdit are used); the weights are restored at the end"))
+    layer_sweep: Optional[str] = Field(default=None, json_schema_extra=_flag("--layer-sweep"), description=(
+        "Blocks, e.g. 2-12: the method's efficacy, specificity and locality on the benchmark edits with each block as its "
+        "first edited layer -> layer_sweep.json (needs no gradients at those blocks)"))
     covariance: Literal["wikipedia", "pieces"] = Field(default="wikipedia", description=(
         "Key covariance of rome and of the whitened-key predictor: layer inputs on the Wikipedia paragraphs bundled "
         "with the package, or on the run's own pieces (factors store)"))
@@ -136,7 +151,7 @@ class RippleConfig(_Section):
         "Seed of the choice of edited pieces, of substitute counterfactuals and of the shuffled baseline"))
     top_k: int = Field(default=10, ge=1, description="k of precision@k")
     sweep: Optional[list[PositiveFloat]] = Field(default=None, json_schema_extra=_flag("--sweep"), description=(
-        "Benchmark edits at several values of one knob, KNOB=v1,v2,... (e.g. lr=1e-4,1e-3 or rome-clamp=1,4); "
+        "Benchmark edits at several values of one knob, KNOB=v1,v2,... (e.g. lr=1e-4,1e-3 or clamp-norm-factor=1,4); "
         "values alone vary the method's strength knob (ft: lr, rome: clamp_norm_factor) -> RUN/ripple/sweep.json"))
     sweep_knob: Optional[str] = Field(default=None, description=(
         "The knob --sweep varies (set by --sweep KNOB=...); none: the edit method's strength knob"))
@@ -151,11 +166,11 @@ class RippleConfig(_Section):
             return data
         data = dict(data)
         hp = {m: dict(v) for m, v in (data.get("hparams") or {}).items()}
-        for old, (method, knob) in LEGACY_KNOBS.items():
+        for old, where in LEGACY_KNOBS.items():
             if old in data:
                 value = data.pop(old)
-                if value is not None:
-                    hp.setdefault(method, {}).setdefault(knob, value)
+                if value is not None and where is not None:
+                    hp.setdefault(where[0], {}).setdefault(where[1], value)
         data["hparams"] = hp
         return data
 
@@ -173,9 +188,10 @@ class RippleConfig(_Section):
 
 
 
-#: knobs kept flat in the ripple section before the registry: old field -> (method, knob)
+#: knobs kept flat in the ripple section before the registry: old field -> (method, knob), or None for
+#: the simplified ROME's index into the target layers, which the block list ``layers`` replaced
 LEGACY_KNOBS = {"steps": ("ft", "steps"), "lr": ("ft", "lr"), "max_delta": ("ft", "max_delta"),
-                "early_stop": ("ft", "early_stop"), "rome_layer": ("rome", "layer"),
+                "early_stop": ("ft", "early_stop"), "rome_layer": None,
                 "rome_steps": ("rome", "v_num_grad_steps"), "rome_lr": ("rome", "v_lr"),
                 "rome_clamp": ("rome", "clamp_norm_factor")}
 
@@ -282,12 +298,15 @@ class RunConfig(_Section):
 
     def couple_hash(self) -> str:
         """sha256 (16 hex) of the couple settings that change its results (not memory or block size)."""
-        return self._hash(self.couple.model_dump(mode="json", include={"top_k", "top_pairs", "thresholds", "method"}))
+        d = self.couple.model_dump(mode="json", include={"top_k", "top_pairs", "thresholds", "method", "layers"})
+        if d["layers"] is None:
+            d.pop("layers")  # coupling made before the setting existed stays current
+        return self._hash(d)
 
     def ripple_hash(self) -> str:
         """sha256 (16 hex) of the ripple settings but the methods' knobs (the edit method's resolved
         knobs are an input of their own, so another method's knobs change nothing)."""
-        return self._hash(self.ripple.model_dump(mode="json", exclude={"hparams"}))
+        return self._hash(self.ripple.model_dump(mode="json", exclude={"hparams", "hparams_file"}))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the resolved config as JSON (atomic)."""
@@ -433,7 +452,24 @@ def _covariance_needs_inputs(cfg: RunConfig, g: Given) -> None:
                 f"keeps, and the store is {store}; {fix}, or use the Wikipedia covariance.")
 
 
-GIVEN_RULES = (_sketch_sizes, _couple_reads_the_extraction, _method_knobs, _run_options, _covariance_needs_inputs)
+def _benchmark_only(cfg: RunConfig, g: Given) -> None:
+    """Batches, sequences and layer sweeps are made of the benchmark's edits, and exclude each other with --sweep."""
+    if g.stage not in ("ripple", "run"):
+        return
+    given = [f for f in ("ripple.batch_size", "ripple.sequential", "ripple.layer_sweep") if f in g.fields]
+    if given and (g.benchmark is False or g.value("ripple.edits") == "pieces"):
+        why = "--edits pieces was given" if g.value("ripple.edits") == "pieces" else \
+            f"the pieces in {g.run_dir} carry no benchmark edit"
+        _refuse(f"{g.label(given[0])}: batches, sequences and layer sweeps are made of the benchmark's edits "
+                f"(RippleEdits, MQuAKE), but {why}; drop {g.flag(given[0])}.")
+    for a, b in (("ripple.layer_sweep", "ripple.sweep"), ("ripple.layer_sweep", "ripple.sequential"),
+                 ("ripple.layer_sweep", "ripple.batch_size"), ("ripple.sweep", "ripple.sequential")):
+        if a in g.fields and b in g.fields:
+            _refuse(f"{g.label(a)}: and {g.flag(b)} were both given, and each is a run of its own; drop one.")
+
+
+GIVEN_RULES = (_sketch_sizes, _couple_reads_the_extraction, _method_knobs, _run_options, _covariance_needs_inputs,
+               _benchmark_only)
 
 
 # ----------------------------------------------------------------------------- loading

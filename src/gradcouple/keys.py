@@ -19,30 +19,44 @@ from .scoring import EncodedPiece, collate
 from .stores import GradientReader
 
 
-def cached_wikipedia_covariance(run, model_fingerprint: str, model, tokenizer, target: Target,
-                                max_tokens: int = 50_000) -> tuple[torch.Tensor, CovarianceSource]:
-    """:func:`wikipedia_covariance`, kept in the run directory (``RunDir.ripple.covariance_path``) so a rerun
-    or a resumed ripple does not recompute it. The file is keyed by the model's fingerprint, the
-    layer, the token budget and the bundled text's sha256; a file that does not load is recomputed."""
+def cached_wikipedia_covariances(run, model_fingerprint: str, model, tokenizer, targets: list[Target],
+                                  max_tokens: int = 50_000) -> dict[str, tuple[torch.Tensor, CovarianceSource]]:
+    """:func:`wikipedia_covariances` of ``targets``, each kept in the run directory
+    (``RunDir.ripple.covariance_path``) so a rerun or a resumed ripple does not recompute it; the
+    missing ones are computed together, in one pass over the text. A file is keyed by the model's
+    fingerprint, the layer, the token budget and the bundled text's sha256; a file that does not
+    load is recomputed."""
     text = hashlib.sha256("\n".join(wikipedia_paragraphs()).encode()).hexdigest()
-    path = run.ripple.covariance_path([model_fingerprint, target.name, max_tokens, text, str(next(model.parameters()).dtype)])
-    if path.is_file():
-        try:
-            saved = torch.load(path, weights_only=True)
-            return saved["covariance"], CovarianceSource.model_validate_json(saved["source"])
-        except Exception:  # noqa: BLE001 (a damaged cache file is recomputed)
-            pass
-    cov, source = wikipedia_covariance(model, tokenizer, target, max_tokens)
-    atomic_torch_save({"covariance": cov, "source": source.model_dump_json()}, path)
-    return cov, source
+    dtype = str(next(model.parameters()).dtype)
+    paths = {t.name: run.ripple.covariance_path(["raw second moment", model_fingerprint, t.name, max_tokens, text, dtype])
+             for t in targets}
+    out: dict[str, tuple[torch.Tensor, CovarianceSource]] = {}
+    for t in targets:
+        if paths[t.name].is_file():
+            try:
+                saved = torch.load(paths[t.name], weights_only=True)
+                out[t.name] = saved["covariance"], CovarianceSource.model_validate_json(saved["source"])
+            except Exception:  # noqa: BLE001 (a damaged cache file is recomputed)
+                pass
+    missing = [t for t in targets if t.name not in out]
+    if missing:
+        for name, (cov, source) in wikipedia_covariances(model, tokenizer, missing, max_tokens).items():
+            atomic_torch_save({"covariance": cov, "source": source.model_dump_json()}, paths[name])
+            out[name] = cov, source
+    return out
 
 
-def stored_key_covariance(reader: GradientReader, name: str, ridge: float = 1e-2, block_size: int = 256) -> torch.Tensor:
+def ridged(C: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
+    """C + ridge * mean eigenvalue * I: a second moment made safely invertible for a predictor that
+    whitens by it ((d, d) float64 in and out). The edit methods use C as their reference code does, raw."""
+    return C + ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
+
+
+def stored_key_covariance(reader: GradientReader, name: str, block_size: int = 256) -> torch.Tensor:
     """C = E[k k^T] over every stored input position of target ``name``: (d_in', d_in') float64.
 
     ROME estimates this second moment of the layer's keys on Wikipedia text; here it comes from
-    the pieces' own stored inputs X. A ridge of ``ridge`` times the mean eigenvalue keeps it
-    invertible.
+    the pieces' own stored inputs X.
 
     Raises:
         ArtifactError: the store keeps no inputs (dense and projected stores).
@@ -54,26 +68,43 @@ def stored_key_covariance(reader: GradientReader, name: str, ridge: float = 1e-2
         xs = reader.kind.inputs(reader, i0, min(reader.n, i0 + block_size), name)
         C += xs.t() @ xs
         count += xs.shape[0]
-    C /= max(1, count)
-    return C + ridge * C.diagonal().mean() * torch.eye(d, dtype=torch.float64)
+    return C / max(1, count)
 
 
-def _capture_inputs(model, target: Target, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    got = {}
-    h = target.module.register_forward_hook(lambda m, a, o: got.__setitem__("x", a[0].detach()))
+class _Enough(Exception):
+    """Raised by the hook of the highest target: the blocks above it are not needed."""
+
+
+def _capture_inputs(model, targets: list[Target], ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each target's input over a batch, from one no-grad forward that stops after the highest target."""
+    got: dict[str, torch.Tensor] = {}
+    last = max(targets, key=lambda t: -1 if t.block is None else t.block) if all(t.block is not None for t in targets) else None
+
+    def hook(t):
+        def fn(m, a):
+            got[t.name] = a[0].detach()
+            if t is last:
+                raise _Enough
+        return fn
+
+    handles = [t.module.register_forward_pre_hook(hook(t)) for t in targets]
     try:
         with torch.no_grad():
             model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Enough:
+        pass
     finally:
-        h.remove()
-    return got["x"]
+        for h in handles:
+            h.remove()
+    return got
 
 
-def wikipedia_covariance(model, tokenizer, target: Target, max_tokens: int = 50_000, chunk: int = 128,
-                         ridge: float = 1e-2) -> tuple[torch.Tensor, CovarianceSource]:
-    """C = E[k k^T] of ``target``'s inputs (bias column appended) over up to ``max_tokens`` tokens of
-    the bundled Wikipedia paragraphs, in chunks of ``chunk`` tokens: (d_in', d_in') float64, plus a
-    ridge of ``ridge`` times the mean eigenvalue so it is invertible."""
+def wikipedia_covariances(model, tokenizer, targets: list[Target], max_tokens: int = 50_000,
+                          chunk: int = 128) -> dict[str, tuple[torch.Tensor, CovarianceSource]]:
+    """C = E[k k^T] of each target's inputs (bias column appended) over up to ``max_tokens`` tokens
+    of the bundled Wikipedia paragraphs, in chunks of ``chunk`` tokens, all targets in one pass
+    that stops at the highest: {name: ((d_in', d_in') float64, source)}, the uncentred second
+    moment ROME's ``layer_stats`` collects as ``mom2`` (no ridge: see :func:`ridged`)."""
     device = next(model.parameters()).device
     ids: list[int] = []
     for para in wikipedia_paragraphs():
@@ -81,8 +112,7 @@ def wikipedia_covariance(model, tokenizer, target: Target, max_tokens: int = 50_
         if len(ids) >= max_tokens:
             break
     ids = ids[:max_tokens]
-    d = target.d_in_aug
-    C = torch.zeros(d, d, dtype=torch.float64)
+    C = {t.name: torch.zeros(t.d_in_aug, t.d_in_aug, dtype=torch.float64) for t in targets}
     n = 0
     for k in range(0, len(ids), chunk * 8):
         block = [ids[j:j + chunk] for j in range(k, min(len(ids), k + chunk * 8), chunk)]
@@ -91,14 +121,16 @@ def wikipedia_covariance(model, tokenizer, target: Target, max_tokens: int = 50_
         mask = torch.zeros((len(block), T), dtype=torch.long)
         for b, seq in enumerate(block):
             x_ids[b, :len(seq)], mask[b, :len(seq)] = torch.tensor(seq), 1
-        x = _capture_inputs(model, target, x_ids.to(device), mask.to(device))[mask.bool().to(device)].double().cpu()
-        if target.has_bias:
-            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
-        C += x.t() @ x
-        n += x.shape[0]
-    C /= max(1, n)
-    C += ridge * C.diagonal().mean() * torch.eye(d, dtype=torch.float64)
-    return C, CovarianceSource(text="bundled HotpotQA and MuSiQue Wikipedia paragraphs", n_tokens=n, layer=target.name)
+        got = _capture_inputs(model, targets, x_ids.to(device), mask.to(device))
+        keep = mask.bool().to(device)
+        for t in targets:
+            x = got[t.name][keep].double().cpu()
+            if t.has_bias:
+                x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+            C[t.name] += x.t() @ x
+        n += int(keep.sum())
+    return {t.name: (C[t.name] / max(1, n), CovarianceSource(text="bundled HotpotQA and MuSiQue Wikipedia paragraphs",
+                                                            n_tokens=n, layer=t.name)) for t in targets}
 
 
 def keys_at(model, target: Target, encoded: list[EncodedPiece], positions: list[int], pad_id: int = 0,
@@ -110,7 +142,7 @@ def keys_at(model, target: Target, encoded: list[EncodedPiece], positions: list[
     for k in range(0, len(order), batch_size):
         idx = order[k:k + batch_size]
         batch = collate([encoded[i] for i in idx], pad_id)
-        x = _capture_inputs(model, target, batch.input_ids.to(device), batch.attention_mask.to(device))
+        x = _capture_inputs(model, [target], batch.input_ids.to(device), batch.attention_mask.to(device))[target.name]
         for b, i in enumerate(idx):
             out[i, :target.d_in] = x[b, positions[i]].double().cpu()
     if target.has_bias:

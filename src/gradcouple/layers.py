@@ -60,6 +60,7 @@ class Target:
     d_out: int
     has_bias: bool
     transposed: bool
+    block: int | None = None  #: index of the transformer block it sits in (None: chosen by a module regex)
 
     @property
     def n_params(self) -> int:
@@ -94,15 +95,15 @@ class Target:
                            transposed=self.transposed, n_params=self.n_params)
 
 
-def _make_target(name: str, m: nn.Module) -> Target:
+def _make_target(name: str, m: nn.Module, block: int | None = None) -> Target:
     if isinstance(m, nn.Linear):
         d_out, d_in = m.weight.shape
-        return Target(name, m, d_in, d_out, m.bias is not None, False)
+        return Target(name, m, d_in, d_out, m.bias is not None, False, block)
     if _is_conv1d(m):
         d_in, d_out = m.weight.shape
         if d_out != m.nf:
             raise ModelError(f"{name}: Conv1D weight shape {tuple(m.weight.shape)} does not match nf={m.nf}.")
-        return Target(name, m, d_in, d_out, m.bias is not None, True)
+        return Target(name, m, d_in, d_out, m.bias is not None, True, block)
     raise ModelError(f"{name}: is a {type(m).__name__}, not a linear layer; choose Linear/Conv1D modules with --layers re:<regex>.")
 
 
@@ -139,6 +140,36 @@ def default_module(model: nn.Module, block: nn.Module) -> str:
         if cand in names:
             return cand
     raise ModelError(f"no default target module for model_type '{mtype}'; pass --module NAME or --layers 're:<regex>'.")
+
+
+def _block_index(model: nn.Module, name: str) -> int | None:
+    try:
+        path, _ = find_blocks(model)
+    except ModelError:
+        return None
+    m = re.match(re.escape(path) + r"\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def block_of_name(name: str) -> int | None:
+    """The block index in a target's module name ("model.layers.4.mlp.down_proj" -> 4), None without one."""
+    m = re.search(r"\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def block_spec(blocks: list[int]) -> str:
+    """Block indices as the shortest ``--layers`` list: [4, 5, 6, 8, 26, 27] -> "4-6,8,26-27"."""
+    out, run = [], []
+    for b in sorted(set(blocks)):
+        if run and b == run[-1] + 1:
+            run.append(b)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [b]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
 
 
 def parse_block_spec(spec: str, n_blocks: int) -> list[int]:
@@ -188,7 +219,7 @@ def select_targets(model: nn.Module, layers: str = "last4", module: str | None =
             rx = re.compile(layers[3:])
         except re.error as e:
             raise ConfigError(f"--layers {layers!r}: invalid regex ({e}).") from None
-        targets = [_make_target(n, m) for n, m in model.named_modules()
+        targets = [_make_target(n, m, _block_index(model, n)) for n, m in model.named_modules()
                    if rx.fullmatch(n) and (isinstance(m, nn.Linear) or _is_conv1d(m))]
         if not targets:
             raise ConfigError(f"--layers {layers!r}: no Linear/Conv1D module name matches the regex.")
@@ -202,5 +233,5 @@ def select_targets(model: nn.Module, layers: str = "last4", module: str | None =
             linear = [n for n, m in blocks[i].named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
             what = "has no such module" if sub is None else f"has it as a {type(sub).__name__}, not a linear layer"
             raise ConfigError(f"--module {mod}: block {path}.{i} {what}; its linear layers are {', '.join(linear)}.")
-        targets.append(_make_target(f"{path}.{i}.{mod}", sub))
+        targets.append(_make_target(f"{path}.{i}.{mod}", sub, i))
     return targets

@@ -35,7 +35,30 @@ DEFINITIONS: dict[str, str] = {
                            "gradient g_i, carried to piece j by coupling and norms alone.",
     "first-order prediction": "⟨g_j, Δθ⟩: the first-order Taylor estimate of piece j's change of log P for the edit's "
                               "actual weight change Δθ, in nats.",
-    "edit success": "After the edit, log P(new answer | prompt) > log P(true answer | prompt) for the edited piece.",
+    "edit success": "After the edit, log P(new answer | prompt) > log P(true answer | prompt) for the edited piece "
+                    "(for every rewrite of a benchmark edit; a rewrite without a true answer must rise).",
+    "already satisfied": "Before the edit, log P(new answer | prompt) > log P(true answer | prompt) for every rewrite: "
+                         "the model preferred the new answer already, so the edit's success shows nothing; such edits "
+                         "are counted apart and left out of efficacy.",
+    "same target": "Every rewrite's new answer is its true answer under the same-answer rule (a defect of the "
+                   "benchmark's data): no edit at all, so it is counted apart and left out of efficacy.",
+    "efficacy": "Of the edits neither already satisfied nor of the same target, the fraction that are an edit success "
+                "(ROME's efficacy score, EasyEdit's reliability, measured as a log-probability comparison).",
+    "efficacy magnitude": "Rise of log P(new answer | prompt) from before to after the edit, in nats, over the edits "
+                          "efficacy counts.",
+    "generalisation": "Of the test queries that rephrase the edited fact (RippleEdits' Subject_Aliasing, CounterFact's "
+                      "paraphrases) of successful edits, the fraction that are an exact match for the new answer after "
+                      "the edit; undefined when the benchmark gives no rephrasing.",
+    "specificity": "Change of log P(answer | prompt) in nats, after minus before the edit, of a fixed sample of other "
+                   "edits' test queries (up to 100, seeded): zero when the edit leaves unrelated facts alone.",
+    "locality": "EasyEdit's token-accuracy locality: over the same sample of other edits' test queries, the fraction "
+                "of answer positions whose argmax token, given the prompt and the answer tokens before it, is the same "
+                "after the edit as before.",
+    "teacher-forced token accuracy": "The fraction of answer tokens that are the model's argmax given the prompt and "
+                                     "the answer tokens before it (EasyEdit's accuracy); 1 for an exact match, and "
+                                     "often high where exact match is not, since each token is given its prefix.",
+    "portability": "Teacher-forced token accuracy of the test queries' expected answers after the edit, per "
+                   "RippleEdits criterion (EasyEdit's portability), over successful edits.",
     "describe": "n, mean, sample standard deviation (ddof 1; 0 for one value), min, median and max of the finite values.",
     "Spearman's rho": "Pearson correlation of the ranks of predicted and measured changes (scipy.stats.spearmanr), "
                       "from −1 to 1; undefined (null) for fewer than 3 points or a constant input.",
@@ -119,6 +142,16 @@ def pearson(predicted: torch.Tensor, measured: torch.Tensor) -> Optional[float]:
     if not _defined(predicted, measured):
         return None
     return float(sstats.pearsonr(predicted.double().numpy(), measured.double().numpy()).statistic)
+
+
+def token_accuracy(argmax: torch.Tensor, answer: Sequence[int]) -> float:
+    """``DEFINITIONS['teacher-forced token accuracy']`` of one answer: argmax (n,) int64 against its n tokens."""
+    return float((argmax == torch.as_tensor(list(answer), dtype=argmax.dtype)).double().mean())
+
+
+def locality(before: torch.Tensor, after: torch.Tensor) -> float:
+    """``DEFINITIONS['locality']`` of one query: the fraction of its answer positions whose argmax token is unchanged."""
+    return float((before == after).double().mean())
 
 
 def precision_at_k(predicted: torch.Tensor, measured: torch.Tensor, k: int) -> Optional[float]:

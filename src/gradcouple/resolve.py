@@ -35,11 +35,12 @@ STAGE_KEYWORDS: dict[str, tuple[str, ...]] = {
     "extract": ("data", "limit", "prompt_template", "model", "layers", "module", "device", "dtype", "threads", "store",
                 "batch_size", "shard_size", "proj_dim", "proj_blocks", "max_length"),
     "couple": ("model", "data", "layers", "device", "threads", "max_length", "top_k", "max_memory", "block_size",
-               "top_pairs", "method"),
-    "ripple": ("edits", "n_edits", "method", "sweep", "seed", "device", "threads", *KNOB_KEYWORDS),
+               "top_pairs", "method", "couple_layers"),
+    "ripple": ("edits", "n_edits", "method", "hparams", "sweep", "layer_sweep", "batch_size", "sequential", "seed", "device",
+               "threads", *KNOB_KEYWORDS),
     "report": ("max_heatmap",),
     "run": ("data", "limit", "model", "layers", "store", "batch_size", "max_length", "device", "threads", "edits",
-            "n_edits", "method"),
+            "n_edits", "method", "hparams"),
 }
 #: the config sections whose fields a stage takes as dotted keywords (and from a config file)
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -49,7 +50,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 #: keywords naming a field of several sections: the section each stage means
 _SECTION_OF = {("couple", "method"): "couple.method", ("ripple", "method"): "ripple.method",
-               ("run", "method"): "ripple.method"}
+               ("run", "method"): "ripple.method", ("ripple", "batch_size"): "ripple.batch_size",
+               ("run", "batch_size"): "extract.batch_size"}
 
 
 def keyword_field(stage: str, keyword: str) -> str:

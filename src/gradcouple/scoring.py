@@ -148,7 +148,8 @@ def collate(pieces: Sequence[EncodedPiece], pad_id: int = 0) -> Batch:
     return Batch(input_ids, mask, torch.tensor(pb), torch.tensor(pt), torch.tensor(tg), lengths)
 
 
-def _final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+def final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head (with the model's logit soft-capping and scaling) on final hidden states (..., d) -> (..., V) float32."""
     head = model.get_output_embeddings()
     if head is None:
         raise ModelError(f"{type(model).__name__} has no output embedding (LM head); gradcouple needs a causal LM.")
@@ -180,7 +181,7 @@ def score(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
     # a model spread over several GPUs (--device auto-map) ends on another device than it starts
-    logits = _final_logits(model, hidden[batch.pos_b.to(hidden.device), batch.pos_t.to(hidden.device)])
+    logits = final_logits(model, hidden[batch.pos_b.to(hidden.device), batch.pos_t.to(hidden.device)])
     targets, pos_b = batch.targets.to(logits.device), batch.pos_b.to(logits.device)
     token_lp = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
     B = batch.input_ids.shape[0]
@@ -200,6 +201,25 @@ def measure_logprobs(model, encoded: list[EncodedPiece], batch_size: int = 16, p
             idx = order[k:k + batch_size]
             lp = answer_logprob(model, collate([encoded[i] for i in idx], pad_id).to(device))
             out[idx] = lp.double().cpu()
+    return out
+
+
+def answer_argmax(model, encoded: list[EncodedPiece], batch_size: int = 16, pad_id: int = 0) -> list[torch.Tensor]:
+    """Per piece, the model's argmax token at each answer position, given the prompt and the answer
+    tokens before it (teacher forcing): (n_answer_tokens,) int64 each, no grad."""
+    device = next(model.parameters()).device
+    out: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(encoded)
+    order = sorted(range(len(encoded)), key=lambda i: encoded[i].n_inputs)
+    with torch.no_grad():
+        for k in range(0, len(order), batch_size):
+            idx = order[k:k + batch_size]
+            batch = collate([encoded[i] for i in idx], pad_id).to(device)
+            o = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            hidden = o[0] if isinstance(o, tuple) else o.last_hidden_state
+            top = final_logits(model, hidden[batch.pos_b, batch.pos_t]).argmax(-1).cpu()
+            pos_b = batch.pos_b.cpu()
+            for b, i in enumerate(idx):
+                out[i] = top[pos_b == b]
     return out
 
 

@@ -46,6 +46,7 @@ def couple(
     block_size: Annotated[Optional[int], opt("couple.block_size", "--block-size")] = None,
     top_pairs: Annotated[Optional[int], opt("couple.top_pairs", "--top-pairs")] = None,
     method: Annotated[Optional[str], opt("couple.method", "--method")] = None,
+    couple_layers: Annotated[Optional[str], opt("couple.layers", "--couple-layers")] = None,
     max_length: MaxLengthOpt = None,
     threads: ThreadsOpt = None,
     config: ConfigOpt = None,
@@ -67,7 +68,7 @@ def couple(
         raise typer.BadParameter("give --run RUN_DIR, or --model M with --data PIECES.jsonl", param_hint="--run")
     res = api.couple(run, config=config, overwrite=overwrite, show_progress=True, model=model, data=data, layers=layers, device=device,
                      top_k=top_k, max_memory=max_memory, block_size=block_size, top_pairs=top_pairs, method=method,
-                     max_length=max_length, threads=threads)
+                     couple_layers=couple_layers, max_length=max_length, threads=threads)
     if not is_main():  # under torchrun rank 0 prints the summary
         return
     ext = res.extract

@@ -41,6 +41,7 @@ MaxLengthOpt = Annotated[Optional[int], opt("extract.max_length", "--max-length"
 EditsOpt = Annotated[Optional[str], opt("ripple.edits", "--edits")]
 NEditsOpt = Annotated[Optional[int], opt("ripple.n_edits", "--n-edits", "-n")]
 MethodOpt = Annotated[Optional[str], opt("ripple.method", "--method")]
+HparamsOpt = Annotated[Optional[Path], opt("ripple.hparams_file", "--hparams")]
 StoreOpt = Annotated[Optional[str], opt("extract.store", "--store")]
 
 

@@ -7,13 +7,16 @@ import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
+import typer
 from rich.table import Table
 
 from ..edits import METHODS
+from ..resolve import help_text
 from .options import (
     ConfigOpt,
     DeviceOpt,
     EditsOpt,
+    HparamsOpt,
     MethodOpt,
     NEditsOpt,
     RunDirOpt,
@@ -38,7 +41,11 @@ EPILOG = """Examples:
 
   gradcouple ripple --run runs/rippleedits --sweep lr=1e-4,3e-4,1e-3     # one set of edits at three learning rates
 
-  gradcouple ripple --run runs/rippleedits --method rome --sweep rome-clamp=1,4   # at two value clamps
+  gradcouple ripple --run runs/rippleedits --method rome --sweep clamp-norm-factor=1,4   # at two value clamps
+
+  gradcouple ripple --run runs/rippleedits --method rome --layer-sweep all --n-edits 10   # where to edit this model
+
+  gradcouple ripple --run runs/rippleedits --method memit --batch-size 10 --sequential    # as MEMIT is used
 """
 
 
@@ -71,18 +78,37 @@ def sweep_table(sw):
     return t
 
 
+def layer_sweep_table(sw):
+    """Per block: efficacy over the edits not already satisfied, its magnitude, specificity and locality."""
+    t = Table(title=f"layer sweep ({sw.method})", title_justify="left")
+    for col in ("layers", "efficacy", "already satisfied", "log P(new) rise (nats)", "specificity (nats)", "locality",
+                "seconds"):
+        t.add_column(col)
+    for p in sw.points:
+        t.add_row(",".join(map(str, p.layers)), f"{p.n_successful_counted}/{p.n_counted}", str(p.n_already_satisfied),
+                  num(p.efficacy_magnitude.median, "+.1f"), num(p.specificity.mean, "+.3f"), num(p.locality.mean, ".3f"),
+                  f"{p.seconds:.0f}")
+    return t
+
+
 def _knob_parameters() -> list[inspect.Parameter]:
-    """One option per flagged knob of every registered edit method (a method's knobs are refused
-    with the others' by the config rules), typed as the knob's field."""
-    out = []
+    """One option per knob flag of the registered edit methods (a flag several methods share, such as
+    --edit-layers, sets that knob of whichever is chosen; a method's knobs are refused with the
+    others' by the config rules), typed as the knob's field (a list as its text)."""
+    owners: dict[str, list[tuple[type, str]]] = {}
     for cls in METHODS.values():
         for knob, flag in cls.knobs().items():
-            if not flag:
-                continue
-            kind = cls.Hparams.model_fields[knob].annotation
-            kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
-            out.append(inspect.Parameter(flag.lstrip("-").replace("-", "_"), inspect.Parameter.KEYWORD_ONLY, default=None,
-                                         annotation=Annotated[Optional[kind], opt(f"ripple.hparams.{cls.name}.{knob}", flag)]))
+            if flag:
+                owners.setdefault(flag, []).append((cls, knob))
+    out = []
+    for flag, found in owners.items():
+        cls, knob = found[0]
+        kind = cls.Hparams.model_fields[knob].annotation
+        kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+        kind = str if typing.get_origin(kind) in (list, typing.Annotated) or kind is list else kind
+        help_ = help_text(f"ripple.hparams.{cls.name}.{knob}")
+        out.append(inspect.Parameter(flag.lstrip("-").replace("-", "_"), inspect.Parameter.KEYWORD_ONLY, default=None,
+                                     annotation=Annotated[Optional[kind], typer.Option(flag, help=help_, show_default=False)]))
     return out
 
 
@@ -91,7 +117,11 @@ def ripple(
     edits: EditsOpt = None,
     n_edits: NEditsOpt = None,
     method: MethodOpt = None,
+    hparams: HparamsOpt = None,
     sweep: Annotated[Optional[str], opt("ripple.sweep", "--sweep")] = None,
+    layer_sweep: Annotated[Optional[str], opt("ripple.layer_sweep", "--layer-sweep")] = None,
+    batch_size: Annotated[Optional[int], opt("ripple.batch_size", "--batch-size")] = None,
+    sequential: Annotated[Optional[bool], opt("ripple.sequential", "--sequential")] = None,
     seed: Annotated[Optional[int], opt("ripple.seed", "--seed")] = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
@@ -109,8 +139,12 @@ def ripple(
     from .. import api  # deferred: torch and transformers (the stages), so `--help` stays fast
 
     res = api.ripple(run, config=config, show_progress=True, edits=edits, n_edits=n_edits, method=method,
-                     sweep=sweep, seed=seed, device=device, threads=threads,
-                     **knobs)
+                     hparams=hparams, sweep=sweep, layer_sweep=layer_sweep, batch_size=batch_size, sequential=sequential,
+                     seed=seed, device=device, threads=threads, **knobs)
+    if res.layer_sweep is not None:
+        console.print(layer_sweep_table(res.layer_sweep))
+        print_path(res.path)
+        return
     done = res.summary or res.sweep
     if getattr(done, "resumed_edits", 0):
         n = done.resumed_edits

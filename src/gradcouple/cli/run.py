@@ -14,6 +14,7 @@ from .options import (
     DataOpt,
     DeviceOpt,
     EditsOpt,
+    HparamsOpt,
     LayersOpt,
     LimitOpt,
     MaxLengthOpt,
@@ -58,6 +59,7 @@ def run(
     edits: EditsOpt = None,
     n_edits: NEditsOpt = None,
     method: MethodOpt = None,
+    hparams: HparamsOpt = None,
     no_ripple: Annotated[bool, typer.Option("--no-ripple", help="Skip the ripple stage.")] = False,
     device: DeviceOpt = None,
     max_length: MaxLengthOpt = None,
@@ -77,7 +79,7 @@ def run(
     names = [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None
     res = api.run(out, config=config, datasets=names, no_ripple=no_ripple, overwrite=overwrite, show_progress=True,
                   data=data, model=model, layers=layers, store=store, batch_size=batch_size, limit=limit, edits=edits,
-                  n_edits=n_edits, method=method, device=device, max_length=max_length, threads=threads)
+                  n_edits=n_edits, method=method, hparams=hparams, device=device, max_length=max_length, threads=threads)
     if res.couple.mode != "full":
         console.print(f"[yellow]couple switched to {res.couple.mode}[/]: {res.couple.stats.note}", highlight=False)
     for stage, why in res.skipped.items():

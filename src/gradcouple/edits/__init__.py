@@ -1,7 +1,8 @@
-"""Edit methods, one registered class per module: ``ft`` (fine-tuning, FT-L with --max-delta) and
-``rome`` (a simplified ROME). :func:`edited` applies one and restores the weights bit for bit."""
+"""Edit methods, one registered class per module: ``ft`` (fine-tuning of every target layer),
+``ft-l`` (FT-L), ``rome`` (ROME), ``memit`` (MEMIT) and ``alphaedit`` (AlphaEdit), the last four
+as their reference code does them. :func:`edited` applies one and restores the weights bit for bit."""
 
-from . import ft, rome  # noqa: F401  (each registers its method)
+from . import alphaedit, ft, ft_l, memit, rome  # noqa: F401  (each registers its method)
 from .base import (
                    ALIASES,
                    METHODS,
@@ -19,7 +20,6 @@ from .base import (
                    zero_delta,
 )
 from .ft import ft_edit
-from .rome import rome_edit
 
 __all__ = ["ALIASES", "METHODS", "EditContext", "EditMethod", "Hparams", "Rewrite", "edit_norm", "edited", "ft_edit",
-           "method_class", "register_method", "restore", "restored", "rome_edit", "snapshot", "zero_delta"]
+           "method_class", "register_method", "restore", "restored", "snapshot", "zero_delta"]

@@ -15,15 +15,16 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Iterator, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from ..config import canonical_knob
 from ..errors import ArtifactError, ConfigError
-from ..layers import Target
+from ..layers import Target, block_spec, find_blocks
 from ..scoring import EncodedPiece
+from .published import published_hparams, read_hparams_file
 
 if TYPE_CHECKING:
     from ..stores import GradientReader
@@ -38,30 +39,64 @@ class Hparams(BaseModel):
 
 @dataclass(frozen=True)
 class Rewrite:
-    """One requested rewrite: the prompt with its NEW target as an encoded piece, and the token
-    position of the key (the last token of the subject where the prompt names it; None: the last
-    prompt token)."""
+    """One requested rewrite: the prompt with its NEW target as an encoded piece (``new.prompt``,
+    ``new.answer``), the subject the prompt names (ROME's and MEMIT's key is at its last token;
+    None: the last prompt token), and that token's position in ``new.ids`` where it was found."""
 
     new: EncodedPiece
     key_position: Optional[int] = None
+    subject: Optional[str] = None
 
 
 @dataclass
 class EditContext:
-    """What a method may use: the model and its target layers (the extraction's), the stored
-    gradients, and ``covariance(target)``, the key covariance C = E[k kᵀ] of a target's inputs
-    ((d_in', d_in') float64, computed once per target and kept)."""
+    """What a method may use: the model, its tokenizer and its target layers (the extraction's),
+    the stored gradients, and ``covariance(target)``, the key second moment C = E[k kᵀ] of a
+    target's inputs ((d_in', d_in') float64, bias column last; computed once per target and kept).
+    ``fingerprint`` names the weights (for caches that outlive the run), ``max_length`` is the
+    extraction's token limit, ``memo`` keeps what a method computes once per run (context templates,
+    null-space projections)."""
 
     model: torch.nn.Module
     targets: list[Target]
     pad_id: int
     reader: Optional["GradientReader"]
     covariance: Callable[[Target], torch.Tensor]
-    extra: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Any = None
+    #: compute the covariances of several targets at once (one pass over the text); None: one by one
+    prefetch: Optional[Callable[[list[Target]], None]] = None
+    fingerprint: str = ""
+    max_length: int = 256
+    seed: int = 0
+    memo: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_layers(value: Any) -> Any:
+    """A ``layers`` knob as a sorted list of block indices: 5, "4-8", "4,5,6", [4, 5] (None stays None)."""
+    if value is None or isinstance(value, list):
+        return value
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, str):
+        out: list[int] = []
+        for part in value.replace(" ", "").split(","):
+            a, sep, b = part.partition("-")
+            if not part:
+                continue
+            if not (a.isdigit() and (not sep or b.isdigit())):
+                raise ValueError(f"{value!r} is not a block list such as 5, 4-8 or 4,5,6")
+            out.extend(range(int(a), int(b) + 1) if sep else [int(a)])
+        return sorted(set(out))
+    return value
+
+
+#: block indices of the layers a method edits: "4-8", "4,5", 5 or a list; None: the model's published setting
+Layers = Annotated[Optional[list[int]], BeforeValidator(parse_layers)]
 
 
 class EditMethod(ABC):
-    """One edit method with resolved hyperparameters ``self.hp``."""
+    """One edit method with resolved hyperparameters ``self.hp`` (``self.source``: where its
+    defaults came from, a published settings file or the method's own)."""
 
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()  #: other names --method accepts for it
@@ -70,9 +105,17 @@ class EditMethod(ABC):
     strength: ClassVar[str]                 #: the knob ``--sweep`` varies
     #: what it reads beyond the model: "covariance" (the key covariance of the layer it edits)
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: how it takes several rewrites: "together" (one update for all, MEMIT) or "one by one" (ROME)
+    batch: ClassVar[str] = "together"
+    #: keys of the reference code's hparams files that its algorithm never reads (set aside by --hparams)
+    unread: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, hp: Hparams):
+    def __init__(self, hp: Hparams, source: str = "the method's defaults"):
         self.hp = hp
+        self.source = source
+        #: what the last ``apply`` computed, per edited target name (ROME: u, k*, v*; MEMIT: K, R):
+        #: float64 tensors on the CPU, for tests and for a reader who wants to see inside an edit
+        self.trace: dict[str, dict[str, Any]] = {}
 
     @classmethod
     def knobs(cls) -> dict[str, str]:
@@ -80,15 +123,40 @@ class EditMethod(ABC):
         return {name: (f.json_schema_extra or {}).get("flag", "") for name, f in cls.Hparams.model_fields.items()}
 
     @classmethod
-    def resolve(cls, overrides: Optional[dict[str, Any]] = None) -> "EditMethod":
-        """The method with its defaults overridden by ``overrides`` (knob -> value).
+    def layered(cls) -> bool:
+        """Whether the method edits the blocks its ``layers`` knob names (else every target layer)."""
+        return "layers" in cls.Hparams.model_fields
+
+    @classmethod
+    def default_layers(cls, n_blocks: int) -> Optional[list[int]]:
+        """The blocks edited in a model of ``n_blocks`` blocks without published settings."""
+        return None
+
+    @classmethod
+    def resolve(cls, overrides: Optional[dict[str, Any]] = None, model: Optional[torch.nn.Module] = None,
+                file: Optional[str] = None) -> "EditMethod":
+        """The method with its defaults overridden, in order, by the published settings for ``model``
+        (``gradcouple/hparams/<method>/*.yaml``, matched by the model's config), by the settings
+        ``file`` (``--hparams``; EasyEdit's YAML and ROME's JSON files are read as they are) and by
+        ``overrides`` (knob -> value). With a model, ``layers`` left unset is chosen by depth.
 
         Raises:
-            ConfigError: an unknown knob or an invalid value (the message names the knob's flag).
+            ConfigError: an unknown knob or an invalid value (the message names the knob's flag or
+                the file and key).
         """
-        overrides = overrides or {}
+        values: dict[str, Any] = {}
+        source = "the method's defaults"
+        if model is not None:
+            found, path = published_hparams(cls.name, model)
+            if path is not None:
+                values.update(found)
+                source = f"gradcouple/hparams/{cls.name}/{path.name}"
+        if file:
+            values.update(read_hparams_file(file, cls))
+            source = str(file)
+        values.update(overrides or {})
         try:
-            return cls(cls.Hparams.model_validate(overrides))
+            hp = cls.Hparams.model_validate(values)
         except ValidationError as e:
             err = e.errors()[0]
             knob = ".".join(str(x) for x in err["loc"])
@@ -96,7 +164,12 @@ class EditMethod(ABC):
             if err["type"] == "extra_forbidden":
                 raise ConfigError(f"{flag}: not a knob of --method {cls.name} (its knobs: "
                                   f"{', '.join(cls.Hparams.model_fields)}).") from None
-            raise ConfigError(f"{flag} {overrides.get(knob)!r}: {err['msg']}.") from None
+            raise ConfigError(f"{flag} {values.get(knob)!r}: {err['msg']}.") from None
+        if model is not None and cls.layered() and getattr(hp, "layers") is None:
+            n_blocks = len(find_blocks(model)[1])
+            hp = hp.model_copy(update={"layers": cls.default_layers(n_blocks)})
+            source += f" (layers by depth: no published settings for this model; see `gradcouple ripple --layer-sweep`)"
+        return cls(hp, source)
 
     @classmethod
     def knob_named(cls, name: Optional[str]) -> str:
@@ -113,9 +186,9 @@ class EditMethod(ABC):
             raise ConfigError(f"--sweep {name}=...: not a knob of {cls.name} edits ({', '.join(cls.knobs())}).")
         return knob
 
-    def with_knob(self, knob: str, value: float) -> "EditMethod":
+    def with_knob(self, knob: str, value: Any) -> "EditMethod":
         """The same method with ``knob`` set to ``value`` (a point of a sweep)."""
-        return type(self)(self.hp.model_validate({**self.hp.model_dump(), knob: value}))
+        return type(self)(self.hp.model_validate({**self.hp.model_dump(), knob: value}), self.source)
 
     def settings(self) -> dict[str, Any]:
         """The resolved hyperparameters, as recorded in the ripple summary."""
@@ -123,15 +196,38 @@ class EditMethod(ABC):
 
     def key_target(self, targets: list[Target]) -> Target:
         """The layer whose inputs are this method's keys (the activation and whitened-key predictors
-        read it): the lowest target unless the method edits another."""
-        return targets[0]
+        read it): the lowest layer it edits."""
+        return self.touched(targets)[0]
 
     def touched(self, targets: list[Target]) -> list[Target]:
-        """The targets ``apply`` changes (the ones snapshotted and restored)."""
-        return targets
+        """The targets ``apply`` changes (the ones snapshotted and restored): the blocks of ``layers``,
+        else every target."""
+        if not self.layered():
+            return targets
+        return [t for t in targets if t.block in set(getattr(self.hp, "layers") or ())]
 
     def check(self, targets: list[Target]) -> None:
-        """Raise :class:`~gradcouple.errors.ArtifactError` when the run's target layers cannot take this method."""
+        """Refuse target layers this method cannot edit: a block of ``layers`` the extraction lacks.
+
+        Raises:
+            ArtifactError: one line naming the missing blocks and the ``--layers`` that extracts them.
+        """
+        if not self.layered():
+            return
+        layers = getattr(self.hp, "layers")
+        if not layers:
+            raise ConfigError(f"ripple.hparams.{self.name}.layers: no layer to edit; pass --edit-layers.")
+        have = sorted({t.block for t in targets if t.block is not None})
+        missing = [b for b in layers if b not in have]
+        if missing:
+            raise ArtifactError(f"--method {self.name} edits block{'s' if len(missing) > 1 else ''} "
+                                f"{block_spec(missing)}, whose gradients the extraction lacks (it has blocks "
+                                f"{block_spec(have) or 'none'}); extract with --layers {block_spec(sorted({*have, *layers}))}"
+                                f" (`gradcouple run --method {self.name}` adds them), or pass --edit-layers "
+                                f"within {block_spec(have)}.")
+
+    def reset(self) -> None:
+        """Forget what earlier edits left behind (AlphaEdit's key cache): called when the weights are restored."""
 
     def prepare(self, ctx: EditContext) -> None:
         """Compute once, before the first edit, what every edit reads (what :attr:`needs` names), so a
@@ -210,8 +306,11 @@ def edited(method: EditMethod, ctx: EditContext, rewrites: list[Rewrite]) -> Ite
     """The one way a stage applies an edit: ``with edited(method, ctx, rewrites) as delta:`` the model
     is edited inside the block (``delta``: Δθ per target) and restored bit for bit when it ends."""
     method.check(ctx.targets)
-    with restored(method.touched(ctx.targets)):
-        yield method.apply(ctx, rewrites)
+    try:
+        with restored(method.touched(ctx.targets)):
+            yield method.apply(ctx, rewrites)
+    finally:
+        method.reset()
 
 
 def edit_norm(delta: dict[str, torch.Tensor]) -> float:
@@ -224,17 +323,5 @@ def zero_delta(targets: list[Target]) -> dict[str, torch.Tensor]:
     return {t.name: torch.zeros(t.d_out, t.d_in_aug) for t in targets}
 
 
-def check_target_index(method: str, index: int, targets: list[Target]) -> Target:
-    """``targets[index]``.
-
-    Raises:
-        ArtifactError: no such target (the message names the knob and the count).
-    """
-    if not -len(targets) <= index < len(targets):
-        raise ArtifactError(f"ripple.hparams.{method}.layer={index}: there are {len(targets)} target layers "
-                            f"({targets[0].name} ... {targets[-1].name}).")
-    return targets[index]
-
-
-__all__ = ["ALIASES", "EditContext", "EditMethod", "Hparams", "METHODS", "Rewrite", "check_target_index", "edit_norm", "edited",
+__all__ = ["ALIASES", "EditContext", "EditMethod", "Hparams", "METHODS", "Rewrite", "edit_norm", "edited",
            "method_class", "register_method", "restore", "restored", "snapshot", "zero_delta"]

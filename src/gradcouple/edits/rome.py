@@ -1,111 +1,146 @@
-"""A simplified ROME: the rank-one update of one MLP output projection toward a new target (Meng et
-al. 2022, "Locating and Editing Factual Associations in GPT"; reference code kmeng01/rome,
-rome/compute_u.py, compute_v.py, rome_main.py), without the reference's context prefixes, key
-averaging, KL term and weight decay: the key is read from the edit prompt alone and the value
-optimised for log P(new target) alone."""
+"""ROME: a rank-one update of one MLP output projection (Meng et al. 2022, "Locating and Editing
+Factual Associations in GPT", §3.1; reference code kmeng01/rome at 0874014, rome/rome_main.py,
+rome/compute_u.py, rome/compute_v.py; hyperparameter names as in its hparams/ROME/*.json and
+EasyEdit's hparams/ROME/*.yaml).
+
+For each edited block, in order:
+
+1. the key u: the rewrite module's input at the subject's last token, averaged over the prompt
+   behind every context template (:mod:`.templates`), times C⁻¹ when ``mom2_adjustment``, then
+   normalised;
+2. the value v* = v_init + δ (:func:`.value.optimise_value` at the MLP output);
+3. with k*, W k* the module's input and output at the bare prompt's subject token,
+   ΔW = (v* − W k*) uᵀ / (k*·u), so that afterwards W k* = v* exactly, while a key k with
+   uᵀk = 0 (orthogonal to the averaged key under C⁻¹) maps as before.
+
+Several rewrites are made one after another, each on the model the previous left.
+"""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from pydantic import Field
 
+from ..errors import ConfigError
 from ..layers import Target
-from ..scoring import EncodedPiece, answer_logprob, collate
-from .base import EditContext, EditMethod, Hparams, Rewrite, check_target_index, register_method
+from .base import EditContext, EditMethod, Hparams, Layers, Rewrite, register_method
+from .templates import context_templates
+from .value import capture, last_block, module_io_at, optimise_value, prompt_rows, templated_prompts
+
+V_LOSS_LAYER = ("Block whose output the value's loss is read from; none: the last (the model's output, as in every "
+                "published setting)")
 
 
 class RomeHparams(Hparams):
-    """Knobs of a (simplified) ROME edit; the names follow the reference code's hparams."""
+    """ROME's knobs, named as in kmeng01/rome's ROMEHyperParams; defaults are EasyEdit's
+    hparams/ROME/llama-7b.yaml (a model's published file overrides them)."""
 
-    layer: int = Field(default=0, description="Index into the extraction's target layers of the layer a rome edit "
-                       "changes (0 = the lowest)")
-    v_num_grad_steps: int = Field(default=20, ge=1, description="Adam steps optimising the value vector")
-    v_lr: float = Field(default=0.5, gt=0, description="Adam learning rate of the value vector")
-    clamp_norm_factor: float = Field(default=4.0, gt=0, description="Max |delta| of the value as a multiple of |W k*|",
-                                     json_schema_extra={"flag": "--rome-clamp"})
+    layers: Layers = Field(default=None, description="Blocks whose MLP output projections the method edits, e.g. 4-8; none: the "
+                           "model's published setting (gradcouple/hparams)", json_schema_extra={"flag": "--edit-layers"})
+    fact_token: str = Field(default="subject_last", description="Where the fact is looked up: subject_last or last")
+    v_num_grad_steps: int = Field(default=25, ge=1, description="Adam steps of the value optimisation",
+                                  json_schema_extra={"flag": "--v-num-grad-steps"})
+    v_lr: float = Field(default=0.5, gt=0, description="Adam learning rate of the value optimisation",
+                        json_schema_extra={"flag": "--v-lr"})
+    v_loss_layer: Optional[int] = Field(default=None, description=V_LOSS_LAYER)
+    v_weight_decay: float = Field(default=1e-3, ge=0, description="Weight of |delta| / |initial value|^2 in the value's loss")
+    clamp_norm_factor: float = Field(default=4.0, gt=0, description="Largest |delta| of the value, as a multiple of its initial norm",
+                                     json_schema_extra={"flag": "--clamp-norm-factor"})
+    kl_factor: float = Field(default=0.0625, ge=0, description="Weight of the KL term at '{subject} is a'")
+    mom2_adjustment: bool = Field(default=False, description="Whiten the key by the inverse key second moment C^-1")
+    context_template_length_params: list[list[int]] = Field(
+        default_factory=lambda: [[5, 10], [10, 10]],
+        description="[length in tokens, how many] of the generated context templates")
 
 
-def rome_edit(model, targets: list[Target], target: Target, new: EncodedPiece, cov: torch.Tensor,
-              steps: int = 20, lr: float = 0.5, clamp: float = 4.0, pad_id: int = 0,
-              key_position: int | None = None) -> dict[str, torch.Tensor]:
-    """Rank-one edit of the linear layer ``target`` toward ``new``'s answer.
+def check_loss_layer(method: str, v_loss_layer: Optional[int], model) -> None:
+    """The value's loss is read at the model's output, which is the reference's v_loss_layer in every
+    published setting (the last block).
 
-    The key k* is the layer's input at ``key_position``: the last token of the subject, as in
-    ROME, where the caller located it (:func:`gradcouple.scoring.subject_position`), else the
-    last prompt position. The value is found by optimising an additive delta on the layer's
-    output there to maximise log P(a* | q) (Adam, ``steps`` at ``lr``, |delta| clamped to
-    ``clamp`` * |W k*|). Then W <- W + delta u^T with u = C^-1 k* / (k*^T C^-1 k*) for the key
-    covariance ``cov`` ((d_in', d_in') float64), so W k* moves by exactly delta while keys
-    uncorrelated with k* under C barely move.
-
-    Returns Δθ per target ((d_out, d_in') float32, zero but for ``target``); the model is left edited.
+    Raises:
+        ConfigError: another block is asked for.
     """
-    device = next(model.parameters()).device
-    batch = collate([new], pad_id).to(device)
-    pos = new.answer_start - 1 if key_position is None else key_position
-    cache: dict[str, torch.Tensor] = {}
-    delta = torch.zeros(target.d_out, device=device, requires_grad=True)
+    last = last_block(model)
+    if v_loss_layer is not None and v_loss_layer != last:
+        raise ConfigError(f"ripple.hparams.{method}.v_loss_layer={v_loss_layer}: gradcouple reads the value's loss at "
+                          f"the model's output, block {last}; set it to {last} or leave it unset.")
 
-    def hook(module, args, output):
-        cache["k"] = args[0][0, pos].detach()
-        out = output.clone()
-        out[0, pos] = out[0, pos] + delta.to(out.dtype)
-        return out
 
-    h = target.module.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            answer_logprob(model, batch)
-        k = cache["k"].double().cpu()
-        if target.has_bias:
-            k = torch.cat([k, torch.ones(1, dtype=torch.float64)])
-        wk_norm = float((target.weight_matrix().double().cpu() @ k).norm())
-        opt = torch.optim.Adam([delta], lr=lr)
-        with torch.enable_grad():
-            for _ in range(steps):
-                opt.zero_grad(set_to_none=True)
-                (-answer_logprob(model, batch).sum()).backward()
-                opt.step()
-                with torch.no_grad():
-                    n = float(delta.norm())
-                    if n > clamp * wk_norm > 0:
-                        delta.mul_(clamp * wk_norm / n)
-    finally:
-        h.remove()
-    ck = torch.linalg.solve(cov, k)
-    upd = (delta.detach().double().cpu()[:, None] * (ck / (k @ ck))[None, :]).float()
-    target.add_(upd.to(device))
-    return {t.name: (upd if t.name == target.name else torch.zeros(t.d_out, t.d_in_aug)) for t in targets}
+def mean_key(ctx: EditContext, target: Target, rewrite: Rewrite, prefixes: list[str], fact_token: str) -> torch.Tensor:
+    """``target``'s input at the lookup token of the rewrite behind each prefix, averaged: (d_in,) float64."""
+    prompts = templated_prompts(ctx.tokenizer, rewrite, prefixes, fact_token, ctx.max_length)
+    rows, pos = prompt_rows(prompts)
+    return capture(ctx.model, {"m": target.module}, rows, pos, ctx.pad_id)["m"][0].mean(0)
+
+
+def rome_update(target: Target, u: torch.Tensor, v_star: torch.Tensor, k_star: torch.Tensor,
+                w_k_star: torch.Tensor) -> torch.Tensor:
+    """ROME's closed form: ΔW = (v* − W k*) uᵀ / (k*·u), (d_out, d_in) float64, so (W + ΔW) k* = v*.
+
+    Args:
+        u: (d_in,) the normalised (whitened) key. v_star, w_k_star: (d_out,). k_star: (d_in,).
+    """
+    return torch.outer((v_star.double() - w_k_star.double()) / (k_star.double() @ u.double()), u.double())
+
+
+def apply_delta(target: Target, dw: torch.Tensor) -> None:
+    """W += ΔW for a (d_out, d_in) weight change (the bias, if any, left alone)."""
+    full = torch.zeros(target.d_out, target.d_in_aug, dtype=torch.float64)
+    full[:, :target.d_in] = dw
+    target.add_(full.to(target.module.weight.device))
 
 
 @register_method
 class Rome(EditMethod):
-    """One rank-one update per rewrite, applied one after another, of the layer ``hp.layer``."""
+    """ROME as the reference code does it, one rewrite after another, one rank-one update per edited block."""
 
     name = "rome"
-    summary = "rank-one update of one target layer (simplified ROME, Meng et al. 2022)"
+    summary = "rank-one update of one MLP output projection (ROME, Meng et al. 2022; kmeng01/rome)"
     Hparams = RomeHparams
     strength = "clamp_norm_factor"
-    needs = frozenset({"covariance"})
+    batch = "one by one"  # it reads the covariance only with mom2_adjustment (its prepare)
 
-    def key_target(self, targets: list[Target]) -> Target:
-        return check_target_index(self.name, self.hp.layer, targets)
+    @classmethod
+    def default_layers(cls, n_blocks: int) -> list[int]:
+        return [max(0, round(n_blocks * 5 / 32))]  # EasyEdit's LLaMA-7B block 5 of 32, at the same depth
 
-    def touched(self, targets: list[Target]) -> list[Target]:
-        return [self.key_target(targets)]
+    def prepare(self, ctx: EditContext) -> None:
+        check_loss_layer(self.name, self.hp.v_loss_layer, ctx.model)
+        self.check(ctx.targets)
+        if self.hp.mom2_adjustment:
+            if ctx.prefetch is not None:
+                ctx.prefetch(self.touched(ctx.targets))
+            for t in self.touched(ctx.targets):
+                ctx.covariance(t)
+        self.prefixes(ctx)
 
-    def check(self, targets: list[Target]) -> None:
-        self.key_target(targets)
+    def prefixes(self, ctx: EditContext) -> list[str]:
+        """ROME's flat list of context templates: the bare prompt, then every generated one."""
+        groups = context_templates(ctx.model, ctx.tokenizer, ctx.fingerprint, self.hp.context_template_length_params,
+                                   ctx.seed)
+        return [p for g in groups for p in g]
 
     def apply(self, ctx: EditContext, rewrites: list[Rewrite]) -> dict[str, torch.Tensor]:
-        layer, hp = self.key_target(ctx.targets), self.hp
-        cov = ctx.covariance(layer)
-        total: dict[str, torch.Tensor] = {}
+        hp, self.trace = self.hp, {}
+        before = {t.name: t.weight_matrix().cpu() for t in self.touched(ctx.targets)}
+        prefixes = self.prefixes(ctx)
         for rw in rewrites:
-            d = rome_edit(ctx.model, ctx.targets, layer, rw.new, cov, hp.v_num_grad_steps, hp.v_lr, hp.clamp_norm_factor,
-                          ctx.pad_id, key_position=rw.key_position)
-            total = {k: total.get(k, 0) + v for k, v in d.items()}
-        return total
+            for t in sorted(self.touched(ctx.targets), key=lambda t: t.block):
+                u = mean_key(ctx, t, rw, prefixes, hp.fact_token)
+                if hp.mom2_adjustment:
+                    u = torch.linalg.solve(ctx.covariance(t)[:t.d_in, :t.d_in], u)
+                u = u / u.norm()
+                prompts = templated_prompts(ctx.tokenizer, rw, prefixes, hp.fact_token, ctx.max_length)
+                v_init, delta, _ = optimise_value(ctx, t.module, t.d_out, prompts, hp.v_num_grad_steps, hp.v_lr,
+                                                  hp.kl_factor, hp.v_weight_decay, hp.clamp_norm_factor)
+                k_star, w_k_star = module_io_at(ctx, t, prompts)
+                v_star = (v_init + delta).double().cpu()
+                apply_delta(t, rome_update(t, u, v_star, k_star, w_k_star))
+                self.trace[t.name] = {"u": u, "k_star": k_star, "v_star": v_star, "subject_found": prompts.found}
+        return {t.name: (t.weight_matrix().cpu() - before[t.name] if t.name in before else torch.zeros(t.d_out, t.d_in_aug))
+                for t in ctx.targets}
 
 
-__all__ = ["Rome", "RomeHparams", "rome_edit"]
+__all__ = ["Rome", "RomeHparams", "apply_delta", "check_loss_layer", "mean_key", "rome_update"]

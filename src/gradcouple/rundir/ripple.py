@@ -7,6 +7,7 @@ settings, side by side, and what an unfinished ripple keeps.
         summary.json                   RippleSummary (pieces mode) or BenchmarkSummary (benchmark mode)
         edits.jsonl | tests.jsonl      one line per (edit, other piece) | per (edit, test query)
         sweep.json                     SweepSummary: the same edits at several values of one knob
+        layer_sweep.json               LayerSweepSummary: the method's efficacy with each block as its layer
         journal-*.jsonl                finished edits of an unfinished ripple (one file per inputs);
                                        removed once the set's results are saved
     covariance-*.pt                    a layer's key covariance over Wikipedia text, keyed by model,
@@ -26,6 +27,7 @@ from ..artifacts import (
     BenchmarkSummary,
     CouplingStats,
     Inputs,
+    LayerSweepSummary,
     Manifest,
     Measurement,
     RippleSummary,
@@ -69,6 +71,8 @@ class RippleResults:
     def tests_path(self) -> Path: return self.dir / "tests.jsonl"
     @property
     def sweep_path(self) -> Path: return self.dir / "sweep.json"
+    @property
+    def layer_sweep_path(self) -> Path: return self.dir / "layer_sweep.json"
 
     def _fix(self, flags: str = "") -> str:
         return f"rerun `gradcouple ripple --run {self.run.root}{flags}`."
@@ -101,6 +105,13 @@ class RippleResults:
 
     def load_sweep(self) -> SweepSummary:
         return read_model(self.sweep_path, SweepSummary, self._fix(" --sweep ..."))
+
+    def save_layer_sweep(self, sweep: LayerSweepSummary) -> None:
+        write_json(self.layer_sweep_path, sweep.model_dump(mode="json"))
+        self.clear_journals()
+
+    def load_layer_sweep(self) -> LayerSweepSummary:
+        return read_model(self.layer_sweep_path, LayerSweepSummary, self._fix(" --layer-sweep ..."))
 
     def exists(self) -> bool:
         return self.summary_path.is_file()
@@ -151,10 +162,11 @@ class RippleFiles:
         """Every result set with a summary (or a sweep), oldest first ('ripple' of a run made before sets included)."""
         found = [RippleResults(self.run, d) for d in self.dir.iterdir() if d.is_dir()] if self.dir.is_dir() else []
         legacy = RippleResults(self.run, self.dir)
-        found = [r for r in found if r.exists() or r.sweep_path.is_file()]
+        found = [r for r in found if r.exists() or r.sweep_path.is_file() or r.layer_sweep_path.is_file()]
         if legacy.exists():
             found.append(legacy)
-        return sorted(found, key=lambda r: (r.summary_path if r.exists() else r.sweep_path).stat().st_mtime_ns)
+        return sorted(found, key=lambda r: next(p for p in (r.summary_path, r.sweep_path, r.layer_sweep_path)
+                                                if p.is_file()).stat().st_mtime_ns)
 
     def latest(self) -> RippleResults:
         """The most recently written result set.

@@ -24,29 +24,46 @@ import torch
 from ..artifacts import (
     BenchmarkEditRecord,
     BenchmarkSummary,
+    EditMetrics,
+    LayerSweepPoint,
+    LayerSweepSummary,
     ExactMatch,
     PredictorReport,
     PredictorScore,
+    RetentionPoint,
     SweepPoint,
     SweepSummary,
     TestMeasurement,
 )
-from ..edits import EditMethod, Rewrite, edit_norm, edited
+from ..edits import EditMethod, Rewrite, edit_norm, edited, restored
+from ..errors import ConfigError
 from ..gram import first_order
-from ..keys import keys_at
-from ..metrics import DEFINITIONS, auroc, bootstrap_interval, clustered_correlation, describe, spearman
+from ..layers import find_blocks, parse_block_spec, select_targets
+from ..keys import keys_at, ridged
+from ..metrics import (
+    DEFINITIONS,
+    auroc,
+    bootstrap_interval,
+    clustered_correlation,
+    describe,
+    locality,
+    spearman,
+    token_accuracy,
+)
 from ..pieces import KnowledgePiece, PieceRole
 from ..predictors import PREDICTORS, PredictorContext, predict
 from ..progress import progress
-from ..rules import RULES
+from ..rules import RULES, same_answer
 from ..runinfo import device_info
-from ..scoring import EncodedPiece, collate, encode, measure_logprobs, score, subject_position
+from ..scoring import EncodedPiece, answer_argmax, collate, encode, measure_logprobs, score, subject_position
 from .edit_run import RippleRun
 
 log = logging.getLogger(__name__)
 
 MAX_ALIASES = 3
 UNRELATED_SAMPLE = 100
+#: test criteria that rephrase the edited fact: what generalisation is over
+REPHRASING_CRITERIA = ("Subject_Aliasing", "paraphrase")
 
 
 @dataclass
@@ -85,6 +102,24 @@ def edit_succeeded(pieces: list[KnowledgePiece], edit: BenchmarkEdit, before: to
     original_of = {pieces[o].edit_id: o for o in edit.originals}
     return all(after[i] > after[original_of[pieces[i].id]] if pieces[i].id in original_of else after[i] > before[i]
                for i in edit.edits)
+
+
+def same_target(pieces: list[KnowledgePiece], edit: BenchmarkEdit) -> bool:
+    """``DEFINITIONS['same target']``: every rewrite's new answer is its true answer (same-answer rule)."""
+    true_of = {pieces[o].edit_id: pieces[o].answer for o in edit.originals}
+    return all(pieces[i].id in true_of and same_answer(pieces[i].answer, true_of[pieces[i].id]) for i in edit.edits)
+
+
+def counted(pieces: list[KnowledgePiece], edit: BenchmarkEdit, before: torch.Tensor) -> bool:
+    """Whether efficacy counts the edit: neither already satisfied nor of the same target."""
+    return not (edit_already_satisfied(pieces, edit, before) or same_target(pieces, edit))
+
+
+def edit_already_satisfied(pieces: list[KnowledgePiece], edit: BenchmarkEdit, before: torch.Tensor) -> bool:
+    """``DEFINITIONS['already satisfied']``: before the edit every rewrite's new target was more likely
+    than its true one (False for a rewrite without a true answer)."""
+    original_of = {pieces[o].edit_id: o for o in edit.originals}
+    return all(pieces[i].id in original_of and before[i] > before[original_of[pieces[i].id]] for i in edit.edits)
 
 
 def _variants(tokenizer, template: str, max_length: int, piece: KnowledgePiece) -> list[EncodedPiece]:
@@ -175,7 +210,7 @@ class BenchmarkRun:
         keys = keys_at(r.loaded.model, self.layer, r.encoded, positions, r.loaded.pad_id, man.batch_size)
         self.cov, self.cov_source = r.covariance(self.layer)
         gram = r.run.coupling.load_gram()
-        self.ctx = PredictorContext(gram=gram, keys=keys, cinv_keys=torch.linalg.solve(self.cov, keys.t()).t(), seed=cfg.seed)
+        self.ctx = PredictorContext(gram=gram, keys=keys, cinv_keys=torch.linalg.solve(ridged(self.cov), keys.t()).t(), seed=cfg.seed)
         all_tests = sorted({t for e in edits for t in e.tests})
         rng = np.random.default_rng(cfg.seed)
         self.unrelated_pool = sorted(rng.choice(all_tests, size=min(UNRELATED_SAMPLE, len(all_tests)), replace=False).tolist())
@@ -186,6 +221,9 @@ class BenchmarkRun:
         self.condition_known = dict(zip(conds, known))
         self.condition_row = {t: c for e in edits for t, c in zip(e.tests, e.conditions)}
         self.greedy_before = dict(zip(self.variants, greedy_matches(r.loaded.model, list(self.variants.values()), r.loaded.pad_id)))
+        tests = sorted(self.variants)
+        self.argmax_before = dict(zip(tests, answer_argmax(r.loaded.model, [r.encoded[t] for t in tests], man.batch_size,
+                                                           r.loaded.pad_id)))
 
     def test_condition_known(self, test: int) -> bool:
         """Whether the unedited model knew the test's condition fact (True for tests without one)."""
@@ -203,84 +241,186 @@ class BenchmarkRun:
 
     def rewrites(self, edit: BenchmarkEdit) -> list[Rewrite]:
         """The edit's rewrites: each new target with its subject's key position."""
-        return [Rewrite(self.r.encoded[i], self.positions[i]) for i in edit.edits]
+        return [Rewrite(self.r.encoded[i], self.positions[i], p.triple.subject if p.triple else None)
+                for i, p in ((i, self.r.pieces[i]) for i in edit.edits)]
+
+
+def edit_batches(n_edits: int, batch_size: int) -> list[list[int]]:
+    """Consecutive groups of ``batch_size`` edit indices (the last may be shorter)."""
+    return [list(range(a, min(n_edits, a + batch_size))) for a in range(0, n_edits, batch_size)]
 
 
 def evaluate_benchmark(r: RippleRun, method: EditMethod, edits: list[BenchmarkEdit], show_progress: bool = True,
                        b: Optional[BenchmarkRun] = None) -> tuple[BenchmarkSummary, list[TestMeasurement]]:
-    """Make every edit with ``method``, measure its tests, score every predictor; the model is
-    restored after each edit.
+    """Make every edit with ``method``, measure its tests, score every predictor.
 
-    Each finished edit goes to the run's journal (:class:`gradcouple.rundir.EditJournal`), so an
-    interrupted call resumes: edits found there are read back, not made again.
+    Edits are made in batches of ``ripple.batch_size`` (the rewrites of a batch in one ``apply``),
+    each measured on the model its batch left. The weights are restored after each batch, or, with
+    ``ripple.sequential``, only at the end: then after each batch every earlier edit is measured
+    again (:class:`~gradcouple.artifacts.RetentionPoint`).
+
+    Each finished batch goes to the run's journal (:class:`gradcouple.rundir.EditJournal`), so an
+    interrupted call resumes: batches found there are read back, not measured again (in a sequence
+    they are made again, unmeasured, so that later batches see them).
     ``b`` reuses the unedited model's keys, covariance and predictor context of an earlier call.
     """
     t0 = time.perf_counter()
+    rc = r.cfg.ripple
     b = b or BenchmarkRun(r, edits)
     before = b.logprobs([i for e in edits for i in (*e.tests, *e.edits, *e.originals)])
     all_tests = torch.tensor(sorted({t for e in edits for t in e.tests}), dtype=torch.long)
     test_edit = {t: k for k, e in enumerate(edits) for t in e.tests}
-    keys = [",".join(r.pieces[i].id for i in edit.edits) for edit in edits]
-    with progress("ripple", len(edits), "edits", show_progress) as advance:
-        done, resumed = r.results().journal(r.inputs(method)).each(
-            keys, lambda k: _make_and_measure(r, method, b, k, edits[k], before, all_tests, test_edit), advance)
-    records = [BenchmarkEditRecord.model_validate(d["record"]) for d in done]
-    tests = [TestMeasurement.model_validate(t) for d in done for t in d["tests"]]
+    groups = edit_batches(len(edits), rc.batch_size)
+    keys = ["|".join(",".join(r.pieces[i].id for i in edits[k].edits) for k in g) for g in groups]
+    made = [0]  # batches applied to the model so far (a sequence replays the ones read back)
+    ctx = r.context()
+
+    def make(g: int) -> dict:
+        if not rc.sequential:
+            with edited(method, ctx, [rw for k in groups[g] for rw in b.rewrites(edits[k])]) as deltas:
+                return _measure_batch(r, b, edits, groups[g], deltas, before, all_tests, test_edit)
+        for earlier in groups[made[0]:g]:
+            method.apply(ctx, [rw for k in earlier for rw in b.rewrites(edits[k])])
+        deltas = method.apply(ctx, [rw for k in groups[g] for rw in b.rewrites(edits[k])])
+        made[0] = g + 1
+        out = _measure_batch(r, b, edits, groups[g], deltas, before, all_tests, test_edit)
+        out["retention"] = _retention(r, b, edits, groups[g][-1] + 1, before)
+        return out
+
+    with progress("ripple", len(groups), "batches" if rc.batch_size > 1 else "edits", show_progress) as advance:
+        if rc.sequential:
+            method.check(ctx.targets)
+            try:
+                with restored(method.touched(ctx.targets)):
+                    done, resumed = r.results().journal(r.inputs(method)).each(keys, make, advance)
+            finally:
+                method.reset()
+        else:
+            done, resumed = r.results().journal(r.inputs(method)).each(keys, make, advance)
+    per_edit = [e for d in done for e in d["edits"]]
+    records = [BenchmarkEditRecord.model_validate(d["record"]) for d in per_edit]
+    tests = [TestMeasurement.model_validate(t) for d in per_edit for t in d["tests"]]
     auroc_points: dict[str, tuple[list, list, list]] = {name: ([], [], []) for name in PREDICTORS}
-    for d in done:
+    for d in per_edit:
         for name, pts in d["auroc"].items():
             for acc, new in zip(auroc_points[name], pts):
                 acc.extend(tuple(x) if isinstance(x, list) else x for x in new)
-    unrelated = [x for d in done for x in d["unrelated"]]
-    summary = _summary(r, method, b, records, tests, auroc_points, unrelated, time.perf_counter() - t0)
-    summary.resumed_edits = resumed
+    unrelated = [x for d in per_edit for x in d["unrelated"]]
+    local = [x for d in per_edit for x in d["locality"]]
+    summary = _summary(r, method, b, records, tests, auroc_points, unrelated, local, time.perf_counter() - t0)
+    summary.retention = [RetentionPoint.model_validate(d["retention"]) for d in done if d.get("retention")]
+    summary.resumed_edits = sum(len(groups[g]) for g in range(resumed))
     return summary, tests
 
 
-def _make_and_measure(r: RippleRun, method: EditMethod, b: BenchmarkRun, k: int, edit: BenchmarkEdit,
-                      before: torch.Tensor, all_tests: torch.Tensor, test_edit: dict[int, int]) -> dict:
-    """Edit ``k``: make it, measure, restore; its record, test measurements, AUROC points and
-    unrelated changes as JSON-ready lists (the journal's payload)."""
+def _retention(r: RippleRun, b: BenchmarkRun, edits: list[BenchmarkEdit], n_made: int, before: torch.Tensor) -> dict:
+    """In a sequence, after ``n_made`` edits: how many of them still succeed, and the exact match of
+    their test queries (``RetentionPoint``), measured on the model as it is now."""
+    made = edits[:n_made]
+    now = b.logprobs([i for e in made for i in (*e.edits, *e.originals)])
+    tests = [t for e in made for t in e.tests]
+    greedy = greedy_matches(r.loaded.model, [b.variants[t] for t in tests], r.loaded.pad_id)
+    kept = [e for e in made if counted(r.pieces, e, before)]
+    return RetentionPoint(n_edits_made=n_made, n_counted=len(kept),
+                          efficacy=(sum(edit_succeeded(r.pieces, e, before, now) for e in kept) / len(kept)
+                                    if kept else None),
+                          exact_match_tests=float(np.mean(greedy)) if greedy else None).model_dump(mode="json")
+
+
+def _measure_batch(r: RippleRun, b: BenchmarkRun, edits: list[BenchmarkEdit], group: list[int],
+                   deltas: dict[str, torch.Tensor], before: torch.Tensor, all_tests: torch.Tensor,
+                   test_edit: dict[int, int]) -> dict:
+    """Measure the edits ``group`` on the model their batch left (weights not yet restored): per edit
+    its record, test measurements, AUROC points and unrelated changes as JSON-ready lists."""
     te = time.perf_counter()
-    others = [t for t in b.unrelated_pool if test_edit[t] != k]
-    with edited(method, r.context(), b.rewrites(edit)) as deltas:
-        after = b.logprobs([*edit.tests, *edit.edits, *edit.originals, *others])
-        greedy_after = dict(zip(edit.tests, greedy_matches(r.loaded.model, [b.variants[t] for t in edit.tests],
-                                                           r.loaded.pad_id)))
+    mine = set(group)
+    others = [t for t in b.unrelated_pool if test_edit[t] not in mine]
+    rows = [i for k in group for i in (*edits[k].tests, *edits[k].edits, *edits[k].originals)]
+    after = b.logprobs([*rows, *others])
+    tests = [t for k in group for t in edits[k].tests]
+    greedy_after = dict(zip(tests, greedy_matches(r.loaded.model, [b.variants[t] for t in tests], r.loaded.pad_id)))
+    looked = [*tests, *others]
+    argmax_after = dict(zip(looked, answer_argmax(r.loaded.model, [r.encoded[t] for t in looked], r.manifest.batch_size,
+                                                  r.loaded.pad_id)))
+    seconds = (time.perf_counter() - te) / len(group)
+    return {"edits": [_edit_payload(r, b, k, edits[k], deltas, before, after, greedy_after, argmax_after, others,
+                                    all_tests, test_edit, batch=g0, seconds=seconds)
+                      for g0, k in ((group[0], k) for k in group)]}
+
+
+def _edit_payload(r: RippleRun, b: BenchmarkRun, k: int, edit: BenchmarkEdit, deltas: dict[str, torch.Tensor],
+                  before: torch.Tensor, after: torch.Tensor, greedy_after: dict, argmax_after: dict, others: list[int],
+                  all_tests: torch.Tensor, test_edit: dict[int, int], batch: int, seconds: float) -> dict:
+    """Edit ``k`` measured: its record, test measurements, AUROC points, unrelated changes and locality."""
     ctx = dataclasses.replace(b.ctx, first_order=first_order(r.reader, deltas))
     success = edit_succeeded(r.pieces, edit, before, after)
+    already = edit_already_satisfied(r.pieces, edit, before)
     own = torch.tensor(edit.tests, dtype=torch.long)
     preds = predict(ctx, edit.edits, edit.originals, all_tests)  # every edit's tests: AUROC
     own_preds = predict(ctx, edit.edits, edit.originals, own)     # the edit's own tests: correlations
-    auroc, unrelated = {}, []
+    auroc, unrelated, local = {}, [], []
     if success:
         for name, v in preds.items():
             auroc[name] = (v.tolist(), [test_edit[t] == k for t in all_tests.tolist()],
                            [(r.pieces[t].criterion or "test", b.test_condition_known(t)) for t in all_tests.tolist()])
         unrelated = (after[others] - before[others]).tolist()
+        local = [locality(b.argmax_before[t], argmax_after[t]) for t in others]
     tests = []
     for j, t in enumerate(edit.tests):
         c = edit.conditions[j]
+        answer = r.encoded[t].ids[r.encoded[t].answer_start:]
         tests.append(TestMeasurement(
             edit=k, edit_id=r.pieces[edit.edits[0]].id, test_id=r.pieces[t].id, criterion=r.pieces[t].criterion or "test",
             logprob_before=float(before[t]), logprob_after=float(after[t]), rise=float(after[t] - before[t]),
             greedy_before=b.greedy_before[t], greedy_after=greedy_after[t],
             condition_known=b.condition_known.get(c) if c is not None else None, edit_success=success,
+            token_accuracy_before=token_accuracy(b.argmax_before[t], answer),
+            token_accuracy_after=token_accuracy(argmax_after[t], answer),
             predictors={n: _finite(v[j]) for n, v in own_preds.items()}))
     e0 = r.pieces[edit.edits[0]]
     record = BenchmarkEditRecord(
-        edit=k, edit_ids=[r.pieces[i].id for i in edit.edits], question_id=edit.question_id,
+        edit=k, batch=batch, edit_ids=[r.pieces[i].id for i in edit.edits], question_id=edit.question_id,
         subject=e0.triple.subject if e0.triple else None, new_target=e0.answer, true_target=e0.answer_before,
-        success=success, logprob_new_before=float(before[edit.edits].sum()), logprob_new_after=float(after[edit.edits].sum()),
+        success=success, already_satisfied=already, same_target=same_target(r.pieces, edit),
+        logprob_new_before=float(before[edit.edits].sum()),
+        logprob_new_after=float(after[edit.edits].sum()),
+        logprob_true_before=float(before[edit.originals].sum()) if edit.originals else None,
         logprob_true_after=float(after[edit.originals].sum()) if edit.originals else None,
         subject_key_found=all(b.positions[i] != r.encoded[i].answer_start - 1 for i in edit.edits),
         edit_norm=edit_norm(deltas), n_tests=len(edit.tests), mean_rise_own_tests=float((after[own] - before[own]).mean()),
-        restored=True, seconds=time.perf_counter() - te)
+        restored=True, seconds=seconds)
     return {"record": record.model_dump(mode="json"), "tests": [t.model_dump(mode="json") for t in tests],
-            "auroc": auroc, "unrelated": unrelated}
+            "auroc": auroc, "unrelated": unrelated, "locality": local}
 
 
-def _summary(r: RippleRun, method: EditMethod, b: BenchmarkRun, records, tests, auroc_points, unrelated,
+def edit_metrics(records: list[BenchmarkEditRecord], tests: list[TestMeasurement], unrelated: list[float],
+                 local: list[float]) -> EditMetrics:
+    """Efficacy, generalisation, specificity, locality and portability of a set of edits, each as
+    ``DEFINITIONS`` defines it under that name."""
+    counted_ = [e for e in records if not (e.already_satisfied or e.same_target)]
+    ok = [t for t in tests if t.edit_success]
+    rephrase = [t for t in ok if t.criterion in REPHRASING_CRITERIA]
+    by: dict[str, list[TestMeasurement]] = {"pooled": ok}
+    for t in ok:
+        by.setdefault(t.criterion, []).append(t)
+
+    def mean(xs):
+        xs = [x for x in xs if x is not None]
+        return float(np.mean(xs)) if xs else None
+
+    return EditMetrics(
+        n_edits=len(records), n_already_satisfied=sum(e.already_satisfied for e in records),
+        n_same_target=sum(e.same_target and not e.already_satisfied for e in records), n_counted=len(counted_),
+        n_successful_counted=sum(e.success for e in counted_),
+        efficacy=sum(e.success for e in counted_) / len(counted_) if counted_ else None,
+        efficacy_magnitude=describe([e.logprob_new_after - e.logprob_new_before for e in counted_]),
+        generalisation=mean([t.greedy_after for t in rephrase]), n_rephrasings=len(rephrase),
+        specificity=describe(unrelated), locality=describe(local),
+        portability={c: mean([t.token_accuracy_after for t in ts]) for c, ts in sorted(by.items())},
+        exact_match_after={c: mean([t.greedy_after for t in ts]) for c, ts in sorted(by.items())})
+
+
+def _summary(r: RippleRun, method: EditMethod, b: BenchmarkRun, records, tests, auroc_points, unrelated, local,
              seconds) -> BenchmarkSummary:
     ok = [t for t in tests if t.edit_success]
     em = {}
@@ -291,13 +431,15 @@ def _summary(r: RippleRun, method: EditMethod, b: BenchmarkRun, records, tests, 
     mh = [t.greedy_after for t in tests if t.criterion == "multi_hop"]
     used = ("GradSim", "ripple effect", "first-order prediction", "edit success", "describe", "Spearman's rho",
             "Pearson r", "bootstrap interval", "clustered bootstrap interval", "AUROC", "exact match", "multi-hop accuracy",
-            "condition known", "answer match")
+            "condition known", "answer match", "already satisfied", "same target", "efficacy", "efficacy magnitude", "generalisation",
+            "specificity", "locality", "teacher-forced token accuracy", "portability")
     return BenchmarkSummary(
         inputs=r.inputs(method), method=method.name, hparams=method.settings(),
         settings=r.cfg.ripple.model_dump(mode="json", exclude={"hparams"}), layer=b.layer.name, covariance=b.cov_source,
         n_edits=len(records), n_successful=sum(e.success for e in records), n_tests=len(tests), n_tests_counted=len(ok),
         exact_match=em, multi_hop_accuracy=float(np.mean(mh)) if mh else None,
-        unrelated_change=describe(unrelated), predictors=predictor_reports(tests, auroc_points, r.cfg.ripple.bootstrap_resamples),
+        unrelated_change=describe(unrelated), metrics=edit_metrics(records, tests, unrelated, local),
+        method_source=method.source, predictors=predictor_reports(tests, auroc_points, r.cfg.ripple.bootstrap_resamples),
         definitions={k: DEFINITIONS[k] for k in used if k in DEFINITIONS} | {k: RULES[k] for k in used if k in RULES},
         seconds=seconds, device=device_info(r.loaded.device), edits=records)
 
@@ -326,9 +468,91 @@ def sweep_benchmark(r: RippleRun, edits: list[BenchmarkEdit], strengths: list[fl
             log.warning(f"--sweep: at {knob}={strength:g} none of the {s.n_edits} {r.method.name} edits succeeded; "
                         f"check that {knob} is the knob you meant to vary (--sweep KNOB=v1,v2).")
         points.append(SweepPoint(
-            strength=strength, n_edits=s.n_edits, n_successful=s.n_successful,
+            strength=strength, n_edits=s.n_edits, n_successful=s.n_successful, metrics=s.metrics,
             mean_rise_own_tests=describe([e.mean_rise_own_tests for e in s.edits]),
             unrelated_change=s.unrelated_change, spearman={n: p.pooled.spearman for n, p in s.predictors.items()},
             pearson={n: p.pooled.pearson for n, p in s.predictors.items()}))
     return SweepSummary(inputs=r.inputs(r.method), method=r.method.name, knob=knob, points=points,
                         seconds=time.perf_counter() - t0)
+
+
+def layer_sweep(r: RippleRun, edits: list[BenchmarkEdit], spec: str, show_progress: bool = True) -> LayerSweepSummary:
+    """The run's method with each block of ``spec`` as its first edited layer (a window as wide as
+    its ``layers``): per block, efficacy, efficacy magnitude, specificity and locality over the
+    benchmark edits (``DEFINITIONS``). Edits may touch any block: no gradients are read there, so
+    the extraction's layers do not limit it. Journalled per (block, edit), so it resumes.
+
+    Raises:
+        ConfigError: the method edits no chosen layers (``ft``), or ``spec`` names no block.
+    """
+    t0 = time.perf_counter()
+    method = r.method
+    if not method.layered():
+        raise ConfigError(f"--layer-sweep: --method {method.name} edits every target layer; sweep a method with "
+                          f"--edit-layers (rome, memit, alphaedit, ft-l).")
+    model, tok = r.loaded.model, r.loaded.tokenizer
+    n_blocks = len(find_blocks(model)[1])
+    width = len(method.hp.layers)
+    blocks = [L for L in parse_block_spec(spec, n_blocks) if L + width <= n_blocks]
+    if not blocks:
+        raise ConfigError(f"--layer-sweep {spec}: no block leaves room for {width} edited layers in {n_blocks} blocks.")
+    ctx = dataclasses.replace(r.context(), targets=select_targets(model, "all", r.manifest.settings().model.module),
+                              reader=None)
+    rng = np.random.default_rng(r.cfg.ripple.seed)
+    all_tests = sorted({t for e in edits for t in e.tests})
+    pool = sorted(rng.choice(all_tests, size=min(UNRELATED_SAMPLE, len(all_tests)), replace=False).tolist())
+    test_edit = {t: k for k, e in enumerate(edits) for t in e.tests}
+    rows = sorted({i for e in edits for i in (*e.edits, *e.originals)} | set(pool))
+    before = measure_logprobs(model, [r.encoded[i] for i in rows], r.manifest.batch_size, r.loaded.pad_id)
+    before = torch.full((len(r.pieces),), float("nan"), dtype=torch.float64).index_put_(
+        (torch.tensor(rows),), before)
+    argmax_before = dict(zip(pool, answer_argmax(model, [r.encoded[t] for t in pool], r.manifest.batch_size, r.loaded.pad_id)))
+
+    def rewrites(edit: BenchmarkEdit) -> list[Rewrite]:
+        out = []
+        for i in edit.edits:
+            subj = r.pieces[i].triple.subject if r.pieces[i].triple else None
+            out.append(Rewrite(r.encoded[i], subject_position(tok, r.encoded[i], subj) if subj else None, subj))
+        return out
+
+    jobs = [(L, k) for L in blocks for k in range(len(edits))]
+    methods = {L: method.with_knob("layers", list(range(L, L + width))) for L in blocks}
+
+    def make(j: int) -> dict:
+        L, k = jobs[j]
+        edit, te = edits[k], time.perf_counter()
+        others = [t for t in pool if test_edit[t] != k]
+        mine = [*edit.edits, *edit.originals]
+        with edited(methods[L], ctx, rewrites(edit)):
+            lp = measure_logprobs(model, [r.encoded[i] for i in [*mine, *others]], r.manifest.batch_size, r.loaded.pad_id)
+            top = answer_argmax(model, [r.encoded[t] for t in others], r.manifest.batch_size, r.loaded.pad_id)
+        after = before.clone()
+        after[torch.tensor([*mine, *others])] = lp
+        return {"success": edit_succeeded(r.pieces, edit, before, after),
+                "already": edit_already_satisfied(r.pieces, edit, before),
+                "same": same_target(r.pieces, edit),
+                "rise": float(after[edit.edits].sum() - before[edit.edits].sum()),
+                "unrelated": (after[others] - before[others]).tolist(),
+                "locality": [locality(argmax_before[t], a) for t, a in zip(others, top)],
+                "seconds": time.perf_counter() - te}
+
+    keys = [f"{L}:{','.join(r.pieces[i].id for i in edits[k].edits)}" for L, k in jobs]
+    with progress("layer sweep", len(jobs), "edits", show_progress) as advance:
+        done, _ = r.results().journal(r.inputs(method)).each(keys, make, advance)
+    points = []
+    for L in blocks:
+        res = [d for (b, _), d in zip(jobs, done) if b == L]
+        kept = [d for d in res if not (d["already"] or d["same"])]
+        ok = [d for d in res if d["success"]]
+        points.append(LayerSweepPoint(
+            layers=methods[L].hp.layers, n_edits=len(res), n_already_satisfied=sum(d["already"] for d in res),
+            n_same_target=sum(d["same"] and not d["already"] for d in res),
+            n_counted=len(kept), n_successful_counted=sum(d["success"] for d in kept),
+            efficacy=sum(d["success"] for d in kept) / len(kept) if kept else None,
+            efficacy_magnitude=describe([d["rise"] for d in kept]),
+            specificity=describe([x for d in ok for x in d["unrelated"]]),
+            locality=describe([x for d in ok for x in d["locality"]]), seconds=sum(d["seconds"] for d in res)))
+    used = ("edit success", "already satisfied", "same target", "efficacy", "efficacy magnitude", "specificity", "locality", "describe")
+    return LayerSweepSummary(inputs=r.inputs(method), method=method.name, hparams=method.settings(), points=points,
+                             definitions={k: DEFINITIONS[k] for k in used}, seconds=time.perf_counter() - t0,
+                             device=device_info(r.loaded.device))

@@ -29,6 +29,7 @@ from ..gram import (
     plan_methods,
     topk_cosine,
 )
+from ..layers import block_of_name, block_spec, parse_block_spec
 from ..models import resolve_device
 from ..pairs import neighbour_pairs, pair_split, threshold_counts, top_pairs, topk_pairs, upper_pairs
 from ..progress import progress
@@ -103,6 +104,25 @@ def _follow(share: GramShare, run: RunDir, reader: GradientReader, layers: Layer
     return CoupleResult(out_dir=run.coupling.dir, stats_json=run.coupling.stats_path, n=reader.n, mode=stats.mode, seconds=time.perf_counter() - t0, stats=stats)
 
 
+def coupling_reader(run: RunDir, cfg: RunConfig) -> GradientReader:
+    """The run's gradients, read over the layers GradSim is computed on (``couple.layers``).
+
+    Raises:
+        ConfigError: ``couple.layers`` names a block the extraction lacks (the message lists what it has).
+    """
+    reader = GradientReader(run)
+    if cfg.couple.layers:
+        have = {block_of_name(n): n for n in reader.names}
+        n_blocks = max(b for b in have if b is not None) + 1 if any(b is not None for b in have) else 0
+        wanted = parse_block_spec(cfg.couple.layers, max(n_blocks, 1)) if n_blocks else []
+        missing = [b for b in wanted if b not in have]
+        if missing or not wanted:
+            raise ConfigError(f"--couple-layers {cfg.couple.layers}: the extraction in {run.root} has blocks "
+                              f"{block_spec([b for b in have if b is not None]) or 'none'}; choose among them.")
+        reader.names = [have[b] for b in wanted]
+    return reader
+
+
 @locked("couple")
 def couple(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True,
            fallback_top_k: int | None = None) -> CoupleResult:
@@ -120,7 +140,7 @@ def couple(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True,
     """
     t0, run = time.perf_counter(), RunDir(run_dir)
     use_threads(cfg.model.threads)
-    reader = GradientReader(run)
+    reader = coupling_reader(run, cfg)
     records, ids, n = reader.manifest.records(), [p.id for p in reader.manifest.records()], reader.n
     budget, top_k, switched = memory_budget(cfg), cfg.couple.top_k, None
     if top_k is None and full_matrix_bytes(n) > budget:

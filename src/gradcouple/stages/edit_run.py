@@ -13,7 +13,7 @@ from ..artifacts import CouplingStats, CovarianceSource, Inputs, Manifest
 from ..config import RunConfig
 from ..edits import EditContext, EditMethod, method_class
 from ..errors import ArtifactError
-from ..keys import cached_wikipedia_covariance, stored_key_covariance
+from ..keys import cached_wikipedia_covariances, stored_key_covariance
 from ..layers import Target, select_targets
 from ..models import LoadedModel, load_model
 from ..pieces import KnowledgePiece
@@ -40,6 +40,7 @@ class RippleRun:
     method: EditMethod
     before: Optional[torch.Tensor] = None
     _covariances: dict[str, tuple[torch.Tensor, CovarianceSource]] = field(default_factory=dict)
+    _context: Optional[EditContext] = None
 
     @property
     def template(self) -> str:
@@ -50,33 +51,47 @@ class RippleRun:
         return self.manifest.settings().extract.max_length
 
     def covariance(self, target: Target) -> tuple[torch.Tensor, CovarianceSource]:
-        """C = E[k kᵀ] of ``target``'s inputs ((d_in', d_in') float64) and where it came from:
+        """C = E[k kᵀ] of ``target``'s inputs ((d_in', d_in') float64, raw) and where it came from:
         ``ripple.covariance`` 'wikipedia' (bundled Wikipedia text, kept in the run directory) or
         'pieces' (the run's stored inputs). Computed once per target.
 
         Raises:
-            ArtifactError: 'pieces' on a store that keeps no inputs.
+            ArtifactError: 'pieces' on a store that keeps no inputs, or for a layer it did not extract.
         """
-        if target.name not in self._covariances:
-            rc = self.cfg.ripple
-            if rc.covariance == "pieces":
-                if not self.reader.kind.keeps_inputs:
-                    raise ArtifactError(f"ripple.covariance 'pieces' reads the layer inputs that only the factors store "
-                                        f"keeps; {self.run.root} has '{self.reader.kind.name}': rerun extract with "
-                                        f"--store factors, or use the Wikipedia covariance.")
-                n = sum(p.n_inputs for p in self.manifest.records())
-                found = (stored_key_covariance(self.reader, target.name),
-                         CovarianceSource(text="the run's own pieces", n_tokens=n, layer=target.name))
-            else:
-                found = cached_wikipedia_covariance(self.run, self.manifest.model.fingerprint, self.loaded.model,
-                                                    self.loaded.tokenizer, target, rc.covariance_tokens)
-            self._covariances[target.name] = found
+        self.prefetch([target])
         return self._covariances[target.name]
+
+    def prefetch(self, targets: list[Target]) -> None:
+        """Compute the covariances of ``targets`` not yet at hand (the Wikipedia ones in one pass)."""
+        missing = [t for t in targets if t.name not in self._covariances]
+        if not missing:
+            return
+        rc = self.cfg.ripple
+        if rc.covariance == "pieces":
+            if not self.reader.kind.keeps_inputs:
+                raise ArtifactError(f"ripple.covariance 'pieces' reads the layer inputs that only the factors store "
+                                    f"keeps; {self.run.root} has '{self.reader.kind.name}': rerun extract with "
+                                    f"--store factors, or use the Wikipedia covariance.")
+            n = sum(p.n_inputs for p in self.manifest.records())
+            for t in missing:
+                if t.name not in self.manifest.names:
+                    raise ArtifactError(f"ripple.covariance 'pieces': {self.run.root} stores no inputs of {t.name}; "
+                                        f"use the Wikipedia covariance.")
+                self._covariances[t.name] = (stored_key_covariance(self.reader, t.name),
+                                             CovarianceSource(text="the run's own pieces", n_tokens=n, layer=t.name))
+            return
+        self._covariances.update(cached_wikipedia_covariances(self.run, self.manifest.model.fingerprint, self.loaded.model,
+                                                              self.loaded.tokenizer, missing, rc.covariance_tokens))
 
     def context(self) -> EditContext:
         """What an edit method may use (:class:`~gradcouple.edits.EditContext`)."""
-        return EditContext(model=self.loaded.model, targets=self.targets, pad_id=self.loaded.pad_id, reader=self.reader,
-                           covariance=lambda t: self.covariance(t)[0])
+        if self._context is None:
+            self._context = EditContext(model=self.loaded.model, targets=self.targets, pad_id=self.loaded.pad_id,
+                                        reader=self.reader, covariance=lambda t: self.covariance(t)[0],
+                                        prefetch=self.prefetch,
+                                        tokenizer=self.loaded.tokenizer, fingerprint=self.manifest.model.fingerprint,
+                                        max_length=self.max_length, seed=self.cfg.ripple.seed)
+        return self._context
 
     def inputs(self, method: EditMethod) -> Inputs:
         """What results of edits made with ``method`` (its resolved knobs) are made from."""
@@ -87,8 +102,11 @@ class RippleRun:
         return self.run.ripple.results(self.cfg, self.method)
 
 
-def check_run(cfg: RunConfig, run_dir: str | Path, loaded: Optional[LoadedModel]) -> RippleRun:
-    """Load and check the run: current coupling, the extraction's model and settings, the edit method.
+def check_run(cfg: RunConfig, run_dir: str | Path, loaded: Optional[LoadedModel], prepare: bool = True) -> RippleRun:
+    """Load and check the run: current coupling, the extraction's model and settings, the edit method
+    (its knobs: the model's published settings, ``--hparams``, then the config's) and, with
+    ``prepare``, that it can edit the extraction's layers and what it reads once (covariances,
+    context templates).
 
     Raises:
         ArtifactError: gradients or coupling missing or stale, the model differs from the
@@ -96,7 +114,8 @@ def check_run(cfg: RunConfig, run_dir: str | Path, loaded: Optional[LoadedModel]
         ConfigError: an unknown method or knob.
     """
     run = RunDir(run_dir)
-    method = method_class(cfg.ripple.method).resolve(cfg.ripple.hparams.get(cfg.ripple.method))
+    cls = method_class(cfg.ripple.method)
+    cls.resolve(cfg.ripple.hparams.get(cls.name), file=cfg.ripple.hparams_file)  # a bad knob fails before the model loads
     manifest = run.gradients.load_manifest()
     stats = run.coupling.current_stats(manifest)
     ids, cos = run.coupling.load_cosine()
@@ -107,6 +126,7 @@ def check_run(cfg: RunConfig, run_dir: str | Path, loaded: Optional[LoadedModel]
     if loaded.identity().fingerprint != manifest.model.fingerprint:
         raise ArtifactError(f"model {loaded.name} is not the one the gradients in {run.root} were extracted with "
                             f"({manifest.model.name}); rerun extract.")
+    method = cls.resolve(cfg.ripple.hparams.get(cls.name), model=loaded.model, file=cfg.ripple.hparams_file)
     targets = select_targets(loaded.model, extracted.model.layers, extracted.model.module)
     if [t.name for t in targets] != manifest.names:
         raise ArtifactError(f"target layers {[t.name for t in targets]} differ from the extraction's {manifest.names}.")
@@ -115,7 +135,8 @@ def check_run(cfg: RunConfig, run_dir: str | Path, loaded: Optional[LoadedModel]
     encoded = encode_pieces(loaded.tokenizer, pieces, extracted.data.prompt_template, extracted.extract.max_length)
     norms = torch.tensor([r.norm for r in manifest.records()], dtype=torch.float64)
     r = RippleRun(run, cfg, manifest, stats, reader, pieces, cos, loaded, targets, encoded, norms, method)
-    method.prepare(r.context())
+    if prepare:  # a layer sweep edits blocks the extraction need not have: its methods are checked as they edit
+        method.prepare(r.context())
     return r
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -10,6 +11,8 @@ from pydantic import BaseModel, ConfigDict
 
 from ..config import RunConfig
 from ..datasets import download
+from ..edits import method_class
+from ..layers import block_spec, find_blocks, parse_block_spec
 from ..models import load_model
 from ..pieces import read_pieces, write_pieces
 from ..rundir import RunDir, locked
@@ -23,6 +26,28 @@ from .report import ReportResult
 from .ripple import NothingToEdit, RippleResult
 
 DEFAULT_SAMPLES = ("musique", "hotpotqa", "mquake-hard")
+
+log = logging.getLogger(__name__)
+
+
+def with_edited_layers(cfg: RunConfig, model) -> RunConfig:
+    """``cfg`` with the blocks the ripple's edit method edits extracted too, so the first-order
+    predictor has gradients where the weights move; GradSim stays on the chosen layers
+    (``couple.layers``). Unchanged when the method edits every target layer, the layers are a
+    module regex, or the chosen blocks already hold the edited ones."""
+    cls = method_class(cfg.ripple.method)
+    if not cls.layered() or cfg.model.layers.startswith("re:") or cfg.ripple.layer_sweep:
+        return cfg
+    edited = cls.resolve(cfg.ripple.hparams.get(cls.name), model=model, file=cfg.ripple.hparams_file).hp.layers or []
+    chosen = parse_block_spec(cfg.model.layers, len(find_blocks(model)[1]))
+    if set(edited) <= set(chosen):
+        return cfg
+    union = block_spec(sorted({*chosen, *edited}))
+    log.info(f"--method {cls.name} edits block{'s' if len(edited) > 1 else ''} {block_spec(edited)}: extracting blocks "
+             f"{union} ({len(set(edited) - set(chosen))} more than --layers {cfg.model.layers}), GradSim over "
+             f"{cfg.couple.layers or block_spec(chosen)}")
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"layers": union}),
+                                  "couple": cfg.couple.model_copy(update={"layers": cfg.couple.layers or block_spec(chosen)})})
 
 
 def sample_pieces(out_dir: Path, datasets: Sequence[str] = DEFAULT_SAMPLES) -> Path:
@@ -72,6 +97,8 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, datasets: Sequence[str]
     t = time.perf_counter()
     loaded = load_model(cfg.model.name, revision=cfg.model.revision, device=cfg.model.device, dtype=cfg.model.dtype)
     seconds["load_model"] = time.perf_counter() - t
+    if not skip_ripple:
+        cfg = with_edited_layers(cfg, loaded.model)
     t = time.perf_counter()
     ext = extract_stage.ensure_extraction(cfg, run.root, loaded=loaded, replace_stale=overwrite, show_progress=show_progress)
     seconds["extract"] = time.perf_counter() - t

@@ -24,7 +24,15 @@ from typing import Optional
 import torch
 from pydantic import BaseModel
 
-from ..artifacts import BenchmarkSummary, EditRecord, Measurement, PooledRipple, RippleSummary, SweepSummary
+from ..artifacts import (
+    BenchmarkSummary,
+    EditRecord,
+    LayerSweepSummary,
+    Measurement,
+    PooledRipple,
+    RippleSummary,
+    SweepSummary,
+)
 from ..config import RunConfig
 from ..edits import EditMethod, Rewrite, edit_norm, edited
 from ..errors import DataError
@@ -37,7 +45,7 @@ from ..rules import AnswerMatch, answers_match, same_answer, same_question
 from ..rundir import locked
 from ..runinfo import device_info, use_threads
 from ..scoring import encode, measure_logprobs
-from .benchmark import benchmark_edits, evaluate_benchmark, sweep_benchmark
+from .benchmark import benchmark_edits, evaluate_benchmark, layer_sweep, sweep_benchmark
 from .edit_run import RippleRun, check_run
 
 log = logging.getLogger(__name__)
@@ -59,6 +67,7 @@ class RippleResult(BaseModel):
     path: Path
     summary: Optional[RippleSummary | BenchmarkSummary]
     sweep: Optional[SweepSummary] = None
+    layer_sweep: Optional[LayerSweepSummary] = None
 
 
 @dataclass(frozen=True)
@@ -115,7 +124,8 @@ def apply_edit(r: RippleRun, method: EditMethod, edit: PlannedEdit) -> AppliedEd
     prompt, new_ans = piece.render_answer(edit.new_answer, r.template)
     enc_new = encode(r.loaded.tokenizer, prompt, new_ans, r.max_length, where=f"edit of {piece.id}: ")
     new_before = float(measure_logprobs(r.loaded.model, [enc_new], 1, pad)[0])
-    with edited(method, r.context(), [Rewrite(enc_new)]) as deltas:
+    subject = piece.triple.subject if piece.triple else None
+    with edited(method, r.context(), [Rewrite(enc_new, subject=subject)]) as deltas:
         after = measure_logprobs(r.loaded.model, r.encoded, r.manifest.batch_size, pad)
         new_after = float(measure_logprobs(r.loaded.model, [enc_new], 1, pad)[0])
     return AppliedEdit(deltas, new_before, new_after, after, True, prompt)
@@ -148,7 +158,7 @@ def record_edit(r: RippleRun, e: int, edit: PlannedEdit, applied: AppliedEdit,
         answer=piece.answer, new_answer=edit.new_answer.strip(), counterfactual_source=edit.source,
         logprob_true_before=float(r.before[i]), logprob_true_after=float(applied.after[i]),
         logprob_new_before=applied.new_before, logprob_new_after=applied.new_after,
-        success=applied.new_after > float(applied.after[i]),
+        success=applied.new_after > float(applied.after[i]), already_satisfied=applied.new_before > float(r.before[i]),
         edit_norm=edit_norm(applied.deltas),
         first_order_self=float(pred_f[i]), spearman_coupling=spearman(pc, m), spearman_first_order=spearman(pf, m),
         pearson_first_order=pearson(pf, m), precision_at_k=precision_at_k(pc, m, r.cfg.ripple.top_k),
@@ -219,7 +229,7 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
     """
     t0 = time.perf_counter()
     use_threads(cfg.model.threads)
-    r = check_run(cfg, run_dir, loaded)
+    r = check_run(cfg, run_dir, loaded, prepare=not cfg.ripple.layer_sweep)
     out = r.results()  # beside the results of every other method and setting
     if edit_mode(cfg, r.pieces) == "benchmark":
         edits = benchmark_edits(r.pieces)[: cfg.ripple.n_edits]
@@ -227,6 +237,10 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
             raise NothingToEdit(f"{r.run.pieces_path}: no benchmark edit has a test query.")
         _fewer(cfg.ripple.n_edits, len(edits), f"the pieces in {r.run.root} carry {len(edits)} benchmark edits with "
                                                 f"test queries")
+        if cfg.ripple.layer_sweep:
+            lsw = layer_sweep(r, edits, cfg.ripple.layer_sweep, show_progress)
+            out.save_layer_sweep(lsw)
+            return RippleResult(out_dir=out.dir, results=out.name, path=out.layer_sweep_path, summary=None, layer_sweep=lsw)
         if cfg.ripple.sweep:
             sweep = sweep_benchmark(r, edits, cfg.ripple.sweep, cfg.ripple.sweep_knob, show_progress)
             out.save_sweep(sweep)

@@ -1,0 +1,220 @@
+"""What ROME, MEMIT and AlphaEdit share: a rewrite's prompts with context templates, the key at the
+subject's last token, and the value vector optimised to make the new target the model's answer.
+
+The value is ROME's v* (Meng et al. 2022, §3.1, eq. 4; kmeng01/rome rome/compute_v.py) and MEMIT's
+z (Meng et al. 2023, "Mass-Editing Memory in a Transformer", §4.2; kmeng01/memit
+memit/compute_z.py): a vector δ added at the lookup token of every templated prompt, at one site
+(the MLP output for ROME, the block output for MEMIT), optimised by Adam for
+
+    mean over prompts of the new target's per-token NLL
+    + kl_factor · KL at the subject of "{subject} is a"
+    + v_weight_decay · |δ| / |v_init|²,
+
+stopping when that loss is under 0.05, with |δ| kept within clamp_norm_factor · |v_init|. The
+value is v_init + δ, v_init being the site's output at the lookup token of the bare prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..layers import Target, find_blocks
+from ..scoring import EncodedPiece, encode, final_logits, subject_position
+from .base import EditContext, Rewrite
+
+log = logging.getLogger(__name__)
+
+#: the loss under which the value optimisation stops (ROME's and MEMIT's compute_v/compute_z)
+STOP_LOSS = 5e-2
+FACT_TOKENS = ("subject_last", "last")
+
+
+@dataclass
+class Prompts:
+    """A rewrite's templated prompts, encoded with the new target: ``encoded[k]`` is
+    ``prefixes[k] + prompt + answer`` and ``lookup[k]`` its lookup token (the subject's last token,
+    or the last prompt token); ``kl_ids``/``kl_lookup`` the KL prompt "{subject} is a" (None
+    without a subject). ``found``: whether the subject was found in the bare prompt."""
+
+    encoded: list[EncodedPiece]
+    lookup: list[int]
+    kl_ids: Optional[list[int]]
+    kl_lookup: Optional[int]
+    found: bool
+
+
+def lookup_index(tokenizer, enc: EncodedPiece, subject: Optional[str], fact_token: str) -> tuple[int, bool]:
+    """The token where the fact is looked up (ROME's ``find_fact_lookup_idx``): the last token of the
+    subject ('subject_last') or the last prompt token ('last', or a prompt that does not name the
+    subject). Returns (index into ``enc.ids``, whether the subject was found)."""
+    if fact_token == "subject_last" and subject:
+        pos = subject_position(tokenizer, enc, subject)
+        if pos is not None:
+            return pos, True
+    return enc.answer_start - 1, False
+
+
+def templated_prompts(tokenizer, rewrite: Rewrite, prefixes: Sequence[str], fact_token: str,
+                      max_length: int) -> Prompts:
+    """Encode ``rewrite`` behind every prefix (the first prefix is "" for the bare prompt) and its KL prompt.
+
+    Raises:
+        ConfigError: an unknown ``fact_token``.
+    """
+    if fact_token not in FACT_TOKENS:
+        raise ConfigError(f"fact_token {fact_token!r}: use one of {', '.join(FACT_TOKENS)}.")
+    new = rewrite.new
+    encoded = [new if not p else encode(tokenizer, p + new.prompt, new.answer, max_length) for p in prefixes]
+    found = [lookup_index(tokenizer, e, rewrite.subject, fact_token) for e in encoded]
+    kl_ids = kl_lookup = None
+    if rewrite.subject:
+        text = f"{rewrite.subject} is a"
+        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+        end = len(rewrite.subject)
+        kl_ids = list(enc["input_ids"])
+        hits = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end <= b]
+        kl_lookup = hits[0] if hits and fact_token == "subject_last" else len(kl_ids) - 1
+    return Prompts(encoded, [i for i, _ in found], kl_ids, kl_lookup, found[0][1])
+
+
+def _pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)], mask[b, :len(r)] = torch.tensor(r), 1
+    return ids.to(device), mask.to(device)
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def capture(model, modules: dict[str, nn.Module], rows: list[list[int]], positions: list[int],
+            pad_id: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each module's input and output at ``positions[b]`` of row ``b``: {name: ((B, d_in), (B, d_out))
+    float64 on the CPU}, from one no-grad forward of the right-padded rows."""
+    ids, mask = _pad(rows, pad_id, next(model.parameters()).device)
+    got: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    b = torch.arange(len(rows))
+    pos = torch.tensor(positions)
+
+    def hook(name):
+        def fn(m, args, out):
+            x, y = args[0], _first(out)
+            got[name] = tuple(t.detach()[b.to(t.device), pos.to(t.device)].double().cpu() for t in (x, y))
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+def block_module(model, block: int) -> nn.Module:
+    """The transformer block ``block`` of ``model`` (MEMIT's ``layer_module_tmp``)."""
+    return find_blocks(model)[1][block]
+
+
+def last_block(model) -> int:
+    """Index of the model's last transformer block (the reference's ``v_loss_layer``)."""
+    return len(find_blocks(model)[1]) - 1
+
+
+def optimise_value(ctx: EditContext, site: nn.Module, width: int, prompts: Prompts, v_num_grad_steps: int, v_lr: float,
+                   kl_factor: float, v_weight_decay: float, clamp_norm_factor: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """ROME's compute_v / MEMIT's compute_z: the δ added to ``site``'s output at every prompt's lookup
+    token that makes the new target likely (see the module docstring for the loss).
+
+    ``site`` is a module whose output (or the first element of it) is (B, T, ``width``). Runs on the
+    model as it is (earlier edits included) and leaves it unchanged.
+
+    Returns (v_init, δ, trace): v_init and δ (d,) float32 on the model's device; trace holds the
+    final loss terms (nats) and the steps taken.
+    """
+    model, pad_id = ctx.model, ctx.pad_id
+    device = next(model.parameters()).device
+    n_rw = len(prompts.encoded)
+    rows = [list(e.ids[:e.n_inputs]) for e in prompts.encoded] + ([prompts.kl_ids] if prompts.kl_ids else [])
+    lookup = list(prompts.lookup) + ([prompts.kl_lookup] if prompts.kl_ids else [])
+    ids, mask = _pad(rows, pad_id, device)
+    ans_b = torch.tensor([b for b, e in enumerate(prompts.encoded) for _ in range(e.answer_start, len(e.ids))], device=device)
+    ans_t = torch.tensor([k - 1 for e in prompts.encoded for k in range(e.answer_start, len(e.ids))], device=device)
+    ans_y = torch.tensor([e.ids[k] for e in prompts.encoded for k in range(e.answer_start, len(e.ids))], device=device)
+    n_tok = torch.tensor([e.n_answer_tokens for e in prompts.encoded], dtype=torch.float32, device=device)
+    look_b = torch.arange(len(rows), device=device)
+    look_t = torch.tensor(lookup, device=device)
+    delta = torch.zeros(width, device=device, requires_grad=True)
+    state: dict[str, torch.Tensor] = {}
+
+    def hook(m, args, out):
+        h = _first(out)
+        if "init" not in state:  # recorded on the bare prompt, on the first forward (δ = 0)
+            state["init"] = h[0, lookup[0]].detach().float().clone()
+        h = h.index_put((look_b.to(h.device), look_t.to(h.device)),
+                        delta.to(h.dtype).expand(len(rows), -1), accumulate=True)
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    opt = torch.optim.Adam([delta], lr=v_lr)
+    kl_init = None
+    trace: dict = {}
+    handle = site.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            for it in range(v_num_grad_steps):
+                opt.zero_grad(set_to_none=True)
+                out = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+                hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+                lp = final_logits(model, hidden[ans_b, ans_t]).log_softmax(-1).gather(1, ans_y[:, None])[:, 0]
+                nll_each = -torch.zeros(n_rw, device=lp.device, dtype=lp.dtype).index_add(0, ans_b, lp) / n_tok
+                nll = nll_each.mean()
+                kl = torch.zeros((), device=lp.device)
+                if prompts.kl_ids:
+                    kl_lp = final_logits(model, hidden[n_rw:n_rw + 1, prompts.kl_lookup]).log_softmax(-1)
+                    if kl_init is None:
+                        kl_init = kl_lp.detach().clone()
+                    kl = kl_factor * F.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
+                init = state["init"]
+                wd = v_weight_decay * (delta.norm() / init.norm() ** 2)
+                loss = nll + kl + wd
+                trace = {"loss": loss.item(), "nll": nll.item(), "kl": kl.item(), "weight_decay": wd.item(), "steps": it,
+                         "p_new": torch.exp(-nll_each).mean().item()}
+                if trace["loss"] < STOP_LOSS or it == v_num_grad_steps - 1:
+                    break
+                loss.backward()
+                opt.step()
+                max_norm = clamp_norm_factor * init.norm()
+                if delta.norm() > max_norm:
+                    with torch.no_grad():
+                        delta.mul_(max_norm / delta.norm())
+    finally:
+        handle.remove()
+    return state["init"], delta.detach().clone(), trace
+
+
+def module_io_at(ctx: EditContext, target: Target, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
+    """``target``'s input and output at the lookup token of the bare prompt, on the model as it
+    is (ROME's ``get_module_input_output_at_word``): ((d_in,), (d_out,)) float64 on the CPU."""
+    e = prompts.encoded[0]
+    x, y = capture(ctx.model, {"m": target.module}, [list(e.ids[:e.answer_start])], [prompts.lookup[0]], ctx.pad_id)["m"]
+    return x[0], y[0]
+
+
+def prompt_rows(prompts: Prompts) -> tuple[list[list[int]], list[int]]:
+    """The templated prompts without their answers, as token rows, and their lookup tokens."""
+    return [list(e.ids[:e.answer_start]) for e in prompts.encoded], list(prompts.lookup)
+
+
+__all__ = ["FACT_TOKENS", "Prompts", "STOP_LOSS", "block_module", "capture", "last_block", "lookup_index",
+           "module_io_at", "optimise_value", "prompt_rows", "templated_prompts"]
