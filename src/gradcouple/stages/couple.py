@@ -114,7 +114,10 @@ def coupling_reader(run: RunDir, cfg: RunConfig) -> GradientReader:
     if cfg.couple.layers:
         have = {block_of_name(n): n for n in reader.names}
         n_blocks = max(b for b in have if b is not None) + 1 if any(b is not None for b in have) else 0
-        wanted = parse_block_spec(cfg.couple.layers, max(n_blocks, 1)) if n_blocks else []
+        try:
+            wanted = parse_block_spec(cfg.couple.layers, n_blocks) if n_blocks else []
+        except ConfigError:
+            wanted = []
         missing = [b for b in wanted if b not in have]
         if missing or not wanted:
             raise ConfigError(f"--couple-layers {cfg.couple.layers}: the extraction in {run.root} has blocks "
