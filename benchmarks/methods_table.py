@@ -4,7 +4,8 @@ metrics per method and edit set, the layer sweeps, and every predictor's pooled 
     python benchmarks/methods_table.py --out docs/science.md runs/science/methods/shared runs/science/methods/heldback
 
 Each run directory contributes every result set in it (one per method and settings); sets are
-labelled by the run directory's name. Writes the sections ``edit-methods``, ``layer-sweeps`` and
+labelled by the run directory's name; the predictor table leaves out sets of fewer than ``--min-edits``
+edits (10), whose correlations would rest on a handful of points. Writes the sections ``edit-methods``, ``layer-sweeps`` and
 ``method-predictors`` of ``--out`` (stdout without it).
 """
 
@@ -32,7 +33,7 @@ def corr(c) -> str:
     return f"{c.value:+.2f}" if c.ci_low is None else f"{c.value:+.2f} [{c.ci_low:+.2f}, {c.ci_high:+.2f}]"
 
 
-def tables(paths: list[Path]) -> dict[str, str]:
+def tables(paths: list[Path], min_edits: int = 10) -> dict[str, str]:
     eff = ["| edits | method | layers | settings from | edits made | already satisfied | same target | efficacy "
            "| log P(new) rise, median (nats) | specificity, mean Δ log P (nats) | locality | portability | exact match "
            "after | s / edit |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -45,7 +46,8 @@ def tables(paths: list[Path]) -> dict[str, str]:
             if res.layer_sweep_path.is_file():
                 sw = res.load_layer_sweep()
                 for p in sw.points:
-                    sweep.append(f"| {label} | {sw.method} | {','.join(map(str, p.layers))} | "
+                    what = f"{sw.method} (C⁻¹ keys)" if sw.hparams.get("mom2_adjustment") else sw.method
+                    sweep.append(f"| {label} | {what} | {','.join(map(str, p.layers))} | "
                                  f"{pct(p.n_successful_counted, p.n_counted)} | {p.n_already_satisfied} | "
                                  f"{f(p.efficacy_magnitude.median, '+.1f')} | {f(p.specificity.mean, '+.3f')} | "
                                  f"{f(p.locality.mean, '.3f')} |")
@@ -71,6 +73,8 @@ def tables(paths: list[Path]) -> dict[str, str]:
                        f"{f(m.efficacy_magnitude.median, '+.1f')} | {f(m.specificity.mean, '+.3f')} | "
                        f"{f(m.locality.mean, '.3f')} | {f(m.portability.get('pooled'), '.3f')} | "
                        f"{f(m.exact_match_after.get('pooled'), '.3f')} | {s.seconds / max(1, s.n_edits):.0f} |")
+            if s.n_edits < min_edits:
+                continue
             for name, rep in s.predictors.items():
                 p = rep.pooled
                 pred.append(f"| {label} | {s.method} | {name} | {corr(p.spearman)} | {corr(p.pearson)} | "
@@ -82,8 +86,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--min-edits", type=int, default=10, help="leave sets of fewer edits out of the predictor table")
     args = ap.parse_args()
-    for name, text in tables(args.runs).items():
+    for name, text in tables(args.runs, args.min_edits).items():
         if args.out:
             put(args.out, name, text)
         else:

@@ -265,14 +265,16 @@ def main() -> None:
             ref_ok += bool(after[0] > after[1])
             for t in touched:
                 t.module.weight.data.copy_(w0[t.name].float())
-            print(f"{name} {subject!r} -> {p.answer!r}: cosine {cosines[-1]:.4f}", flush=True)
+            print(f"{name} {subject!r} -> {p.answer!r}: cosine {cosines[-1]:.8f}", flush=True)
         rows.append((name, hp["layers"], counted, ours_ok, ref_ok, cosines, skipped))
-    lines = ["| method | layers | edits counted | gradcouple efficacy | reference efficacy | cosine of ΔW, mean (min) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | layers | edits counted | gradcouple efficacy | reference efficacy | cosine of ΔW, mean (min) "
+             "| 1 − cosine, max |", "|---|---|---|---|---|---|---|"]
     for name, layers, n, ours, ref, cos, skipped in rows:
         lines.append(f"| {name} | {','.join(map(str, layers))} | {n}{f' ({skipped} the reference cannot parse)' if skipped else ''} "
-                     f"| {ours}/{n} | {ref}/{n} | {np.mean(cos):.4f} ({min(cos):.4f}) |")
-    text = "\n".join(lines) + f"\n\nWall time {time.perf_counter() - t_start:.0f} s on {torch.get_num_threads()} CPU threads."
+                     f"| {ours}/{n} | {ref}/{n} | {np.mean(cos):.6f} ({min(cos):.6f}) | {1 - min(cos):.1e} |")
+    n_threads = torch.get_num_threads()
+    text = "\n".join(lines) + (f"\n\nWall time {time.perf_counter() - t_start:.0f} s on {n_threads} CPU "
+                                f"thread{'s' if n_threads > 1 else ''}.")
     print(text)
     if args.out:
         put(args.out, "reference-check", text)

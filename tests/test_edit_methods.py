@@ -261,3 +261,15 @@ def test_every_published_settings_file_is_valid_for_its_method():
 
 def test_published_settings_match_the_model_they_name(tiny_llama_loaded):
     assert published_hparams("rome", tiny_llama_loaded.model) == ({}, None)
+
+
+def test_memit_names_the_blocks_whose_mlp_output_is_normalised_before_the_residual():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from gradcouple.edits.memit import normalised_mlp_output
+    from conftest import tiny_llama
+
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    assert normalised_mlp_output(gemma, [0, 2]) == [0, 2]
+    assert normalised_mlp_output(tiny_llama(), [0, 1, 2]) == []

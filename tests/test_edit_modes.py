@@ -99,6 +99,12 @@ def test_the_layer_sweep_edits_each_block_and_writes_its_table(made, tmp_path, t
     assert res.path.name == "layer_sweep.json" and RunDir(run).ripple.sets()[-1].load_layer_sweep() == sw
 
 
+def test_a_layer_sweep_beyond_the_model_is_refused_naming_its_flag(made, tmp_path, tiny_llama_loaded):
+    cfg, run = _copy(made, tmp_path, method="rome", hparams={"rome": FAST_ROME}, layer_sweep="2-6")
+    with pytest.raises(ConfigError, match=r"^--layer-sweep '2-6': block indices must lie in 0\.\.3 \(got \[4, 5, 6\]\)"):
+        ripple(cfg, run, loaded=tiny_llama_loaded, show_progress=False)
+
+
 def test_gradsim_over_a_subset_of_the_extracted_layers(made, tmp_path):
     cfg, run = _copy(made, tmp_path)
     full = RunDir(run).coupling.load_cosine()[1]

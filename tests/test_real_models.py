@@ -116,3 +116,18 @@ def test_a_real_fine_tuning_edit_raises_the_new_target_and_is_undone_bit_for_bit
         lp1 = float(measure_logprobs(smollm2.model, [new], pad_id=pad_id(smollm2.tokenizer))[0])
     assert lp1 > lp0 + 1.0 and all(float(d.abs().max()) > 0 for d in delta.values())
     assert all(torch.equal(t.module.weight, before[t.name]) for t in targets)
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit", "ft-l"])
+def test_each_real_model_finds_its_published_settings(real_model, method):
+    from gradcouple.edits import method_class
+    from gradcouple.edits.published import published_hparams
+
+    name = "smollm2-135m" if real_model.model.config.model_type == "llama" else "gemma3-270m"
+    hp, path = published_hparams(method, real_model.model)
+    assert path is not None and path.name == f"{name}.yaml"
+    n_blocks = real_model.model.config.num_hidden_layers
+    resolved = method_class(method).resolve(model=real_model.model)
+    assert resolved.hp.layers == hp["layers"] and max(hp["layers"]) < n_blocks
+    if "v_loss_layer" in hp:
+        assert hp["v_loss_layer"] == n_blocks - 1

@@ -172,11 +172,11 @@ def block_spec(blocks: list[int]) -> str:
     return ",".join(out)
 
 
-def parse_block_spec(spec: str, n_blocks: int) -> list[int]:
+def parse_block_spec(spec: str, n_blocks: int, flag: str = "--layers") -> list[int]:
     """Parse 'last4', 'all', '26-29', '0,5,11' (negative indices count from the end).
 
     Raises:
-        ConfigError: malformed spec or index out of range (the message names ``--layers``).
+        ConfigError: malformed spec or index out of range (the message names ``flag``).
     """
     s = spec.strip().lower()
     try:
@@ -185,7 +185,7 @@ def parse_block_spec(spec: str, n_blocks: int) -> list[int]:
         elif s.startswith("last"):
             k = int(s[4:] or 1)
             if not 1 <= k <= n_blocks:
-                raise ConfigError(f"--layers {spec!r}: the model has {n_blocks} blocks; use last1..last{n_blocks} or 'all'.")
+                raise ConfigError(f"{flag} {spec!r}: the model has {n_blocks} blocks; use last1..last{n_blocks} or 'all'.")
             idx = list(range(n_blocks - k, n_blocks))
         else:
             idx = []
@@ -197,10 +197,11 @@ def parse_block_spec(spec: str, n_blocks: int) -> list[int]:
                     idx.append(int(part))
             idx = [i + n_blocks if i < 0 else i for i in idx]
     except ValueError:
-        raise ConfigError(f"--layers {spec!r}: expected 'last4', 'all', a range '26-29', a list '0,5,11' or 're:<regex>'.") from None
+        raise ConfigError(f"{flag} {spec!r}: expected 'last4', 'all', a range '26-29', a list '0,5,11'"
+                          f"{' or re:<regex>' if flag == '--layers' else ''}.") from None
     bad = [i for i in idx if not 0 <= i < n_blocks]
     if bad or not idx:
-        raise ConfigError(f"--layers {spec!r}: block indices must lie in 0..{n_blocks - 1} (got {bad or 'none'}).")
+        raise ConfigError(f"{flag} {spec!r}: block indices must lie in 0..{n_blocks - 1} (got {bad or 'none'}).")
     return sorted(set(idx))
 
 

@@ -14,16 +14,19 @@ EasyEdit's hparams/MEMIT/*.yaml).
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
 from pydantic import Field
 
-from ..layers import Target
+from ..layers import Target, block_spec
 from .base import EditContext, EditMethod, Hparams, Layers, Rewrite, register_method
 from .rome import V_LOSS_LAYER, apply_delta, check_loss_layer
 from .templates import context_templates
 from .value import block_module, capture, prompt_rows, templated_prompts, optimise_value
+
+log = logging.getLogger(__name__)
 
 
 class MemitHparams(Hparams):
@@ -62,6 +65,13 @@ def memit_update(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) 
     return R @ torch.linalg.solve(lam * C + K @ K.t(), K).t()
 
 
+def normalised_mlp_output(model, blocks: list[int]) -> list[int]:
+    """The blocks among ``blocks`` that normalise their MLP's output before adding it to the residual
+    stream (Gemma 2 and 3, OLMo 2: ``post_feedforward_layernorm``). MEMIT's spread of the residual
+    over blocks assumes the MLP output is added as it is, so there its update misses its target."""
+    return [b for b in blocks if hasattr(block_module(model, b), "post_feedforward_layernorm")]
+
+
 def group_mean_keys(ctx: EditContext, target: Target, rewrites: list[Rewrite], groups: list[list[str]],
                     fact_token: str) -> torch.Tensor:
     """MEMIT's compute_ks: per rewrite, ``target``'s input at the lookup token behind each template,
@@ -95,6 +105,12 @@ class Memit(EditMethod):
     def prepare(self, ctx: EditContext) -> None:
         check_loss_layer(self.name, self.hp.v_loss_layer, ctx.model)
         self.check(ctx.targets)
+        normed = normalised_mlp_output(ctx.model, [t.block for t in self.touched(ctx.targets)])
+        if normed:
+            log.warning(f"--method {self.name}: block(s) {block_spec(normed)} of this {ctx.model.config.model_type} model "
+                        "normalise the MLP output before adding it to the residual stream (post_feedforward_layernorm); "
+                        "the spread of the residual over blocks assumes they do not, so edits may miss (docs/science.md, "
+                        "Gemma 3); ROME optimises through the norm and is unaffected")
         if ctx.prefetch is not None:
             ctx.prefetch(self.touched(ctx.targets))
         for t in self.touched(ctx.targets):
@@ -144,4 +160,4 @@ class Memit(EditMethod):
                 for t in ctx.targets}
 
 
-__all__ = ["Memit", "MemitHparams", "group_mean_keys", "memit_update"]
+__all__ = ["Memit", "MemitHparams", "group_mean_keys", "memit_update", "normalised_mlp_output"]

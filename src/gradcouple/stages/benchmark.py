@@ -493,7 +493,7 @@ def layer_sweep(r: RippleRun, edits: list[BenchmarkEdit], spec: str, show_progre
     model, tok = r.loaded.model, r.loaded.tokenizer
     n_blocks = len(find_blocks(model)[1])
     width = len(method.hp.layers)
-    blocks = [L for L in parse_block_spec(spec, n_blocks) if L + width <= n_blocks]
+    blocks = [L for L in parse_block_spec(spec, n_blocks, "--layer-sweep") if L + width <= n_blocks]
     if not blocks:
         raise ConfigError(f"--layer-sweep {spec}: no block leaves room for {width} edited layers in {n_blocks} blocks.")
     ctx = dataclasses.replace(r.context(), targets=select_targets(model, "all", r.manifest.settings().model.module),
