@@ -11,7 +11,7 @@
 #      L2 sweep with its Llama3-8B value settings (6 edits), MEMIT's mom2_update_weight sweep (4 edits)
 #      and AlphaEdit with MEMIT's value settings (6 edits), what the published SmolLM2 file was chosen from.
 # Then the tables.
-# Usage: benchmarks/edit_methods.sh [SHARED_DATA_DIR]   (default ../shared/data; about 1.7 hours on 2 cores)
+# Usage: benchmarks/edit_methods.sh [SHARED_DATA_DIR]   (default ../shared/data; about 2 h 15 min on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared=${1:-../shared/data}
