@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Optional
 
 import torch
 from pydantic import Field
@@ -25,29 +24,22 @@ from pydantic import Field
 from ..io import atomic_torch_save, digest
 from ..layers import Target
 from ..models import cache_dir
-from .base import EditContext, Hparams, Layers, Rewrite, register_method
+from .base import EditContext, Rewrite, register_method
 from .memit import Memit, group_mean_keys
-from .rome import V_LOSS_LAYER
+from .value import ValueHparams
 
 log = logging.getLogger(__name__)
 
 
-class AlphaEditHparams(Hparams):
+class AlphaEditHparams(ValueHparams):
     """AlphaEdit's knobs, named and valued as jianghoucheng/AlphaEdit's hparams/AlphaEdit/Llama3-8B.json
     (a model's published file overrides them)."""
 
-    layers: Layers = Field(default=None, description="Blocks whose MLP output projections the method edits, e.g. 4-8; none: the "
-                           "model's published setting (gradcouple/hparams)", json_schema_extra={"flag": "--edit-layers"})
-    fact_token: str = Field(default="subject_last", description="Where the fact is looked up: subject_last or last")
-    v_num_grad_steps: int = Field(default=25, ge=1, description="Adam steps of the value optimisation",
-                                  json_schema_extra={"flag": "--v-num-grad-steps"})
     v_lr: float = Field(default=0.1, gt=0, description="Adam learning rate of the value optimisation",
                         json_schema_extra={"flag": "--v-lr"})
-    v_loss_layer: Optional[int] = Field(default=None, description=V_LOSS_LAYER)
     v_weight_decay: float = Field(default=0.5, ge=0, description="Weight of |delta| / |initial value|^2 in the value's loss")
     clamp_norm_factor: float = Field(default=0.75, gt=0, description="Largest |delta| of the value, as a multiple of its initial norm",
                                      json_schema_extra={"flag": "--clamp-norm-factor"})
-    kl_factor: float = Field(default=0.0625, ge=0, description="Weight of the KL term at '{subject} is a'")
     nullspace_threshold: float = Field(default=2e-2, gt=0, description="Eigenvalues of C under this span the null "
                                        "space the update is projected onto", json_schema_extra={"flag": "--nullspace-threshold"})
     L2: float = Field(default=10.0, ge=0, description="Ridge of the projected normal equations")

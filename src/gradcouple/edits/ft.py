@@ -1,6 +1,7 @@
-"""Fine-tuning edits: Adam on the target layers toward the new targets; FT-L when each weight's
-change is bounded (Meng et al. 2022, "Locating and Editing Factual Associations in GPT", their
-constrained fine-tuning baseline; Zhu et al. 2020, "Modifying Memories in Transformer Models")."""
+"""Fine-tuning edits: Adam on the target layers toward the new targets, a simplified variant of the
+constrained fine-tuning baseline when each weight's change is bounded (Meng et al. 2022, "Locating
+and Editing Factual Associations in GPT"; Zhu et al. 2020, "Modifying Memories in Transformer
+Models"); that baseline as its reference code does it is ``ft-l`` (ft_l.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class FTHparams(Hparams):
                        "ROME paper)", json_schema_extra={"flag": "--steps"})
     lr: float = Field(default=5e-4, gt=0, description="Adam learning rate of an ft edit (5e-4 as FT in the ROME paper)",
                       json_schema_extra={"flag": "--lr"})
-    max_delta: Optional[float] = Field(default=None, gt=0, description="FT-L bound on every weight's change |dw| "
+    max_delta: Optional[float] = Field(default=None, gt=0, description="Bound on every weight's change |dw| "
                                        "(L-infinity); None = unbounded", json_schema_extra={"flag": "--max-delta"})
     early_stop: bool = Field(default=True, description="Stop an ft edit once the new target is the greedy continuation")
 
@@ -69,12 +70,12 @@ def ft_edit(model, targets: list[Target], new: list[EncodedPiece], steps: int, l
 
 @register_method
 class FineTuning(EditMethod):
-    """Adam on every target layer toward all rewrites at once (FT-L with ``max_delta``)."""
+    """Adam on every target layer toward all rewrites at once (bounded with ``max_delta``, a simplified FT-L)."""
 
     name = "ft"
     aliases = ("finetune",)
-    summary = ("fine-tuning: Adam on all target layers, early stop; FT-L with --max-delta (Meng et al. 2022, the "
-               "ROME paper's baseline)")
+    summary = ("fine-tuning: Adam on all target layers, early stop; bounded with --max-delta, a simplified FT-L "
+               "(Meng et al. 2022, the ROME paper's baseline)")
     Hparams = FTHparams
     strength = "lr"
 

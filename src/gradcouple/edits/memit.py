@@ -15,37 +15,23 @@ EasyEdit's hparams/MEMIT/*.yaml).
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 from pydantic import Field
 
 from ..layers import Target, block_spec
-from .base import EditContext, EditMethod, Hparams, Layers, Rewrite, register_method
-from .rome import V_LOSS_LAYER, apply_delta, check_loss_layer
+from .base import EditContext, EditMethod, Rewrite, register_method
+from .rome import apply_delta, check_loss_layer
 from .templates import context_templates
-from .value import block_module, capture, prompt_rows, templated_prompts, optimise_value
+from .value import ValueHparams, block_module, capture, prompt_rows, templated_prompts, optimise_value
 
 log = logging.getLogger(__name__)
 
 
-class MemitHparams(Hparams):
+class MemitHparams(ValueHparams):
     """MEMIT's knobs, named as in kmeng01/memit's MEMITHyperParams; defaults are EasyEdit's
     hparams/MEMIT/llama-7b.yaml (a model's published file overrides them)."""
 
-    layers: Layers = Field(default=None, description="Blocks whose MLP output projections the method edits, e.g. 4-8; none: the "
-                           "model's published setting (gradcouple/hparams)",
-                           json_schema_extra={"flag": "--edit-layers"})
-    fact_token: str = Field(default="subject_last", description="Where the fact is looked up: subject_last or last")
-    v_num_grad_steps: int = Field(default=25, ge=1, description="Adam steps of the value optimisation",
-                                  json_schema_extra={"flag": "--v-num-grad-steps"})
-    v_lr: float = Field(default=0.5, gt=0, description="Adam learning rate of the value optimisation",
-                        json_schema_extra={"flag": "--v-lr"})
-    v_loss_layer: Optional[int] = Field(default=None, description=V_LOSS_LAYER)
-    v_weight_decay: float = Field(default=1e-3, ge=0, description="Weight of |delta| / |initial value|^2 in the value's loss")
-    clamp_norm_factor: float = Field(default=4.0, gt=0, description="Largest |delta| of the value, as a multiple of its initial norm",
-                                     json_schema_extra={"flag": "--clamp-norm-factor"})
-    kl_factor: float = Field(default=0.0625, ge=0, description="Weight of the KL term at '{subject} is a'")
     mom2_update_weight: float = Field(default=15000.0, gt=0, description="lambda of lambda*C + K K^T: how strongly "
                                       "the keys of preserved text resist the update",
                                       json_schema_extra={"flag": "--mom2-update-weight"})

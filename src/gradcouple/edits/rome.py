@@ -25,30 +25,17 @@ from pydantic import Field
 
 from ..errors import ConfigError
 from ..layers import Target
-from .base import EditContext, EditMethod, Hparams, Layers, Rewrite, register_method
+from .base import EditContext, EditMethod, Rewrite, register_method
 from .templates import context_templates
-from .value import capture, last_block, module_io_at, optimise_value, prompt_rows, templated_prompts
-
-V_LOSS_LAYER = ("Block whose output the value's loss is read from; none: the last (the model's output, as in every "
-                "published setting)")
+from .value import (ValueHparams, capture, last_block, module_io_at, optimise_value, prompt_rows,
+                    templated_prompts)
 
 
-class RomeHparams(Hparams):
+
+class RomeHparams(ValueHparams):
     """ROME's knobs, named as in kmeng01/rome's ROMEHyperParams; defaults are EasyEdit's
     hparams/ROME/llama-7b.yaml (a model's published file overrides them)."""
 
-    layers: Layers = Field(default=None, description="Blocks whose MLP output projections the method edits, e.g. 4-8; none: the "
-                           "model's published setting (gradcouple/hparams)", json_schema_extra={"flag": "--edit-layers"})
-    fact_token: str = Field(default="subject_last", description="Where the fact is looked up: subject_last or last")
-    v_num_grad_steps: int = Field(default=25, ge=1, description="Adam steps of the value optimisation",
-                                  json_schema_extra={"flag": "--v-num-grad-steps"})
-    v_lr: float = Field(default=0.5, gt=0, description="Adam learning rate of the value optimisation",
-                        json_schema_extra={"flag": "--v-lr"})
-    v_loss_layer: Optional[int] = Field(default=None, description=V_LOSS_LAYER)
-    v_weight_decay: float = Field(default=1e-3, ge=0, description="Weight of |delta| / |initial value|^2 in the value's loss")
-    clamp_norm_factor: float = Field(default=4.0, gt=0, description="Largest |delta| of the value, as a multiple of its initial norm",
-                                     json_schema_extra={"flag": "--clamp-norm-factor"})
-    kl_factor: float = Field(default=0.0625, ge=0, description="Weight of the KL term at '{subject} is a'")
     mom2_adjustment: bool = Field(default=False, description="Whiten the key by the inverse key second moment C^-1")
     context_template_length_params: list[list[int]] = Field(
         default_factory=lambda: [[5, 10], [10, 10]],

@@ -27,9 +27,33 @@ from torch import nn
 from ..errors import ConfigError
 from ..layers import Target, find_blocks
 from ..scoring import EncodedPiece, encode, final_logits, subject_position
-from .base import EditContext, Rewrite
+from pydantic import Field
+
+from .base import EditContext, Hparams, Layers, Rewrite
 
 log = logging.getLogger(__name__)
+
+V_LOSS_LAYER = ("Block whose output the value's loss is read from; none: the last (the model's output, as in every "
+                "published setting)")
+
+
+class ValueHparams(Hparams):
+    """The knobs ROME, MEMIT and AlphaEdit share: where they edit and how the target value is optimised
+    (:func:`optimise_value`), named as in kmeng01/rome's compute_v; defaults are EasyEdit's
+    hparams/ROME/llama-7b.yaml and hparams/MEMIT/llama-7b.yaml, which agree on them."""
+
+    layers: Layers = Field(default=None, description="Blocks whose MLP output projections the method edits, e.g. 4-8; none: the "
+                           "model's published setting (gradcouple/hparams)", json_schema_extra={"flag": "--edit-layers"})
+    fact_token: str = Field(default="subject_last", description="Where the fact is looked up: subject_last or last")
+    v_num_grad_steps: int = Field(default=25, ge=1, description="Adam steps of the value optimisation",
+                                  json_schema_extra={"flag": "--v-num-grad-steps"})
+    v_lr: float = Field(default=0.5, gt=0, description="Adam learning rate of the value optimisation",
+                        json_schema_extra={"flag": "--v-lr"})
+    v_loss_layer: Optional[int] = Field(default=None, description=V_LOSS_LAYER)
+    v_weight_decay: float = Field(default=1e-3, ge=0, description="Weight of |delta| / |initial value|^2 in the value's loss")
+    clamp_norm_factor: float = Field(default=4.0, gt=0, description="Largest |delta| of the value, as a multiple of its initial norm",
+                                     json_schema_extra={"flag": "--clamp-norm-factor"})
+    kl_factor: float = Field(default=0.0625, ge=0, description="Weight of the KL term at '{subject} is a'")
 
 #: the loss under which the value optimisation stops (ROME's and MEMIT's compute_v/compute_z)
 STOP_LOSS = 5e-2
@@ -216,5 +240,5 @@ def prompt_rows(prompts: Prompts) -> tuple[list[list[int]], list[int]]:
     return [list(e.ids[:e.answer_start]) for e in prompts.encoded], list(prompts.lookup)
 
 
-__all__ = ["FACT_TOKENS", "Prompts", "STOP_LOSS", "block_module", "capture", "last_block", "lookup_index",
+__all__ = ["FACT_TOKENS", "Prompts", "STOP_LOSS", "V_LOSS_LAYER", "ValueHparams", "block_module", "capture", "last_block", "lookup_index",
            "module_io_at", "optimise_value", "prompt_rows", "templated_prompts"]
