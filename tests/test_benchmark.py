@@ -64,7 +64,7 @@ def test_edits_group_their_tests_originals_and_conditions():
 
 def test_every_named_predictor_is_registered_with_a_definition():
     assert set(PREDICTORS) == {"gradsim", "gradsim_old_answer", "inner_product", "norm", "first_order",
-                               "activation_cosine", "whitened_key", "shuffled"}
+                               "activation_cosine", "whitened_key", "key_inner_product", "prior_logprob", "shuffled"}
     assert all(len(d) > 20 for _, d in PREDICTORS.values())
 
 
@@ -154,12 +154,13 @@ def test_clustered_correlation_of_independent_points_covers_zero():
     assert r.ci_low < 0 < r.ci_high and r.n_edits == 40
 
 
-def coupled_edit_run(root, n_edits=3, tests_per_edit=3, steps=5, covariance_tokens=2000, resamples=50) -> RunConfig:
+def coupled_edit_run(root, n_edits=3, tests_per_edit=3, steps=5, covariance_tokens=2000, resamples=50,
+                     layers="last4") -> RunConfig:
     """Benchmark-edit pieces extracted and coupled in ``root/run`` with the tiny LLaMA; the config ripple uses."""
     write_pieces(root / "p.jsonl", _edit_pieces(n_edits=n_edits, tests_per_edit=tests_per_edit))
     cfg = RunConfig()
     cfg.data.pieces = root / "p.jsonl"
-    cfg.model.name = "llama-tiny-random"
+    cfg.model.name, cfg.model.layers = "llama-tiny-random", layers
     cfg.ripple.hparams = {"ft": {"steps": steps, "lr": 1e-2}}
     cfg.ripple.covariance_tokens, cfg.ripple.bootstrap_resamples = covariance_tokens, resamples
     extract(cfg, root / "run", show_progress=False)
@@ -183,6 +184,14 @@ def test_benchmark_measures_every_test_of_every_edit_once(benchmark_run):
     _, run, s = benchmark_run
     _, rows = RunDir(run).ripple.load()
     assert len(rows) == 9 and len({r.test_id for r in rows}) == 9 and s.n_tests == 9
+
+
+def test_the_forward_only_baselines_are_the_prior_logprob_and_the_key_inner_product(benchmark_run):
+    _, run, s = benchmark_run
+    _, rows = RunDir(run).ripple.load()
+    assert all(r.predictors["prior_logprob"] == pytest.approx(r.logprob_before, abs=1e-9) for r in rows)
+    # <k_e, k_q> and cos(k_e, k_q) differ by positive norms only: same sign, and within an edit the ratio is |k_e| |k_q|
+    assert all((r.predictors["key_inner_product"] > 0) == (r.predictors["activation_cosine"] > 0) for r in rows)
 
 
 def test_benchmark_reports_every_predictor_pooled_and_per_criterion(benchmark_run):

@@ -377,11 +377,14 @@ class RippleSummary(_Model):
 
 
 class CovarianceSource(_Model):
-    """Where a key covariance came from: the text, how many tokens, and the layer."""
+    """Where a key covariance came from: the text, how many tokens, the layer, and the user-cache file
+    it is kept in with the sha256 of its tensor (None for one computed from the run's own pieces)."""
 
     text: str
     n_tokens: int
     layer: str
+    file: Optional[str] = None
+    sha256: Optional[str] = None
 
 
 class TestMeasurement(_Model):
@@ -426,6 +429,24 @@ class BenchmarkEditRecord(_Model):
     mean_rise_own_tests: float
     restored: bool
     seconds: float
+    phases: Optional[dict[str, float]] = Field(None, description=(
+        "Seconds of this edit per phase: edit (making it), measure (its tests, originals, the unrelated sample and "
+        "their greedy checks), predictors (every predictor's scores); a batch's edit and measure shared evenly"))
+
+
+class SuffixReport(_Model):
+    """How the edits ran (:mod:`gradcouple.suffix`): from which block (None: the whole model), how many
+    prefix tokens were computed and in how many seconds, scored rows whose residual was computed or reused,
+    and calls served from the suffix or run whole."""
+
+    from_block: Optional[int]
+    prefix_tokens: int = 0
+    prefix_seconds: float = 0.0
+    rows_computed: int = 0
+    rows_reused: int = 0
+    suffix_calls: int = 0
+    full_calls: int = 0
+    invalidated: int = 0
 
 
 class PredictorScore(_Model):
@@ -505,6 +526,7 @@ class BenchmarkSummary(_Model):
     metrics: Optional[EditMetrics] = Field(None, description="Efficacy, generalisation, specificity, locality, portability")
     method_source: Optional[str] = Field(None, description="Where the method's settings came from (a published file, --hparams)")
     retention: list[RetentionPoint] = Field(default_factory=list, description="--sequential: after each batch, the edits made so far")
+    suffix: Optional[SuffixReport] = Field(None, description="How the edits and measurements ran: from which block, what was reused")
     predictors: dict[str, PredictorReport]
     definitions: dict[str, str]
     seconds: float

@@ -140,6 +140,9 @@ class RippleConfig(_Section):
     sequential: bool = Field(default=False, json_schema_extra=_flag("--sequential"), description=(
         "Make the batches one after another without restoring the weights between them, measuring every earlier edit "
         "again after each (how MEMIT and AlphaEdit are used); the weights are restored at the end"))
+    full_model: bool = Field(default=False, json_schema_extra=_flag("--full-model"), description=(
+        "Run every edit step and measurement through all blocks; by default they run from the lowest edited block on, "
+        "the residual entering it computed once per sequence (the same log-probs to float32 rounding)"))
     layer_sweep: Optional[str] = Field(default=None, json_schema_extra=_flag("--layer-sweep"), description=(
         "Blocks, e.g. 2-12: the method's efficacy, specificity and locality on the benchmark edits with each block as its "
         "first edited layer -> layer_sweep.json (needs no gradients at those blocks)"))
@@ -306,7 +309,7 @@ class RunConfig(_Section):
     def ripple_hash(self) -> str:
         """sha256 (16 hex) of the ripple settings but the methods' knobs (the edit method's resolved
         knobs are an input of their own, so another method's knobs change nothing)."""
-        return self._hash(self.ripple.model_dump(mode="json", exclude={"hparams", "hparams_file"}))
+        return self._hash(self.ripple.model_dump(mode="json", exclude={"hparams", "hparams_file", "full_model"}))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the resolved config as JSON (atomic)."""

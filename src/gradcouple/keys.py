@@ -8,40 +8,73 @@ enough for tens of thousands of tokens with no network.
 from __future__ import annotations
 
 import hashlib
+import logging
+from pathlib import Path
+from typing import Optional
 
 import torch
 
 from .artifacts import CovarianceSource
 from .datasets import wikipedia_paragraphs
-from .io import atomic_torch_save
+from .io import atomic_torch_save, digest
+from .models import cache_dir
 from .layers import Target
 from .scoring import EncodedPiece, collate
 from .stores import GradientReader
 
+log = logging.getLogger(__name__)
 
-def cached_wikipedia_covariances(run, model_fingerprint: str, model, tokenizer, targets: list[Target],
-                                  max_tokens: int = 50_000) -> dict[str, tuple[torch.Tensor, CovarianceSource]]:
-    """:func:`wikipedia_covariances` of ``targets``, each kept in the run directory
-    (``RunDir.ripple.covariance_path``) so a rerun or a resumed ripple does not recompute it; the
-    missing ones are computed together, in one pass over the text. A file is keyed by the model's
-    fingerprint, the layer, the token budget and the bundled text's sha256; a file that does not
-    load is recomputed."""
+
+def covariance_cache_path(key: list) -> Path:
+    """The user-cache file of the key covariance computed under ``key`` (model fingerprint, layer, token
+    budget, text sha256, dtype): ``cache_dir()/covariance/<fingerprint[:12]>-<digest>.pt``."""
+    return cache_dir() / "covariance" / f"{str(key[1])[:12]}-{digest(key)[:20]}.pt"
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _load_cached(path: Path, key: list) -> Optional[tuple[torch.Tensor, CovarianceSource]]:
+    """A cached covariance when ``path`` holds one made under ``key`` whose bytes match its sha256;
+    None when absent; a damaged or foreign file is logged as a warning and treated as absent."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+        cov = saved["covariance"]
+        if saved["key"] != digest(key) or _tensor_sha256(cov) != saved["sha256"]:
+            raise ValueError("its contents do not match its key and checksum")
+        return cov, CovarianceSource.model_validate_json(saved["source"]).model_copy(update={"file": str(path)})
+    except Exception as e:  # noqa: BLE001 (any damage means: compute it again)
+        log.warning(f"key covariance cache {path} is damaged ({e}); computing it again.")
+        return None
+
+
+def cached_wikipedia_covariances(model_fingerprint: str, model, tokenizer, targets: list[Target],
+                                 max_tokens: int = 50_000) -> dict[str, tuple[torch.Tensor, CovarianceSource]]:
+    """:func:`wikipedia_covariances` of ``targets``, computed once per model and kept in the user's cache
+    (:func:`covariance_cache_path`), as ROME keeps its layer statistics per model; the missing ones are
+    computed together, in one pass over the text that stops at the highest of them. A file is keyed by
+    the model's fingerprint, the layer, the token budget, the bundled text's sha256 and the dtype, and
+    verified by the sha256 of its tensor: a damaged file is recomputed with a warning. Each source
+    names the file it was read from (``CovarianceSource.file``), which the run records."""
     text = hashlib.sha256("\n".join(wikipedia_paragraphs()).encode()).hexdigest()
     dtype = str(next(model.parameters()).dtype)
-    paths = {t.name: run.ripple.covariance_path(["raw second moment", model_fingerprint, t.name, max_tokens, text, dtype])
-             for t in targets}
+    keys = {t.name: ["raw second moment", model_fingerprint, t.name, max_tokens, text, dtype] for t in targets}
     out: dict[str, tuple[torch.Tensor, CovarianceSource]] = {}
     for t in targets:
-        if paths[t.name].is_file():
-            try:
-                saved = torch.load(paths[t.name], weights_only=True)
-                out[t.name] = saved["covariance"], CovarianceSource.model_validate_json(saved["source"])
-            except Exception:  # noqa: BLE001 (a damaged cache file is recomputed)
-                pass
+        got = _load_cached(covariance_cache_path(keys[t.name]), keys[t.name])
+        if got is not None:
+            out[t.name] = got
     missing = [t for t in targets if t.name not in out]
     if missing:
         for name, (cov, source) in wikipedia_covariances(model, tokenizer, missing, max_tokens).items():
-            atomic_torch_save({"covariance": cov, "source": source.model_dump_json()}, paths[name])
+            path = covariance_cache_path(keys[name])
+            source = source.model_copy(update={"file": str(path), "sha256": _tensor_sha256(cov)})
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save({"covariance": cov, "source": source.model_dump_json(), "key": digest(keys[name]),
+                               "sha256": source.sha256}, path)
             out[name] = cov, source
     return out
 

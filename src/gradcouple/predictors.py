@@ -37,13 +37,15 @@ class PredictorContext:
     piece's key position (the last token of its edit's subject where named, else the last prompt
     token); cinv_keys:
     C^-1 keys (N, d) float64, C the layer's key covariance; first_order: <g_j, Δθ> (N,) float64 of
-    the current edit, set after it is made; seed of the shuffled baseline.
+    the current edit, set after it is made; logprobs: log P(answer | prompt) (N,) float64 in nats on
+    the unedited model (NaN for pieces not measured); seed of the shuffled baseline.
     """
 
     gram: torch.Tensor
     keys: torch.Tensor
     cinv_keys: torch.Tensor
     first_order: Optional[torch.Tensor] = None
+    logprobs: Optional[torch.Tensor] = None
     seed: int = 0
     norms: torch.Tensor = field(init=False)
 
@@ -101,6 +103,21 @@ def whitened_key(ctx, edit_rows, original_rows, q):
     for e in edit_rows:
         out += (ctx.keys[q] @ ctx.cinv_keys[e]) / (ctx.keys[e] @ ctx.cinv_keys[e]).clamp_min(1e-300)
     return out
+
+
+@register_predictor("key_inner_product", "<k_e, k_q>: the inner product of the edited layer's inputs, keys taken as for "
+                    "activation_cosine (forward only; Jin & Ren, ICML 2024, forecast forgetting from it).")
+def key_inner_product(ctx, edit_rows, original_rows, q):
+    return ctx.keys[q] @ ctx.keys[edit_rows].sum(0)
+
+
+@register_predictor("prior_logprob", "log P(the test's post-edit answer | its prompt) on the unedited model (nats), the "
+                    "same for every edit (forward only; Sun et al. 2025; Ge et al. 2024): how likely the new answer "
+                    "already was.")
+def prior_logprob(ctx, edit_rows, original_rows, q):
+    if ctx.logprobs is None:
+        return torch.full((len(q),), float("nan"), dtype=torch.float64)
+    return ctx.logprobs[q].clone()
 
 
 @register_predictor("shuffled", "GradSim values permuted at random among the queries scored (seeded): within an "

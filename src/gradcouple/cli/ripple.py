@@ -122,6 +122,7 @@ def ripple(
     layer_sweep: Annotated[Optional[str], opt("ripple.layer_sweep", "--layer-sweep")] = None,
     batch_size: Annotated[Optional[int], opt("ripple.batch_size", "--batch-size")] = None,
     sequential: Annotated[Optional[bool], opt("ripple.sequential", "--sequential")] = None,
+    full_model: Annotated[Optional[bool], opt("ripple.full_model", "--full-model")] = None,
     seed: Annotated[Optional[int], opt("ripple.seed", "--seed")] = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
@@ -140,7 +141,7 @@ def ripple(
 
     res = api.ripple(run, config=config, show_progress=True, edits=edits, n_edits=n_edits, method=method,
                      hparams=hparams, sweep=sweep, layer_sweep=layer_sweep, batch_size=batch_size, sequential=sequential,
-                     seed=seed, device=device, threads=threads, **knobs)
+                     full_model=full_model, seed=seed, device=device, threads=threads, **knobs)
     if res.layer_sweep is not None:
         console.print(layer_sweep_table(res.layer_sweep))
         print_path(res.path)

@@ -186,10 +186,6 @@ class RippleFiles:
         """The most recent result set's summary and lines (:meth:`latest`)."""
         return self.latest().load()
 
-    def covariance_path(self, key: object) -> Path:
-        """Where ripple keeps the key covariance computed under ``key`` (model fingerprint, layer, text, tokens)."""
-        return self.dir / f"covariance-{digest(key)[:16]}.pt"
-
     @staticmethod
     def inputs(manifest: Manifest, stats: CouplingStats, cfg: RunConfig, method: "EditMethod") -> Inputs:
         """What ripple results made now under ``cfg`` with ``method`` (its resolved knobs) are made from."""

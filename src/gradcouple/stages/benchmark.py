@@ -32,6 +32,7 @@ from ..artifacts import (
     PredictorScore,
     RetentionPoint,
     SweepPoint,
+    SuffixReport,
     SweepSummary,
     TestMeasurement,
 )
@@ -56,6 +57,7 @@ from ..progress import progress
 from ..rules import RULES, same_answer
 from ..runinfo import device_info
 from ..scoring import EncodedPiece, answer_argmax, collate, encode, measure_logprobs, score, subject_position
+from ..suffix import lowest_block
 from .edit_run import RippleRun
 
 log = logging.getLogger(__name__)
@@ -265,6 +267,23 @@ def evaluate_benchmark(r: RippleRun, method: EditMethod, edits: list[BenchmarkEd
     ``b`` reuses the unedited model's keys, covariance and predictor context of an earlier call.
     """
     t0 = time.perf_counter()
+    r.covariance(method.key_target(r.targets))  # before the suffix context: its Wikipedia text is read once, not kept
+    with r.executing(lowest_block(method.touched(r.targets))) as sx:
+        summary, tests = _evaluate(r, method, edits, show_progress, b, t0)
+    summary.suffix = suffix_report(sx)
+    return summary, tests
+
+
+def suffix_report(sx) -> SuffixReport:
+    """What the suffix execution of a set of edits did (:class:`~gradcouple.artifacts.SuffixReport`)."""
+    st = sx.stats
+    return SuffixReport(from_block=sx.block or None, prefix_tokens=st.prefix_tokens, prefix_seconds=st.prefix_seconds,
+                        rows_computed=st.misses, rows_reused=st.hits, suffix_calls=st.suffix_calls,
+                        full_calls=st.full_calls, invalidated=st.invalidated)
+
+
+def _evaluate(r: RippleRun, method: EditMethod, edits: list[BenchmarkEdit], show_progress: bool,
+              b: Optional[BenchmarkRun], t0: float) -> tuple[BenchmarkSummary, list[TestMeasurement]]:
     rc = r.cfg.ripple
     b = b or BenchmarkRun(r, edits)
     before = b.logprobs([i for e in edits for i in (*e.tests, *e.edits, *e.originals)])
@@ -276,14 +295,16 @@ def evaluate_benchmark(r: RippleRun, method: EditMethod, edits: list[BenchmarkEd
     ctx = r.context()
 
     def make(g: int) -> dict:
+        te = time.perf_counter()
         if not rc.sequential:
             with edited(method, ctx, [rw for k in groups[g] for rw in b.rewrites(edits[k])]) as deltas:
-                return _measure_batch(r, b, edits, groups[g], deltas, before, all_tests, test_edit)
+                return _measure_batch(r, b, edits, groups[g], deltas, before, all_tests, test_edit, te)
         for earlier in groups[made[0]:g]:
             method.apply(ctx, [rw for k in earlier for rw in b.rewrites(edits[k])])
+        te = time.perf_counter()
         deltas = method.apply(ctx, [rw for k in groups[g] for rw in b.rewrites(edits[k])])
         made[0] = g + 1
-        out = _measure_batch(r, b, edits, groups[g], deltas, before, all_tests, test_edit)
+        out = _measure_batch(r, b, edits, groups[g], deltas, before, all_tests, test_edit, te)
         out["retention"] = _retention(r, b, edits, groups[g][-1] + 1, before)
         return out
 
@@ -329,10 +350,12 @@ def _retention(r: RippleRun, b: BenchmarkRun, edits: list[BenchmarkEdit], n_made
 
 def _measure_batch(r: RippleRun, b: BenchmarkRun, edits: list[BenchmarkEdit], group: list[int],
                    deltas: dict[str, torch.Tensor], before: torch.Tensor, all_tests: torch.Tensor,
-                   test_edit: dict[int, int]) -> dict:
+                   test_edit: dict[int, int], t_edit: float) -> dict:
     """Measure the edits ``group`` on the model their batch left (weights not yet restored): per edit
-    its record, test measurements, AUROC points and unrelated changes as JSON-ready lists."""
+    its record, test measurements, AUROC points and unrelated changes as JSON-ready lists.
+    ``t_edit``: when the batch's edit began (``time.perf_counter``), for the per-phase seconds."""
     te = time.perf_counter()
+    edit_seconds = (te - t_edit) / len(group)
     mine = set(group)
     others = [t for t in b.unrelated_pool if test_edit[t] not in mine]
     rows = [i for k in group for i in (*edits[k].tests, *edits[k].edits, *edits[k].originals)]
@@ -342,17 +365,24 @@ def _measure_batch(r: RippleRun, b: BenchmarkRun, edits: list[BenchmarkEdit], gr
     looked = [*tests, *others]
     argmax_after = dict(zip(looked, answer_argmax(r.loaded.model, [r.encoded[t] for t in looked], r.manifest.batch_size,
                                                   r.loaded.pad_id)))
-    seconds = (time.perf_counter() - te) / len(group)
-    return {"edits": [_edit_payload(r, b, k, edits[k], deltas, before, after, greedy_after, argmax_after, others,
-                                    all_tests, test_edit, batch=g0, seconds=seconds)
-                      for g0, k in ((group[0], k) for k in group)]}
+    measure_seconds = (time.perf_counter() - te) / len(group)
+    out = []
+    for k in group:
+        tp = time.perf_counter()
+        payload = _edit_payload(r, b, k, edits[k], deltas, before, after, greedy_after, argmax_after, others,
+                                all_tests, test_edit, batch=group[0], seconds=measure_seconds)
+        phases = {"edit": edit_seconds, "measure": measure_seconds, "predictors": time.perf_counter() - tp}
+        payload["record"]["phases"] = phases
+        payload["record"]["seconds"] = sum(phases.values())
+        out.append(payload)
+    return {"edits": out}
 
 
 def _edit_payload(r: RippleRun, b: BenchmarkRun, k: int, edit: BenchmarkEdit, deltas: dict[str, torch.Tensor],
                   before: torch.Tensor, after: torch.Tensor, greedy_after: dict, argmax_after: dict, others: list[int],
                   all_tests: torch.Tensor, test_edit: dict[int, int], batch: int, seconds: float) -> dict:
     """Edit ``k`` measured: its record, test measurements, AUROC points, unrelated changes and locality."""
-    ctx = dataclasses.replace(b.ctx, first_order=first_order(r.reader, deltas))
+    ctx = dataclasses.replace(b.ctx, first_order=first_order(r.reader, deltas), logprobs=before)
     success = edit_succeeded(r.pieces, edit, before, after)
     already = edit_already_satisfied(r.pieces, edit, before)
     own = torch.tensor(edit.tests, dtype=torch.long)
@@ -460,6 +490,15 @@ def sweep_benchmark(r: RippleRun, edits: list[BenchmarkEdit], strengths: list[fl
     flag = r.method.knobs()[knob]
     log.info(f"sweep: {knob}{f' ({flag})' if flag else ''} of {r.method.name} edits at "
              f"{', '.join(f'{v:g}' for v in strengths)}.")
+    r.covariance(r.method.key_target(r.targets))
+    with r.executing(lowest_block(r.method.touched(r.targets))):
+        points = _sweep_points(r, edits, knob, strengths, show_progress)
+    return SweepSummary(inputs=r.inputs(r.method), method=r.method.name, knob=knob, points=points,
+                        seconds=time.perf_counter() - t0)
+
+
+def _sweep_points(r: RippleRun, edits: list[BenchmarkEdit], knob: str, strengths: list[float],
+                  show_progress: bool) -> list[SweepPoint]:
     b = BenchmarkRun(r, edits)
     points = []
     for strength in strengths:
@@ -472,8 +511,7 @@ def sweep_benchmark(r: RippleRun, edits: list[BenchmarkEdit], strengths: list[fl
             mean_rise_own_tests=describe([e.mean_rise_own_tests for e in s.edits]),
             unrelated_change=s.unrelated_change, spearman={n: p.pooled.spearman for n, p in s.predictors.items()},
             pearson={n: p.pooled.pearson for n, p in s.predictors.items()}))
-    return SweepSummary(inputs=r.inputs(r.method), method=r.method.name, knob=knob, points=points,
-                        seconds=time.perf_counter() - t0)
+    return points
 
 
 def layer_sweep(r: RippleRun, edits: list[BenchmarkEdit], spec: str, show_progress: bool = True) -> LayerSweepSummary:
@@ -537,7 +575,7 @@ def layer_sweep(r: RippleRun, edits: list[BenchmarkEdit], spec: str, show_progre
                 "seconds": time.perf_counter() - te}
 
     keys = [f"{L}:{','.join(r.pieces[i].id for i in edits[k].edits)}" for L, k in jobs]
-    with progress("layer sweep", len(jobs), "edits", show_progress) as advance:
+    with r.executing(min(blocks)), progress("layer sweep", len(jobs), "edits", show_progress) as advance:
         done, _ = r.results().journal(r.inputs(method)).each(keys, make, advance)
     points = []
     for L in blocks:

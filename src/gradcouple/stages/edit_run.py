@@ -20,6 +20,7 @@ from ..pieces import KnowledgePiece
 from ..rundir import RippleResults, RunDir
 from ..scoring import EncodedPiece, encode_pieces
 from ..stores import GradientReader
+from ..suffix import SuffixExecution, suffix_execution
 
 
 @dataclass
@@ -41,6 +42,7 @@ class RippleRun:
     before: Optional[torch.Tensor] = None
     _covariances: dict[str, tuple[torch.Tensor, CovarianceSource]] = field(default_factory=dict)
     _context: Optional[EditContext] = None
+    _suffix: dict[int, SuffixExecution] = field(default_factory=dict)
 
     @property
     def template(self) -> str:
@@ -52,7 +54,7 @@ class RippleRun:
 
     def covariance(self, target: Target) -> tuple[torch.Tensor, CovarianceSource]:
         """C = E[k kᵀ] of ``target``'s inputs ((d_in', d_in') float64, raw) and where it came from:
-        ``ripple.covariance`` 'wikipedia' (bundled Wikipedia text, kept in the run directory) or
+        ``ripple.covariance`` 'wikipedia' (bundled Wikipedia text, kept in the user's cache per model) or
         'pieces' (the run's stored inputs). Computed once per target.
 
         Raises:
@@ -80,7 +82,7 @@ class RippleRun:
                 self._covariances[t.name] = (stored_key_covariance(self.reader, t.name),
                                              CovarianceSource(text="the run's own pieces", n_tokens=n, layer=t.name))
             return
-        self._covariances.update(cached_wikipedia_covariances(self.run, self.manifest.model.fingerprint, self.loaded.model,
+        self._covariances.update(cached_wikipedia_covariances(self.manifest.model.fingerprint, self.loaded.model,
                                                               self.loaded.tokenizer, missing, rc.covariance_tokens))
 
     def context(self) -> EditContext:
@@ -92,6 +94,17 @@ class RippleRun:
                                         tokenizer=self.loaded.tokenizer, fingerprint=self.manifest.model.fingerprint,
                                         max_length=self.max_length, seed=self.cfg.ripple.seed)
         return self._context
+
+    def executing(self, lowest: Optional[int]):
+        """The context every edit and measurement of edits whose lowest edited block is ``lowest`` runs in:
+        :class:`~gradcouple.suffix.SuffixExecution` from that block (one per block, so residuals computed
+        for one call are found by the next), or the whole model with ``ripple.full_model`` or when the
+        edited layers are not blocks (``lowest`` None)."""
+        if lowest is None or lowest <= 0 or self.cfg.ripple.full_model:
+            return suffix_execution(self.loaded.model, None)
+        if lowest not in self._suffix:
+            self._suffix[lowest] = SuffixExecution(self.loaded.model, lowest)
+        return self._suffix[lowest]
 
     def inputs(self, method: EditMethod) -> Inputs:
         """What results of edits made with ``method`` (its resolved knobs) are made from."""

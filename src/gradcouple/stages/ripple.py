@@ -45,6 +45,7 @@ from ..rules import AnswerMatch, answers_match, same_answer, same_question
 from ..rundir import locked
 from ..runinfo import device_info, use_threads
 from ..scoring import encode, measure_logprobs
+from ..suffix import lowest_block
 from .benchmark import benchmark_edits, evaluate_benchmark, layer_sweep, sweep_benchmark
 from .edit_run import RippleRun, check_run
 
@@ -249,7 +250,6 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
         out.save(summary, rows)
         return RippleResult(out_dir=out.dir, results=out.name, path=out.summary_path, summary=summary)
     planned = choose_edits(r.pieces, cfg.ripple.n_edits, cfg.ripple.seed)
-    r.before = measure_logprobs(r.loaded.model, r.encoded, r.manifest.batch_size, r.loaded.pad_id)
     if not planned:
         raise NothingToEdit(f"{r.run.pieces_path}: no piece can be edited (need a counterfactual or two distinct answers of one kind).")
     _fewer(cfg.ripple.n_edits, len(planned), f"{len(planned)} pieces in {r.run.root} can be edited")
@@ -262,7 +262,9 @@ def ripple(cfg: RunConfig, run_dir: str | Path, *, loaded: Optional[LoadedModel]
                 "points": [x.tolist() for x in points]}
 
     keys = [f"{r.pieces[e.index].id}->{e.new_answer}" for e in planned]
-    with progress("ripple", len(planned), "edits", show_progress) as advance:
+    with r.executing(lowest_block(r.method.touched(r.targets))), \
+            progress("ripple", len(planned), "edits", show_progress) as advance:
+        r.before = measure_logprobs(r.loaded.model, r.encoded, r.manifest.batch_size, r.loaded.pad_id)
         done, resumed = out.journal(r.inputs(r.method)).each(keys, make, advance)
     records = [EditRecord.model_validate(d["record"]) for d in done]
     rows = [Measurement.model_validate(m) for d in done for m in d["rows"]]
