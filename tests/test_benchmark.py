@@ -4,6 +4,8 @@ statistics, and the whole benchmark ripple on a tiny model."""
 from __future__ import annotations
 
 import numpy as np
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -311,6 +313,28 @@ def test_a_sweep_names_its_knob_and_warns_when_no_edit_succeeds(benchmark_run, t
         gc.ripple(tmp_path / "run", method="rome", sweep="lr=1e-4,1e-3")
     sw = gc.ripple(tmp_path / "run", method="ft", sweep="lr=3e-2", steps=2).sweep
     assert sw.knob == "lr" and [p.strength for p in sw.points] == [3e-2]
+
+
+def test_the_report_draws_the_sweep_per_predictor(sweep_run):
+    from gradcouple.stages.report.figures import sweep_figure
+    from gradcouple.stages.report.load import load_run
+
+    run, sw = sweep_run
+    r = load_run(run)
+    assert [s for _, s in r.sweeps][-1] == sw
+    fig = sweep_figure(r)
+    by = {t.name: t for t in fig.data}
+    assert set(by) == set(PREDICTORS) and fig.layout.xaxis.type == "log"  # 1e-3 .. 3e-2 spans more than 10x
+    for name in ("gradsim", "first_order"):
+        assert list(by[name].x) == [1e-3, 3e-2] and list(by[name].y) == [p.spearman[name].value for p in sw.points]
+    page = gc_report(run)
+    assert 'id="sweep"' in page and 'id="fig-sweep"' in page
+
+
+def gc_report(run) -> str:
+    import gradcouple as gc
+
+    return Path(gc.report(run).index_html).read_text(encoding="utf-8")
 
 
 def test_a_stronger_edit_raises_its_own_tests_more(sweep_run):

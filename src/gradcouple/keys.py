@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -17,8 +18,8 @@ import torch
 from .artifacts import CovarianceSource
 from .datasets import wikipedia_paragraphs
 from .io import atomic_torch_save, digest
-from .models import cache_dir
-from .layers import Target
+from .models import cache_dir, load_model
+from .layers import Target, select_targets
 from .scoring import EncodedPiece, collate
 from .stores import GradientReader
 
@@ -27,8 +28,9 @@ log = logging.getLogger(__name__)
 
 def covariance_cache_path(key: list) -> Path:
     """The user-cache file of the key covariance computed under ``key`` (model fingerprint, layer, token
-    budget, text sha256, dtype): ``cache_dir()/covariance/<fingerprint[:12]>-<digest>.pt``."""
-    return cache_dir() / "covariance" / f"{str(key[1])[:12]}-{digest(key)[:20]}.pt"
+    budget, text sha256, dtype): ``cache_dir()/covariance/<fingerprint, 16 characters>-<digest>.pt``."""
+    model = re.sub(r"[^A-Za-z0-9]+", "-", str(key[1]))[:16]
+    return cache_dir() / "covariance" / f"{model}-{digest(key)[:20]}.pt"
 
 
 def _tensor_sha256(t: torch.Tensor) -> str:
@@ -181,3 +183,21 @@ def keys_at(model, target: Target, encoded: list[EncodedPiece], positions: list[
     if target.has_bias:
         out[:, -1] = 1.0
     return out
+
+
+
+def precompute_covariances(model: str, layers: str = "last4", max_tokens: int = 50_000,
+                           every_layer: bool = False) -> list[CovarianceSource]:
+    """Compute the Wikipedia key covariance of ``model``'s lowest ``layers`` block (every one of them with
+    ``every_layer``) into the user cache now, so the first ripple that needs it does not wait; ``make
+    install`` runs it for the demo's model (``precompute_covariances("smollm2-135m")``, the covariance ft's
+    key predictors read at block 26). Returns each covariance's source, ``file`` naming the cache file.
+
+    Raises:
+        ModelError / ConfigError: as :func:`gradcouple.models.load_model` and :func:`gradcouple.layers.select_targets`.
+    """
+    loaded = load_model(model, device="cpu")
+    targets = select_targets(loaded.model, layers)
+    out = cached_wikipedia_covariances(loaded.identity().fingerprint, loaded.model, loaded.tokenizer,
+                                       targets if every_layer else targets[:1], max_tokens)
+    return [source for _, source in out.values()]

@@ -195,6 +195,33 @@ def _corr(kind: str, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
+def _weighted_ranks(v: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """Average ranks (as scipy.stats.rankdata) of the values ``v`` (n,) repeated ``W`` (R, n) times each, per row:
+    a value preceded by b repeats and tied with c of them (itself included) has rank b + (c + 1) / 2."""
+    values, inv = np.unique(v, return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    starts = np.r_[0, np.flatnonzero(np.diff(inv[order])) + 1]
+    tied = np.add.reduceat(W[:, order], starts, axis=1)  # (R, distinct values)
+    rank = np.cumsum(tied, axis=1) - tied + (tied + 1) / 2
+    return rank[:, inv]
+
+
+def _weighted_corr(kind: str, x: np.ndarray, y: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """:func:`_corr` of each row's multiset (point i repeated ``W[r, i]`` times): (R,) float64, NaN where undefined."""
+    present = W > 0
+    n = W.sum(1)
+    const = [(np.where(present, v, np.inf).min(1) == np.where(present, v, -np.inf).max(1)) for v in (x, y)]
+    if kind == "spearman":
+        x, y = _weighted_ranks(x, W), _weighted_ranks(y, W)
+    else:
+        x, y = np.broadcast_to(x, W.shape), np.broadcast_to(y, W.shape)
+    mx, my = (W * x).sum(1) / n, (W * y).sum(1) / n
+    dx, dy = x - mx[:, None], y - my[:, None]
+    r = (W * dx * dy).sum(1) / np.sqrt((W * dx * dx).sum(1) * (W * dy * dy).sum(1))
+    r[(n < 3) | const[0] | const[1]] = np.nan
+    return np.clip(r, -1.0, 1.0)
+
+
 def clustered_correlation(x: Sequence[float], y: Sequence[float], clusters: Sequence[int], kind: str = "spearman",
                           n_resamples: int = N_RESAMPLES) -> Correlation:
     """Spearman's rho or Pearson's r of paired points, with the interval of
@@ -214,13 +241,23 @@ def clustered_correlation(x: Sequence[float], y: Sequence[float], clusters: Sequ
     if len(groups) < 2 or out.value is None:
         return out
 
-    def stat(idx):
-        pts = np.concatenate([groups[int(i)] for i in idx])
-        return _corr(kind, x[pts], y[pts])
+    cluster_of = np.empty(x.size, dtype=np.int64)
+    for k, g in enumerate(groups):
+        cluster_of[g] = k
+
+    def stat(idx, axis=-1):
+        # a resample of clusters is each point repeated as often as its cluster was drawn: the correlation of
+        # that multiset, for every resample at once, from per-point multiplicities
+        idx = np.asarray(idx, dtype=np.int64)
+        flat = idx.reshape(-1, idx.shape[-1])
+        R, K = flat.shape[0], len(groups)
+        counts = np.bincount((flat + K * np.arange(R)[:, None]).ravel(), minlength=R * K).reshape(R, K)
+        r = _weighted_corr(kind, x, y, counts[:, cluster_of].astype(np.float64))
+        return r.reshape(idx.shape[:-1])
 
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", sstats.DegenerateDataWarning)  # a constant resample: NaN, reported as None
-        res = sstats.bootstrap((np.arange(len(groups)),), stat, vectorized=False, method="percentile",
+        res = sstats.bootstrap((np.arange(len(groups)),), stat, vectorized=True, method="percentile",
                                confidence_level=CONFIDENCE, n_resamples=n_resamples, rng=np.random.default_rng(0))
     dist = res.bootstrap_distribution[np.isfinite(res.bootstrap_distribution)]
     if dist.size >= n_resamples // 2:  # resamples whose points are constant have no correlation: left out

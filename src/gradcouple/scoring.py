@@ -191,36 +191,51 @@ def score(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return lp, misses == 0
 
 
+def measure_answers(model, encoded: list[EncodedPiece], batch_size: int = 16,
+                    pad_id: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """log P(answer | prompt) in nats, (N,) float64, and the model's argmax token at each answer position
+    given the prompt and the answer tokens before it (teacher forcing; (n_answer_tokens,) int64 each),
+    from one no-grad forward per batch. Identical encodings are scored once; batches are sorted by length,
+    so padding is least. The greedy continuation begins with the answer exactly when its argmax tokens
+    are the answer's (:func:`is_greedy`)."""
+    device = next(model.parameters()).device
+    first: dict[tuple, int] = {}
+    unique = [first.setdefault((e.ids, e.answer_start), i) for i, e in enumerate(encoded)]
+    todo = sorted({u for u in unique}, key=lambda i: encoded[i].n_inputs)
+    lp_of: dict[int, float] = {}
+    top_of: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for k in range(0, len(todo), batch_size):
+            idx = todo[k:k + batch_size]
+            batch = collate([encoded[i] for i in idx], pad_id).to(device)
+            o = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            hidden = o[0] if isinstance(o, tuple) else o.last_hidden_state
+            logits = final_logits(model, hidden[batch.pos_b.to(hidden.device), batch.pos_t.to(hidden.device)])
+            targets, pos_b = batch.targets.to(logits.device), batch.pos_b.to(logits.device)
+            token_lp = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+            lp = torch.zeros(len(idx), dtype=token_lp.dtype, device=token_lp.device).index_add(0, pos_b, token_lp)
+            top, pos_b = logits.argmax(-1).cpu(), pos_b.cpu()
+            for b, i in enumerate(idx):
+                lp_of[i], top_of[i] = float(lp[b]), top[pos_b == b]
+    return (torch.tensor([lp_of[u] for u in unique], dtype=torch.float64) if encoded else torch.empty(0, dtype=torch.float64),
+            [top_of[u] for u in unique])
+
+
+def is_greedy(encoded: EncodedPiece, argmax: torch.Tensor) -> bool:
+    """Whether the argmax tokens (:func:`measure_answers`) are the answer's: the greedy continuation
+    of the prompt begins with the answer."""
+    return argmax.tolist() == list(encoded.ids[encoded.answer_start:])
+
+
 def measure_logprobs(model, encoded: list[EncodedPiece], batch_size: int = 16, pad_id: int = 0) -> torch.Tensor:
     """log P(answer | prompt) of every piece in nats, (N,) float64, batched by length, no grad."""
-    device = next(model.parameters()).device
-    order = sorted(range(len(encoded)), key=lambda i: encoded[i].n_inputs)
-    out = torch.empty(len(encoded), dtype=torch.float64)
-    with torch.no_grad():
-        for k in range(0, len(order), batch_size):
-            idx = order[k:k + batch_size]
-            lp = answer_logprob(model, collate([encoded[i] for i in idx], pad_id).to(device))
-            out[idx] = lp.double().cpu()
-    return out
+    return measure_answers(model, encoded, batch_size, pad_id)[0]
 
 
 def answer_argmax(model, encoded: list[EncodedPiece], batch_size: int = 16, pad_id: int = 0) -> list[torch.Tensor]:
     """Per piece, the model's argmax token at each answer position, given the prompt and the answer
     tokens before it (teacher forcing): (n_answer_tokens,) int64 each, no grad."""
-    device = next(model.parameters()).device
-    out: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(encoded)
-    order = sorted(range(len(encoded)), key=lambda i: encoded[i].n_inputs)
-    with torch.no_grad():
-        for k in range(0, len(order), batch_size):
-            idx = order[k:k + batch_size]
-            batch = collate([encoded[i] for i in idx], pad_id).to(device)
-            o = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            hidden = o[0] if isinstance(o, tuple) else o.last_hidden_state
-            top = final_logits(model, hidden[batch.pos_b, batch.pos_t]).argmax(-1).cpu()
-            pos_b = batch.pos_b.cpu()
-            for b, i in enumerate(idx):
-                out[i] = top[pos_b == b]
-    return out
+    return measure_answers(model, encoded, batch_size, pad_id)[1]
 
 
 def full_logits_logprob(model, batch: Batch) -> torch.Tensor:

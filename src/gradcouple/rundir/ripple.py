@@ -143,8 +143,12 @@ class RippleResults:
     def stale(self, manifest: Manifest, stats: CouplingStats) -> list[str]:
         """What changed since the set was made ([] when it was made from this run's gradients and coupling)."""
         summary, _ = self.load()
-        now = Inputs(values={"gradients": manifest.fingerprint(), "coupling": stats.matrix_sha256})
-        return stale_inputs(Inputs(values={k: v for k, v in summary.inputs.values.items() if k in now.values}), now)
+        return _changed(summary.inputs, manifest, stats)
+
+
+def _changed(inputs: Inputs, manifest: Manifest, stats: CouplingStats) -> list[str]:
+    now = Inputs(values={"gradients": manifest.fingerprint(), "coupling": stats.matrix_sha256})
+    return stale_inputs(Inputs(values={k: v for k, v in inputs.values.items() if k in now.values}), now)
 
 
 class RippleFiles:
@@ -206,6 +210,16 @@ class RippleFiles:
             else:
                 current.append((r, *r.load()))
         return current, stale
+
+    def current_sweeps(self, manifest: Manifest, stats: CouplingStats) -> list[tuple[RippleResults, SweepSummary]]:
+        """The ``--sweep`` results made from this run's gradients and coupling, oldest first."""
+        out = []
+        for r in self.sets():
+            if r.sweep_path.is_file():
+                sweep = r.load_sweep()
+                if not _changed(sweep.inputs, manifest, stats):
+                    out.append((r, sweep))
+        return out
 
 
 __all__ = ["EditJournal", "RippleFiles", "RippleResults"]

@@ -56,7 +56,7 @@ from ..predictors import PREDICTORS, PredictorContext, predict
 from ..progress import progress
 from ..rules import RULES, same_answer
 from ..runinfo import device_info
-from ..scoring import EncodedPiece, answer_argmax, collate, encode, measure_logprobs, score, subject_position
+from ..scoring import EncodedPiece, answer_argmax, encode, is_greedy, measure_answers, measure_logprobs, subject_position
 from ..suffix import lowest_block
 from .edit_run import RippleRun
 
@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 
 MAX_ALIASES = 3
 UNRELATED_SAMPLE = 100
+#: sequences per no-grad scoring batch (length-sorted, so padding stays small)
+MEASURE_BATCH = 32
 #: test criteria that rephrase the edited fact: what generalisation is over
 REPHRASING_CRITERIA = ("Subject_Aliasing", "paraphrase")
 
@@ -137,16 +139,14 @@ def _variants(tokenizer, template: str, max_length: int, piece: KnowledgePiece) 
 
 
 def greedy_matches(model, groups: list[list[EncodedPiece]], pad_id: int, batch_size: int = 32) -> list[bool]:
-    """Per group: whether the greedy continuation of the prompt begins with any of its answers (``RULES['exact match']``)."""
-    flat = [(g, e) for g, es in enumerate(groups) for e in es]
-    hit = [False] * len(groups)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for k in range(0, len(flat), batch_size):
-            chunk = flat[k:k + batch_size]
-            _, greedy = score(model, collate([e for _, e in chunk], pad_id).to(device))
-            for (g, _), ok in zip(chunk, greedy.tolist()):
-                hit[g] = hit[g] or ok
+    """Per group: whether the greedy continuation of the prompt begins with any of its answers
+    (``RULES['exact match']``), all groups' answers scored together in length-sorted batches."""
+    flat = [e for es in groups for e in es]
+    _, top = measure_answers(model, flat, batch_size, pad_id)
+    hit, k = [], 0
+    for es in groups:
+        hit.append(any(is_greedy(e, t) for e, t in zip(es, top[k:k + len(es)])))
+        k += len(es)
     return hit
 
 
@@ -238,7 +238,7 @@ class BenchmarkRun:
         out = torch.full((len(self.r.pieces),), float("nan"), dtype=torch.float64)
         rows = sorted(set(rows))
         out[torch.tensor(rows, dtype=torch.long)] = measure_logprobs(
-            self.r.loaded.model, [self.r.encoded[i] for i in rows], self.r.manifest.batch_size, self.r.loaded.pad_id)
+            self.r.loaded.model, [self.r.encoded[i] for i in rows], MEASURE_BATCH, self.r.loaded.pad_id)
         return out
 
     def rewrites(self, edit: BenchmarkEdit) -> list[Rewrite]:
@@ -359,12 +359,20 @@ def _measure_batch(r: RippleRun, b: BenchmarkRun, edits: list[BenchmarkEdit], gr
     mine = set(group)
     others = [t for t in b.unrelated_pool if test_edit[t] not in mine]
     rows = [i for k in group for i in (*edits[k].tests, *edits[k].edits, *edits[k].originals)]
-    after = b.logprobs([*rows, *others])
     tests = [t for k in group for t in edits[k].tests]
-    greedy_after = dict(zip(tests, greedy_matches(r.loaded.model, [b.variants[t] for t in tests], r.loaded.pad_id)))
-    looked = [*tests, *others]
-    argmax_after = dict(zip(looked, answer_argmax(r.loaded.model, [r.encoded[t] for t in looked], r.manifest.batch_size,
-                                                  r.loaded.pad_id)))
+    # one scoring pass over everything measured: log-probs, argmax tokens (locality) and greedy checks
+    scored = [*dict.fromkeys([*rows, *others])]
+    variants = [e for t in tests for e in b.variants[t]]
+    lp, top = measure_answers(r.loaded.model, [*(r.encoded[i] for i in scored), *variants], MEASURE_BATCH,
+                              r.loaded.pad_id)
+    after = torch.full((len(r.pieces),), float("nan"), dtype=torch.float64)
+    after[torch.tensor(scored, dtype=torch.long)] = lp[:len(scored)]
+    argmax_after = dict(zip(scored, top[:len(scored)]))
+    greedy_after, k = {}, len(scored)
+    for t in tests:
+        n = len(b.variants[t])
+        greedy_after[t] = any(is_greedy(e, a) for e, a in zip(b.variants[t], top[k:k + n]))
+        k += n
     measure_seconds = (time.perf_counter() - te) / len(group)
     out = []
     for k in group:

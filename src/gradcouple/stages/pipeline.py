@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from ..config import RunConfig
 from ..datasets import download
 from ..edits import method_class
+from ..errors import ConfigError
 from ..layers import block_spec, find_blocks, parse_block_spec
 from ..models import load_model
 from ..pieces import read_pieces, write_pieces
@@ -25,7 +26,8 @@ from .extract import ExtractResult
 from .report import ReportResult
 from .ripple import NothingToEdit, RippleResult
 
-DEFAULT_SAMPLES = ("musique", "hotpotqa", "mquake-hard")
+#: the demo's data: multi-hop questions for the coupling, and RippleEdits edits (several test queries each) to make
+DEFAULT_SAMPLES = ("musique", "hotpotqa", "rippleedits:12")
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +53,20 @@ def with_edited_layers(cfg: RunConfig, model) -> RunConfig:
 
 
 def sample_pieces(out_dir: Path, datasets: Sequence[str] = DEFAULT_SAMPLES) -> Path:
-    """Convert the bundled real samples of ``datasets`` and merge them into ``out_dir/pieces.jsonl``.
+    """Convert the bundled real samples of ``datasets`` and merge them into ``out_dir/pieces.jsonl``;
+    ``NAME:N`` takes the first N records of a sample.
 
     Needs no network. Piece ids carry their dataset, so the merge keeps them unique.
+
+    Raises:
+        ConfigError: ``N`` is not a positive whole number (the message names ``--datasets``).
     """
     merged = []
-    for name in datasets:
-        res = download(name, out_dir / name, from_path="sample")
+    for spec in datasets:
+        name, _, n = spec.partition(":")
+        if n and not (n.isdigit() and int(n) > 0):
+            raise ConfigError(f"--datasets {spec}: write NAME or NAME:N, N the number of records (a positive whole number).")
+        res = download(name, out_dir / name, from_path="sample", limit=int(n) if n else None)
         merged.extend(read_pieces(res.pieces_path))
     path = out_dir / "pieces.jsonl"
     write_pieces(path, merged)

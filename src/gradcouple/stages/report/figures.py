@@ -319,3 +319,39 @@ def _criterion_trace(k: int, criterion: str, rows: list[TestMeasurement], predic
                     for t in rows],
         hovertemplate=("edit %{customdata[0]}<br>test %{customdata[1]}<br>log P before %{customdata[2]} → after "
                        "%{customdata[3]} nats<br>score %{x:.4g}<br>rise %{y:.4f} nats<extra>" + name + "</extra>"))
+
+
+def sweep_figure(r: LoadedRun) -> Optional[go.Figure]:
+    """The latest ``--sweep``: each predictor's pooled Spearman's rho with the measured rise (clustered
+    bootstrap interval as error bars) against the swept knob's value, one line per predictor, the
+    knob on a log axis when its values span a factor of 10 or more; the hover gives each point's
+    successful edits. None without a sweep."""
+    if not r.sweeps:
+        return None
+    name, sw = r.sweeps[-1]
+    xs = [p.strength for p in sw.points]
+    names = sorted({n for p in sw.points for n in p.spearman}, key=lambda p: (p != "gradsim", p != "first_order", p))
+    traces = []
+    for k, n in enumerate(names):
+        cs = [p.spearman.get(n) for p in sw.points]
+        y = [c.value if c else None for c in cs]
+        up = [(c.ci_high - c.value) if c and c.value is not None and c.ci_high is not None else None for c in cs]
+        down = [(c.value - c.ci_low) if c and c.value is not None and c.ci_low is not None else None for c in cs]
+        traces.append(go.Scatter(
+            x=xs, y=y, mode="lines+markers", name=plotly_text(n), visible=True if n in ("gradsim", "first_order") else "legendonly",
+            line={"color": COLORS[k % len(COLORS)]},
+            error_y={"type": "data", "array": up, "arrayminus": down, "visible": True, "thickness": 1},
+            customdata=[[p.n_successful, p.n_edits] for p in sw.points],
+            hovertemplate=(f"{plotly_text(sw.knob)} = %{{x:.4g}}<br>Spearman's ρ %{{y:.3f}}<br>%{{customdata[0]}} of "
+                           f"%{{customdata[1]}} edits succeeded<extra>{plotly_text(n)}</extra>")))
+    positive = [x for x in xs if x > 0]
+    log = bool(positive) and max(positive) / min(positive) >= 10
+    fig = go.Figure(traces)
+    fig.update_layout(
+        template="plotly_white", height=460, margin={"t": 90},
+        title={"text": f"Sweep of {plotly_text(sw.method)}'s {plotly_text(sw.knob)} ({plotly_text(name)}): "
+                       "pooled Spearman's ρ with the measured rise<br><sub>click a legend entry to show a predictor; "
+                       "bars: 95% clustered bootstrap interval</sub>"},
+        xaxis={"title": {"text": plotly_text(sw.knob)}, "type": "log" if log else "linear"},
+        yaxis={"title": {"text": "Spearman's ρ (pooled)"}, "range": [-1, 1], "zeroline": True})
+    return fig

@@ -16,6 +16,7 @@ from ...artifacts import (
     PairRow,
     PieceRecord,
     RippleSummary,
+    SweepSummary,
     TestMeasurement,
 )
 from ...config import RunConfig, load_config
@@ -50,6 +51,7 @@ class LoadedRun:
     tests: list[TestMeasurement]
     files: list[tuple[str, int]]
     ripple_sets: list[tuple[str, RippleSummary | BenchmarkSummary]] = field(default_factory=list)
+    sweeps: list[tuple[str, SweepSummary]] = field(default_factory=list)  #: current --sweep results, oldest first
     stale_ripple: list[tuple[str, list[str]]] = field(default_factory=list)
 
     @property
@@ -112,4 +114,5 @@ def load_run(run_dir: str | Path) -> LoadedRun:
                      pairs=run.coupling.load_pairs(), pairs_different_answer=run.coupling.load_pairs(different_answer=True),
                      ripple=rip[0] if pieces_mode else None, measurements=rip[1] if pieces_mode else [],
                      benchmark=rip[0] if bench_mode else None, tests=rip[1] if bench_mode else [], files=run.files(),
-                     ripple_sets=[(r.name, s) for r, s, _ in current], stale_ripple=[(r.name, c) for r, c in stale])
+                     ripple_sets=[(r.name, s) for r, s, _ in current], stale_ripple=[(r.name, c) for r, c in stale],
+                     sweeps=[(r.name, s) for r, s in run.ripple.current_sweeps(manifest, stats)])

@@ -20,7 +20,7 @@ from plotly.offline import get_plotlyjs
 from ...config import RunConfig
 from ...metrics import DEFINITIONS
 from ...runinfo import human_bytes
-from .figures import benchmark_scatter, distribution, heatmap, layer_chart, ripple_scatter
+from .figures import benchmark_scatter, distribution, heatmap, layer_chart, ripple_scatter, sweep_figure
 from .load import LoadedRun
 from .summary import stale_ripple_advice
 
@@ -126,6 +126,7 @@ def build_figures(r: LoadedRun, max_heatmap: int) -> tuple[dict[str, Any], int]:
         figs["ripple"] = ripple_scatter(r)
     elif r.benchmark is not None:
         figs["ripple"] = benchmark_scatter(r)
+    figs["sweep"] = sweep_figure(r)
     return {k: v for k, v in figs.items() if v is not None}, shown
 
 
