@@ -102,12 +102,12 @@ def main() -> None:
     ap.add_argument("paths", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--wall", type=float, default=None, help="the campaign's wall time (s)")
-    ap.add_argument("--n-ported", type=int, default=None)
+    ap.add_argument("--n-ported", default=None, help="edits the ported methods made: RippleEdits/MQuAKE")
     a = ap.parse_args()
     head = ["## At scale: the campaign", "",
             "`benchmarks/science_campaign.sh` (SmolLM2-135M, 2-core CPU): every record of the shared RippleEdits sample "
             "and of the MQuAKE-hard sample; ft on every edit (blocks 26-29, GradSim's layers), the ported methods on "
-            f"the first {a.n_ported if a.n_ported is not None else 'N'} edits of each set (their blocks 4-8 extracted "
+            f"the first {a.n_ported or 'N'} edits of the RippleEdits/MQuAKE sets (their blocks 4-8 extracted "
             "beside 26-29, GradSim over 26-29); ft's learning-rate sweep is drawn in the report "
             "(`runs/science/campaign/rippleedits-ft/report/index.html`, 'Sweep')."
             + (f" Wall time {a.wall / 60:.1f} min." if a.wall is not None else ""), ""]
