@@ -39,6 +39,10 @@ def iv(i) -> str:
     return f"{i.estimate:+.2f}" if i.low is None else f"{i.estimate:+.2f} [{i.low:+.2f}, {i.high:+.2f}]"
 
 
+def num(x, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
 def label(path: Path) -> str:
     return path.name.rsplit("-", 1)[0]
 
@@ -72,11 +76,9 @@ def tables(paths: list[Path]) -> str:
             m = s.metrics
             blocks = s.hparams.get("layers") or "all targets"
             secs = sum(e.seconds for e in s.edits) / max(1, len(s.edits))
-            eff.append(f"| {label(path)} | {s.method} | {blocks} | {s.n_edits} | "
-                       f"{m.n_successful_counted}/{m.n_counted} ({100 * (m.efficacy or 0):.0f}%) | {s.n_tests_counted} | "
-                       f"{m.specificity.mean:+.3f} | {m.locality.mean:.3f} | {secs:.1f} |" if m.n_counted else
-                       f"| {label(path)} | {s.method} | {blocks} | {s.n_edits} | n/a | {s.n_tests_counted} | n/a | n/a | "
-                       f"{secs:.1f} |")
+            efficacy = f"{m.n_successful_counted}/{m.n_counted} ({100 * (m.efficacy or 0):.0f}%)" if m.n_counted else "n/a"
+            eff.append(f"| {label(path)} | {s.method} | {blocks} | {s.n_edits} | {efficacy} | {s.n_tests_counted} | "
+                       f"{num(m.specificity.mean, '+.3f')} | {num(m.locality.mean, '.3f')} | {secs:.1f} |")
             for name, p in s.predictors.items():
                 pooled.append(f"| {label(path)} | {s.method} | {name} | {corr(p.pooled.spearman)} | "
                               f"{iv(p.pooled.within_edit_spearman)} | "
@@ -94,7 +96,8 @@ def tables(paths: list[Path]) -> str:
                 rel.append(f"| {s.method} | {relation} | {len({t.edit for t in ts})} | {len(ts)} | {cells} |")
     return "\n".join(["### Efficacy and the field's metrics", "", *eff, "", "### Every predictor, pooled", "", *pooled,
                       "", "### Per relation of the edited fact (RippleEdits; mean within-edit Spearman's rho [95% "
-                      "bootstrap interval]; a relation with one edit has no interval)", "", *rel])
+                      "bootstrap interval]; edits: the successful ones, of which only those with two or more tests have a rho; "
+                      "one such edit gives no interval)", "", *rel])
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ the memory budget, and the other half caches loaded blocks.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -278,15 +278,27 @@ def cosine_from_gram(G: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, G / denom.clamp_min(1e-300), torch.zeros_like(G))
 
 
-def first_order(reader: GradientReader, deltas: dict[str, torch.Tensor], block_size: int = 256) -> torch.Tensor:
+def first_order(reader: GradientReader, deltas: dict[str, torch.Tensor], block_size: int = 256,
+                rows: Optional[Sequence[int]] = None) -> torch.Tensor:
     """<g_j, Delta theta> for every piece j: (N,) float64 in pieces.jsonl order.
 
     ``deltas`` maps each target to its (d_out, d_in') weight change; the store kind contracts it
     with the stored data (exactly for factors and dense, an unbiased estimate for projected).
+    ``rows`` (pieces.jsonl indices) computes only those pieces, NaN elsewhere: blocks without one are
+    not read, and the factors store contracts only their tokens.
     """
     out = torch.zeros(reader.n, dtype=torch.float64)
+    wanted = None
+    if rows is not None:
+        want = torch.zeros(reader.n, dtype=torch.bool)
+        want[torch.tensor(list(rows), dtype=torch.long)] = True
+        wanted = want[torch.tensor(reader.order, dtype=torch.long)]  # in store order
+        out[~wanted] = float("nan")
     for i0 in range(0, reader.n, block_size):
         i1 = min(reader.n, i0 + block_size)
+        keep = None if wanted is None else wanted[i0:i1]
+        if keep is not None and not bool(keep.any()):
+            continue
         for name in reader.names:
-            out[i0:i1] += reader.kind.first_order(reader, i0, i1, name, deltas[name].float().cpu())
+            out[i0:i1] += reader.kind.first_order(reader, i0, i1, name, deltas[name].float().cpu(), keep)
     return reader.to_piece_order(out)

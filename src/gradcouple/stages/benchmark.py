@@ -390,7 +390,7 @@ def _edit_payload(r: RippleRun, b: BenchmarkRun, k: int, edit: BenchmarkEdit, de
                   before: torch.Tensor, after: torch.Tensor, greedy_after: dict, argmax_after: dict, others: list[int],
                   all_tests: torch.Tensor, test_edit: dict[int, int], batch: int, seconds: float) -> dict:
     """Edit ``k`` measured: its record, test measurements, AUROC points, unrelated changes and locality."""
-    ctx = dataclasses.replace(b.ctx, first_order=first_order(r.reader, deltas), logprobs=before)
+    ctx = dataclasses.replace(b.ctx, first_order=first_order(r.reader, deltas, rows=all_tests.tolist()), logprobs=before)
     success = edit_succeeded(r.pieces, edit, before, after)
     already = edit_already_satisfied(r.pieces, edit, before)
     own = torch.tensor(edit.tests, dtype=torch.long)

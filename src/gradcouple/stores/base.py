@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Iterator
+from typing import TYPE_CHECKING, ClassVar, Iterator, Optional
 
 import torch
 
@@ -115,8 +115,10 @@ class StoreKind(ABC):
         """|G_i|^2 of rows [start, stop) from the stored data: (n,) float64."""
 
     @abstractmethod
-    def first_order(self, reader: "GradientReader", start: int, stop: int, name: str, delta: torch.Tensor) -> torch.Tensor:
-        """<G_i, Delta W> of rows [start, stop) for a (d_out, d_in') weight change: (n,) float64."""
+    def first_order(self, reader: "GradientReader", start: int, stop: int, name: str, delta: torch.Tensor,
+                    keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """<G_i, Delta W> of rows [start, stop) for a (d_out, d_in') weight change: (n,) float64. ``keep``
+        ((n,) bool): the rows wanted; a kind may skip the others' work (their values are then 0)."""
 
     def plan(self, name: str, tokens_per_piece: float, block_size: int, requested: str) -> str:
         """The Gram algorithm of one target: 'dense' unless a kind can do better."""

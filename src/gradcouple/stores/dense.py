@@ -52,6 +52,6 @@ class DenseStore(StoreKind):
         g, s = self._rows(reader, start, stop, name)
         return (g.double().flatten(1) ** 2).sum(1) * s.double() ** 2
 
-    def first_order(self, reader, start, stop, name, delta):
+    def first_order(self, reader, start, stop, name, delta, keep=None):
         g, s = self._rows(reader, start, stop, name)
         return (g.float().flatten(1) @ self.reference(name, delta).flatten()).double() * s.double()

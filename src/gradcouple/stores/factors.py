@@ -85,9 +85,12 @@ class FactorsStore(StoreKind):
             out[k] = ((x[a:b] @ x[a:b].t()) * (d[a:b] @ d[a:b].t())).sum() * (float(sx[k]) * float(sd[k])) ** 2
         return out
 
-    def first_order(self, reader, start, stop, name, delta):
-        """sum over tokens of Delta_j * (X_j Delta W^T), per piece."""
+    def first_order(self, reader, start, stop, name, delta, keep=None):
+        """sum over tokens of Delta_j * (X_j Delta W^T), per piece (only the tokens of ``keep``'s rows)."""
         x, d, seg, sx, sd = self._rows(reader, start, stop, name)
+        if keep is not None:
+            tok = keep[seg]
+            x, d, seg = x[tok], d[tok], seg[tok]
         per_tok = ((x.float() @ delta.float().t()) * d.float()).sum(1).double()
         return torch.zeros(stop - start, dtype=torch.float64).index_add(0, seg, per_tok) * (sx * sd).double()
 
