@@ -2,7 +2,7 @@
 
     python benchmarks/ripple_bench.py --out docs/performance.md
 
-Builds the demo's pieces (``gradcouple run``'s bundled samples: MuSiQue, HotpotQA, the first 12
+Builds the demo's pieces (``gradcouple run``'s bundled samples: MuSiQue, HotpotQA, the first 10
 RippleEdits records), extracts SmolLM2-135M's blocks that ``ft`` (the demo's last4, 26-29) and
 ``rome`` (its published block 4, beside 26-29) edit and couples over the last four; then, per method,
 makes the same edits on two

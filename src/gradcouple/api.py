@@ -104,7 +104,7 @@ def run(run_dir: str | Path, cfg: Optional[RunConfig] = None, *, config: Where =
         datasets: Optional[Sequence[str]] = None, no_ripple: bool = False, overwrite: bool = False,
         show_progress: bool = False, **keywords: Any) -> PipelineResult:
     """Every stage with one model load (:func:`gradcouple.stages.pipeline.run_pipeline`): on ``data=``,
-    or on the bundled samples of ``datasets`` (default musique, hotpotqa and the first 12 RippleEdits records; ``NAME:N`` takes N records)."""
+    or on the bundled samples of ``datasets`` (default musique, hotpotqa and the first 10 RippleEdits records; ``NAME:N`` takes N records)."""
     check_directory(run_dir, "--out")
     resolved = resolve("run", run_dir, cfg=cfg, config=config, options={"datasets": datasets, "no_ripple": no_ripple},
                        **keywords)

@@ -50,7 +50,7 @@ def run(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/default"),
     data: DataOpt = None,
     datasets: Annotated[Optional[str], typer.Option(help="Bundled samples to use when --data is not given (comma-separated; "
-                                                    "default musique,hotpotqa,rippleedits:12; NAME:N takes a sample's first N records).", show_default=False)] = None,
+                                                    "default musique,hotpotqa,rippleedits:10; NAME:N takes a sample's first N records).", show_default=False)] = None,
     model: ModelOpt = None,
     layers: LayersOpt = None,
     store: StoreOpt = None,

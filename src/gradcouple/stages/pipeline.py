@@ -27,7 +27,7 @@ from .report import ReportResult
 from .ripple import NothingToEdit, RippleResult
 
 #: the demo's data: multi-hop questions for the coupling, and RippleEdits edits (several test queries each) to make
-DEFAULT_SAMPLES = ("musique", "hotpotqa", "rippleedits:12")
+DEFAULT_SAMPLES = ("musique", "hotpotqa", "rippleedits:10")
 
 log = logging.getLogger(__name__)
 
