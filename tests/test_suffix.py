@@ -193,3 +193,27 @@ def test_a_benchmark_ripple_gives_the_same_results_from_the_suffix(tmp_path):
     for a, b in zip(suffix.edits, whole.edits):
         assert abs(a.logprob_new_after - b.logprob_new_after) <= 1e-4 and a.success == b.success
         assert abs(a.mean_rise_own_tests - b.mean_rise_own_tests) <= 1e-4
+
+
+def test_hooks_see_what_the_full_model_gives_them():
+    """A pre-hook already on block L gets the stored residual, not the embeddings; a hook on the embeddings
+    (outside the blocks) makes the call run whole."""
+    model = tiny("llama")
+    pieces = random_pieces(5, seed=6)
+    blocks = find_blocks(model)[1]
+    seen = []
+    h = blocks[2].register_forward_pre_hook(lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).clone()),
+                                            with_kwargs=True)
+    full = measure_logprobs(model, pieces, batch_size=5)
+    ref = seen.pop()
+    with SuffixExecution(model, 2) as sx:
+        measure_logprobs(model, pieces, batch_size=5)
+        measure_logprobs(model, pieces, batch_size=5)
+        real = collate(sorted(pieces, key=lambda e: e.n_inputs)).attention_mask.bool()  # padding holds zeros here
+        assert sx.stats.hits == 5 and torch.allclose(seen[-1][real], ref[real], atol=1e-6)
+        h.remove()
+        calls = []
+        e = model.base_model.embed_tokens.register_forward_hook(lambda *a: calls.append(1))
+        got = measure_logprobs(model, pieces, batch_size=5)
+        e.remove()
+    assert calls and sx.stats.full_calls == 1 and torch.allclose(got, full, atol=TOL, rtol=0)

@@ -257,7 +257,7 @@ def clustered_correlation(x: Sequence[float], y: Sequence[float], clusters: Sequ
 
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", sstats.DegenerateDataWarning)  # a constant resample: NaN, reported as None
-        res = sstats.bootstrap((np.arange(len(groups)),), stat, vectorized=True, method="percentile",
+        res = sstats.bootstrap((np.arange(len(groups)),), stat, vectorized=True, method="percentile", batch=128,
                                confidence_level=CONFIDENCE, n_resamples=n_resamples, rng=np.random.default_rng(0))
     dist = res.bootstrap_distribution[np.isfinite(res.bootstrap_distribution)]
     if dist.size >= n_resamples // 2:  # resamples whose points are constant have no correlation: left out

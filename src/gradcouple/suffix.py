@@ -53,6 +53,10 @@ class SuffixStats:
     evicted: int = 0
     invalidated: int = 0
 
+    def since(self, earlier: "SuffixStats") -> "SuffixStats":
+        """What was done after ``earlier`` (a copy of these stats taken then)."""
+        return SuffixStats(**{k: getattr(self, k) - getattr(earlier, k) for k in vars(self)})
+
 
 class SuffixExecution:
     """Run ``model``'s base model from block ``block`` on, for sequences whose residual stream entering
@@ -85,7 +89,9 @@ class SuffixExecution:
         suffix = {id(p) for b in self.blocks[self.block:] for p in b.parameters()}
         self._frozen = [p for p in model.parameters() if id(p) not in suffix]
         self._versions = self._read_versions()
-        self._lower_modules = [m for b in self.blocks[:self.block] for m in b.modules()]
+        above = {id(m) for b in self.blocks[self.block:] for m in b.modules()}
+        # modules whose hooks the stored residual would skip: all but the suffix blocks and the base model itself
+        self._lower_modules = [m for m in self.base.modules() if id(m) not in above and m is not self.base]
         self._orig = None
         self._saved = None
         self._depth = 0
@@ -127,7 +133,7 @@ class SuffixExecution:
         if any(kw.get(k) is not None for k in ("inputs_embeds", "position_ids", "past_key_values", "cache",
                                                "cache_position", "token_type_ids")):
             return False
-        # a hook below L (a key captured at a lower layer) must see the real forward
+        # a hook below L (a key captured at a lower layer, a hook on the embeddings) must see the real forward
         return not any(m._forward_hooks or m._forward_pre_hooks for m in self._lower_modules)
 
     def _layout(self, input_ids: torch.Tensor, mask: torch.Tensor) -> Optional[list[tuple[int, int, bytes]]]:
@@ -238,11 +244,12 @@ class SuffixExecution:
 
         lower = list(self.blocks[:self.block])
         saved = [vars(b).get("forward") for b in lower]  # accelerate's device-map hooks live there
-        for b in lower:
-            b.forward = skip
-        handle = self.blocks[self.block].register_forward_pre_hook(enter, with_kwargs=True) \
-            if self.block < len(self.blocks) else None
+        handle = None
         try:
+            for b in lower:
+                b.forward = skip
+            if self.block < len(self.blocks):  # first, so a pre-hook already on block L sees the residual too
+                handle = self.blocks[self.block].register_forward_pre_hook(enter, with_kwargs=True, prepend=True)
             return self._orig(input_ids=input_ids, attention_mask=attention_mask, **kw)
         finally:
             for b, f in zip(lower, saved):

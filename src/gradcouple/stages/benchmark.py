@@ -269,14 +269,16 @@ def evaluate_benchmark(r: RippleRun, method: EditMethod, edits: list[BenchmarkEd
     t0 = time.perf_counter()
     r.covariance(method.key_target(r.targets))  # before the suffix context: its Wikipedia text is read once, not kept
     with r.executing(lowest_block(method.touched(r.targets))) as sx:
+        start = dataclasses.replace(sx.stats)
         summary, tests = _evaluate(r, method, edits, show_progress, b, t0)
-    summary.suffix = suffix_report(sx)
+    summary.suffix = suffix_report(sx, start)
     return summary, tests
 
 
-def suffix_report(sx) -> SuffixReport:
-    """What the suffix execution of a set of edits did (:class:`~gradcouple.artifacts.SuffixReport`)."""
-    st = sx.stats
+def suffix_report(sx, start) -> SuffixReport:
+    """What the suffix execution of one set of edits did since ``start`` (a copy of its stats then):
+    :class:`~gradcouple.artifacts.SuffixReport`."""
+    st = sx.stats.since(start)
     return SuffixReport(from_block=sx.block or None, prefix_tokens=st.prefix_tokens, prefix_seconds=st.prefix_seconds,
                         rows_computed=st.misses, rows_reused=st.hits, suffix_calls=st.suffix_calls,
                         full_calls=st.full_calls, invalidated=st.invalidated)
@@ -549,10 +551,16 @@ def layer_sweep(r: RippleRun, edits: list[BenchmarkEdit], spec: str, show_progre
     pool = sorted(rng.choice(all_tests, size=min(UNRELATED_SAMPLE, len(all_tests)), replace=False).tolist())
     test_edit = {t: k for k, e in enumerate(edits) for t in e.tests}
     rows = sorted({i for e in edits for i in (*e.edits, *e.originals)} | set(pool))
-    before = measure_logprobs(model, [r.encoded[i] for i in rows], r.manifest.batch_size, r.loaded.pad_id)
+    jobs = [(L, k) for L in blocks for k in range(len(edits))]
+    methods = {L: method.with_knob("layers", list(range(L, L + width))) for L in blocks}
+    if "covariance" in method.needs:  # every window's layers, on the unedited model, before any edit
+        r.prefetch(list({t.name: t for L in blocks for t in methods[L].touched(ctx.targets)}.values()))
+    suffix = r.executing(min(blocks))
+    with suffix:  # before and after on the same path
+        before = measure_logprobs(model, [r.encoded[i] for i in rows], MEASURE_BATCH, r.loaded.pad_id)
+        argmax_before = dict(zip(pool, answer_argmax(model, [r.encoded[t] for t in pool], MEASURE_BATCH, r.loaded.pad_id)))
     before = torch.full((len(r.pieces),), float("nan"), dtype=torch.float64).index_put_(
         (torch.tensor(rows),), before)
-    argmax_before = dict(zip(pool, answer_argmax(model, [r.encoded[t] for t in pool], r.manifest.batch_size, r.loaded.pad_id)))
 
     def rewrites(edit: BenchmarkEdit) -> list[Rewrite]:
         out = []
@@ -561,8 +569,6 @@ def layer_sweep(r: RippleRun, edits: list[BenchmarkEdit], spec: str, show_progre
             out.append(Rewrite(r.encoded[i], subject_position(tok, r.encoded[i], subj) if subj else None, subj))
         return out
 
-    jobs = [(L, k) for L in blocks for k in range(len(edits))]
-    methods = {L: method.with_knob("layers", list(range(L, L + width))) for L in blocks}
 
     def make(j: int) -> dict:
         L, k = jobs[j]
@@ -583,7 +589,7 @@ def layer_sweep(r: RippleRun, edits: list[BenchmarkEdit], spec: str, show_progre
                 "seconds": time.perf_counter() - te}
 
     keys = [f"{L}:{','.join(r.pieces[i].id for i in edits[k].edits)}" for L, k in jobs]
-    with r.executing(min(blocks)), progress("layer sweep", len(jobs), "edits", show_progress) as advance:
+    with suffix, progress("layer sweep", len(jobs), "edits", show_progress) as advance:
         done, _ = r.results().journal(r.inputs(method)).each(keys, make, advance)
     points = []
     for L in blocks:
