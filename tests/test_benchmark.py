@@ -298,13 +298,13 @@ def test_a_sweep_names_its_knob_and_warns_when_no_edit_succeeds(benchmark_run, t
     _, run, _ = benchmark_run
     shutil.copytree(run, tmp_path / "run")
     with caplog.at_level("INFO", logger="gradcouple"):
-        sw = gc.ripple(tmp_path / "run", method="rome", sweep="1e-4,1e-3").sweep
+        sw = gc.ripple(tmp_path / "run", method="rome", sweep="1e-4,1e-3", v_num_grad_steps=3).sweep  # few steps: fast
     assert sw.knob == "clamp_norm_factor" and [p.strength for p in sw.points] == [1e-4, 1e-3]
     assert "sweep: clamp_norm_factor (--clamp-norm-factor) of rome edits at 0.0001, 0.001." in caplog.text
     monkeypatch.setattr(stage, "edit_succeeded", lambda *a: False)
     caplog.clear()
     with caplog.at_level("WARNING", logger="gradcouple"):
-        gc.ripple(tmp_path / "run", method="rome", sweep="clamp-norm-factor=2e-4")
+        gc.ripple(tmp_path / "run", method="rome", sweep="clamp-norm-factor=2e-4", v_num_grad_steps=3)
     assert "--sweep: at clamp_norm_factor=0.0002 none of the 3 rome edits succeeded; check that clamp_norm_factor is " \
            "the knob you meant to vary" in caplog.text
     monkeypatch.undo()

@@ -257,7 +257,7 @@ COVARIANCE_TOKENS = 1024
 
 
 @pytest.fixture(autouse=True)
-def offline_and_one_thread(monkeypatch):
+def offline_and_one_thread(monkeypatch, tmp_path_factory):
     """No network for anything (the Hub caches are conftest's empty temporary ones); one torch
     thread, as the tiny models run fastest on shared cores without thread contention; and a
     key covariance from fewer Wikipedia tokens, the one cost of benchmark ripple that does not
@@ -278,6 +278,9 @@ def offline_and_one_thread(monkeypatch):
         return full(model, tokenizer, targets, min(max_tokens, COVARIANCE_TOKENS), *args, **kwargs)
 
     monkeypatch.setattr(keys, "wikipedia_covariances", fewer_tokens)  # what ripple's cached covariance calls
+    # ... kept apart from the user's cache, whose key says the full token count
+    cache = tmp_path_factory.getbasetemp() / "covariance-fewer-tokens"
+    monkeypatch.setattr(keys, "covariance_cache_path", lambda key: cache / keys.covariance_cache_path_name(key))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -29,8 +29,13 @@ log = logging.getLogger(__name__)
 def covariance_cache_path(key: list) -> Path:
     """The user-cache file of the key covariance computed under ``key`` (model fingerprint, layer, token
     budget, text sha256, dtype): ``cache_dir()/covariance/<fingerprint, 16 characters>-<digest>.pt``."""
-    model = re.sub(r"[^A-Za-z0-9]+", "-", str(key[1]))[:16]
-    return cache_dir() / "covariance" / f"{model}-{digest(key)[:20]}.pt"
+    return cache_dir() / "covariance" / covariance_cache_path_name(key)
+
+
+def covariance_cache_path_name(key: list) -> str:
+    """The file name :func:`covariance_cache_path` gives ``key``: the fingerprint's first 16 characters
+    (others than letters and digits as '-') and 20 hex digits of the key's digest."""
+    return f"{re.sub(r'[^A-Za-z0-9]+', '-', str(key[1]))[:16]}-{digest(key)[:20]}.pt"
 
 
 def _tensor_sha256(t: torch.Tensor) -> str:
