@@ -217,3 +217,20 @@ def test_hooks_see_what_the_full_model_gives_them():
         got = measure_logprobs(model, pieces, batch_size=5)
         e.remove()
     assert calls and sx.stats.full_calls == 1 and torch.allclose(got, full, atol=TOL, rtol=0)
+
+
+def test_a_covariance_is_cached_per_weights_not_only_per_fingerprint(tmp_path, monkeypatch):
+    from gradcouple import keys
+
+    monkeypatch.setenv("GRADCOUPLE_CACHE", str(tmp_path))
+    from gradcouple.models import load_model
+
+    loaded = load_model("llama-tiny-random", device="cpu")
+    target = select_targets(loaded.model, "2")
+    (a, sa), = keys.cached_wikipedia_covariances("same-name", loaded.model, loaded.tokenizer, target, 512).values()
+    (b, sb), = keys.cached_wikipedia_covariances("same-name", loaded.model, loaded.tokenizer, target, 512).values()
+    assert sa.file == sb.file and torch.equal(a, b)  # read back
+    with torch.no_grad():
+        find_blocks(loaded.model)[1][0].mlp.down_proj.weight.mul_(2.0)  # the same fingerprint, other weights
+    (c, sc), = keys.cached_wikipedia_covariances("same-name", loaded.model, loaded.tokenizer, target, 512).values()
+    assert sc.file != sa.file and not torch.equal(c, a) and len(list((tmp_path / "covariance").glob("*.pt"))) == 2

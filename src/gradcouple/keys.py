@@ -58,17 +58,31 @@ def _load_cached(path: Path, key: list) -> Optional[tuple[torch.Tensor, Covarian
         return None
 
 
+def sampled_weights_digest(model, stride: int = 4099) -> str:
+    """sha256 (16 hex) of every ``stride``-th element of every parameter: a cheap check, beside the model's
+    fingerprint, that a cached covariance was computed from these weights (a model whose fingerprint is its
+    name, such as a random test model, or one changed in memory, gets other files)."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update(name.encode())
+            h.update(p.detach().reshape(-1)[::stride].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def cached_wikipedia_covariances(model_fingerprint: str, model, tokenizer, targets: list[Target],
                                  max_tokens: int = 50_000) -> dict[str, tuple[torch.Tensor, CovarianceSource]]:
     """:func:`wikipedia_covariances` of ``targets``, computed once per model and kept in the user's cache
     (:func:`covariance_cache_path`), as ROME keeps its layer statistics per model; the missing ones are
     computed together, in one pass over the text that stops at the highest of them. A file is keyed by
-    the model's fingerprint, the layer, the token budget, the bundled text's sha256 and the dtype, and
-    verified by the sha256 of its tensor: a damaged file is recomputed with a warning. Each source
-    names the file it was read from (``CovarianceSource.file``), which the run records."""
+    the model's fingerprint, the layer, the token budget, the bundled text's sha256, the dtype and a sample
+    of the weights (:func:`sampled_weights_digest`), and verified by the sha256 of its tensor: a damaged
+    file is recomputed with a warning. Each source names the file it was read from
+    (``CovarianceSource.file``), which the run records."""
     text = hashlib.sha256("\n".join(wikipedia_paragraphs()).encode()).hexdigest()
     dtype = str(next(model.parameters()).dtype)
-    keys = {t.name: ["raw second moment", model_fingerprint, t.name, max_tokens, text, dtype] for t in targets}
+    weights = sampled_weights_digest(model)
+    keys = {t.name: ["raw second moment", model_fingerprint, t.name, max_tokens, text, dtype, weights] for t in targets}
     out: dict[str, tuple[torch.Tensor, CovarianceSource]] = {}
     for t in targets:
         got = _load_cached(covariance_cache_path(keys[t.name]), keys[t.name])
