@@ -13,7 +13,8 @@ log-probabilities equal the full model's to float32 rounding.
 
 The cache is only valid while the weights below L stay as they are. Every in-place change of a
 tensor bumps its version counter; the versions of every parameter outside blocks L..end are read at
-each call and the cache is emptied when one moved. Calls the cache cannot serve exactly (a KV cache,
+each call and the cache is emptied when one moved. (Writes through ``param.data`` bypass the counter:
+gradcouple never makes them, and code that does must leave the context first.) Calls the cache cannot serve exactly (a KV cache,
 ``inputs_embeds``, explicit positions, a mask that is not one contiguous run per row, a hook on a
 module below L) run the full model unchanged.
 """
