@@ -17,11 +17,10 @@ import argparse
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from sections import put
 
-from gradcouple.metrics import bootstrap_interval, spearman
 from gradcouple.rundir import RunDir
+from gradcouple.stages.benchmark import within_edit_spearman
 
 #: the predictors of the per-relation table (the others are in the pooled one)
 RELATION_PREDICTORS = ("gradsim", "first_order", "inner_product", "key_inner_product", "prior_logprob", "whitened_key")
@@ -45,16 +44,6 @@ def num(x, spec: str) -> str:
 
 def label(path: Path) -> str:
     return path.name.rsplit("-", 1)[0]
-
-
-def within_edit(tests, name: str):
-    """Mean over edits of Spearman's rho between ``name`` and the measured rise, with its bootstrap interval."""
-    by = defaultdict(lambda: ([], []))
-    for t in tests:
-        if t.predictors.get(name) is not None:
-            by[t.edit][0].append(t.predictors[name]), by[t.edit][1].append(t.rise)
-    rhos = [spearman(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)) for a, b in by.values()]
-    return bootstrap_interval(rhos)
 
 
 def tables(paths: list[Path]) -> str:
@@ -92,12 +81,12 @@ def tables(paths: list[Path]) -> str:
                 by_rel[e.triple.relation if e is not None and e.triple else "unknown"].append(t)
             rows = sorted(by_rel.items(), key=lambda kv: (-len({t.edit for t in kv[1]}), kv[0]))
             for relation, ts in [("all (pooled)", ok), *rows]:
-                cells = " | ".join(iv(within_edit(ts, n)) for n in RELATION_PREDICTORS)
+                cells = " | ".join(iv(within_edit_spearman(ts, n)) for n in RELATION_PREDICTORS)
                 rel.append(f"| {s.method} | {relation} | {len({t.edit for t in ts})} | {len(ts)} | {cells} |")
     return "\n".join(["### Efficacy and the field's metrics", "", *eff, "", "### Every predictor, pooled", "", *pooled,
                       "", "### Per relation of the edited fact (RippleEdits; mean within-edit Spearman's rho [95% "
-                      "bootstrap interval]; edits: the successful ones, of which only those with two or more tests have a rho; "
-                      "one such edit gives no interval)", "", *rel])
+                      "bootstrap interval]; edits: the successful ones, of which only those with three or more tests have a "
+                      "rho; one such edit gives no interval)", "", *rel])
 
 
 def main() -> None:

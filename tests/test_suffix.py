@@ -72,7 +72,7 @@ def test_suffix_logprobs_equal_the_full_model(family):
             first = measure_logprobs(model, pieces, batch_size=8)   # residuals computed
             again = measure_logprobs(model, pieces, batch_size=5)   # reused, in other batches
         assert float((first - full).abs().max()) <= TOL and float((again - full).abs().max()) <= TOL
-        assert sx.stats.misses == 24 and sx.stats.hits == 24 and sx.stats.full_calls == 0
+        assert sx.stats.rows_computed == 24 and sx.stats.rows_reused == 24 and sx.stats.full_calls == 0
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text", "bloom"])
@@ -120,11 +120,11 @@ def test_a_changed_weight_below_L_empties_the_cache_and_one_above_does_not():
         with torch.no_grad():
             blocks[3].mlp.c_proj.weight.mul_(1.5)        # above L: the residuals stay valid
         above = measure_logprobs(model, pieces)
-        assert sx.stats.invalidated == 0 and sx.stats.misses == 8
+        assert sx.stats.invalidated == 0 and sx.stats.rows_computed == 8
         with torch.no_grad():
             blocks[0].mlp.c_proj.weight.mul_(1.5)        # below L: recomputed
         below = measure_logprobs(model, pieces)
-        assert sx.stats.invalidated == 1 and sx.stats.misses == 16
+        assert sx.stats.invalidated == 1 and sx.stats.rows_computed == 16
     with torch.no_grad():
         blocks[0].mlp.c_proj.weight.div_(1.5)
     ref_above = measure_logprobs(model, pieces)
@@ -141,6 +141,9 @@ def test_calls_it_cannot_serve_run_whole_and_the_model_is_left_as_it_was():
         ids = torch.randint(0, VOCAB, (2, 6))
         out = model.base_model(input_ids=ids, use_cache=True)           # a KV cache: whole
         gen = model.generate(ids, max_new_tokens=3, do_sample=False)    # generation: whole
+        with sx.bypassed():                                               # a one-off pass: whole, nothing kept
+            measure_logprobs(model, random_pieces(3))
+        assert sx.stats.rows_computed == 0 and sx.n_bytes == 0
     assert sx.stats.full_calls >= 2 and sx.stats.suffix_calls == 0 and out.last_hidden_state.shape == (2, 6, 32)
     assert gen.shape == (2, 9) and "forward" not in vars(model.base_model)
     assert all("forward" not in vars(b) for b in find_blocks(model)[1]) and sx.n_bytes == 0
@@ -178,7 +181,7 @@ def test_suffix_is_exact_on_the_real_default_model(smollm2):
         with SuffixExecution(model, block) as sx:
             measure_logprobs(model, enc[:3], batch_size=3, pad_id=smollm2.pad_id)
             got = measure_logprobs(model, enc, batch_size=6, pad_id=smollm2.pad_id)
-        assert float((got - full).abs().max()) <= TOL and sx.stats.hits == 3
+        assert float((got - full).abs().max()) <= TOL and sx.stats.rows_reused == 3
     assert collate(enc).input_ids.shape[0] == 6
 
 
@@ -210,7 +213,7 @@ def test_hooks_see_what_the_full_model_gives_them():
         measure_logprobs(model, pieces, batch_size=5)
         measure_logprobs(model, pieces, batch_size=5)
         real = collate(sorted(pieces, key=lambda e: e.n_inputs)).attention_mask.bool()  # padding holds zeros here
-        assert sx.stats.hits == 5 and torch.allclose(seen[-1][real], ref[real], atol=1e-6)
+        assert sx.stats.rows_reused == 5 and torch.allclose(seen[-1][real], ref[real], atol=1e-6)
         h.remove()
         calls = []
         e = model.base_model.embed_tokens.register_forward_hook(lambda *a: calls.append(1))

@@ -435,18 +435,25 @@ class BenchmarkEditRecord(_Model):
 
 
 class SuffixReport(_Model):
-    """How the edits ran (:mod:`gradcouple.suffix`): from which block (None: the whole model), how many
-    prefix tokens were computed and in how many seconds, scored rows whose residual was computed or reused,
-    and calls served from the suffix or run whole."""
+    """What suffix execution did (:mod:`gradcouple.suffix`; a summary's ``suffix``): from which block (None:
+    the whole model), prefix tokens computed and the seconds it took, scored rows whose residual was
+    computed or reused, calls served from the suffix or run whole, rows dropped by the memory bound, and
+    times a changed weight below the block emptied the cache."""
 
-    from_block: Optional[int]
+    from_block: Optional[int] = None
     prefix_tokens: int = 0
     prefix_seconds: float = 0.0
     rows_computed: int = 0
     rows_reused: int = 0
     suffix_calls: int = 0
     full_calls: int = 0
+    evicted: int = 0
     invalidated: int = 0
+
+    def since(self, earlier: "SuffixReport") -> "SuffixReport":
+        """What was done after ``earlier`` (a copy of this report taken then)."""
+        counts = {k: getattr(self, k) - getattr(earlier, k) for k in type(self).model_fields if k != "from_block"}
+        return SuffixReport(from_block=self.from_block, **counts)
 
 
 class PredictorScore(_Model):

@@ -118,6 +118,11 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def tensor_sha256(t: "torch.Tensor") -> str:
+    """sha256 (hex) of a CPU tensor's bytes in row-major order: what a cached tensor is verified by."""
+    return hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()
+
+
 def digest(obj: Any) -> str:
     """sha256 hex of ``obj`` as canonical JSON (sorted keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

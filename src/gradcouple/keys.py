@@ -17,9 +17,9 @@ import torch
 
 from .artifacts import CovarianceSource
 from .datasets import wikipedia_paragraphs
-from .io import atomic_torch_save, digest
-from .models import cache_dir, load_model
+from .io import atomic_torch_save, digest, tensor_sha256
 from .layers import Target, select_targets
+from .models import cache_dir, load_model
 from .scoring import EncodedPiece, collate
 from .stores import GradientReader
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def covariance_cache_path(key: list) -> Path:
     """The user-cache file of the key covariance computed under ``key`` (model fingerprint, layer, token
-    budget, text sha256, dtype): ``cache_dir()/covariance/<fingerprint, 16 characters>-<digest>.pt``."""
+    budget, text sha256, dtype, sampled weights): ``cache_dir()/covariance/<fingerprint, 16 characters>-<digest>.pt``."""
     return cache_dir() / "covariance" / covariance_cache_path_name(key)
 
 
@@ -36,10 +36,6 @@ def covariance_cache_path_name(key: list) -> str:
     """The file name :func:`covariance_cache_path` gives ``key``: the fingerprint's first 16 characters
     (others than letters and digits as '-') and 20 hex digits of the key's digest."""
     return f"{re.sub(r'[^A-Za-z0-9]+', '-', str(key[1]))[:16]}-{digest(key)[:20]}.pt"
-
-
-def _tensor_sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
 
 def _load_cached(path: Path, key: list) -> Optional[tuple[torch.Tensor, CovarianceSource]]:
@@ -50,7 +46,7 @@ def _load_cached(path: Path, key: list) -> Optional[tuple[torch.Tensor, Covarian
     try:
         saved = torch.load(path, weights_only=True)
         cov = saved["covariance"]
-        if saved["key"] != digest(key) or _tensor_sha256(cov) != saved["sha256"]:
+        if saved["key"] != digest(key) or tensor_sha256(cov) != saved["sha256"]:
             raise ValueError("its contents do not match its key and checksum")
         return cov, CovarianceSource.model_validate_json(saved["source"]).model_copy(update={"file": str(path)})
     except Exception as e:  # noqa: BLE001 (any damage means: compute it again)
@@ -92,7 +88,7 @@ def cached_wikipedia_covariances(model_fingerprint: str, model, tokenizer, targe
     if missing:
         for name, (cov, source) in wikipedia_covariances(model, tokenizer, missing, max_tokens).items():
             path = covariance_cache_path(keys[name])
-            source = source.model_copy(update={"file": str(path), "sha256": _tensor_sha256(cov)})
+            source = source.model_copy(update={"file": str(path), "sha256": tensor_sha256(cov)})
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_torch_save({"covariance": cov, "source": source.model_dump_json(), "key": digest(keys[name]),
                                "sha256": source.sha256}, path)
@@ -202,7 +198,6 @@ def keys_at(model, target: Target, encoded: list[EncodedPiece], positions: list[
     if target.has_bias:
         out[:, -1] = 1.0
     return out
-
 
 
 def precompute_covariances(model: str, layers: str = "last4", max_tokens: int = 50_000,

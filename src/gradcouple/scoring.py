@@ -172,22 +172,28 @@ def answer_logprob(model, batch: Batch) -> torch.Tensor:
     return score(model, batch)[0]
 
 
-def score(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log P(answer | prompt) in nats (B,) float32, greedy (B,) bool), differentiable in the first.
-
-    ``greedy`` is True when every answer token is the model's argmax given the prompt and the
-    answer tokens before it: the greedy continuation of the prompt begins with the answer.
-    """
+def _answer_tokens(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log P(answer | prompt) (B,) float32 in nats, differentiable; the argmax token at each of the M
+    scored positions (M,) int64; pos_b (M,)), the LM head applied only at the scored positions."""
     out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
     # a model spread over several GPUs (--device auto-map) ends on another device than it starts
     logits = final_logits(model, hidden[batch.pos_b.to(hidden.device), batch.pos_t.to(hidden.device)])
     targets, pos_b = batch.targets.to(logits.device), batch.pos_b.to(logits.device)
     token_lp = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
-    B = batch.input_ids.shape[0]
-    lp = torch.zeros(B, dtype=token_lp.dtype, device=token_lp.device).index_add(0, pos_b, token_lp)
-    miss = (logits.argmax(-1) != targets).long()
-    misses = torch.zeros(B, dtype=torch.long, device=miss.device).index_add(0, pos_b, miss)
+    lp = torch.zeros(batch.input_ids.shape[0], dtype=token_lp.dtype, device=token_lp.device).index_add(0, pos_b, token_lp)
+    return lp, logits.argmax(-1), pos_b
+
+
+def score(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log P(answer | prompt) in nats (B,) float32, greedy (B,) bool), differentiable in the first.
+
+    ``greedy`` is True when every answer token is the model's argmax given the prompt and the
+    answer tokens before it: the greedy continuation of the prompt begins with the answer.
+    """
+    lp, top, pos_b = _answer_tokens(model, batch)
+    miss = (top != batch.targets.to(top.device)).long()
+    misses = torch.zeros(lp.shape[0], dtype=torch.long, device=miss.device).index_add(0, pos_b, miss)
     return lp, misses == 0
 
 
@@ -201,24 +207,17 @@ def measure_answers(model, encoded: list[EncodedPiece], batch_size: int = 16,
     device = next(model.parameters()).device
     first: dict[tuple, int] = {}
     unique = [first.setdefault((e.ids, e.answer_start), i) for i, e in enumerate(encoded)]
-    todo = sorted({u for u in unique}, key=lambda i: encoded[i].n_inputs)
+    todo = sorted(set(unique), key=lambda i: encoded[i].n_inputs)
     lp_of: dict[int, float] = {}
     top_of: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for k in range(0, len(todo), batch_size):
             idx = todo[k:k + batch_size]
-            batch = collate([encoded[i] for i in idx], pad_id).to(device)
-            o = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            hidden = o[0] if isinstance(o, tuple) else o.last_hidden_state
-            logits = final_logits(model, hidden[batch.pos_b.to(hidden.device), batch.pos_t.to(hidden.device)])
-            targets, pos_b = batch.targets.to(logits.device), batch.pos_b.to(logits.device)
-            token_lp = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
-            lp = torch.zeros(len(idx), dtype=token_lp.dtype, device=token_lp.device).index_add(0, pos_b, token_lp)
-            top, pos_b = logits.argmax(-1).cpu(), pos_b.cpu()
+            lp, top, pos_b = _answer_tokens(model, collate([encoded[i] for i in idx], pad_id).to(device))
+            top, pos_b = top.cpu(), pos_b.cpu()
             for b, i in enumerate(idx):
                 lp_of[i], top_of[i] = float(lp[b]), top[pos_b == b]
-    return (torch.tensor([lp_of[u] for u in unique], dtype=torch.float64) if encoded else torch.empty(0, dtype=torch.float64),
-            [top_of[u] for u in unique])
+    return torch.tensor([lp_of[u] for u in unique], dtype=torch.float64), [top_of[u] for u in unique]
 
 
 def is_greedy(encoded: EncodedPiece, argmax: torch.Tensor) -> bool:

@@ -13,22 +13,24 @@ log-probabilities equal the full model's to float32 rounding.
 
 The cache is only valid while the weights below L stay as they are. Every in-place change of a
 tensor bumps its version counter; the versions of every parameter outside blocks L..end are read at
-each call and the cache is emptied when one moved. (Writes through ``param.data`` bypass the counter:
-gradcouple never makes them, and code that does must leave the context first.) Calls the cache cannot serve exactly (a KV cache,
-``inputs_embeds``, explicit positions, a mask that is not one contiguous run per row, a hook on a
-module below L) run the full model unchanged.
+each call and the cache is emptied when one moved. (Writes through ``param.data`` bypass the
+counter: gradcouple never makes them, and code that does must leave the context first.) Calls the
+cache cannot serve exactly (a KV cache, ``inputs_embeds``, explicit positions, a mask that is not one
+contiguous run per row, a hook on a module outside blocks L..end, or inside :meth:`bypassed`) run the
+full model unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
+from .artifacts import SuffixReport
 from .layers import find_blocks
 
 #: default bound of the residuals kept in memory (bytes): least recently used rows are dropped past it
@@ -37,26 +39,6 @@ DEFAULT_MAX_BYTES = 2 << 30
 
 class _Stop(Exception):
     """Raised at block L's input: the prefix forward needs nothing above it."""
-
-
-@dataclass
-class SuffixStats:
-    """What a :class:`SuffixExecution` did: calls served from the suffix and run whole, rows found and
-    computed, prefix tokens computed, seconds spent computing prefixes, rows dropped by the memory bound,
-    and how many times a changed weight below L emptied the cache."""
-
-    suffix_calls: int = 0
-    full_calls: int = 0
-    hits: int = 0
-    misses: int = 0
-    prefix_tokens: int = 0
-    prefix_seconds: float = 0.0
-    evicted: int = 0
-    invalidated: int = 0
-
-    def since(self, earlier: "SuffixStats") -> "SuffixStats":
-        """What was done after ``earlier`` (a copy of these stats taken then)."""
-        return SuffixStats(**{k: getattr(self, k) - getattr(earlier, k) for k in vars(self)})
 
 
 class SuffixExecution:
@@ -83,7 +65,7 @@ class SuffixExecution:
         self.blocks = find_blocks(model)[1]
         self.block = max(0, min(int(block), len(self.blocks)))
         self.max_bytes = int(max_bytes)
-        self.stats = SuffixStats()
+        self.stats = SuffixReport(from_block=self.block or None)
         self._rows: OrderedDict[tuple[int, bytes], torch.Tensor] = OrderedDict()
         self._bytes = 0
         self._out_len: Optional[int] = None  # lower blocks' output: None unknown, 0 a tensor, n a tuple of n
@@ -96,6 +78,7 @@ class SuffixExecution:
         self._orig = None
         self._saved = None
         self._depth = 0
+        self._bypass = 0
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> "SuffixExecution":
@@ -114,6 +97,16 @@ class SuffixExecution:
                 self._orig = None
             self.clear()
 
+    @contextlib.contextmanager
+    def bypassed(self) -> Iterator[None]:
+        """Run every call whole inside this block and keep no residual: for one-off passes over text that is
+        never scored again (the key covariance's Wikipedia tokens)."""
+        self._bypass += 1
+        try:
+            yield
+        finally:
+            self._bypass -= 1
+
     def clear(self) -> None:
         """Forget every stored residual."""
         self._rows.clear()
@@ -129,7 +122,7 @@ class SuffixExecution:
         return [p._version for p in self._frozen]
 
     def _servable(self, input_ids, kw: dict[str, Any]) -> bool:
-        if input_ids is None or kw.get("use_cache", True) is not False:
+        if self._bypass or input_ids is None or kw.get("use_cache", True) is not False:
             return False
         if any(kw.get(k) is not None for k in ("inputs_embeds", "position_ids", "past_key_values", "cache",
                                                "cache_position", "token_type_ids")):
@@ -208,11 +201,10 @@ class SuffixExecution:
             for j, b in enumerate(missing):
                 s, n, _ = layout[b]
                 self._store(keys[b], h[j, s:s + n].clone())
-        self.stats.misses += len(missing)
-        self.stats.hits += len(keys) - len(missing)
-        first = next(iter(self._rows.values()), None)
+        self.stats.rows_computed += len(missing)
+        self.stats.rows_reused += len(keys) - len(missing)
         dtype = next(self.base.parameters()).dtype
-        d = first.shape[-1] if first is not None else h.shape[-1]
+        d = next(iter(self._rows.values())).shape[-1]
         out = torch.zeros(*input_ids.shape, d, dtype=dtype, device=input_ids.device)
         for b, (s, n, _) in enumerate(layout):
             row = self._rows.get(keys[b])
@@ -289,7 +281,7 @@ class _Whole:
     block = 0
 
     def __init__(self):
-        self.stats = SuffixStats()
+        self.stats = SuffixReport()
 
     def __enter__(self) -> "_Whole":
         return self
@@ -298,4 +290,4 @@ class _Whole:
         return None
 
 
-__all__ = ["DEFAULT_MAX_BYTES", "SuffixExecution", "SuffixStats", "lowest_block", "suffix_execution"]
+__all__ = ["DEFAULT_MAX_BYTES", "SuffixExecution", "lowest_block", "suffix_execution"]

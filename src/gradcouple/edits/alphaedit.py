@@ -15,13 +15,12 @@ emptied when the weights are restored). Because ΔW = (…) P, ΔW k₀ = 0 for 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 import torch
 from pydantic import Field
 
-from ..io import atomic_torch_save, digest
+from ..io import atomic_torch_save, digest, tensor_sha256
 from ..layers import Target
 from ..models import cache_dir
 from .base import EditContext, Rewrite, register_method
@@ -91,7 +90,7 @@ class AlphaEdit(Memit):
         """The null-space projector P of ``target``'s key second moment, (d_in, d_in) float64: kept in
         the run's memo and in the user cache, keyed by C's digest and the threshold."""
         C = ctx.covariance(target)[:target.d_in, :target.d_in]
-        key = digest(["null space", hashlib.sha256(C.contiguous().numpy().tobytes()).hexdigest(),
+        key = digest(["null space", tensor_sha256(C),
                       self.hp.nullspace_threshold])
         if key in ctx.memo:
             return ctx.memo[key]

@@ -32,7 +32,6 @@ from ..artifacts import (
     PredictorScore,
     RetentionPoint,
     SweepPoint,
-    SuffixReport,
     SweepSummary,
     TestMeasurement,
 )
@@ -43,6 +42,7 @@ from ..layers import find_blocks, parse_block_spec, select_targets
 from ..keys import keys_at, ridged
 from ..metrics import (
     DEFINITIONS,
+    Interval,
     auroc,
     bootstrap_interval,
     clustered_correlation,
@@ -158,16 +158,23 @@ def _finite(x) -> Optional[float]:
 def _score_set(records: list[TestMeasurement], name: str, clusters: list[int], other_scores, n_resamples: int) -> PredictorScore:
     x = [np.nan if r.predictors[name] is None else r.predictors[name] for r in records]
     y = [r.rise for r in records]
-    within = {}
-    for r in records:
-        within.setdefault(r.edit, ([], []))
-        if r.predictors[name] is not None:
-            within[r.edit][0].append(r.predictors[name]), within[r.edit][1].append(r.rise)
-    rhos = [spearman(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)) for a, b in within.values()]
     own, labels = other_scores
     return PredictorScore(pearson=clustered_correlation(x, y, clusters, "pearson", n_resamples),
                           spearman=clustered_correlation(x, y, clusters, "spearman", n_resamples),
-                          auroc=auroc(own, labels), within_edit_spearman=bootstrap_interval(rhos))
+                          auroc=auroc(own, labels), within_edit_spearman=within_edit_spearman(records, name))
+
+
+def within_edit_spearman(records: list[TestMeasurement], name: str) -> Interval:
+    """Mean over edits of Spearman's rho between predictor ``name`` and the measured rise of the edit's tests
+    (an edit whose rho is undefined, fewer than 3 scored tests or constant, is left out), with its bootstrap
+    interval (``DEFINITIONS['bootstrap interval']``)."""
+    within: dict[int, tuple[list, list]] = {}
+    for r in records:
+        within.setdefault(r.edit, ([], []))
+        if r.predictors.get(name) is not None:
+            within[r.edit][0].append(r.predictors[name]), within[r.edit][1].append(r.rise)
+    rhos = [spearman(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)) for a, b in within.values()]
+    return bootstrap_interval(rhos)
 
 
 def predictor_reports(tests: list[TestMeasurement], auroc_points: dict[str, tuple[list, list, list]],
@@ -267,21 +274,11 @@ def evaluate_benchmark(r: RippleRun, method: EditMethod, edits: list[BenchmarkEd
     ``b`` reuses the unedited model's keys, covariance and predictor context of an earlier call.
     """
     t0 = time.perf_counter()
-    r.covariance(method.key_target(r.targets))  # before the suffix context: its Wikipedia text is read once, not kept
     with r.executing(lowest_block(method.touched(r.targets))) as sx:
-        start = dataclasses.replace(sx.stats)
+        start = sx.stats.model_copy()
         summary, tests = _evaluate(r, method, edits, show_progress, b, t0)
-    summary.suffix = suffix_report(sx, start)
+    summary.suffix = sx.stats.since(start)
     return summary, tests
-
-
-def suffix_report(sx, start) -> SuffixReport:
-    """What the suffix execution of one set of edits did since ``start`` (a copy of its stats then):
-    :class:`~gradcouple.artifacts.SuffixReport`."""
-    st = sx.stats.since(start)
-    return SuffixReport(from_block=sx.block or None, prefix_tokens=st.prefix_tokens, prefix_seconds=st.prefix_seconds,
-                        rows_computed=st.misses, rows_reused=st.hits, suffix_calls=st.suffix_calls,
-                        full_calls=st.full_calls, invalidated=st.invalidated)
 
 
 def _evaluate(r: RippleRun, method: EditMethod, edits: list[BenchmarkEdit], show_progress: bool,
@@ -500,7 +497,6 @@ def sweep_benchmark(r: RippleRun, edits: list[BenchmarkEdit], strengths: list[fl
     flag = r.method.knobs()[knob]
     log.info(f"sweep: {knob}{f' ({flag})' if flag else ''} of {r.method.name} edits at "
              f"{', '.join(f'{v:g}' for v in strengths)}.")
-    r.covariance(r.method.key_target(r.targets))
     with r.executing(lowest_block(r.method.touched(r.targets))):
         points = _sweep_points(r, edits, knob, strengths, show_progress)
     return SweepSummary(inputs=r.inputs(r.method), method=r.method.name, knob=knob, points=points,

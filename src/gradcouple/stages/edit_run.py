@@ -3,6 +3,7 @@ target layers (the extraction's), the edit method, and the key covariance of a l
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -82,8 +83,11 @@ class RippleRun:
                 self._covariances[t.name] = (stored_key_covariance(self.reader, t.name),
                                              CovarianceSource(text="the run's own pieces", n_tokens=n, layer=t.name))
             return
-        self._covariances.update(cached_wikipedia_covariances(self.manifest.model.fingerprint, self.loaded.model,
-                                                              self.loaded.tokenizer, missing, rc.covariance_tokens))
+        with contextlib.ExitStack() as whole:  # its Wikipedia text is read once: no residual of it is kept
+            for sx in self._suffix.values():
+                whole.enter_context(sx.bypassed())
+            self._covariances.update(cached_wikipedia_covariances(self.manifest.model.fingerprint, self.loaded.model,
+                                                                  self.loaded.tokenizer, missing, rc.covariance_tokens))
 
     def context(self) -> EditContext:
         """What an edit method may use (:class:`~gradcouple.edits.EditContext`)."""
