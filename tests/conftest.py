@@ -110,3 +110,15 @@ def _torch_threads_restored():
     yield
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+
+
+#: the test files that take longest (seconds of one worker, from `make test`'s durations), longest
+#: first: pytest-xdist hands whole files (--dist loadfile) to the workers in collection order, so
+#: starting with these lets the workers finish together
+LONGEST_FIRST = ("test_distributed.py", "test_epilog_examples.py", "test_doc_examples.py", "test_browser.py",
+                 "test_resume.py", "test_real_models.py", "test_benchmark.py", "test_freshness.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every file stays in one piece, in order

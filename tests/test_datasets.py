@@ -158,7 +158,8 @@ def test_unknown_dataset_error_lists_the_known_ones():
 
 
 def test_formats_are_the_parsers():
-    assert set(FORMATS) == {"hotpotqa", "musique", "2wikimultihopqa", "wikihop", "bamboogle", "mquake", "rippleedits", "pieces"}
+    assert set(FORMATS) == {"hotpotqa", "musique", "2wikimultihopqa", "wikihop", "bamboogle", "mquake", "rippleedits", "counterfact",
+                            "easyedit", "pieces"}
 
 
 # ----------------------------------------------------------------------------- bundled samples

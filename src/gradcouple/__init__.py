@@ -2,7 +2,8 @@
 
 Stages (each reads only files, so each reruns alone): ``download`` -> pieces.jsonl, ``extract`` ->
 gradient shards, ``couple`` -> GradSim matrix, ``ripple`` -> measured edit ripple effects,
-``report`` -> HTML + summary.json. From Python, the same stages as plain functions
+``forecast`` -> which stored pieces an edit will move before it is made, ``report`` -> HTML +
+summary.json. From Python, the same stages as plain functions
 (:mod:`gradcouple.api`)::
 
     import gradcouple as gc
@@ -14,7 +15,7 @@ The stages' library functions (``cfg``, ``run_dir``) live in :mod:`gradcouple.st
 
 from ._version import __version__
 
-_API = ("download", "extract", "couple", "ripple", "report", "run", "load_run", "Run", "RunConfig")
+_API = ("download", "extract", "couple", "ripple", "forecast", "report", "run", "load_run", "Run", "RunConfig")
 
 
 def __getattr__(name: str):

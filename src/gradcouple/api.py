@@ -16,6 +16,8 @@ with the CLI's own message (:func:`gradcouple.resolve.resolve`). pandas comes wi
 
 from __future__ import annotations
 
+import json
+import tempfile
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -31,11 +33,13 @@ from .resolve import resolve
 from .rundir import RunDir, default_run_dir
 from .stages import couple as couple_stage
 from .stages import extract as extract_stage
+from .stages import forecast as forecast_stage
 from .stages import pipeline
 from .stages import report as report_stage
 from .stages import ripple as ripple_stage
 from .stages.couple import CoupleResult
 from .stages.extract import ExtractResult
+from .stages.forecast import ForecastResult
 from .stages.pipeline import PipelineResult
 from .stages.report import ReportResult
 from .stages.ripple import RippleResult
@@ -92,6 +96,55 @@ def ripple(run_dir: str | Path, cfg: Optional[RunConfig] = None, *, config: Wher
     check_directory(run_dir, "--run")
     resolved = resolve("ripple", run_dir, cfg=cfg, config=config, **keywords)
     return ripple_stage.ripple(resolved, run_dir, show_progress=show_progress)
+
+
+def forecast(run_dir: str | Path, edits: Optional[str | Path | Sequence[dict]] = None, cfg: Optional[RunConfig] = None, *,
+             config: Where = None, edit: Optional[str] = None, target: Optional[str] = None, subject: Optional[str] = None,
+             format: Optional[str] = None, skip_bad: bool = False, show_progress: bool = False,
+             **keywords: Any) -> pd.DataFrame:
+    """Which stored pieces each edit will move, before it is made: :func:`forecast_result`'s rows as a DataFrame.
+
+    ``edits``: a file of edit requests (EasyEdit / KnowEdit JSON, CounterFact, MQuAKE, RippleEdits or
+    gradcouple pieces with role ``edit``), or such records as a list of dicts; or one edit as
+    ``edit=PROMPT, target=NEW`` (``subject=S`` for ROME's key). Keywords are the CLI's flags
+    (``predictor="gradsim,first_order"``, ``top_k=20``, ``verify=10``, ``method="rome"``).
+
+    Returns one row per (edit, predictor, piece listed): the top ``top_k`` by |score|, the edit's own
+    tests and, with ``verify``, every measured piece with its ``change`` (nats); the run's
+    ``forecast/summary.json`` holds the statistics. Raises as :func:`forecast_result`.
+    """
+    return forecast_result(run_dir, edits, cfg, config=config, edit=edit, target=target, subject=subject, format=format,
+                           skip_bad=skip_bad, show_progress=show_progress, **keywords).table()
+
+
+def forecast_result(run_dir: str | Path, edits: Optional[str | Path | Sequence[dict]] = None,
+                    cfg: Optional[RunConfig] = None, *, config: Where = None, edit: Optional[str] = None,
+                    target: Optional[str] = None, subject: Optional[str] = None, format: Optional[str] = None,
+                    skip_bad: bool = False, show_progress: bool = False, **keywords: Any) -> ForecastResult:
+    """:func:`gradcouple.stages.forecast.forecast` on the edit requests of ``edits`` (or one edit), as
+    :func:`forecast` takes them; returns the :class:`~gradcouple.stages.forecast.ForecastResult`.
+
+    Raises:
+        ConfigError: neither ``edits`` nor ``edit``/``target``, or both; as :func:`~gradcouple.resolve.resolve`.
+        DataError: a malformed record (file, record, field), or no edit survived the checks.
+    """
+    check_directory(run_dir, "--run")
+    resolved = resolve("forecast", run_dir, cfg=cfg, config=config, **keywords)
+    if (edits is None) == (edit is None and target is None):
+        raise ConfigError("forecast: give --edits FILE, or one edit with --edit PROMPT --target NEW (not both).")
+    if edits is None:
+        requests, fmt, skipped, path = [forecast_stage.single_edit(edit, target, subject)], None, {}, None
+    elif isinstance(edits, (str, Path)):
+        requests, fmt, skipped = forecast_stage.read_requests(edits, format, skip_bad)
+        path = edits
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "edits.json"
+            path.write_text(json.dumps(list(edits)), encoding="utf-8")
+            requests, fmt, skipped = forecast_stage.read_requests(path, format, skip_bad)
+        path = None
+    return forecast_stage.forecast(resolved, run_dir, requests, edits_file=path, format=fmt, skipped=skipped,
+                                   show_progress=show_progress)
 
 
 def report(run_dir: str | Path, cfg: Optional[RunConfig] = None, *, config: Where = None, **keywords: Any) -> ReportResult:

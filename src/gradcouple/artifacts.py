@@ -596,6 +596,93 @@ class SweepSummary(_Model):
 # ---------------------------------------------------------------- report
 
 
+# ---------------------------------------------------------------- forecast
+
+
+class ForecastRow(_Model):
+    """One line of ``forecast/forecast.jsonl``: a piece as one predictor ranks it for one edit."""
+
+    edit: str = Field(description="The edit's id (its first rewrite's piece id)")
+    predictor: str
+    piece_id: str
+    source: Literal["store", "file"] = Field(description="store: a piece of the run; file: a test query of the edit's own file")
+    prompt: str
+    answer: str
+    score: float
+    rank: int = Field(description="1-based rank by |score| among every piece scored for the edit (the run's and its own tests)")
+    own_test: bool = Field(False, description="One of the edit's own test queries")
+    criterion: Optional[str] = None
+    stable: bool = Field(False, description="A test query whose answer the edit should leave (RULES['stable test'])")
+    change: Optional[float] = Field(None, description="--verify: measured change of log P (nats), after minus before the edit")
+
+
+class ForecastRewrite(_Model):
+    prompt: str
+    target: str
+    subject: Optional[str] = None
+
+
+class ForecastEdit(_Model):
+    """One forecast edit: its rewrites (applied together), own tests, and what it cost (seconds)."""
+
+    id: str
+    rewrites: list[ForecastRewrite]
+    n_tests: int
+    edit_norm: Optional[float] = Field(None, description="|Δθ| of the method's weight change (first_order, --verify)")
+    success: Optional[bool] = Field(None, description="--verify: after the edit every rewrite's new target beats its true one "
+                                                      "(DEFINITIONS['edit success'])")
+    seconds: dict[str, float] = Field(default_factory=dict, description="gradient, edit, scores, verify")
+
+
+class ForecastCheck(_Model):
+    """How one predictor's forecast held up under --verify (DEFINITIONS name each statistic)."""
+
+    spearman: Correlation = Field(description="Pooled Spearman's rho of score and measured change over every measured "
+                                              "(edit, piece) pair, clustered bootstrap interval over edits")
+    within_edit_spearman: Interval = Field(description="Mean over edits of Spearman's rho within the edit's measured pieces")
+    precision_at_k: Interval = Field(description="Mean over edits of precision@k among the measured pieces")
+    recall_own_tests: Interval = Field(description="Mean over edits of the fraction of its own test queries that should "
+                                                   "change which rank in the top k")
+    stable_tests_in_top_k: Interval = Field(description="Mean over edits of the fraction of its own stable test queries "
+                                                        "(locality) ranked in the top k: false alarms")
+    mean_abs_change_top_k: Optional[float] = Field(None, description="Mean |measured change| (nats) of the predictor's top k")
+    mean_abs_change_sample: Optional[float] = Field(None, description="The same over the random sample of the rest")
+
+
+class ForecastVerify(_Model):
+    k: int
+    n_edits: int = Field(description="Edits verified")
+    n_measured: int = Field(description="(edit, piece) pairs measured: every predictor's top k, an equal random sample of "
+                                        "the rest, and the edit's own tests")
+    precision_at_k_chance: Optional[float] = Field(None, description="Mean over edits of k / measured pieces: the "
+                                                                     "precision@k of a random ranking")
+    predictors: dict[str, ForecastCheck]
+
+
+class ForecastSummary(_Model):
+    """``forecast/summary.json``: what was forecast, how, and (--verify) how well."""
+
+    inputs: Inputs
+    edits_file: Optional[str] = None
+    format: Optional[str] = None
+    method: str
+    hparams: dict[str, Any]
+    method_source: Optional[str] = None
+    predictors: list[str]
+    top_k: int
+    precision: str
+    store: str
+    exact: bool = Field(description="The store's inner products are exact (factors, dense) rather than estimated (projected)")
+    n_pieces: int = Field(description="Stored pieces scored per edit")
+    records_skipped: dict[str, int] = Field(default_factory=dict)
+    resumed_edits: int = 0
+    edits: list[ForecastEdit]
+    verify: Optional[ForecastVerify] = None
+    definitions: dict[str, str]
+    seconds: float
+    device: DeviceInfo
+
+
 class GeneratedFile(_Model):
     """One file of the run: its path relative to the run directory and its size in bytes."""
 

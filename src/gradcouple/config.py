@@ -199,6 +199,27 @@ LEGACY_KNOBS = {"steps": ("ft", "steps"), "lr": ("ft", "lr"), "max_delta": ("ft"
                 "rome_clamp": ("rome", "clamp_norm_factor")}
 
 
+class ForecastConfig(_Section):
+    """Forecasts of which stored pieces an edit will move, before it is made."""
+
+    predictors: list[Literal["first_order", "gradsim", "inner_product"]] = Field(
+        default_factory=lambda: ["first_order"], json_schema_extra=_flag("--predictor"), description=(
+            "first_order (<g_j, Δθ> for the weight change --method computes, not kept), gradsim or inner_product (with "
+            "the gradient of the edit's new target; no edit computed); several comma-separated"))
+    top_k: int = Field(default=10, ge=1, json_schema_extra=_flag("--top-k"),
+                       description="Pieces listed per edit and predictor, and the k of --verify's statistics")
+    verify: Optional[int] = Field(default=None, ge=1, json_schema_extra=_flag("--verify"), description=(
+        "Make each edit for real (weights restored after) and measure its top K pieces, an equal random sample of the "
+        "rest and its own tests -> forecast/summary.json (every predictor is scored then)"))
+    precision: Literal["float32", "float64"] = Field(default="float32", json_schema_extra=_flag("--precision"), description=(
+        "Products of the stored gradients with the edit's direction (sums are float64 either way)"))
+
+    @field_validator("predictors", mode="before")
+    @classmethod
+    def _comma_list(cls, v):
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+
 class ReportConfig(_Section):
     """HTML report."""
 
@@ -275,6 +296,7 @@ class RunConfig(_Section):
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     couple: CoupleConfig = Field(default_factory=CoupleConfig)
     ripple: RippleConfig = Field(default_factory=RippleConfig)
+    forecast: ForecastConfig = Field(default_factory=ForecastConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
     @model_validator(mode="after")
@@ -506,7 +528,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e}).") from None
     if not isinstance(raw, dict) or not all(isinstance(v, dict) or v is None for v in raw.values()):
-        raise ConfigError(f"{path}: a config is a mapping with sections data/model/extract/couple/ripple/report.")
+        raise ConfigError(f"{path}: a config is a mapping with sections data/model/extract/couple/ripple/forecast/report.")
     return raw
 
 
@@ -524,8 +546,10 @@ def validate_config(raw: dict[str, Any], source: str, given: Optional[Given] = N
         if err["type"] == "gradcouple_rule":
             raise ConfigError(err["msg"]) from None
         loc = ".".join(str(x) for x in err["loc"])
-        if given is not None and loc in given.fields:
-            f = given.fields[loc]
+        named = next((d for d in sorted(given.fields, key=len, reverse=True) if loc == d or loc.startswith(d + ".")),
+                     None) if given is not None else None
+        if named is not None:  # a list item (forecast.predictors.0) is named by its list's flag
+            f = given.fields[named]
             where = f" (in {f.source})" if f.source else ""
             raise ConfigError(f"{f.name} {f.value!r}{where}: {err['msg']}.") from None
         raise ConfigError(f"{source}: field '{loc}': {err['msg']} (got {err.get('input')!r}).") from None

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from .artifacts import LayerContributions, PairLayers
-from .stores import Block, GradientReader
+from .stores import Block, Direction, GradientReader
 
 
 class BlockLoader:
@@ -278,14 +278,17 @@ def cosine_from_gram(G: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, G / denom.clamp_min(1e-300), torch.zeros_like(G))
 
 
-def first_order(reader: GradientReader, deltas: dict[str, torch.Tensor], block_size: int = 256,
-                rows: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """<g_j, Delta theta> for every piece j: (N,) float64 in pieces.jsonl order.
+def contract(reader: GradientReader, directions: dict[str, Direction], block_size: int = 256,
+             rows: Optional[Sequence[int]] = None, dtype: torch.dtype = torch.float32,
+             progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+    """<g_j, D> for every stored piece j and a direction D given per target (a weight change, or an
+    edit's gradient kept factored): (N,) float64 in pieces.jsonl order.
 
-    ``deltas`` maps each target to its (d_out, d_in') weight change; the store kind contracts it
-    with the stored data (exactly for factors and dense, an unbiased estimate for projected).
-    ``rows`` (pieces.jsonl indices) computes only those pieces, NaN elsewhere: blocks without one are
-    not read, and the factors store contracts only their tokens.
+    Read block by block in store order, so memory is a block (and the reader's few cached shards);
+    the store kind contracts each block (exactly for factors and dense, an unbiased estimate for
+    projected), products in ``dtype``, sums in float64. ``rows`` (pieces.jsonl indices) computes
+    only those pieces, NaN elsewhere: blocks without one are not read, and the factors store
+    contracts only their tokens. ``progress(k)``: called with the pieces done.
     """
     out = torch.zeros(reader.n, dtype=torch.float64)
     wanted = None
@@ -297,8 +300,16 @@ def first_order(reader: GradientReader, deltas: dict[str, torch.Tensor], block_s
     for i0 in range(0, reader.n, block_size):
         i1 = min(reader.n, i0 + block_size)
         keep = None if wanted is None else wanted[i0:i1]
-        if keep is not None and not bool(keep.any()):
-            continue
-        for name in reader.names:
-            out[i0:i1] += reader.kind.first_order(reader, i0, i1, name, deltas[name].float().cpu(), keep)
+        if keep is None or bool(keep.any()):
+            for name in reader.names:
+                out[i0:i1] += reader.kind.contract(reader, i0, i1, name, directions[name], keep, dtype)
+        if progress:
+            progress(i1 - i0)
     return reader.to_piece_order(out)
+
+
+def first_order(reader: GradientReader, deltas: dict[str, torch.Tensor], block_size: int = 256,
+                rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """<g_j, Delta theta> for every piece j: (N,) float64 in pieces.jsonl order (:func:`contract`
+    with each target's (d_out, d_in') weight change as a dense direction; NaN outside ``rows``)."""
+    return contract(reader, {n: Direction(matrix=d.float().cpu()) for n, d in deltas.items()}, block_size, rows)

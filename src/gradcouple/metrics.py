@@ -71,6 +71,14 @@ DEFINITIONS: dict[str, str] = {
                                     "seed 0): the points of one edit are not independent, so edits are the unit resampled; "
                                     "resamples whose correlation is undefined are left out (no interval when they are "
                                     "half or more).",
+    "forecast rank": "A forecast ranks every piece it scores for an edit (the run's stored pieces and the edit's own "
+                     "test queries) by |score|, largest first: the pieces it expects the edit to move most, whichever "
+                     "the direction.",
+    "verified pieces": "forecast --verify K measures, per edit, every predictor's top K, a seeded random sample of as "
+                       "many of the other stored pieces, and the edit's own test queries; precision@k and the "
+                       "correlations are computed over these measured pieces.",
+    "own-test recall": "Of an edit's own test queries that should change (not a stable test), the fraction the "
+                       "forecast ranks in its top k; the stable ones ranked there are reported apart, as false alarms.",
     "multi-hop accuracy": "Fraction of MQuAKE cases whose multi-hop question is an exact match for the new answer "
                           "after the case's edit.",
     "AUROC": "Probability that a predictor scores one of the edit's own test queries above another edit's test query "

@@ -38,6 +38,7 @@ STAGE_KEYWORDS: dict[str, tuple[str, ...]] = {
                "top_pairs", "method", "couple_layers"),
     "ripple": ("edits", "n_edits", "method", "hparams", "sweep", "layer_sweep", "batch_size", "sequential", "full_model", "seed",
                "device", "threads", *KNOB_KEYWORDS),
+    "forecast": ("method", "hparams", "predictor", "top_k", "verify", "precision", "seed", "device", "threads"),
     "report": ("max_heatmap",),
     "run": ("data", "limit", "model", "layers", "store", "batch_size", "max_length", "device", "threads", "edits",
             "n_edits", "method", "hparams"),
@@ -45,12 +46,13 @@ STAGE_KEYWORDS: dict[str, tuple[str, ...]] = {
 #: the config sections whose fields a stage takes as dotted keywords (and from a config file)
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "extract": ("data", "model", "extract"), "couple": ("data", "model", "extract", "couple"),
-    "ripple": ("model", "ripple"), "report": ("report",),
+    "ripple": ("model", "ripple"), "forecast": ("model", "ripple", "forecast"), "report": ("report",),
     "run": ("data", "model", "extract", "couple", "ripple", "report"),
 }
 #: keywords naming a field of several sections: the section each stage means
 _SECTION_OF = {("couple", "method"): "couple.method", ("ripple", "method"): "ripple.method",
-               ("run", "method"): "ripple.method", ("ripple", "batch_size"): "ripple.batch_size",
+               ("run", "method"): "ripple.method", ("forecast", "method"): "ripple.method",
+               ("forecast", "top_k"): "forecast.top_k", ("ripple", "batch_size"): "ripple.batch_size",
                ("run", "batch_size"): "extract.batch_size"}
 
 
@@ -182,12 +184,12 @@ def resolve(stage: str, run_dir: Optional[str | Path] = None, *, cfg: Optional[R
     given = Given(stage=stage, fields=fields, run_dir=run.root if run else None,
                   methods={name: (c.knobs(), c.strength) for name, c in METHODS.items()},
                   options={k: v for k, v in (options or {}).items() if v}, cuda=torch.cuda.is_available())
-    if run is not None and stage in ("couple", "ripple"):
+    if run is not None and stage in ("couple", "ripple", "forecast"):
         _extraction(run, given)
         if "ripple.sweep" in fields:
             given.benchmark = _carries_benchmark_edits(run)
     resolved = validate_config(_raw(base, fields), str(config) if config else "flags", given)
-    if stage in ("ripple", "run"):
+    if stage in ("ripple", "run", "forecast"):
         name = resolved.ripple.method
         method_class(name).resolve(resolved.ripple.hparams.get(name))  # an invalid knob value, named by its flag
     return resolved

@@ -27,7 +27,18 @@ RULES: dict[str, str] = {
                    "(case-sensitive; RippleEdits' rule, applied to the start of the continuation).",
     "condition known": "A test query's condition fact is known when, on the unedited model, it is an exact match; "
                        "RippleEdits counts a test only then (statistics are given with and without this filter).",
+    "stable test": "A test query of a locality criterion (RippleEdits' Relation_Specificity and Forgetfulness, "
+                   "EasyEdit's locality, CounterFact's neighborhood) keeps its answer through the edit; every other "
+                   "test query's answer is the one the edit should bring about.",
 }
+
+#: test criteria whose queries keep their answer through the edit (``RULES['stable test']``)
+STABLE_CRITERIA = ("Relation_Specificity", "Relation_Specifity", "Forgetfulness", "neighborhood", "locality")
+
+
+def stable_test(criterion: str | None) -> bool:
+    """``RULES['stable test']``: whether a test of ``criterion`` should keep its answer through the edit."""
+    return criterion in STABLE_CRITERIA
 
 
 class AnswerMatch(str, Enum):

@@ -15,7 +15,7 @@ from typer.core import TyperGroup
 
 from .._version import __version__
 from ..errors import GradcoupleError, ResourceError
-from . import couple, download, extract, report, ripple, run
+from . import couple, download, extract, forecast, report, ripple, run
 from .options import console
 
 #: what an interrupt leaves behind, per command
@@ -24,6 +24,7 @@ INTERRUPTED = {
     "run": "completed stages and shards are kept; rerun the same command to resume.",
     "couple": "couple writes its files only at the end, so nothing changed; rerun the command.",
     "ripple": "every finished edit is kept in RUN/ripple/*/journal-*.jsonl; rerun the same command to make only the missing ones.",
+    "forecast": "every finished edit is kept in RUN/forecast/journal-*.jsonl; rerun the same command to make only the missing ones.",
     "report": "nothing was written; rerun the command.",
     "download": "nothing was written; rerun the command.",
 }
@@ -115,9 +116,29 @@ def show_notes() -> None:
         log.propagate = False
 
 
+#: (command, option) -> the value an option given without one takes (click options need a value)
+OPTIONAL_VALUES = {("forecast", "--verify"): "10"}
+
+
+def with_optional_values(args: list[str]) -> list[str]:
+    """``args`` with a value after every option of :data:`OPTIONAL_VALUES` given bare (``--verify``
+    last, or before another option: ``--verify 10``)."""
+    command = next((a for a in args if not a.startswith("-")), None)
+    out = []
+    for i, a in enumerate(args):
+        out.append(a)
+        value = OPTIONAL_VALUES.get((command, a))
+        if value is not None and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append(value)
+    return out
+
+
 class GuardedGroup(TyperGroup):
     """The command group whose ``invoke`` is the one error boundary: every exception from a command
     becomes one red line and an exit code (``GRADCOUPLE_DEBUG=1`` re-raises it with its traceback)."""
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, with_optional_values(list(args)))
+
     def invoke(self, ctx: typer.Context):
         show_notes()
         args = [*getattr(ctx, "_protected_args", []), *ctx.args]  # the subcommand's own arguments
@@ -159,12 +180,13 @@ def _options(version: Annotated[bool, typer.Option("--version", callback=_versio
                                                    help="Print gradcouple's version and exit.")] = False) -> None:
     """Gradient coupling of knowledge pieces in causal LMs, and the ripple effects of editing them.
 
-    Stages: download -> extract -> couple -> ripple -> report, or all at once with `run`.
+    Stages: download -> extract -> couple -> ripple -> report, or all at once with `run`; `forecast` says
+    which stored facts an edit will move before it is made.
     """
 
 
 for _module, _name in ((download, "download"), (extract, "extract"), (couple, "couple"), (ripple, "ripple"),
-                       (report, "report"), (run, "run")):
+                       (forecast, "forecast"), (report, "report"), (run, "run")):
     app.command(name=_name, epilog=_module.EPILOG)(getattr(_module, _name))
 
 

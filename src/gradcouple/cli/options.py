@@ -23,7 +23,7 @@ def opt(setting: str, *decls: str, **kwargs) -> typer.models.OptionInfo:
 
 ConfigOpt = Annotated[
     Optional[Path],
-    typer.Option("--config", "-c", help="YAML config (sections data/model/extract/couple/ripple/report, as in "
+    typer.Option("--config", "-c", help="YAML config (sections data/model/extract/couple/ripple/forecast/report, as in "
                  "configs/default.yaml); its settings count as given, and flags override it.", exists=True, dir_okay=False),
 ]
 ModelOpt = Annotated[Optional[str], opt("model.name", "--model", "-m")]

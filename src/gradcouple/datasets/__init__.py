@@ -4,10 +4,10 @@
 the Hugging Face Hub, a local file or dataset directory, or the small real sample bundled with
 the package, converts every record with its format's parser (one module per format:
 ``hotpotqa``, ``musique``, ``twowiki``, ``wikihop``, ``bamboogle``, ``mquake``,
-``rippleedits``, ``plain``), deduplicates, and writes ``out_dir/pieces.jsonl`` and
+``rippleedits``, ``counterfact``, ``easyedit``, ``plain``), deduplicates, and writes ``out_dir/pieces.jsonl`` and
 ``out_dir/download.json`` (a :class:`DownloadMeta`), each atomically.
 
-Knowledge-edit benchmarks (RippleEdits, MQuAKE) also yield pieces that carry their edits: a
+Knowledge-edit benchmarks (RippleEdits, MQuAKE) and edit requests (CounterFact, EasyEdit) also yield pieces that carry their edits: a
 ``role`` (edit, original, test, condition), the ``edit_id`` linking each to its edit, and for
 tests their ``criterion``; ``download.json`` counts them per role and per criterion.
 
@@ -49,6 +49,7 @@ __all__ = [
     "sample_files",
     "wikipedia_paragraphs",
     "sniff_format",
+    "read_file",
     "RELATION_TEMPLATES",
     "relation_question",
 ]
@@ -68,8 +69,8 @@ SAMPLE_SPLITS = {
 }
 #: Parser names accepted by ``format=`` / ``--format``.
 FORMATS = tuple(PARSERS)
-SKIP_HINT = "Fix the record, or pass --skip-bad (skip_bad=True) to skip bad records; they are counted in download.json."
-SKIP_UNDECODABLE = "or pass --skip-bad (skip_bad=True) to skip undecodable records; they are counted in download.json."
+SKIP_HINT = "Fix the record, or pass --skip-bad (skip_bad=True) to skip bad records; they are counted in {counts}."
+SKIP_UNDECODABLE = "or pass --skip-bad (skip_bad=True) to skip undecodable records; they are counted in {counts}."
 
 _MQUAKE_RAW = "https://raw.githubusercontent.com/princeton-nlp/MQuAKE/{revision}/datasets/"
 # The RippleEdits benchmark files are Git LFS objects: raw.githubusercontent.com serves only
@@ -160,6 +161,12 @@ _TABLE = [
            "rippleedits_compositional.sample.jsonl", aliases=("ripple-edits", "ripple_edits", "ripple"),
            url=_RIPPLE_MEDIA, hub="github:edenbiran/RippleEdits",
            hub_file="data/benchmark/popular.json, random.json, recent.json"),
+    Source("counterfact", "counterfact", None, None, ("all",), "all", "MIT (ROME)", "21,919",
+           "CounterFact edit requests (ROME, MEMIT): each rewrite with paraphrase and neighbourhood prompts; needs --from",
+           hub="rome.baulab.info/data/dsets", hub_file="counterfact.json"),
+    Source("easyedit", "easyedit", None, None, ("all",), "all", "per file (KnowEdit: MIT)", "-",
+           "EasyEdit / KnowEdit edit requests (prompt, subject, target_new, ground_truth, portability, locality); "
+           "needs --from", aliases=("knowedit",), hub="github:zjunlp/EasyEdit", hub_file="examples/KnowEdit.md"),
     Source("pieces", "pieces", None, None, (), None, "yours", "-",
            "Plain pieces file (prompt, answer, ...): your own facts; needs --from"),
 ]
@@ -475,7 +482,7 @@ def _parse_record(rec: Mapping, index: int, fmt: str, dataset: str) -> RecordCon
 
 def _parse_records(
     records: Iterator[tuple[int, str, Any]], fmt: Optional[str], dataset: Optional[str], *, limit: Optional[int], skip_bad: bool,
-    from_path: Optional[str] = None,
+    from_path: Optional[str] = None, counts: str = META_FILE,
 ) -> _Tally:
     """Parse at most ``limit`` records into pieces; count records and pieces skipped by reason.
 
@@ -501,7 +508,7 @@ def _parse_records(
                 raise DataError(f"{where}: this record looks like {e.looks_like}, not {tally.fmt}, so every record would be "
                                 f"rejected (--skip-bad would skip them all); read it as {e.looks_like}: {how}.") from None
             if not skip_bad:
-                hint = f"; {e.fix}, {SKIP_UNDECODABLE}" if e.fix else f". {SKIP_HINT}"
+                hint = f"; {e.fix}, {SKIP_UNDECODABLE.format(counts=counts)}" if e.fix else f". {SKIP_HINT.format(counts=counts)}"
                 raise DataError(f"{where}: {e.problem}{hint}") from None
             tally.records_skipped[e.reason] += 1
     return tally
@@ -522,6 +529,26 @@ def _deduplicated(tally: _Tally, label: str) -> tuple[list[KnowledgePiece], Coun
             f"(records skipped: {dict(tally.records_skipped) or 'none'}; pieces skipped: {dict(tally.pieces_skipped) or 'none'})."
         )
     return kept, merged, conflicts
+
+
+def read_file(path: str | Path, *, format: Optional[str] = None, skip_bad: bool = False,
+              label: str = "--edits") -> tuple[list[KnowledgePiece], str, dict[str, int]]:
+    """The knowledge pieces of a local file in any format (sniffed unless ``format`` is given), as
+    :func:`download` makes them but without writing anything: (pieces, format, records and pieces
+    skipped by reason). ``gradcouple forecast --edits`` reads its edit requests so.
+
+    Raises:
+        DataError: as :func:`download` (the message names the file, the record and the field).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{label} {path}: a directory; pass a .json, .jsonl or .parquet file.")
+    source, fmt = _resolve_request(None, format, None)
+    records, _, where = _open_input(source, str(path), None, None)
+    tally = _parse_records(records, fmt, None, limit=None, skip_bad=skip_bad, from_path=str(path),
+                           counts="forecast/summary.json")
+    kept, _, _ = _deduplicated(tally, where)
+    return kept, tally.fmt or "", dict(tally.records_skipped + tally.pieces_skipped)
 
 
 def _write_outputs(out_dir: Path, pieces: list[KnowledgePiece], meta: DownloadMeta) -> tuple[Path, Path]:
@@ -555,7 +582,8 @@ def download(
             of data files, loaded like the Hub); ``"sample"`` for the bundled real sample of
             ``name``; or ``"sample:FILE"`` for a bundled file by name. None downloads from the Hub.
         format: parser to use (``hotpotqa``, ``musique``, ``2wikimultihopqa``, ``wikihop``,
-            ``bamboogle``, ``mquake``, ``rippleedits``, ``pieces``, or a source name).
+            ``bamboogle``, ``mquake``, ``rippleedits``, ``counterfact``, ``easyedit``, ``pieces``, or a
+            source name).
         split, revision: Hub split (default: the source's) and revision; ``split`` also picks
             a dataset directory's split, must be the bundled sample's own (or None) with
             ``"sample"``, and cannot be given with a file.

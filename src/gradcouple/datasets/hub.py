@@ -27,12 +27,13 @@ from ..errors import DataError, NetworkError
 from ..io import atomic_open
 from ..network import PROBE_TIMEOUT_S, env_offline, reachable
 from ..pieces import is_utf16, not_utf8, reencode_hint, utf8_lines
-from . import bamboogle, hotpotqa, mquake, musique, plain, rippleedits, twowiki, wikihop
+from . import bamboogle, counterfact, easyedit, hotpotqa, mquake, musique, plain, rippleedits, twowiki, wikihop
 
 #: format name -> parser module (each has ``FORMAT``, ``sniff(record)``, ``parse(record, ctx)``).
-PARSERS = {m.FORMAT: m for m in (hotpotqa, musique, twowiki, wikihop, bamboogle, mquake, rippleedits, plain)}
+PARSERS = {m.FORMAT: m for m in (hotpotqa, musique, twowiki, wikihop, bamboogle, mquake, rippleedits, counterfact,
+                                  easyedit, plain)}
 # Most specific first: 2Wiki records also carry HotpotQA's context/supporting_facts.
-_SNIFF_ORDER = (mquake, rippleedits, musique, twowiki, hotpotqa, wikihop, plain, bamboogle)
+_SNIFF_ORDER = (counterfact, mquake, rippleedits, easyedit, musique, twowiki, hotpotqa, wikihop, plain, bamboogle)
 
 
 @dataclass

@@ -61,7 +61,7 @@ CRITERION = "multi_hop"
 
 def sniff(record: Mapping) -> bool:
     """True when ``record`` looks like an MQuAKE record."""
-    return "requested_rewrite" in record or "single_hops" in record
+    return isinstance(record.get("requested_rewrite"), list) or "single_hops" in record
 
 
 def _triples(orig: Optional[Mapping], key: str) -> list[Optional[list]]:

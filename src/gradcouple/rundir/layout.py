@@ -8,6 +8,7 @@
     RUN/gradients/      manifest, shards, rank journals         (gradients.py)
     RUN/coupling/       GradSim matrix, pairs, statistics       (coupling.py)
     RUN/ripple/         measured ripple, journals, covariances  (ripple.py)
+    RUN/forecast/       forecasts of edits, before they are made (forecast.py)
     RUN/report/         index.html, summary.json                (report.py)
 
 Every artifact (typed in :mod:`gradcouple.artifacts`) records the fingerprints of its inputs, and
@@ -29,6 +30,7 @@ from ..io import write_json
 from ..pieces import KnowledgePiece, read_pieces, write_pieces
 from . import lock
 from .coupling import CouplingFiles
+from .forecast import ForecastFiles
 from .gradients import GradientFiles
 from .report import ReportFiles
 from .ripple import RippleFiles
@@ -36,7 +38,7 @@ from .ripple import RippleFiles
 
 class RunDir:
     """One run directory: its top-level files, and :attr:`gradients`, :attr:`coupling`,
-    :attr:`ripple`, :attr:`report`, each the one owner of its family of files."""
+    :attr:`ripple`, :attr:`forecast`, :attr:`report`, each the one owner of its family of files."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -50,6 +52,8 @@ class RunDir:
     def coupling(self) -> CouplingFiles: return CouplingFiles(self)
     @cached_property
     def ripple(self) -> RippleFiles: return RippleFiles(self)
+    @cached_property
+    def forecast(self) -> ForecastFiles: return ForecastFiles(self)
     @cached_property
     def report(self) -> ReportFiles: return ReportFiles(self)
 

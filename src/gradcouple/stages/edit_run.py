@@ -31,10 +31,10 @@ class RippleRun:
     run: RunDir
     cfg: RunConfig
     manifest: Manifest
-    stats: CouplingStats
+    stats: Optional[CouplingStats]
     reader: GradientReader
     pieces: list[KnowledgePiece]
-    cos: torch.Tensor
+    cos: Optional[torch.Tensor]
     loaded: LoadedModel
     targets: list[Target]
     encoded: list[EncodedPiece]
@@ -119,11 +119,14 @@ class RippleRun:
         return self.run.ripple.results(self.cfg, self.method)
 
 
-def check_run(cfg: RunConfig, run_dir: str | Path, loaded: Optional[LoadedModel], prepare: bool = True) -> RippleRun:
+def check_run(cfg: RunConfig, run_dir: str | Path, loaded: Optional[LoadedModel], prepare: bool = True,
+              coupled: bool = True, encoded: bool = True) -> RippleRun:
     """Load and check the run: current coupling, the extraction's model and settings, the edit method
     (its knobs: the model's published settings, ``--hparams``, then the config's) and, with
     ``prepare``, that it can edit the extraction's layers and what it reads once (covariances,
-    context templates).
+    context templates). Without ``coupled`` the coupling is neither needed nor read (``stats`` and
+    ``cos`` are None: forecasts read the gradients only); without ``encoded`` the pieces are not
+    tokenized (``encoded`` is empty).
 
     Raises:
         ArtifactError: gradients or coupling missing or stale, the model differs from the
@@ -134,9 +137,11 @@ def check_run(cfg: RunConfig, run_dir: str | Path, loaded: Optional[LoadedModel]
     cls = method_class(cfg.ripple.method)
     cls.resolve(cfg.ripple.hparams.get(cls.name), file=cfg.ripple.hparams_file)  # a bad knob fails before the model loads
     manifest = run.gradients.load_manifest()
-    stats = run.coupling.current_stats(manifest)
-    ids, cos = run.coupling.load_cosine()
-    run.check_pieces_match(ids, run.coupling.cosine_path)
+    stats = cos = None
+    if coupled:
+        stats = run.coupling.current_stats(manifest)
+        ids, cos = run.coupling.load_cosine()
+        run.check_pieces_match(ids, run.coupling.cosine_path)
     extracted = manifest.settings()
     loaded = loaded or load_model(extracted.model.name, revision=extracted.model.revision, device=cfg.model.device,
                                   dtype=extracted.model.dtype)
@@ -149,7 +154,8 @@ def check_run(cfg: RunConfig, run_dir: str | Path, loaded: Optional[LoadedModel]
         raise ArtifactError(f"target layers {[t.name for t in targets]} differ from the extraction's {manifest.names}.")
     reader = GradientReader(run, manifest)
     pieces = run.load_pieces()
-    encoded = encode_pieces(loaded.tokenizer, pieces, extracted.data.prompt_template, extracted.extract.max_length)
+    encoded = encode_pieces(loaded.tokenizer, pieces, extracted.data.prompt_template, extracted.extract.max_length) \
+        if encoded else []
     norms = torch.tensor([r.norm for r in manifest.records()], dtype=torch.float64)
     r = RippleRun(run, cfg, manifest, stats, reader, pieces, cos, loaded, targets, encoded, norms, method)
     if prepare:  # a layer sweep edits blocks the extraction need not have: its methods are checked as they edit

@@ -83,6 +83,80 @@ class FactoredBlock(Block):
         return sum(t.numel() * t.element_size() for t in (self.x, self.d, self.s))
 
 
+@dataclass
+class Direction:
+    """A direction in one target's weight space, (d_out, d_in') with the bias column last: a dense
+    ``matrix``, or the factored sum ``a @ b.T`` with ``a`` (d_out, r) and ``b`` (d_in', r).
+
+    A piece's per-example gradient Delta^T X is ``a`` = Delta^T, ``b`` = X^T (r = its tokens); a
+    rank-r weight change U V^T is ``a`` = U, ``b`` = V. Stored gradients are contracted with it by
+    :meth:`StoreKind.contract`: for a factored direction that costs r (d_in' + d_out) multiply-adds
+    per stored token, against d_in' d_out for a dense one (DESIGN.md, "Forecast").
+    """
+
+    matrix: Optional[torch.Tensor] = None
+    a: Optional[torch.Tensor] = None
+    b: Optional[torch.Tensor] = None
+
+    @property
+    def factored(self) -> bool:
+        return self.matrix is None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.matrix.shape) if self.matrix is not None else (self.a.shape[0], self.b.shape[0])
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The direction as a (d_out, d_in') matrix of ``dtype``."""
+        if self.matrix is not None:
+            return self.matrix.to(dtype)
+        return self.a.to(dtype) @ self.b.to(dtype).t()
+
+    @classmethod
+    def of_factors(cls, x: torch.Tensor, d: torch.Tensor) -> "Direction":
+        """The gradient d^T x of factors x (T, d_in'), d (T, d_out), kept factored."""
+        return cls(a=d.t(), b=x.t())
+
+    @classmethod
+    def of_matrix(cls, w: torch.Tensor, rtol: float = 1e-6) -> "Direction":
+        """A (d_out, d_in') weight change, factored by its SVD (in float64) when its numerical rank,
+        the singular values above ``rtol`` times the largest, makes the factored contraction cheaper;
+        else kept dense. ROME's update is rank one, MEMIT's and AlphaEdit's rank at most the edits
+        per layer; fine-tuning's is full. The dropped singular values are below ``w``'s own float32
+        rounding when ``rtol`` is 1e-6."""
+        d_out, d_in = w.shape
+        if min(d_out, d_in) <= 1:
+            return cls(matrix=w)
+        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        r = int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
+        if r * (d_in + d_out) >= d_in * d_out:
+            return cls(matrix=w)
+        return cls(a=u[:, :r] * s[:r], b=vh[:r].t())
+
+    def to(self, device: torch.device) -> "Direction":
+        return Direction(*(t.to(device) if t is not None else None for t in (self.matrix, self.a, self.b)))
+
+
+def token_contractions(x: torch.Tensor, d: torch.Tensor, direction: Direction, dtype: torch.dtype = torch.float32,
+                       chunk: int = 1 << 13) -> torch.Tensor:
+    """delta_t^T D x_t for every token t of factors x (T, d_in') and d (T, d_out), any float dtype: (T,)
+    float64, computed in ``dtype`` on the direction's device, ``chunk`` tokens at a time (so the
+    float copies of fp16 data stay small)."""
+    dev = direction.a.device if direction.factored else direction.matrix.device
+    if direction.factored:
+        a, b = direction.a.to(dev, dtype), direction.b.to(dev, dtype)
+    else:
+        m = direction.matrix.to(dev, dtype)
+    out = []
+    for t0 in range(0, x.shape[0], chunk):
+        xc, dc = x[t0:t0 + chunk].to(dev, dtype), d[t0:t0 + chunk].to(dev, dtype)
+        if direction.factored:
+            out.append(((dc @ a) * (xc @ b)).sum(1).double())
+        else:
+            out.append(((xc @ m.t()) * dc).sum(1).double())
+    return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.float64)
+
+
 class StoreKind(ABC):
     """One shard format. ``exact`` kinds reproduce inner products up to fp16 rounding."""
 
@@ -115,10 +189,12 @@ class StoreKind(ABC):
         """|G_i|^2 of rows [start, stop) from the stored data: (n,) float64."""
 
     @abstractmethod
-    def first_order(self, reader: "GradientReader", start: int, stop: int, name: str, delta: torch.Tensor,
-                    keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """<G_i, Delta W> of rows [start, stop) for a (d_out, d_in') weight change: (n,) float64. ``keep``
-        ((n,) bool): the rows wanted; a kind may skip the others' work (their values are then 0)."""
+    def contract(self, reader: "GradientReader", start: int, stop: int, name: str, direction: Direction,
+                 keep: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """<G_i, D> of rows [start, stop) for a direction D in the target's weight space (a weight
+        change, or another piece's gradient): (n,) float64, products in ``dtype`` (float32 or
+        float64), sums over tokens in float64. ``keep`` ((n,) bool): the rows wanted; a kind may skip
+        the others' work (their values are then 0)."""
 
     def plan(self, name: str, tokens_per_piece: float, block_size: int, requested: str) -> str:
         """The Gram algorithm of one target: 'dense' unless a kind can do better."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import DenseBlock, StoreKind, register_store, scaled_fp16
+from .base import DenseBlock, Direction, StoreKind, register_store, scaled_fp16
 
 
 @register_store
@@ -19,9 +19,9 @@ class DenseStore(StoreKind):
         """What is stored for one piece before scaling: here the gradient itself, (d_out, d_in') float32."""
         return d.t() @ x
 
-    def reference(self, name: str, delta: torch.Tensor) -> torch.Tensor:
-        """A weight change in the stored space (identity here): (d_out, d_in') float32."""
-        return delta.float()
+    def reference(self, name: str, direction: Direction, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A direction (weight change or gradient) in the stored space (itself here): (d_out, d_in') of ``dtype``."""
+        return direction.dense(dtype)
 
     def encode(self, name, x, d):
         g, s = scaled_fp16(self.matrix(name, x, d))
@@ -52,6 +52,8 @@ class DenseStore(StoreKind):
         g, s = self._rows(reader, start, stop, name)
         return (g.double().flatten(1) ** 2).sum(1) * s.double() ** 2
 
-    def first_order(self, reader, start, stop, name, delta, keep=None):
+    def contract(self, reader, start, stop, name, direction, keep=None, dtype=torch.float32, chunk: int = 256):
+        ref = self.reference(name, direction, dtype).flatten()
         g, s = self._rows(reader, start, stop, name)
-        return (g.float().flatten(1) @ self.reference(name, delta).flatten()).double() * s.double()
+        out = [(g[k:k + chunk].to(ref.device, dtype).flatten(1) @ ref).double().cpu() for k in range(0, g.shape[0], chunk)]
+        return torch.cat(out) * s.double()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Block, DenseBlock, FactoredBlock, StoreKind, register_store, scaled_fp16
+from .base import Block, DenseBlock, FactoredBlock, StoreKind, register_store, scaled_fp16, token_contractions
 
 
 @register_store
@@ -85,14 +85,15 @@ class FactorsStore(StoreKind):
             out[k] = ((x[a:b] @ x[a:b].t()) * (d[a:b] @ d[a:b].t())).sum() * (float(sx[k]) * float(sd[k])) ** 2
         return out
 
-    def first_order(self, reader, start, stop, name, delta, keep=None):
-        """sum over tokens of Delta_j * (X_j Delta W^T), per piece (only the tokens of ``keep``'s rows)."""
+    def contract(self, reader, start, stop, name, direction, keep=None, dtype=torch.float32):
+        """sum over a piece's tokens of delta_t^T D x_t (only the tokens of ``keep``'s rows): a few dot
+        products per token for a factored direction (:func:`~gradcouple.stores.base.token_contractions`)."""
         x, d, seg, sx, sd = self._rows(reader, start, stop, name)
         if keep is not None:
             tok = keep[seg]
             x, d, seg = x[tok], d[tok], seg[tok]
-        per_tok = ((x.float() @ delta.float().t()) * d.float()).sum(1).double()
-        return torch.zeros(stop - start, dtype=torch.float64).index_add(0, seg, per_tok) * (sx * sd).double()
+        per_tok = token_contractions(x, d, direction, dtype)
+        return torch.zeros(stop - start, dtype=torch.float64).index_add(0, seg, per_tok) * (sx.double() * sd.double())
 
     def inputs(self, reader, start, stop, name):
         x, _, seg, sx, _ = self._rows(reader, start, stop, name)

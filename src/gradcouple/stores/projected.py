@@ -71,8 +71,13 @@ class ProjectedStore(DenseStore):
     def matrix(self, name, x, d):
         return self.proj[name].from_factors(x, d)
 
-    def reference(self, name, delta):
-        return self.proj[name].from_matrix(delta.cpu())
+    def reference(self, name, direction, dtype=torch.float32):
+        """The direction's sketch: from its factors (r of them, as a piece's r tokens) or from its matrix."""
+        p = self.proj[name]
+        dev = (direction.a if direction.factored else direction.matrix).device
+        feats = p.from_factors(direction.b.t().cpu(), direction.a.t().cpu()) if direction.factored else \
+            p.from_matrix(direction.matrix.cpu())
+        return feats.to(dev, dtype)
 
     def stored_numbers(self, name):
         return (self.settings.proj_blocks or 1) * (self.settings.proj_dim or 4) ** 2

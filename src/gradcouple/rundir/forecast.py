@@ -1,0 +1,85 @@
+"""``RUN/forecast/``: the latest forecast of which stored pieces edits will move.
+
+    forecast.jsonl          ForecastRow per line: each edit's top pieces per predictor, its own tests,
+                            and (--verify) every measured piece with its measured change
+    summary.json            ForecastSummary: the edits, settings and (--verify) the statistics
+    journal-*.jsonl         finished edits of an unfinished forecast (one file per inputs); removed
+                            once the forecast is saved
+
+A new forecast replaces the previous one; its inputs (the gradients, the edit file's sha256, the
+method's knobs, the forecast settings) are recorded, and :meth:`ForecastFiles.stale` names what
+changed since.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+from ..artifacts import ForecastRow, ForecastSummary, Inputs, Manifest
+from ..errors import ArtifactError
+from ..io import atomic_open, digest, write_json
+from .freshness import stale_inputs
+from .journal import EditJournal
+from .read import read_model
+
+if TYPE_CHECKING:
+    from .layout import RunDir
+
+
+class ForecastFiles:
+    """The forecast files of one run directory."""
+
+    def __init__(self, run: "RunDir"):
+        self.run = run
+        self.dir = run.root / "forecast"
+
+    @property
+    def rows_path(self) -> Path: return self.dir / "forecast.jsonl"
+    @property
+    def summary_path(self) -> Path: return self.dir / "summary.json"
+
+    def journal(self, inputs: Inputs) -> EditJournal:
+        """The journal of finished edits for forecast inputs ``inputs``, holding what an interrupted run finished."""
+        return EditJournal(self.dir / f"journal-{digest(inputs.values)[:12]}.jsonl")
+
+    def save(self, summary: ForecastSummary, rows: list[ForecastRow]) -> None:
+        """forecast.jsonl then summary.json, each atomically; the journals go."""
+        with atomic_open(self.rows_path, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(row.model_dump_json() + "\n")
+        write_json(self.summary_path, summary.model_dump(mode="json"))
+        for path in self.dir.glob("journal-*.jsonl"):
+            path.unlink(missing_ok=True)
+
+    def exists(self) -> bool:
+        return self.summary_path.is_file()
+
+    def load(self) -> tuple[ForecastSummary, list[ForecastRow]]:
+        """The summary and rows.
+
+        Raises:
+            ArtifactError: absent, unreadable or invalid (the message names the file and line).
+        """
+        fix = f"rerun `gradcouple forecast --run {self.run.root} ...`."
+        summary = read_model(self.summary_path, ForecastSummary, fix)
+        rows = []
+        if self.rows_path.is_file():
+            for n, line in enumerate(self.rows_path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(ForecastRow.model_validate_json(line))
+                    except ValidationError as e:
+                        raise ArtifactError(f"{self.rows_path}:{n}: {e.errors()[0]['msg']}; {fix}") from None
+        return summary, rows
+
+    def stale(self, manifest: Manifest) -> list[str]:
+        """What changed since the forecast was made ([] when its gradients are this run's)."""
+        summary, _ = self.load()
+        now = Inputs(values={"gradients": manifest.fingerprint()})
+        return stale_inputs(Inputs(values={k: v for k, v in summary.inputs.values.items() if k in now.values}), now)
+
+
+__all__ = ["ForecastFiles"]
