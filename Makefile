@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/extract_bench.py --pieces 64 --out docs/performance.md
 	$(PY) benchmarks/processes_bench.py --pieces 128 --out docs/performance.md
 	$(PY) benchmarks/ripple_bench.py --out docs/performance.md
+	$(PY) benchmarks/forecast_bench.py --pieces 100000 --out docs/performance.md
 
 # memory over one long extraction (2,000 pieces, SmolLM2, about 4 minutes): the 'soak' section of docs/performance.md
 soak: $(STAMP)

@@ -321,3 +321,14 @@ def test_the_python_api_returns_a_dataframe(tiny_run):
     assert {"edit", "piece_id", "prompt", "answer", "score", "rank"} <= set(df.columns)
     with pytest.raises(ConfigError, match="--edits FILE, or one edit"):
         gc.forecast(tiny_run.run)
+
+
+def test_the_report_shows_the_latest_forecast(tiny_run):
+    from gradcouple.stages.couple import couple
+    from gradcouple.stages.report import report
+
+    requests, _, _ = read_requests(COUNTERFACT)
+    forecast_with(tiny_run, requests, predictors=["gradsim"], top_k=3)
+    couple(tiny_run.cfg, tiny_run.run, show_progress=False)
+    page = report(tiny_run.cfg, tiny_run.run).index_html.read_text(encoding="utf-8")
+    assert 'id="forecast"' in page and "The mother tongue of Danielle Darrieux is" in page and "counterfact" in page

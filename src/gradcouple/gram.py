@@ -286,7 +286,7 @@ def contract(reader: GradientReader, directions: dict[str, Direction], block_siz
 
     Read block by block in store order, so memory is a block (and the reader's few cached shards);
     the store kind contracts each block (exactly for factors and dense, an unbiased estimate for
-    projected), products in ``dtype``, sums in float64. ``rows`` (pieces.jsonl indices) computes
+    projected), products in ``dtype``, sums in float64; a target whose direction is zero is not read. ``rows`` (pieces.jsonl indices) computes
     only those pieces, NaN elsewhere: blocks without one are not read, and the factors store
     contracts only their tokens. ``progress(k)``: called with the pieces done.
     """
@@ -297,11 +297,12 @@ def contract(reader: GradientReader, directions: dict[str, Direction], block_siz
         want[torch.tensor(list(rows), dtype=torch.long)] = True
         wanted = want[torch.tensor(reader.order, dtype=torch.long)]  # in store order
         out[~wanted] = float("nan")
+    names = [n for n in reader.names if not directions[n].is_zero()]  # a one-layer edit reads one layer's data
     for i0 in range(0, reader.n, block_size):
         i1 = min(reader.n, i0 + block_size)
         keep = None if wanted is None else wanted[i0:i1]
         if keep is None or bool(keep.any()):
-            for name in reader.names:
+            for name in names:
                 out[i0:i1] += reader.kind.contract(reader, i0, i1, name, directions[name], keep, dtype)
         if progress:
             progress(i1 - i0)

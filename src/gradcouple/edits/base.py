@@ -107,6 +107,9 @@ class EditMethod(ABC):
     needs: ClassVar[frozenset[str]] = frozenset()
     #: how it takes several rewrites: "together" (one update for all, MEMIT) or "one by one" (ROME)
     batch: ClassVar[str] = "together"
+    #: whether apply's Δθ has rank at most the rewrites per edited layer (ROME, MEMIT, AlphaEdit): a
+    #: forecast then factors it by its SVD (:meth:`gradcouple.stores.Direction.of_matrix`); fine-tuning's is full
+    low_rank: ClassVar[bool] = False
     #: keys of the reference code's hparams files that its algorithm never reads (set aside by --hparams)
     unread: ClassVar[frozenset[str]] = frozenset()
 

@@ -82,6 +82,7 @@ class Memit(EditMethod):
     strength = "clamp_norm_factor"
     needs = frozenset({"covariance"})
     unread = frozenset({"mom2_adjustment"})
+    low_rank = True
 
     @classmethod
     def default_layers(cls, n_blocks: int) -> list[int]:

@@ -88,6 +88,7 @@ class Rome(EditMethod):
     Hparams = RomeHparams
     strength = "clamp_norm_factor"
     batch = "one by one"  # it reads the covariance only with mom2_adjustment (its prepare)
+    low_rank = True
 
     @classmethod
     def default_layers(cls, n_blocks: int) -> list[int]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -143,14 +143,21 @@ class _Skip(Exception):
 
 @dataclass
 class _Prepared:
-    """A request ready to score: encoded rewrites with key positions, its tests, the factors of both."""
+    """A request ready to score: encoded rewrites with key positions, its tests and their encodings;
+    :meth:`with_factors` adds the factors of both (computed when the request is scored, not before)."""
 
     request: EditRequest
     rewrites: list[Rewrite]
     tests: list[KnowledgePiece]
     test_encoded: list[EncodedPiece]
-    factors: list[PieceFactors]          # rewrites first, then tests
-    seconds: float = 0.0                 # spent encoding and on the gradients
+    factors: list[PieceFactors] = field(default_factory=list)   # rewrites first, then tests
+    seconds: float = 0.0                                        # spent on the gradients
+
+    def with_factors(self, r: RippleRun) -> "_Prepared":
+        t0 = time.perf_counter()
+        self.factors = _factors(r, [w.new for w in self.rewrites] + self.test_encoded)
+        self.seconds = time.perf_counter() - t0
+        return self
 
     def gradient(self, names: list[str]) -> dict[str, Direction]:
         """g_e = sum over rewrites of their gradients, per target, kept factored."""
@@ -159,13 +166,15 @@ class _Prepared:
                 for n in names}
 
     def gradient_norm(self, names: list[str]) -> float:
+        """|g_e| over every target, in float64."""
         k = len(self.rewrites)
         return sum(factored_sq_norm(torch.cat([f.x[n] for f in self.factors[:k]]),
                                     torch.cat([f.d[n] for f in self.factors[:k]])) for n in names) ** 0.5
 
 
 def _prepare(r: RippleRun, request: EditRequest, skipped: dict[str, int]) -> _Prepared:
-    t0 = time.perf_counter()
+    """The request encoded as the extraction encodes pieces; raises _Skip for an edit that cannot be
+    made as given (longer than --max-length, a subject its prompt does not name)."""
     tok, template, max_length = r.loaded.tokenizer, r.template, r.max_length
     rewrites = []
     for p in request.rewrites:
@@ -189,8 +198,7 @@ def _prepare(r: RippleRun, request: EditRequest, skipped: dict[str, int]) -> _Pr
             tests.append(p)
         except DataError:
             skipped[LONG_TEST] = skipped.get(LONG_TEST, 0) + 1
-    factors = _factors(r, [w.new for w in rewrites] + encoded)
-    return _Prepared(request, rewrites, tests, encoded, factors, time.perf_counter() - t0)
+    return _Prepared(request, rewrites, tests, encoded)
 
 
 def _factors(r: RippleRun, encoded: list[EncodedPiece]) -> list[PieceFactors]:
@@ -257,6 +265,7 @@ class Forecaster:
     def forecast_one(self, k: int, prep: _Prepared, show_progress: bool) -> dict:
         """Score one request with every predictor (and verify it): the journal payload."""
         r, fc = self.r, self.cfg.forecast
+        prep.with_factors(r)  # on the unedited model
         seconds: dict[str, float] = {"gradient": prep.seconds}
         t = time.perf_counter()
         grad = prep.gradient(self.names)
@@ -286,7 +295,8 @@ class Forecaster:
                 norm = edit_norm(delta)
                 if "first_order" in self.predictors:
                     ts = time.perf_counter()
-                    dirs = {n: Direction.of_matrix(delta[n].float()) for n in self.names}
+                    dirs = {n: Direction.of_matrix(delta[n].float()) if method.low_rank else Direction(matrix=delta[n].float())
+                            for n in self.names}
                     scores["first_order"] = self.scores(prep, dirs, show_progress)
                     seconds["scores"] += time.perf_counter() - ts
                 if fc.verify:
@@ -303,7 +313,9 @@ class Forecaster:
         seconds["edit"] = edit_seconds
         if fc.verify:
             seconds["verify"] = verify_seconds
-        return self._payload(k, prep, scores, measured, before, after, norm, success, seconds)
+        payload = self._payload(k, prep, scores, measured, before, after, norm, success, seconds)
+        prep.factors = []  # a long edit file keeps one request's factors at a time
+        return payload
 
     def _originals(self, prep: _Prepared) -> list[EncodedPiece]:
         r, out = self.r, []

@@ -133,6 +133,12 @@ class Direction:
             return cls(matrix=w)
         return cls(a=u[:, :r] * s[:r], b=vh[:r].t())
 
+    def is_zero(self) -> bool:
+        """Whether the direction is 0 (a target an edit left alone): its contraction is 0 without reading."""
+        if self.matrix is not None:
+            return not bool(self.matrix.any())
+        return self.a.shape[1] == 0 or not bool(self.a.any()) or not bool(self.b.any())
+
     def to(self, device: torch.device) -> "Direction":
         return Direction(*(t.to(device) if t is not None else None for t in (self.matrix, self.a, self.b)))
 

@@ -23,6 +23,13 @@ class DenseStore(StoreKind):
         """A direction (weight change or gradient) in the stored space (itself here): (d_out, d_in') of ``dtype``."""
         return direction.dense(dtype)
 
+    def _reference_of(self, name: str, direction: Direction, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`reference` flattened, computed once per direction (a pass calls :meth:`contract` per block)."""
+        held = getattr(self, "_held", None)
+        if held is None or held[0] is not direction or held[1:3] != (name, dtype):
+            self._held = held = (direction, name, dtype, self.reference(name, direction, dtype).flatten())
+        return held[3]
+
     def encode(self, name, x, d):
         g, s = scaled_fp16(self.matrix(name, x, d))
         return {"g": g, "scale": s}
@@ -53,7 +60,13 @@ class DenseStore(StoreKind):
         return (g.double().flatten(1) ** 2).sum(1) * s.double() ** 2
 
     def contract(self, reader, start, stop, name, direction, keep=None, dtype=torch.float32, chunk: int = 256):
-        ref = self.reference(name, direction, dtype).flatten()
-        g, s = self._rows(reader, start, stop, name)
-        out = [(g[k:k + chunk].to(ref.device, dtype).flatten(1) @ ref).double().cpu() for k in range(0, g.shape[0], chunk)]
-        return torch.cat(out) * s.double()
+        """<G_i, D> as one matrix-vector product per chunk of stored rows, in ``dtype`` (the fp16 rows are
+        converted a chunk at a time, and never copied whole)."""
+        ref = self._reference_of(name, direction, dtype)
+        out = []
+        for sh, k, k2 in self.row_slices(reader, start, stop, name):
+            g, s = sh["g"], sh["scale"]
+            for a in range(k, k2, chunk):
+                b = min(k2, a + chunk)
+                out.append((g[a:b].to(ref.device, dtype).flatten(1) @ ref).double().cpu() * s[a:b].double())
+        return torch.cat(out)

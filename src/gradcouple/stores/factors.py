@@ -87,13 +87,22 @@ class FactorsStore(StoreKind):
 
     def contract(self, reader, start, stop, name, direction, keep=None, dtype=torch.float32):
         """sum over a piece's tokens of delta_t^T D x_t (only the tokens of ``keep``'s rows): a few dot
-        products per token for a factored direction (:func:`~gradcouple.stores.base.token_contractions`)."""
-        x, d, seg, sx, sd = self._rows(reader, start, stop, name)
-        if keep is not None:
-            tok = keep[seg]
-            x, d, seg = x[tok], d[tok], seg[tok]
-        per_tok = token_contractions(x, d, direction, dtype)
-        return torch.zeros(stop - start, dtype=torch.float64).index_add(0, seg, per_tok) * (sx.double() * sd.double())
+        products per token for a factored direction (:func:`~gradcouple.stores.base.token_contractions`),
+        read shard slice by shard slice without copying the stored factors."""
+        out = torch.zeros(stop - start, dtype=torch.float64)
+        r = 0
+        for sh, k, k2 in self.row_slices(reader, start, stop, name):
+            o, n = sh["offsets"], k2 - k
+            seg = torch.repeat_interleave(torch.arange(n), o[k + 1:k2 + 1] - o[k:k2])
+            x, d = sh["x"][o[k]:o[k2]], sh["d"][o[k]:o[k2]]
+            if keep is not None:
+                tok = keep[r:r + n][seg]
+                x, d, seg = x[tok], d[tok], seg[tok]
+            per_tok = token_contractions(x, d, direction, dtype)
+            scale = sh["x_scale"][k:k2].double() * sh["d_scale"][k:k2].double()
+            out[r:r + n] = torch.zeros(n, dtype=torch.float64).index_add(0, seg, per_tok) * scale
+            r += n
+        return out
 
     def inputs(self, reader, start, stop, name):
         x, _, seg, sx, _ = self._rows(reader, start, stop, name)

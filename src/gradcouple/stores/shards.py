@@ -111,11 +111,12 @@ class GradientReader:
                                 f"`gradcouple extract --out {self.run.root} --overwrite` (it recomputes every shard).")
 
     def shard(self, si: int) -> dict:
-        """Shard ``si`` as loaded (a small LRU cache keeps the last few)."""
+        """Shard ``si``, memory-mapped (a small LRU cache keeps the last few)."""
         if si in self._cache:
             self._cache.move_to_end(si)
             return self._cache[si]
-        data = torch.load(self.run.gradients.shard_file(self.shards[si]), weights_only=True, map_location="cpu")
+        # mapped, not read: a block reads only the slices it uses, straight from the page cache
+        data = torch.load(self.run.gradients.shard_file(self.shards[si]), weights_only=True, map_location="cpu", mmap=True)
         self._cache[si] = data
         if len(self._cache) > self._cache_n:
             self._cache.popitem(last=False)

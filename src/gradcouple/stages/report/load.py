@@ -11,6 +11,8 @@ import torch
 from ...artifacts import (
     BenchmarkSummary,
     CouplingStats,
+    ForecastRow,
+    ForecastSummary,
     Manifest,
     Measurement,
     PairRow,
@@ -53,6 +55,8 @@ class LoadedRun:
     ripple_sets: list[tuple[str, RippleSummary | BenchmarkSummary]] = field(default_factory=list)
     sweeps: list[tuple[str, SweepSummary]] = field(default_factory=list)  #: current --sweep results, oldest first
     stale_ripple: list[tuple[str, list[str]]] = field(default_factory=list)
+    #: the latest forecast made from this run's gradients (summary, rows), or None
+    forecast: Optional[tuple[ForecastSummary, list[ForecastRow]]] = None
 
     @property
     def full(self) -> bool:
@@ -115,4 +119,5 @@ def load_run(run_dir: str | Path) -> LoadedRun:
                      ripple=rip[0] if pieces_mode else None, measurements=rip[1] if pieces_mode else [],
                      benchmark=rip[0] if bench_mode else None, tests=rip[1] if bench_mode else [], files=run.files(),
                      ripple_sets=[(r.name, s) for r, s, _ in current], stale_ripple=[(r.name, c) for r, c in stale],
-                     sweeps=[(r.name, s) for r, s in run.ripple.current_sweeps(manifest, stats)])
+                     sweeps=[(r.name, s) for r, s in run.ripple.current_sweeps(manifest, stats)],
+                     forecast=run.forecast.load() if run.forecast.exists() and not run.forecast.stale(manifest) else None)

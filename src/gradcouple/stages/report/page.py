@@ -171,6 +171,24 @@ def stage_times(r: LoadedRun) -> list[tuple[str, Optional[float]]]:
     return out
 
 
+#: edits whose top pieces the report lists (the rest are in forecast/forecast.jsonl)
+FORECAST_EDITS = 20
+
+
+def forecast_view(r: LoadedRun) -> Optional[dict]:
+    """The latest forecast for the page: its summary, and per edit (the first FORECAST_EDITS) the top
+    pieces of its first predictor, rank order; None without a current forecast."""
+    if r.forecast is None:
+        return None
+    s, rows = r.forecast
+    name = s.predictors[0]
+    edits = []
+    for e in s.edits[:FORECAST_EDITS]:
+        top = sorted((x for x in rows if x.edit == e.id and x.predictor == name and x.rank <= s.top_k), key=lambda x: x.rank)
+        edits.append({"edit": e, "rows": top})
+    return {"s": s, "predictor": name, "edits": edits, "more": max(0, len(s.edits) - FORECAST_EDITS)}
+
+
 def config_json(r: LoadedRun) -> str:
     """The resolved configuration: the run's config.json, else the extraction's recorded sections."""
     cfg = r.config.model_dump(mode="json") if r.config else r.manifest.config
@@ -189,4 +207,4 @@ def render(r: LoadedRun, summary: dict, cfg: RunConfig) -> str:
         layers=r.stats.layers, ripple=r.ripple, benchmark=r.benchmark, pairs=r.pairs,
         pairs_different_answer=r.pairs_different_answer, versions=versions(r), stage_times=stage_times(r),
         config_json=config_json(r), run_bytes=sum(b for _, b in r.files), n_files=len(r.files),
-        stale_advice=stale_ripple_advice(r))
+        stale_advice=stale_ripple_advice(r), forecast=forecast_view(r))
