@@ -49,13 +49,15 @@ def _prompt(edit: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip", type=int, default=30, help="records the run is extracted from (left out here)")
+    ap.add_argument("--limit", type=int, default=None, help="at most this many records after --skip")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     from gradcouple.datasets import sample_path
 
     records = [json.loads(line) for line in sample_path("rippleedits").read_text(encoding="utf-8").splitlines() if line.strip()]
     knowedit, counterfact = [], []
-    for k, rec in enumerate(records[args.skip:], start=args.skip):
+    end = None if args.limit is None else args.skip + args.limit
+    for k, rec in enumerate(records[args.skip:end], start=args.skip):
         e = rec["edit"]
         subject, relation, new, true = e["subject_id"], e["relation"], e["target_id"], e["original_fact"]["target_id"]
         prompt = _prompt(e)

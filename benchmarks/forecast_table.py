@@ -59,7 +59,9 @@ def section(dirs: list[Path], wall: float) -> str:
         "file and as a CounterFact file (`benchmarks/forecast_files.py`: portability = the compositional queries, "
         "locality = their condition facts; paraphrases from two templates per relation, neighbourhoods = other records' "
         f"prompts with the same relation and true target), each forecast with `--verify {k}` and the run's edit method "
-        f"({s0.method}, its published settings for this model). Per edit, every predictor's top {k} by |score|, an equal "
+        f"({s0.method}, its published settings for this model); ROME (its published block 4 for this model) forecast on the "
+        "first 10 CounterFact edits from a second extraction of the same pieces with block 4 beside 26-29 (its GradSim "
+        f"and inner product are over the five blocks). Per edit, every predictor's top {k} by |score|, an equal "
         "seeded sample of the other stored pieces and the edit's own tests are measured after the edit is made (weights "
         "restored after). Spearman's rho is pooled over every measured (edit, piece) pair with the clustered bootstrap "
         "interval over edits; the other columns are means over edits with their bootstrap intervals.",
@@ -72,25 +74,29 @@ def section(dirs: list[Path], wall: float) -> str:
         v = s.verify
         ok = sum(1 for e in s.edits if e.success)
         for j, (name, c) in enumerate(v.predictors.items()):
-            head = (f"{s.format} ({Path(s.edits_file).name})", f"{v.n_edits}; {ok}/{len(s.edits)}", f"{v.n_measured:,}") if j == 0 \
+            head = (f"{s.format} ({Path(s.edits_file).name}), {s.method}", f"{v.n_edits}; {ok}/{len(s.edits)}",
+                    f"{v.n_measured:,}") if j == 0 \
                 else ("", "", "")
             lines.append(f"| {head[0]} | {head[1]} | {head[2]} | {name} | {corr(c.spearman)} | {ci(c.within_edit_spearman)} | "
                          f"{ci(c.precision_at_k, '.2f')} ({fmt(v.precision_at_k_chance, '.2f')}) | {ci(c.recall_own_tests, '.2f')} | "
                          f"{ci(c.stable_tests_in_top_k, '.2f')} | {fmt(c.mean_abs_change_top_k, '.3f')} / "
                          f"{fmt(c.mean_abs_change_sample, '.3f')} |")
-    d, s, rows = loaded[-1]
+    d, s, rows = next((x for x in loaded if x[1].format == "counterfact"), loaded[-1])
     e = s.edits[0]
     top = sorted((r for r in rows if r.edit == e.id and r.predictor == "first_order" and r.rank <= 5), key=lambda r: r.rank)
-    lines += ["", f"The first edit of the last file, \"{e.rewrites[0].prompt} → {e.rewrites[0].target}\", its top 5 under "
-                  f"first_order with the measured change:", "",
+    lines += ["", f"The first {s.format} edit ({s.method}), \"{e.rewrites[0].prompt} → {e.rewrites[0].target}\", its top 5 "
+                  f"under first_order with the measured change:", "",
               "| rank | first order (nats) | piece | measured change (nats) |", "|---:|---:|---|---:|"]
     for r in top:
         where = f"own test, {r.criterion}" if r.own_test else "stored"
         lines.append(f"| {r.rank} | {r.score:+.3f} | {r.prompt} → {r.answer} ({where}) | {fmt(r.change, '+.3f')} |")
-    secs = [x.seconds for _, s, _ in loaded for x in s.edits]
-    mean = {key: sum(x.get(key, 0.0) for x in secs) / len(secs) for key in ("gradient", "scores", "edit", "verify")}
-    lines += ["", "Seconds per edit (mean): " + ", ".join(f"{key} {v:.2f}" for key, v in mean.items()) +
-              " (scores: every predictor over every stored piece and the edit's own tests)."]
+    parts = []
+    for _, s, _ in loaded:
+        secs = [x.seconds for x in s.edits]
+        mean = {key: sum(x.get(key, 0.0) for x in secs) / len(secs) for key in ("gradient", "scores", "edit", "verify")}
+        parts.append(f"{s.format} with {s.method}: " + ", ".join(f"{key} {v:.2f}" for key, v in mean.items()))
+    lines += ["", "Seconds per edit (mean; scores: every predictor over every stored piece and the edit's own tests): "
+              + "; ".join(parts) + "."]
     return "\n".join(lines)
 
 

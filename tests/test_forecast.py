@@ -26,9 +26,12 @@ from gradcouple.gram import contract, first_order
 from gradcouple.layers import select_targets
 from gradcouple.rundir import RunDir
 from gradcouple.scoring import collate
+from gradcouple.stages.couple import couple
 from gradcouple.stages.edit_run import check_run
 from gradcouple.stages.extract import extract
 from gradcouple.stages.forecast import Forecaster, _prepare, edit_requests, forecast, read_requests, single_edit
+from gradcouple.stages.report import report
+from gradcouple.stages.report.load import load_run
 from gradcouple.stores import Direction
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -291,7 +294,7 @@ def test_an_edit_longer_than_the_max_length_is_skipped_and_counted(tiny_run, tmp
                                 {"subject": "France", "prompt": "The capital of France is", "target_new": "Lyon"}]))
     requests, _, _ = read_requests(path)
     res = forecast_with(tiny_run, requests, predictors=["gradsim"])
-    assert res.summary.records_skipped == {"edit longer than the extraction's --max-length": 1}
+    assert res.summary.skipped == {"edit longer than the extraction's --max-length": 1}
     assert [e.id for e in res.summary.edits] == ["easyedit:1:edit"]
 
 
@@ -324,11 +327,28 @@ def test_the_python_api_returns_a_dataframe(tiny_run):
 
 
 def test_the_report_shows_the_latest_forecast(tiny_run):
-    from gradcouple.stages.couple import couple
-    from gradcouple.stages.report import report
-
     requests, _, _ = read_requests(COUNTERFACT)
     forecast_with(tiny_run, requests, predictors=["gradsim"], top_k=3)
     couple(tiny_run.cfg, tiny_run.run, show_progress=False)
     page = report(tiny_run.cfg, tiny_run.run).index_html.read_text(encoding="utf-8")
     assert 'id="forecast"' in page and "The mother tongue of Danielle Darrieux is" in page and "counterfact" in page
+
+
+def test_a_projected_store_sketches_a_factored_direction_as_its_matrix(tmp_path, case):
+    """The sketch is linear: a direction given by its factors (an edit's gradient) scores exactly as the
+    same direction given as a matrix, so forecasts on a projected store inherit its unbiasedness."""
+    reader = write_store(tmp_path, case.targets, case.factors, store="projected", proj_dim=4, proj_blocks=8, shard_size=4)
+    factored = directions_of(case, "edit gradient")
+    dense = {n: Direction(matrix=d.dense(torch.float64).float()) for n, d in factored.items()}
+    a, b = contract(reader, factored, block_size=3), contract(reader, dense, block_size=3)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
+
+
+def test_an_unreadable_forecast_is_left_out_of_the_report_with_a_warning(tiny_run, caplog):
+    requests, _, _ = read_requests(COUNTERFACT)
+    forecast_with(tiny_run, requests, predictors=["gradsim"], top_k=3)
+    couple(tiny_run.cfg, tiny_run.run, show_progress=False)
+    path = RunDir(tiny_run.run).forecast.summary_path
+    path.write_text(path.read_text()[:100])
+    assert load_run(tiny_run.run).forecast is None
+    assert "leaves the forecast out" in caplog.text and str(path) in caplog.text

@@ -130,8 +130,10 @@ def forecast_result(run_dir: str | Path, edits: Optional[str | Path | Sequence[d
     """
     check_directory(run_dir, "--run")
     resolved = resolve("forecast", run_dir, cfg=cfg, config=config, **keywords)
-    if (edits is None) == (edit is None and target is None):
-        raise ConfigError("forecast: give --edits FILE, or one edit with --edit PROMPT --target NEW (not both).")
+    if edits is not None and (edit is not None or target is not None):
+        raise ConfigError("forecast: --edits FILE and --edit/--target were both given; give one of them.")
+    if edits is None and edit is None and target is None:
+        raise ConfigError("forecast: nothing to forecast; give --edits FILE, or one edit with --edit PROMPT --target NEW.")
     if edits is None:
         requests, fmt, skipped, path = [forecast_stage.single_edit(edit, target, subject)], None, {}, None
     elif isinstance(edits, (str, Path)):

@@ -674,7 +674,8 @@ class ForecastSummary(_Model):
     store: str
     exact: bool = Field(description="The store's inner products are exact (factors, dense) rather than estimated (projected)")
     n_pieces: int = Field(description="Stored pieces scored per edit")
-    records_skipped: dict[str, int] = Field(default_factory=dict)
+    skipped: dict[str, int] = Field(default_factory=dict, description="Records, edits and test queries of the edit "
+                                                                     "file left out, by reason")
     resumed_edits: int = 0
     edits: list[ForecastEdit]
     verify: Optional[ForecastVerify] = None

@@ -209,8 +209,9 @@ class ForecastConfig(_Section):
     top_k: int = Field(default=10, ge=1, json_schema_extra=_flag("--top-k"),
                        description="Pieces listed per edit and predictor, and the k of --verify's statistics")
     verify: Optional[int] = Field(default=None, ge=1, json_schema_extra=_flag("--verify"), description=(
-        "Make each edit for real (weights restored after) and measure its top K pieces, an equal random sample of the "
-        "rest and its own tests -> forecast/summary.json (every predictor is scored then)"))
+        "Make each edit for real (weights restored after) and measure every predictor's top K pieces, an equal random "
+        "sample of the rest and its own tests -> forecast/summary.json (all three predictors are scored then); off "
+        "unless given, and --verify alone means K = 10"))
     precision: Literal["float32", "float64"] = Field(default="float32", json_schema_extra=_flag("--precision"), description=(
         "Products of the stored gradients with the edit's direction (sums are float64 either way)"))
 

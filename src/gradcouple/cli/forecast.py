@@ -35,44 +35,53 @@ EPILOG = """Examples:
 """
 
 
-def _short(text: str, n: int = 70) -> str:
+def _short(text: str, n: int = 140) -> str:
     text = " ".join(text.split())
-    return text if len(text) <= n else "..." + text[-(n - 3):]
+    return text if len(text) <= n else text[:n - 3].rsplit(" ", 1)[0] + " ..."
 
 
 def edit_tables(res) -> list[Table]:
     """Per edit and predictor: its top pieces (rank, score, prompt -> answer, where from, measured change)."""
     out = []
     verified = res.summary.verify is not None
-    by_edit = {e.id: e for e in res.summary.edits}
     for e in res.summary.edits:
         for name in res.summary.predictors:
             rows = sorted((r for r in res.rows if r.edit == e.id and r.predictor == name and r.rank <= res.summary.top_k),
                           key=lambda r: r.rank)
-            w = by_edit[e.id].rewrites[0]
-            t = Table(title=f"{escape(_short(w.prompt, 60))} -> {escape(w.target)}  ({name}; top {len(rows)} of "
+            w = e.rewrites[0]
+            more = f" (+{len(e.rewrites) - 1} rewrites)" if len(e.rewrites) > 1 else ""
+            t = Table(title=f"{escape(_short(w.prompt))} -> {escape(w.target)}{more}  ({name}; top {len(rows)} of "
                             f"{res.summary.n_pieces} stored pieces and {e.n_tests} own tests)", title_justify="left")
-            for col in ("rank", name, "piece", "source", *(("change (nats)",) if verified else ())):
-                t.add_column(col)
+            t.add_column("rank", justify="right")
+            t.add_column(name, justify="right")
+            t.add_column("piece: prompt -> answer", ratio=1)
+            t.add_column("from")
+            if verified:
+                t.add_column("change (nats)", justify="right")
             for r in rows:
-                source = "store" if r.source == "store" else f"own test ({r.criterion}{', stable' if r.stable else ''})"
+                source = "store" if r.source == "store" else f"test: {r.criterion}"
                 t.add_row(str(r.rank), f"{r.score:+.3g}", escape(f"{_short(r.prompt)} -> {r.answer}"), escape(source),
                           *((num(r.change, "+.3f"),) if verified else ()))
             out.append(t)
     return out
 
 
-def verify_table(v, k: int) -> Table:
-    """Per predictor: how its forecast held up when the edits were made."""
+def verify_table(v) -> Table:
+    """How each predictor's forecast held up when the edits were made (at --verify's k): one column per predictor."""
+    k = v.k
     t = Table(title=f"verify: {v.n_edits} edits made, {v.n_measured} (edit, piece) pairs measured; precision@{k} of a random "
-                    f"ranking {num(v.precision_at_k_chance, '.3f')}", title_justify="left")
-    for col in ("predictor", "Spearman's rho [95% CI]", "within-edit rho", f"precision@{k}", "own-test recall",
-                "stable tests in top k", f"mean |change| top {k} / sample"):
-        t.add_column(col)
-    for name, c in v.predictors.items():
-        t.add_row(name, correlation(c.spearman), interval(c.within_edit_spearman), interval(c.precision_at_k, ".2f"),
-                  interval(c.recall_own_tests, ".2f"), interval(c.stable_tests_in_top_k, ".2f"),
-                  f"{num(c.mean_abs_change_top_k, '.3f')} / {num(c.mean_abs_change_sample, '.3f')}")
+                    f"ranking {num(v.precision_at_k_chance, '.2f')}", title_justify="left")
+    t.add_column("[95% CI]; means over edits")
+    for name in v.predictors:
+        t.add_column(name)
+    cs = list(v.predictors.values())
+    t.add_row("Spearman's rho, pooled", *(correlation(c.spearman, "+.2f") for c in cs))
+    t.add_row("within-edit rho", *(interval(c.within_edit_spearman, "+.2f") for c in cs))
+    t.add_row(f"precision@{k}", *(interval(c.precision_at_k, ".2f") for c in cs))
+    t.add_row(f"own tests in top {k}", *(interval(c.recall_own_tests, ".2f") for c in cs))
+    t.add_row(f"locality tests in top {k}", *(interval(c.stable_tests_in_top_k, ".2f") for c in cs))
+    t.add_row(f"|change| top {k} / sample (nats)",
+              *(f"{num(c.mean_abs_change_top_k, '.2f')} / {num(c.mean_abs_change_sample, '.2f')}" for c in cs))
     return t
 
 
@@ -80,13 +89,14 @@ def forecast(
     run: RunDirOpt = Path("runs/default"),
     edits: Annotated[Optional[Path], typer.Option("--edits", help=(
         "File of edit requests: EasyEdit / KnowEdit JSON, CounterFact, MQuAKE or RippleEdits records, or gradcouple "
-        "pieces with role 'edit' (the format is sniffed; --format names it)."), dir_okay=False)] = None,
+        "pieces with role 'edit' (the format is sniffed; --format names it)."))] = None,
     edit: Annotated[Optional[str], typer.Option("--edit", help="One edit's prompt (with --target).")] = None,
     target: Annotated[Optional[str], typer.Option("--target", help="The new target of --edit.")] = None,
     subject: Annotated[Optional[str], typer.Option("--subject", help=(
         "The subject --edit names (ROME's and MEMIT's key is at its last token); none: the last prompt token."))] = None,
-    format: Annotated[Optional[str], typer.Option("--format", help="Format of --edits: easyedit, counterfact, mquake, "
-                                                  "rippleedits or pieces (default: sniffed).")] = None,
+    format: Annotated[Optional[str], typer.Option("--format", help="Format of --edits, any that `gradcouple download` reads; "
+                                                  "the edit formats are easyedit, counterfact, mquake, rippleedits and "
+                                                  "pieces (default: sniffed).")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip and count malformed records of --edits instead of "
                                            "stopping at the first (counted in forecast/summary.json).")] = False,
     method: MethodOpt = None,
@@ -119,9 +129,10 @@ def forecast(
                       f"an interrupted forecast, the rest made now.")
     for t in edit_tables(res):
         console.print(t)
-    if s.records_skipped:
-        console.print("skipped: " + ", ".join(f"{n} ({why})" for why, n in s.records_skipped.items()), highlight=False)
+    if s.skipped:
+        console.print("skipped (records, edits or test queries of the file, by reason): " +
+                      ", ".join(f"{n} {why}" for why, n in s.skipped.items()), highlight=False)
     if s.verify is not None:
-        console.print(verify_table(s.verify, s.top_k))
+        console.print(verify_table(s.verify))
     print_notes(s.device)
     print_path(res.path)

@@ -543,10 +543,11 @@ def read_file(path: str | Path, *, format: Optional[str] = None, skip_bad: bool 
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{label} {path}: a directory; pass a .json, .jsonl or .parquet file.")
+    if not path.is_file():
+        raise DataError(f"{label} {path}: no such file; pass an existing .json, .jsonl or .parquet file.")
     source, fmt = _resolve_request(None, format, None)
     records, _, where = _open_input(source, str(path), None, None)
-    tally = _parse_records(records, fmt, None, limit=None, skip_bad=skip_bad, from_path=str(path),
-                           counts="forecast/summary.json")
+    tally = _parse_records(records, fmt, None, limit=None, skip_bad=skip_bad, counts="forecast/summary.json")
     kept, _, _ = _deduplicated(tally, where)
     return kept, tally.fmt or "", dict(tally.records_skipped + tally.pieces_skipped)
 

@@ -4,7 +4,7 @@
                             and (--verify) every measured piece with its measured change
     summary.json            ForecastSummary: the edits, settings and (--verify) the statistics
     journal-*.jsonl         finished edits of an unfinished forecast (one file per inputs); removed
-                            once the forecast is saved
+                            once the forecast of those inputs is saved
 
 A new forecast replaces the previous one; its inputs (the gradients, the edit file's sha256, the
 method's knobs, the forecast settings) are recorded, and :meth:`ForecastFiles.stale` names what
@@ -46,13 +46,13 @@ class ForecastFiles:
         return EditJournal(self.dir / f"journal-{digest(inputs.values)[:12]}.jsonl")
 
     def save(self, summary: ForecastSummary, rows: list[ForecastRow]) -> None:
-        """forecast.jsonl then summary.json, each atomically; the journals go."""
+        """forecast.jsonl then summary.json, each atomically; the journal of these inputs goes (an
+        interrupted forecast of other inputs keeps its own, to resume when it is rerun)."""
         with atomic_open(self.rows_path, "w", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(row.model_dump_json() + "\n")
         write_json(self.summary_path, summary.model_dump(mode="json"))
-        for path in self.dir.glob("journal-*.jsonl"):
-            path.unlink(missing_ok=True)
+        self.journal(summary.inputs).path.unlink(missing_ok=True)
 
     def exists(self) -> bool:
         return self.summary_path.is_file()

@@ -475,7 +475,7 @@ def forecast(cfg: RunConfig, run_dir: str | Path, requests: list[EditRequest], *
         inputs=inputs, edits_file=str(edits_file) if edits_file else None, format=format, method=r.method.name,
         hparams=r.method.settings() if needs_edit else {}, method_source=r.method.source if needs_edit else None,
         predictors=f.predictors, top_k=fc.top_k, precision=fc.precision, store=r.reader.kind.name, exact=r.reader.kind.exact,
-        n_pieces=r.reader.n, records_skipped=skipped, resumed_edits=resumed,
+        n_pieces=r.reader.n, skipped=skipped, resumed_edits=resumed,
         edits=[ForecastEdit.model_validate(p["edit"]) for p in payloads],
         verify=_verify_summary(fc.verify, payloads, f.predictors, cfg.ripple.bootstrap_resamples) if fc.verify else None,
         definitions=defs, seconds=time.perf_counter() - t0, device=device_info(r.loaded.device))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -22,10 +23,14 @@ from ...artifacts import (
     TestMeasurement,
 )
 from ...config import RunConfig, load_config
+from ...errors import ArtifactError
 from ...pairs import neighbour_pairs, upper_pairs
 from ...pieces import KnowledgePiece
 from ...rules import same_answer, same_answer_matrix, same_question, same_question_matrix
 from ...rundir import RunDir
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -120,4 +125,16 @@ def load_run(run_dir: str | Path) -> LoadedRun:
                      benchmark=rip[0] if bench_mode else None, tests=rip[1] if bench_mode else [], files=run.files(),
                      ripple_sets=[(r.name, s) for r, s, _ in current], stale_ripple=[(r.name, c) for r, c in stale],
                      sweeps=[(r.name, s) for r, s in run.ripple.current_sweeps(manifest, stats)],
-                     forecast=run.forecast.load() if run.forecast.exists() and not run.forecast.stale(manifest) else None)
+                     forecast=_current_forecast(run, manifest))
+
+
+def _current_forecast(run: RunDir, manifest: Manifest) -> Optional[tuple[ForecastSummary, list[ForecastRow]]]:
+    """The run's latest forecast when it was made from these gradients; an unreadable one is left out
+    with a warning (the report is about the run, not about that file)."""
+    if not run.forecast.exists():
+        return None
+    try:
+        return None if run.forecast.stale(manifest) else run.forecast.load()
+    except ArtifactError as e:
+        log.warning(f"the report leaves the forecast out: {e}")
+        return None
