@@ -95,7 +95,7 @@ def store_bytes(run_dir: Path) -> tuple[int, int]:
     return sum(sizes), max(sizes)
 
 
-def section(n: int, rows: list[dict], write_s: float) -> str:
+def section(n: int, rows: list[dict], write_s: float, sha_gbps: float) -> str:
     m = common.machine()
     lines = [
         "## Forecast: one edit against a 100,000-piece store",
@@ -130,11 +130,26 @@ def section(n: int, rows: list[dict], write_s: float) -> str:
         "(`stores.Direction.of_matrix`).",
         "- `projected` (256 blocks of 4 x 4 per target) reads 8 KiB per piece and target whatever T is; its scores are "
         "unbiased estimates.",
+        "- `gradcouple forecast` checks every shard's sha256 against the manifest once when it opens the store "
+        f"({sha_gbps:.1f} GB/s here: {rows[0]['store_bytes'] / sha_gbps / 1e9:.1f} s for this `factors` store, "
+        f"{rows[-1]['store_bytes'] / sha_gbps / 1e9:.1f} s for the `projected` one), however many edits it forecasts; "
+        "the passes above read the verified shards.",
         "- A store of the default four targets costs each pass four times as much, except for a one-layer edit (ROME): "
         "the targets its Δθ leaves at zero are not read. On a GPU (`--device cuda`) the same code runs the contraction "
         "on the device; no GPU was lent to this machine, so there is no GPU row.",
     ]
     return "\n".join(lines)
+
+
+def sha_rate(run_dir: Path) -> float:
+    """GB/s of sha256 over the store's first shards (what opening a store for a forecast verifies)."""
+    from gradcouple.io import sha256_file
+
+    files = sorted((run_dir / "gradients").glob("shard-*.pt"))[:8]
+    t = time.perf_counter()
+    for f in files:
+        sha256_file(f)
+    return sum(f.stat().st_size for f in files) / (time.perf_counter() - t) / 1e9
 
 
 def main(argv=None) -> int:
@@ -173,10 +188,12 @@ def main(argv=None) -> int:
             rows.append(r)
             print(f"  {store:9s} {WHAT[kind]:45s} {r['seconds']:.2f} s (first pass {r['first_pass_seconds']:.2f} s), "
                   f"peak RSS {common.mib(r['peak_rss_bytes'])}", flush=True)
-    common.write_json(Path(args.json), {"n": args.pieces, "rows": rows, "write_s": write_s, "machine": common.machine(),
+    sha = sha_rate(dirs["factors"])
+    common.write_json(Path(args.json), {"n": args.pieces, "rows": rows, "write_s": write_s, "sha256_gb_per_s": sha,
+                                        "machine": common.machine(),
                                         "versions": common.versions()})
     if args.out:
-        sections.put(args.out, "forecast", section(args.pieces, rows, write_s))
+        sections.put(args.out, "forecast", section(args.pieces, rows, write_s, sha))
         print(f"wrote the forecast section of {args.out}")
     if not args.keep:
         for d in dirs.values():

@@ -143,35 +143,37 @@ def stored_dense(root: Path, kind: str, names: list[str], n: int) -> list[dict[s
     return out
 
 
-def directions_of(case, which: str) -> dict[str, Direction]:
+def directions_of(case, which: str) -> tuple[dict[str, Direction], dict[str, torch.Tensor]]:
+    """The directions a forecast scores with, and each as the float64 matrix it stands for (computed
+    apart: the sum of the edit gradients' outer products, or the weight change itself, not its SVD)."""
     g = torch.Generator().manual_seed(3)
     if which == "edit gradient":  # two rewrites' gradients, summed, kept factored
-        return {n: Direction.of_factors(torch.cat([f.x[n] for f in case.edit]), torch.cat([f.d[n] for f in case.edit]))
+        dirs = {n: Direction.of_factors(torch.cat([f.x[n] for f in case.edit]), torch.cat([f.d[n] for f in case.edit]))
                 for n in case.names}
-    out = {}
+        return dirs, {n: sum(f.d[n].double().t() @ f.x[n].double() for f in case.edit) for n in case.names}
+    dirs, mats = {}, {}
     for t in case.targets:
         u, v = torch.randn(t.d_out, 2, generator=g), torch.randn(t.d_in_aug, 2, generator=g)
-        out[t.name] = Direction.of_matrix(u @ v.t()) if which == "rank-two change" else \
-            Direction.of_matrix(torch.randn(t.d_out, t.d_in_aug, generator=g))
-    return out
+        w = u @ v.t() if which == "rank-two change" else torch.randn(t.d_out, t.d_in_aug, generator=g)
+        dirs[t.name], mats[t.name] = Direction.of_matrix(w), w.double()
+    return dirs, mats
 
 
 @pytest.mark.parametrize("kind", ["factors", "dense"])
 @pytest.mark.parametrize("which", ["edit gradient", "rank-two change", "full-rank change"])
 def test_forecast_scores_equal_dense_float64_scores(tmp_path, case, kind, which):
     reader = write_store(tmp_path, case.targets, case.factors, store=kind, order=[4, 1, 7, 0, 8, 2, 6, 3, 5], shard_size=4)
-    dirs = directions_of(case, which)
+    dirs, mats = directions_of(case, which)
     if which == "rank-two change":
         assert all(d.factored and d.a.shape[1] == 2 for d in dirs.values())
     if which == "full-rank change":
         assert not any(d.factored for d in dirs.values())
     dense = stored_dense(tmp_path, kind, case.names, len(case.factors))
-    ref = torch.tensor([sum(float((g[n] * dirs[n].dense(torch.float64)).sum()) for n in case.names) for g in dense],
-                       dtype=torch.float64)
+    ref = torch.tensor([sum(float((g[n] * mats[n]).sum()) for n in case.names) for g in dense], dtype=torch.float64)
     got = contract(reader, dirs, block_size=3, dtype=torch.float64)
     assert ((got - ref).abs() <= REL_FLOAT64 * ref.abs()).all(), (got - ref) / ref
     bound = torch.tensor([math.sqrt(sum(float((g[n] ** 2).sum()) for n in case.names)) for g in dense]) * \
-        math.sqrt(sum(float((d.dense(torch.float64) ** 2).sum()) for d in dirs.values()))
+        math.sqrt(sum(float((m ** 2).sum()) for m in mats.values()))
     got32 = contract(reader, dirs, block_size=3, dtype=torch.float32)
     assert ((got32 - ref).abs() <= REL_FLOAT32 * bound).all()
 
@@ -244,6 +246,30 @@ def test_first_order_is_the_stored_gradients_against_the_methods_own_weight_chan
     assert len(own) == len(req.tests) and {x.criterion for x in own} >= {"Reasoning", "Relation_Specificity", "paraphrase"}
 
 
+def test_rome_first_order_equals_its_rank_one_change_against_the_stored_gradients(tiny_run):
+    """A low-rank method's change is factored (SVD) and the layers it leaves alone are skipped: the
+    scores still equal <G_j, dW> with G_j read from the shard files and dW the method's own change."""
+    r = tiny_run.r
+    cfg = tiny_run.cfg.model_copy(deep=True)
+    cfg.ripple.method = "rome"
+    cfg.ripple.hparams = {"rome": {"layers": [2], "v_num_grad_steps": 4}}
+    cfg.forecast.predictors, cfg.forecast.top_k = ["first_order"], len(r.pieces) + 100  # every stored piece listed
+    requests, _, _ = read_requests(COUNTERFACT)
+    res = forecast(cfg, tiny_run.run, requests[:1], loaded=r.loaded, show_progress=False)
+    method = method_class("rome").resolve(cfg.ripple.hparams["rome"], model=r.loaded.model)
+    with edited(method, r.context(), _prepare(r, requests[0], {}).rewrites) as delta:
+        pass
+    touched = [n for n, d in delta.items() if d.any()]
+    assert len(touched) == 1 and int(torch.linalg.matrix_rank(delta[touched[0]].double(), rtol=1e-6)) == 1
+    dense = stored_dense(tiny_run.run, "factors", r.manifest.names, len(r.pieces))
+    ref = torch.tensor([sum(float((g[n] * delta[n].double()).sum()) for n in r.manifest.names) for g in dense])
+    got = {x.piece_id: x.score for x in res.rows if x.source == "store"}
+    ids = [p.id for p in r.pieces]
+    assert len(got) == len(ids)
+    for pid, score in got.items():
+        assert score == pytest.approx(float(ref[ids.index(pid)]), rel=1e-4, abs=1e-5 * float(ref.abs().max()))
+
+
 def test_verify_measures_top_pieces_a_sample_and_own_tests_and_restores_the_weights(tiny_run):
     requests, _, _ = read_requests(COUNTERFACT)
     model = tiny_run.r.loaded.model
@@ -257,6 +283,11 @@ def test_verify_measures_top_pieces_a_sample_and_own_tests_and_restores_the_weig
     assert len([x for x in measured if x.own_test]) == 8  # both edits' own tests
     top = [x for x in measured if x.rank <= 4]
     assert len(top) == 8  # 4 per edit
+    for e in res.summary.edits:
+        stored = [x for x in res.rows if x.edit == e.id and x.source == "store"]
+        tops = {x.piece_id for x in stored if x.rank <= 4}
+        sample = {x.piece_id for x in stored} - tops  # measured stored pieces in no predictor's top 4
+        assert len(sample) == len(tops) and isinstance(e.success, bool)
     fo = v.predictors["first_order"]
     assert fo.spearman.n_points == len(measured) and fo.precision_at_k.n == 2 and fo.recall_own_tests.n == 2
     assert res.summary.edits[0].edit_norm > 0 and set(res.summary.edits[0].seconds) == {"gradient", "scores", "edit", "verify"}
@@ -298,6 +329,22 @@ def test_an_edit_longer_than_the_max_length_is_skipped_and_counted(tiny_run, tmp
     assert [e.id for e in res.summary.edits] == ["easyedit:1:edit"]
 
 
+def test_an_edit_without_its_subject_and_a_test_longer_than_the_max_length_are_skipped_and_counted(tiny_run, tmp_path):
+    path = tmp_path / "edits.jsonl"
+    edit = {"id": "e:0:edit", "dataset": "e", "question_id": "0", "kind": "cloze", "prompt": "The capital of France is",
+            "answer": "Lyon", "role": "edit", "triple": {"subject": "Germany", "relation": "capital", "object": "Lyon"}}
+    ok = {**edit, "id": "e:1:edit", "question_id": "1", "triple": {"subject": "France", "relation": "capital", "object": "Lyon"}}
+    long_test = {"id": "e:1:test", "dataset": "e", "question_id": "1", "kind": "cloze", "prompt": "The river of Lyon is",
+                 "answer": "the " + "very " * 300 + "Rhone", "role": "test", "edit_id": "e:1:edit", "criterion": "x"}
+    path.write_text("\n".join(json.dumps(x) for x in (edit, ok, long_test)) + "\n")
+    requests, _, _ = read_requests(path)
+    res = forecast_with(tiny_run, requests, predictors=["first_order"])
+    assert res.summary.skipped == {"subject not in the prompt": 1, "test query longer than the extraction's --max-length": 1}
+    assert [e.id for e in res.summary.edits] == ["e:1:edit"] and res.summary.edits[0].n_tests == 0
+    gradient_only = forecast_with(tiny_run, requests, predictors=["gradsim"])  # no edit made: the subject is not read
+    assert [e.id for e in gradient_only.summary.edits] == ["e:0:edit", "e:1:edit"]
+
+
 def test_one_edit_from_the_command_line_prints_its_top_pieces_and_the_path(tiny_run):
     res = runner.invoke(app, ["forecast", "--run", str(tiny_run.run), "--edit", "The capital of France is", "--target", "Lyon",
                               "--subject", "France", "--predictor", "gradsim", "--top-k", "3"])
@@ -306,12 +353,22 @@ def test_one_edit_from_the_command_line_prints_its_top_pieces_and_the_path(tiny_
     assert res.output.strip().splitlines()[-1].endswith("forecast.jsonl")
 
 
+BAD_FILES = {"unknown.json": [{"question": "x", "label": "y"}],
+             "no_target.json": [{"subject": "France", "prompt": "The capital of France is"}]}
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--edits", "unknown.json"], "record 1: unknown record format (keys: question, label)"),
+    (["--edits", "no_target.json"], "record 1: field 'target_new': missing"),
+    (["--edits", "."], "a directory; pass a .json"),
     (["--edit", "The capital of France is", "--target", "Lyon", "--subject", "Germany"], "--subject 'Germany': not in the --edit prompt"),
     (["--edit", "The capital of France is"], "--edit and --target: both are needed"),
     (["--edits", str(EASYEDIT), "--predictor", "cosine"], "--predictor"),
 ])
-def test_bad_forecast_input_is_one_line(tiny_run, args, message):
+def test_bad_forecast_input_is_one_line(tiny_run, args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, records in BAD_FILES.items():
+        (tmp_path / name).write_text(json.dumps(records))
     res = runner.invoke(app, ["forecast", "--run", str(tiny_run.run), *args])
     assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output
     assert len([line for line in res.output.splitlines() if line.startswith("error:")]) == 1
@@ -338,8 +395,8 @@ def test_a_projected_store_sketches_a_factored_direction_as_its_matrix(tmp_path,
     """The sketch is linear: a direction given by its factors (an edit's gradient) scores exactly as the
     same direction given as a matrix, so forecasts on a projected store inherit its unbiasedness."""
     reader = write_store(tmp_path, case.targets, case.factors, store="projected", proj_dim=4, proj_blocks=8, shard_size=4)
-    factored = directions_of(case, "edit gradient")
-    dense = {n: Direction(matrix=d.dense(torch.float64).float()) for n, d in factored.items()}
+    factored, mats = directions_of(case, "edit gradient")
+    dense = {n: Direction(matrix=m.float()) for n, m in mats.items()}
     a, b = contract(reader, factored, block_size=3), contract(reader, dense, block_size=3)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
 

@@ -141,7 +141,7 @@ def forecast_result(run_dir: str | Path, edits: Optional[str | Path | Sequence[d
         path = edits
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "edits.json"
+            path = Path(tmp) / "records-given-to-gc.forecast.json"  # the name error messages show
             path.write_text(json.dumps(list(edits)), encoding="utf-8")
             requests, fmt, skipped = forecast_stage.read_requests(path, format, skip_bad)
         path = None

@@ -41,7 +41,7 @@ LOCALITY = "locality"
 
 def sniff(record: Mapping) -> bool:
     """True when ``record`` looks like an EasyEdit / KnowEdit edit request."""
-    return ("target_new" in record or "labels" in record) and ("prompt" in record or "text" in record) \
+    return ("prompt" in record or "text" in record) and any(k in record for k in ("target_new", "labels", "subject", "concept")) \
         and "requested_rewrite" not in record and "answer" not in record
 
 

@@ -16,14 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
 from ..artifacts import ForecastRow, ForecastSummary, Inputs, Manifest
-from ..errors import ArtifactError
 from ..io import atomic_open, digest, write_json
 from .freshness import stale_inputs
 from .journal import EditJournal
-from .read import read_model
+from .read import read_lines, read_model
 
 if TYPE_CHECKING:
     from .layout import RunDir
@@ -64,16 +61,7 @@ class ForecastFiles:
             ArtifactError: absent, unreadable or invalid (the message names the file and line).
         """
         fix = f"rerun `gradcouple forecast --run {self.run.root} ...`."
-        summary = read_model(self.summary_path, ForecastSummary, fix)
-        rows = []
-        if self.rows_path.is_file():
-            for n, line in enumerate(self.rows_path.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(ForecastRow.model_validate_json(line))
-                    except ValidationError as e:
-                        raise ArtifactError(f"{self.rows_path}:{n}: {e.errors()[0]['msg']}; {fix}") from None
-        return summary, rows
+        return read_model(self.summary_path, ForecastSummary, fix), read_lines(self.rows_path, ForecastRow, fix)
 
     def stale(self, manifest: Manifest) -> list[str]:
         """What changed since the forecast was made ([] when its gradients are this run's)."""

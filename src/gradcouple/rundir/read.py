@@ -30,3 +30,20 @@ def read_model(path: Path, model: type[M], fix: str) -> M:
 
 
 __all__ = ["read_model"]
+
+
+def read_lines(path: Path, model: type[M], fix: str) -> list[M]:
+    """``model`` validated from each non-blank line of the JSON-lines file ``path`` ([] when absent).
+
+    Raises:
+        ArtifactError: a line that is not a valid ``model``; the message names the file and line, then ``fix``.
+    """
+    rows = []
+    if path.is_file():
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(model.model_validate_json(line))
+                except ValidationError as e:
+                    raise ArtifactError(f"{path}:{n}: {e.errors()[0]['msg']}; {fix}") from None
+    return rows

@@ -21,8 +21,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
-from pydantic import ValidationError
-
 from ..artifacts import (
     BenchmarkSummary,
     CouplingStats,
@@ -39,7 +37,7 @@ from ..errors import ArtifactError
 from ..io import atomic_open, digest, write_json
 from .freshness import stale_inputs
 from .journal import EditJournal
-from .read import read_model
+from .read import read_lines, read_model
 
 if TYPE_CHECKING:
     from ..edits import EditMethod
@@ -129,16 +127,7 @@ class RippleResults:
             raise ArtifactError(f"{self.summary_path}: unreadable ({e}); {fix}") from None
         model, line_model, path = ((BenchmarkSummary, TestMeasurement, self.tests_path) if mode == "benchmark"
                                    else (RippleSummary, Measurement, self.edits_path))
-        summary = read_model(self.summary_path, model, fix)
-        rows = []
-        if path.is_file():
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(line_model.model_validate_json(line))
-                    except ValidationError as e:
-                        raise ArtifactError(f"{path}:{n}: {e.errors()[0]['msg']}; {fix}") from None
-        return summary, rows
+        return read_model(self.summary_path, model, fix), read_lines(path, line_model, fix)
 
     def stale(self, manifest: Manifest, stats: CouplingStats) -> list[str]:
         """What changed since the set was made ([] when it was made from this run's gradients and coupling)."""

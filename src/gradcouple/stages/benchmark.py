@@ -82,19 +82,24 @@ class BenchmarkEdit:
     conditions: list[Optional[int]]
 
 
-def benchmark_edits(pieces: list[KnowledgePiece]) -> list[BenchmarkEdit]:
-    """Group the pieces' benchmark structure into edits, in file order (edits without tests are dropped)."""
+def benchmark_edits(pieces: list[KnowledgePiece], with_untested: bool = False) -> list[BenchmarkEdit]:
+    """Group the pieces' benchmark structure into edits, in file order: the ``edit`` pieces of one
+    question id are one edit, with the originals, tests and conditions linked to them by ``edit_id``
+    (one pass over the pieces). Edits without tests are dropped unless ``with_untested``."""
     by_id = {p.id: i for i, p in enumerate(pieces)}
     groups: dict[str, list[int]] = {}
+    linked: dict[str, dict[PieceRole, list[int]]] = {}
     for i, p in enumerate(pieces):
         if p.role == PieceRole.edit:
             groups.setdefault(p.question_id, []).append(i)
+        elif p.role in (PieceRole.original, PieceRole.test) and p.edit_id:
+            linked.setdefault(p.edit_id, {}).setdefault(p.role, []).append(i)
     out = []
     for qid, rows in groups.items():
-        ids = {pieces[r].id for r in rows}
-        originals = [i for i, p in enumerate(pieces) if p.role == PieceRole.original and p.edit_id in ids]
-        tests = [i for i, p in enumerate(pieces) if p.role == PieceRole.test and p.edit_id in ids]
-        if tests:
+        of = [linked.get(pieces[r].id, {}) for r in rows]
+        originals = sorted(i for d in of for i in d.get(PieceRole.original, []))
+        tests = sorted(i for d in of for i in d.get(PieceRole.test, []))
+        if tests or with_untested:
             out.append(BenchmarkEdit(qid, rows, originals, tests,
                                      [by_id.get(pieces[t].condition_id) if pieces[t].condition_id else None for t in tests]))
     return out

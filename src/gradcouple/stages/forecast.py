@@ -37,7 +37,7 @@ from ..edits import Rewrite, edit_norm, edited
 from ..errors import ConfigError, DataError
 from ..gradients import PieceFactors, batch_factors, factored_sq_norm
 from ..gram import contract
-from ..io import digest, sha256_file
+from ..io import digest
 from ..metrics import DEFINITIONS, bootstrap_interval, clustered_correlation, precision_at_k, spearman
 from ..models import LoadedModel
 from ..pieces import KnowledgePiece, PieceKind, PieceRole, Triple
@@ -47,8 +47,9 @@ from ..rules import RULES, stable_test
 from ..rundir import locked
 from ..runinfo import device_info, use_threads
 from ..scoring import EncodedPiece, collate, encode, measure_logprobs, subject_position
-from ..stores import Direction, token_contractions
+from ..stores import Direction
 from ..suffix import lowest_block
+from .benchmark import BenchmarkEdit, benchmark_edits, edit_succeeded
 from .edit_run import RippleRun, check_run
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 #: the predictors a forecast computes from the store alone (their definitions are the ripple stage's)
 FORECAST_PREDICTORS = ("first_order", "gradsim", "inner_product")
 LONG_EDIT = "edit longer than the extraction's --max-length"
+UNTOKENIZABLE = "edit whose prompt or new target yields no token"
 NO_SUBJECT = "subject not in the prompt"
 LONG_TEST = "test query longer than the extraction's --max-length"
 
@@ -72,19 +74,11 @@ class EditRequest:
 
 
 def edit_requests(pieces: list[KnowledgePiece]) -> list[EditRequest]:
-    """The edit pieces (role ``edit``) grouped into requests by question id (an MQuAKE case's rewrites
-    are one request), in file order, each with its originals and tests (linked by ``edit_id``)."""
-    groups: dict[str, list[KnowledgePiece]] = {}
-    for p in pieces:
-        if p.role == PieceRole.edit:
-            groups.setdefault(p.question_id, []).append(p)
-    out = []
-    for rewrites in groups.values():
-        ids = {p.id for p in rewrites}
-        out.append(EditRequest(rewrites[0].id, rewrites,
-                               [p for p in pieces if p.role == PieceRole.original and p.edit_id in ids],
-                               [p for p in pieces if p.role == PieceRole.test and p.edit_id in ids]))
-    return out
+    """The edit pieces (role ``edit``) grouped into requests as the ripple benchmark groups them
+    (:func:`~gradcouple.stages.benchmark.benchmark_edits`: an MQuAKE case's rewrites are one request),
+    in file order, each with its originals and tests, those without tests included."""
+    return [EditRequest(pieces[e.edits[0]].id, [pieces[i] for i in e.edits], [pieces[i] for i in e.originals],
+                        [pieces[i] for i in e.tests]) for e in benchmark_edits(pieces, with_untested=True)]
 
 
 def single_edit(prompt: str, target: str, subject: Optional[str] = None) -> EditRequest:
@@ -172,22 +166,23 @@ class _Prepared:
                                     torch.cat([f.d[n] for f in self.factors[:k]])) for n in names) ** 0.5
 
 
-def _prepare(r: RippleRun, request: EditRequest, skipped: dict[str, int]) -> _Prepared:
+def _prepare(r: RippleRun, request: EditRequest, skipped: dict[str, int], keyed: bool = True) -> _Prepared:
     """The request encoded as the extraction encodes pieces; raises _Skip for an edit that cannot be
-    made as given (longer than --max-length, a subject its prompt does not name)."""
+    scored as given (longer than --max-length, not tokenizable as prompt + answer) or, when an edit
+    will be made (``keyed``), whose subject its prompt does not name (ROME's and MEMIT's key)."""
     tok, template, max_length = r.loaded.tokenizer, r.template, r.max_length
     rewrites = []
     for p in request.rewrites:
         prompt, answer = p.render(template)
         try:
             enc = encode(tok, prompt, answer, max_length, where=f"edit {p.id}: ")
-        except DataError:
-            raise _Skip(LONG_EDIT) from None
+        except DataError as e:
+            raise _Skip(LONG_EDIT if "longer than" in str(e) else UNTOKENIZABLE) from None
         if enc.truncated_tokens:
             raise _Skip(LONG_EDIT)
         subject = p.triple.subject if p.triple else None
         pos = subject_position(tok, enc, subject) if subject else None
-        if subject and pos is None:
+        if subject and pos is None and keyed:
             raise _Skip(NO_SUBJECT)
         rewrites.append(Rewrite(enc, pos, subject))
     tests, encoded = [], []
@@ -214,10 +209,11 @@ def _factors(r: RippleRun, encoded: list[EncodedPiece]) -> list[PieceFactors]:
     return out  # type: ignore[return-value]
 
 
-def _test_scores(prep: _Prepared, directions: dict[str, Direction], dtype: torch.dtype) -> torch.Tensor:
-    """<g_q, D> for each of the request's own tests: (T,) float64."""
+def _test_scores(kind, prep: _Prepared, directions: dict[str, Direction], dtype: torch.dtype) -> torch.Tensor:
+    """<g_q, D> for each of the request's own tests, as the store kind scores its stored pieces (exactly,
+    or through the same sketch for a projected store): (T,) float64."""
     k = len(prep.rewrites)
-    return torch.tensor([sum(float(token_contractions(f.x[n], f.d[n], directions[n], dtype).sum()) for n in directions)
+    return torch.tensor([sum(kind.contract_factors(n, f.x[n], f.d[n], directions[n], dtype) for n in directions)
                          for f in prep.factors[k:]], dtype=torch.float64)
 
 
@@ -249,7 +245,7 @@ class Forecaster:
         dirs = {n: d.to(self.device) for n, d in directions.items()}
         with progress("forecast", self.n, "pieces", show_progress) as advance:
             stored = contract(self.r.reader, dirs, self.cfg.couple.block_size, dtype=self.dtype, progress=advance)
-        return torch.cat([stored, _test_scores(prep, dirs, self.dtype)])
+        return torch.cat([stored, _test_scores(self.r.reader.kind, prep, dirs, self.dtype)])
 
     def encoded(self, prep: _Prepared, rows: list[int]) -> list[EncodedPiece]:
         """Encodings of combined indices (stored rows, then own tests), as extraction scored them."""
@@ -283,6 +279,7 @@ class Forecaster:
         seconds["scores"] = time.perf_counter() - t
         edit_seconds = verify_seconds = 0.0
         measured: list[int] = []
+        sample: list[int] = []
         after = before = None
         norm = success = None
         fixed = [*[w.new for w in prep.rewrites]]
@@ -301,62 +298,60 @@ class Forecaster:
                     seconds["scores"] += time.perf_counter() - ts
                 if fc.verify:
                     tv = time.perf_counter()
-                    measured = self._measured(prep, scores, fc.verify, rng)
-                    enc = self.encoded(prep, measured) + fixed + self._originals(prep)
+                    measured, sample = self._measured(prep, scores, fc.verify, rng)
+                    originals = self._originals(prep)
+                    enc = self.encoded(prep, measured) + fixed + [e for _, e in originals]
                     after = measure_logprobs(r.loaded.model, enc, r.manifest.batch_size, r.loaded.pad_id)
                     verify_seconds += time.perf_counter() - tv
             if fc.verify:
                 tv = time.perf_counter()
                 before = measure_logprobs(r.loaded.model, enc, r.manifest.batch_size, r.loaded.pad_id)
                 verify_seconds += time.perf_counter() - tv
-                success = self._success(prep, before, after, len(measured))
+                success = self._success(prep, [p for p, _ in originals], before[len(measured):], after[len(measured):])
         seconds["edit"] = edit_seconds
         if fc.verify:
             seconds["verify"] = verify_seconds
-        payload = self._payload(k, prep, scores, measured, before, after, norm, success, seconds)
+        payload = self._payload(k, prep, scores, measured, sample, before, after, norm, success, seconds)
         prep.factors = []  # a long edit file keeps one request's factors at a time
         return payload
 
-    def _originals(self, prep: _Prepared) -> list[EncodedPiece]:
+    def _originals(self, prep: _Prepared) -> list[tuple[KnowledgePiece, EncodedPiece]]:
+        """The request's originals (true targets) that encode, with their encodings."""
         r, out = self.r, []
         for p in prep.request.originals:
             prompt, answer = p.render(r.template)
             try:
-                out.append(encode(r.loaded.tokenizer, prompt, answer, r.max_length))
+                out.append((p, encode(r.loaded.tokenizer, prompt, answer, r.max_length)))
             except DataError:
                 continue
         return out
 
-    def _success(self, prep: _Prepared, before: torch.Tensor, after: torch.Tensor, m: int) -> bool:
-        """``DEFINITIONS['edit success']`` of every rewrite (against its original when the file gives one)."""
-        k = len(prep.rewrites)
-        new_b, new_a = before[m:m + k], after[m:m + k]
-        orig = {p.edit_id: i for i, p in enumerate(prep.request.originals)}
-        ok = True
-        for j, p in enumerate(prep.request.rewrites):
-            o = orig.get(p.id)
-            if o is not None and m + k + o < len(after):
-                ok &= bool(new_a[j] > after[m + k + o])
-            else:
-                ok &= bool(new_a[j] > new_b[j])
-        return ok
+    @staticmethod
+    def _success(prep: _Prepared, originals: list[KnowledgePiece], before: torch.Tensor, after: torch.Tensor) -> bool:
+        """``DEFINITIONS['edit success']`` (:func:`~gradcouple.stages.benchmark.edit_succeeded`) of the
+        rewrites, ``before``/``after`` holding the log-probs of the rewrites then of ``originals``."""
+        pieces = [*prep.request.rewrites, *originals]
+        k = len(prep.request.rewrites)
+        edit = BenchmarkEdit(prep.request.id, list(range(k)), list(range(k, len(pieces))), [], [])
+        return edit_succeeded(pieces, edit, before, after)
 
-    def _measured(self, prep: _Prepared, scores: dict[str, torch.Tensor], k: int, rng) -> list[int]:
-        """Combined indices measured by --verify: every predictor's top k, an equal random sample of
-        the rest, and the request's own tests."""
-        total = self.n + len(prep.tests)
+    def _measured(self, prep: _Prepared, scores: dict[str, torch.Tensor], k: int, rng) -> tuple[list[int], list[int]]:
+        """Combined indices measured by --verify (``DEFINITIONS['verified pieces']``): every predictor's top k,
+        the request's own tests, and a seeded random sample of as many other stored pieces as the top k
+        hold (returned apart: the sample is in no predictor's top k)."""
         top: set[int] = set()
         for s in scores.values():
             top |= set((_ranks(s) <= k).nonzero().flatten().tolist())
-        own = set(range(self.n, total))
+        own = set(range(self.n, self.n + len(prep.tests)))
         rest = np.array(sorted(set(range(self.n)) - top))
-        sample = set(rng.choice(rest, size=min(len(top - own), len(rest)), replace=False).tolist()) if len(rest) else set()
-        return sorted(top | sample | own)
+        size = min(len(top - own), len(rest))
+        sample = sorted(rng.choice(rest, size=size, replace=False).tolist()) if size else []
+        return sorted(top | set(sample) | own), sample
 
-    def _payload(self, k: int, prep: _Prepared, scores: dict[str, torch.Tensor], measured: list[int],
+    def _payload(self, k: int, prep: _Prepared, scores: dict[str, torch.Tensor], measured: list[int], sample: list[int],
                  before: Optional[torch.Tensor], after: Optional[torch.Tensor], norm: Optional[float],
                  success: Optional[bool], seconds: dict[str, float]) -> dict:
-        r, fc = self.r, self.cfg.forecast
+        fc = self.cfg.forecast
         req = prep.request
         change = {c: float(after[i] - before[i]) for i, c in enumerate(measured)} if after is not None else {}
         rows, checks = [], {}
@@ -366,7 +361,7 @@ class Forecaster:
             for c in sorted(listed, key=lambda c: int(ranks[c])):
                 rows.append(self._row(req, name, prep, c, float(s[c]), int(ranks[c]), change.get(c)).model_dump(mode="json"))
             if change:
-                checks[name] = self._check(prep, s, ranks, measured, change, fc.verify)
+                checks[name] = self._check(prep, s, ranks, measured, sample, change, fc.verify)
         edit = ForecastEdit(id=req.id, rewrites=[ForecastRewrite(prompt=p.prompt, target=p.answer,
                                                                  subject=p.triple.subject if p.triple else None)
                                                  for p in req.rewrites],
@@ -385,13 +380,14 @@ class Forecaster:
                            score=score, rank=rank, own_test=True, criterion=t.criterion, stable=stable_test(t.criterion),
                            change=change)
 
-    def _check(self, prep: _Prepared, s: torch.Tensor, ranks: torch.Tensor, measured: list[int], change: dict[int, float],
-               k: int) -> dict:
-        """One request's verify statistics for one predictor (aggregated over requests in the summary)."""
+    def _check(self, prep: _Prepared, s: torch.Tensor, ranks: torch.Tensor, measured: list[int], sample: list[int],
+               change: dict[int, float], k: int) -> dict:
+        """One request's verify statistics for one predictor (aggregated over requests in the summary):
+        correlations and precision@k over every measured piece; |change| of the stored pieces among its
+        top k and of the random sample; the fractions of its own moving and stable tests in the top k."""
         x = torch.tensor([float(s[c]) for c in measured], dtype=torch.float64)
         y = torch.tensor([change[c] for c in measured], dtype=torch.float64)
-        top = [c for c in measured if ranks[c] <= k]
-        sample = [c for c in measured if ranks[c] > k and c < self.n]
+        top = [c for c in measured if ranks[c] <= k and c < self.n]
         moving = [c for c in range(self.n, self.n + len(prep.tests)) if not stable_test(prep.tests[c - self.n].criterion)]
         stable = [c for c in range(self.n, self.n + len(prep.tests)) if stable_test(prep.tests[c - self.n].criterion)]
         return {"x": x.tolist(), "y": y.tolist(), "within": spearman(x, y), "precision": precision_at_k(x, y, k),
@@ -446,7 +442,7 @@ def forecast(cfg: RunConfig, run_dir: str | Path, requests: list[EditRequest], *
     prepared: list[_Prepared] = []
     for req in requests:
         try:
-            prep = _prepare(r, req, skipped)
+            prep = _prepare(r, req, skipped, keyed=needs_edit)
         except _Skip as e:
             skipped[e.reason] = skipped.get(e.reason, 0) + 1
             log.warning(f"edit {req.id}: skipped ({e.reason}).")
@@ -456,8 +452,7 @@ def forecast(cfg: RunConfig, run_dir: str | Path, requests: list[EditRequest], *
         raise DataError(f"no edit to forecast: every request was skipped ({', '.join(f'{k}: {v}' for k, v in skipped.items())}).")
     inputs = Inputs(values={
         "gradients": r.manifest.fingerprint(),
-        "edits": sha256_file(Path(edits_file)) if edits_file else digest([[(p.prompt, p.answer, p.triple.subject if p.triple else None)
-                                                                           for p in q.rewrites] for q in requests]),
+        "edits": digest([[p.model_dump(mode="json") for p in (*q.rewrites, *q.originals, *q.tests)] for q in requests]),
         "method": digest([r.method.name, r.method.settings()])[:16] if needs_edit else "none",
         "forecast": digest([fc.model_dump(mode="json"), cfg.ripple.seed])[:16]})
     keys = [f"{p.request.id}:{hashlib.sha256(repr([(w.new.ids, w.key_position) for w in p.rewrites]).encode()).hexdigest()[:12]}"

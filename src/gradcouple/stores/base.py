@@ -125,8 +125,10 @@ class Direction:
         per layer; fine-tuning's is full. The dropped singular values are below ``w``'s own float32
         rounding when ``rtol`` is 1e-6."""
         d_out, d_in = w.shape
-        if min(d_out, d_in) <= 1:
-            return cls(matrix=w)
+        if min(d_out, d_in) <= 1 or not bool(torch.isfinite(w).all()):
+            return cls(matrix=w)  # a non-finite change stays dense, so its scores say so
+        if not bool(w.any()):
+            return cls(a=w.new_zeros(d_out, 0), b=w.new_zeros(d_in, 0))
         u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
         r = int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
         if r * (d_in + d_out) >= d_in * d_out:
@@ -201,6 +203,12 @@ class StoreKind(ABC):
         change, or another piece's gradient): (n,) float64, products in ``dtype`` (float32 or
         float64), sums over tokens in float64. ``keep`` ((n,) bool): the rows wanted; a kind may skip
         the others' work (their values are then 0)."""
+
+    def contract_factors(self, name: str, x: torch.Tensor, d: torch.Tensor, direction: Direction,
+                         dtype: torch.dtype = torch.float32) -> float:
+        """<G, D> of a piece that is not stored, from its factors x (T, d_in'), d (T, d_out), as this kind
+        scores its stored pieces (exact kinds: exactly; a sketching kind: through its sketch)."""
+        return float(token_contractions(x, d, direction, dtype).sum())
 
     def plan(self, name: str, tokens_per_piece: float, block_size: int, requested: str) -> str:
         """The Gram algorithm of one target: 'dense' unless a kind can do better."""

@@ -24,11 +24,13 @@ class DenseStore(StoreKind):
         return direction.dense(dtype)
 
     def _reference_of(self, name: str, direction: Direction, dtype: torch.dtype) -> torch.Tensor:
-        """:meth:`reference` flattened, computed once per direction (a pass calls :meth:`contract` per block)."""
-        held = getattr(self, "_held", None)
-        if held is None or held[0] is not direction or held[1:3] != (name, dtype):
-            self._held = held = (direction, name, dtype, self.reference(name, direction, dtype).flatten())
-        return held[3]
+        """:meth:`reference` flattened, computed once per target and direction (a pass calls
+        :meth:`contract` per block and target)."""
+        held = self.__dict__.setdefault("_held", {})
+        got = held.get((name, dtype))
+        if got is None or got[0] is not direction:
+            held[(name, dtype)] = got = (direction, self.reference(name, direction, dtype).flatten())
+        return got[1]
 
     def encode(self, name, x, d):
         g, s = scaled_fp16(self.matrix(name, x, d))

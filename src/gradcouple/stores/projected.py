@@ -72,12 +72,18 @@ class ProjectedStore(DenseStore):
         return self.proj[name].from_factors(x, d)
 
     def reference(self, name, direction, dtype=torch.float32):
-        """The direction's sketch: from its factors (r of them, as a piece's r tokens) or from its matrix."""
+        """The direction's sketch (computed in float32, as the stored sketches are): from its factors (r of
+        them, as a piece's r tokens) or from its matrix."""
         p = self.proj[name]
         dev = (direction.a if direction.factored else direction.matrix).device
         feats = p.from_factors(direction.b.t().cpu(), direction.a.t().cpu()) if direction.factored else \
             p.from_matrix(direction.matrix.cpu())
         return feats.to(dev, dtype)
+
+    def contract_factors(self, name, x, d, direction, dtype=torch.float32):
+        """The piece's sketch against the direction's: what the store's own pieces get (unbiased)."""
+        ref = self._reference_of(name, direction, dtype)
+        return float(self.matrix(name, x, d).flatten().to(ref.device, dtype) @ ref)
 
     def stored_numbers(self, name):
         return (self.settings.proj_blocks or 1) * (self.settings.proj_dim or 4) ** 2
