@@ -131,6 +131,8 @@ class ForecastResult(BaseModel):
 
 
 class _Skip(Exception):
+    """A request that cannot be forecast as given; counted under ``reason`` in the summary's ``skipped``."""
+
     def __init__(self, reason: str):
         self.reason = reason
 
