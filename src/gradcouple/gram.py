@@ -286,9 +286,10 @@ def contract(reader: GradientReader, directions: dict[str, Direction], block_siz
 
     Read block by block in store order, so memory is a block (and the reader's few cached shards);
     the store kind contracts each block (exactly for factors and dense, an unbiased estimate for
-    projected), products in ``dtype``, sums in float64; a target whose direction is zero is not read. ``rows`` (pieces.jsonl indices) computes
-    only those pieces, NaN elsewhere: blocks without one are not read, and the factors store
-    contracts only their tokens. ``progress(k)``: called with the pieces done.
+    projected), products in ``dtype``, sums in float64; a target whose direction is zero is not
+    read. ``rows`` (pieces.jsonl indices) computes only those pieces, NaN elsewhere: blocks without
+    one are not read, and the factors store contracts only their tokens. ``progress(k)``: called
+    with the pieces done.
     """
     out = torch.zeros(reader.n, dtype=torch.float64)
     wanted = None

@@ -6,9 +6,9 @@
     journal-*.jsonl         finished edits of an unfinished forecast (one file per inputs); removed
                             once the forecast of those inputs is saved
 
-A new forecast replaces the previous one; its inputs (the gradients, the edit file's sha256, the
-method's knobs, the forecast settings) are recorded, and :meth:`ForecastFiles.stale` names what
-changed since.
+A new forecast replaces the previous one; its inputs (the gradients, a digest of the edit
+requests, the method's knobs, the forecast settings) are recorded, and :meth:`ForecastFiles.stale`
+names what changed since.
 """
 
 from __future__ import annotations
@@ -38,9 +38,12 @@ class ForecastFiles:
     @property
     def summary_path(self) -> Path: return self.dir / "summary.json"
 
+    def journal_path(self, inputs: Inputs) -> Path:
+        return self.dir / f"journal-{digest(inputs.values)[:12]}.jsonl"
+
     def journal(self, inputs: Inputs) -> EditJournal:
         """The journal of finished edits for forecast inputs ``inputs``, holding what an interrupted run finished."""
-        return EditJournal(self.dir / f"journal-{digest(inputs.values)[:12]}.jsonl")
+        return EditJournal(self.journal_path(inputs))
 
     def save(self, summary: ForecastSummary, rows: list[ForecastRow]) -> None:
         """forecast.jsonl then summary.json, each atomically; the journal of these inputs goes (an
@@ -49,7 +52,7 @@ class ForecastFiles:
             for row in rows:
                 fh.write(row.model_dump_json() + "\n")
         write_json(self.summary_path, summary.model_dump(mode="json"))
-        self.journal(summary.inputs).path.unlink(missing_ok=True)
+        self.journal_path(summary.inputs).unlink(missing_ok=True)
 
     def exists(self) -> bool:
         return self.summary_path.is_file()
@@ -63,9 +66,9 @@ class ForecastFiles:
         fix = f"rerun `gradcouple forecast --run {self.run.root} ...`."
         return read_model(self.summary_path, ForecastSummary, fix), read_lines(self.rows_path, ForecastRow, fix)
 
-    def stale(self, manifest: Manifest) -> list[str]:
-        """What changed since the forecast was made ([] when its gradients are this run's)."""
-        summary, _ = self.load()
+    @staticmethod
+    def stale(summary: ForecastSummary, manifest: Manifest) -> list[str]:
+        """What changed since the forecast ``summary`` was made ([] when its gradients are this run's)."""
         now = Inputs(values={"gradients": manifest.fingerprint()})
         return stale_inputs(Inputs(values={k: v for k, v in summary.inputs.values.items() if k in now.values}), now)
 

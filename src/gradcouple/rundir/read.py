@@ -29,9 +29,6 @@ def read_model(path: Path, model: type[M], fix: str) -> M:
         raise ArtifactError(f"{path}: field '{loc}': {err['msg']}; {fix}") from None
 
 
-__all__ = ["read_model"]
-
-
 def read_lines(path: Path, model: type[M], fix: str) -> list[M]:
     """``model`` validated from each non-blank line of the JSON-lines file ``path`` ([] when absent).
 
@@ -47,3 +44,6 @@ def read_lines(path: Path, model: type[M], fix: str) -> list[M]:
                 except ValidationError as e:
                     raise ArtifactError(f"{path}:{n}: {e.errors()[0]['msg']}; {fix}") from None
     return rows
+
+
+__all__ = ["read_lines", "read_model"]

@@ -120,12 +120,12 @@ class RippleRun:
 
 
 def check_run(cfg: RunConfig, run_dir: str | Path, loaded: Optional[LoadedModel], prepare: bool = True,
-              coupled: bool = True, encoded: bool = True) -> RippleRun:
+              coupled: bool = True, encode: bool = True) -> RippleRun:
     """Load and check the run: current coupling, the extraction's model and settings, the edit method
     (its knobs: the model's published settings, ``--hparams``, then the config's) and, with
     ``prepare``, that it can edit the extraction's layers and what it reads once (covariances,
     context templates). Without ``coupled`` the coupling is neither needed nor read (``stats`` and
-    ``cos`` are None: forecasts read the gradients only); without ``encoded`` the pieces are not
+    ``cos`` are None: forecasts read the gradients only); without ``encode`` the pieces are not
     tokenized (``encoded`` is empty).
 
     Raises:
@@ -155,7 +155,7 @@ def check_run(cfg: RunConfig, run_dir: str | Path, loaded: Optional[LoadedModel]
     reader = GradientReader(run, manifest)
     pieces = run.load_pieces()
     encoded = encode_pieces(loaded.tokenizer, pieces, extracted.data.prompt_template, extracted.extract.max_length) \
-        if encoded else []
+        if encode else []
     norms = torch.tensor([r.norm for r in manifest.records()], dtype=torch.float64)
     r = RippleRun(run, cfg, manifest, stats, reader, pieces, cos, loaded, targets, encoded, norms, method)
     if prepare:  # a layer sweep edits blocks the extraction need not have: its methods are checked as they edit

@@ -284,7 +284,7 @@ class Forecaster:
         sample: list[int] = []
         after = before = None
         norm = success = None
-        fixed = [*[w.new for w in prep.rewrites]]
+        fixed = [w.new for w in prep.rewrites]
         rng = np.random.default_rng(self.cfg.ripple.seed + k)
         if self.needs_edit:
             method = r.method
@@ -438,7 +438,7 @@ def forecast(cfg: RunConfig, run_dir: str | Path, requests: list[EditRequest], *
     use_threads(cfg.model.threads)
     fc = cfg.forecast
     needs_edit = "first_order" in fc.predictors or fc.verify is not None
-    r = check_run(cfg, run_dir, loaded, prepare=needs_edit, coupled=False, encoded=False)
+    r = check_run(cfg, run_dir, loaded, prepare=needs_edit, coupled=False, encode=False)
     f = Forecaster(r, cfg)
     skipped = dict(skipped or {})
     prepared: list[_Prepared] = []

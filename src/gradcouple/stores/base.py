@@ -102,10 +102,6 @@ class Direction:
     def factored(self) -> bool:
         return self.matrix is None
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.matrix.shape) if self.matrix is not None else (self.a.shape[0], self.b.shape[0])
-
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The direction as a (d_out, d_in') matrix of ``dtype``."""
         if self.matrix is not None:
@@ -122,8 +118,9 @@ class Direction:
         """A (d_out, d_in') weight change, factored by its SVD (in float64) when its numerical rank,
         the singular values above ``rtol`` times the largest, makes the factored contraction cheaper;
         else kept dense. ROME's update is rank one, MEMIT's and AlphaEdit's rank at most the edits
-        per layer; fine-tuning's is full. The dropped singular values are below ``w``'s own float32
-        rounding when ``rtol`` is 1e-6."""
+        per layer; fine-tuning's is full. Dropping the singular values below ``rtol`` times the
+        largest changes <G, D> by at most about ``rtol`` sqrt(dropped) |G| |D|. A non-finite ``w``
+        stays dense (its scores show it); a zero one has rank 0."""
         d_out, d_in = w.shape
         if min(d_out, d_in) <= 1 or not bool(torch.isfinite(w).all()):
             return cls(matrix=w)  # a non-finite change stays dense, so its scores say so

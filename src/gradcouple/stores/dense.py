@@ -19,6 +19,11 @@ class DenseStore(StoreKind):
         """What is stored for one piece before scaling: here the gradient itself, (d_out, d_in') float32."""
         return d.t() @ x
 
+    def __init__(self, settings, targets):
+        super().__init__(settings, targets)
+        #: (target, dtype) -> (direction, its flattened reference): one per pass, not one per block
+        self._references: dict[tuple[str, torch.dtype], tuple[Direction, torch.Tensor]] = {}
+
     def reference(self, name: str, direction: Direction, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A direction (weight change or gradient) in the stored space (itself here): (d_out, d_in') of ``dtype``."""
         return direction.dense(dtype)
@@ -26,10 +31,9 @@ class DenseStore(StoreKind):
     def _reference_of(self, name: str, direction: Direction, dtype: torch.dtype) -> torch.Tensor:
         """:meth:`reference` flattened, computed once per target and direction (a pass calls
         :meth:`contract` per block and target)."""
-        held = self.__dict__.setdefault("_held", {})
-        got = held.get((name, dtype))
+        got = self._references.get((name, dtype))
         if got is None or got[0] is not direction:
-            held[(name, dtype)] = got = (direction, self.reference(name, direction, dtype).flatten())
+            self._references[(name, dtype)] = got = (direction, self.reference(name, direction, dtype).flatten())
         return got[1]
 
     def encode(self, name, x, d):

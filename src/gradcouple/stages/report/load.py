@@ -134,7 +134,8 @@ def _current_forecast(run: RunDir, manifest: Manifest) -> Optional[tuple[Forecas
     if not run.forecast.exists():
         return None
     try:
-        return None if run.forecast.stale(manifest) else run.forecast.load()
+        summary, rows = run.forecast.load()  # read once: the staleness check is of this summary
     except ArtifactError as e:
         log.warning(f"the report leaves the forecast out: {e}")
         return None
+    return None if run.forecast.stale(summary, manifest) else (summary, rows)
