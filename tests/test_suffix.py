@@ -13,8 +13,10 @@ import transformers as T
 from conftest import VOCAB, random_pieces
 from test_benchmark import coupled_edit_run
 
+from gradcouple.edits.base import EditContext, Rewrite
+from gradcouple.edits.value import Prompts, optimise_value, templated_prompts
 from gradcouple.layers import REGISTRY, find_blocks, select_targets
-from gradcouple.scoring import collate, encode, measure_logprobs
+from gradcouple.scoring import EncodedPiece, collate, encode, measure_logprobs
 from gradcouple.stages.ripple import ripple
 from gradcouple.suffix import SuffixExecution, lowest_block, suffix_execution
 
@@ -89,6 +91,33 @@ def test_left_padding_gives_the_full_models_hidden_states(family):
         got = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     real = mask.bool()
     assert torch.allclose(got[real], full[real], atol=1e-5, rtol=1e-5)
+
+
+def _value_prompts(seed: int) -> Prompts:
+    """Four rewrite rows (lookup tokens inside their prompts) and a KL row whose lookup is its first token."""
+    g = torch.Generator().manual_seed(seed)
+    enc, look = [], []
+    for n in (9, 14, 20, 6):
+        ids = torch.randint(2, VOCAB, (n,), generator=g).tolist()
+        enc.append(EncodedPiece(tuple(ids), n - 2, "p", "a"))
+        look.append(int(torch.randint(1, n - 2, (1,), generator=g)))
+    return Prompts(enc, look, torch.randint(2, VOCAB, (5,), generator=g).tolist(), 0, True)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_value_optimisation_from_the_lookup_token_equals_whole_prompts(family):
+    model = tiny(family)
+    site = find_blocks(model)[1][1]
+    prompts, width = _value_prompts(7), model.get_input_embeddings().weight.shape[1]
+    got = {}
+    for cached in (False, True):
+        ctx = EditContext(model=model, targets=[], pad_id=0, reader=None, covariance=None, prefix_cache=cached)
+        with SuffixExecution(model, 1):  # as in a ripple: the base model's forward is patched
+            got[cached] = optimise_value(ctx, site, width, prompts, 5, 0.5, 0.0625, 1e-3, 4.0)
+    (init, delta, trace), (init_c, delta_c, trace_c) = got[False], got[True]
+    assert trace["steps"] == trace_c["steps"] == 4 and abs(trace["loss"] - trace_c["loss"]) <= TOL
+    assert float((init - init_c).norm()) <= TOL * float(init.norm())
+    assert float((delta - delta_c).norm()) <= 1e-4 * float(delta.norm())
 
 
 def test_the_blocks_below_L_are_not_run_on_reuse():
@@ -183,6 +212,23 @@ def test_suffix_is_exact_on_the_real_default_model(smollm2):
             got = measure_logprobs(model, enc, batch_size=6, pad_id=smollm2.pad_id)
         assert float((got - full).abs().max()) <= TOL and sx.stats.rows_reused == 3
     assert collate(enc).input_ids.shape[0] == 6
+
+
+def test_the_value_optimisation_from_the_lookup_token_is_exact_on_the_real_default_model(smollm2):
+    tok = smollm2.tokenizer
+    rw = Rewrite(encode(tok, "The name of the country of citizenship of Leonardo DiCaprio is", " Syria"),
+                 subject="Leonardo DiCaprio")
+    prompts = templated_prompts(tok, rw, ["", "The city is large. ", "Therefore, we went home early. "], "subject_last", 256)
+    assert prompts.found and min(prompts.lookup) > 0
+    got = {}
+    for cached in (False, True):
+        ctx = EditContext(model=smollm2.model, targets=[], pad_id=smollm2.pad_id, reader=None, covariance=None,
+                          prefix_cache=cached)
+        got[cached] = optimise_value(ctx, find_blocks(smollm2.model)[1][4].mlp, 576, prompts, 3, 0.5, 0.0625, 1e-3, 4.0)
+    (init, delta, trace), (init_c, delta_c, trace_c) = got[False], got[True]
+    assert trace["steps"] == trace_c["steps"] == 2 and abs(trace["loss"] - trace_c["loss"]) <= 1e-4 * trace["loss"]
+    assert float((init - init_c).norm()) <= TOL * float(init.norm())
+    assert float((delta - delta_c).norm()) <= 1e-4 * float(delta.norm())
 
 
 def test_a_benchmark_ripple_gives_the_same_results_from_the_suffix(tmp_path):

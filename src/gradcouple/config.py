@@ -141,8 +141,10 @@ class RippleConfig(_Section):
         "Make the batches one after another without restoring the weights between them, measuring every earlier edit "
         "again after each (how MEMIT and AlphaEdit are used); the weights are restored at the end"))
     full_model: bool = Field(default=False, json_schema_extra=_flag("--full-model"), description=(
-        "Run every edit step and measurement through all blocks; by default they run from the lowest edited block on, "
-        "the residual entering it computed once per sequence (the same log-probs to float32 rounding)"))
+        "Run every edit step and measurement through all blocks, and the value optimisation of rome, memit and alphaedit "
+        "over whole prompts; by default they run from the lowest edited block on, the residual entering it computed once "
+        "per sequence, and the value optimisation from each prompt's lookup token on, the keys and values before it "
+        "computed once (the same log-probs to float32 rounding)"))
     layer_sweep: Optional[str] = Field(default=None, json_schema_extra=_flag("--layer-sweep"), description=(
         "Blocks, e.g. 2-12: the method's efficacy, specificity and locality on the benchmark edits with each block as its "
         "first edited layer -> layer_sweep.json (needs no gradients at those blocks)"))

@@ -68,6 +68,9 @@ class EditContext:
     fingerprint: str = ""
     max_length: int = 256
     seed: int = 0
+    #: the value optimisation (ROME, MEMIT, AlphaEdit) runs each prompt from its lookup token on, the keys and
+    #: values of what precedes it computed once (:class:`~gradcouple.edits.value.PrefixKV`); False: whole prompts
+    prefix_cache: bool = True
     memo: dict[str, Any] = field(default_factory=dict)
 
 

@@ -96,7 +96,8 @@ class RippleRun:
                                         reader=self.reader, covariance=lambda t: self.covariance(t)[0],
                                         prefetch=self.prefetch,
                                         tokenizer=self.loaded.tokenizer, fingerprint=self.manifest.model.fingerprint,
-                                        max_length=self.max_length, seed=self.cfg.ripple.seed)
+                                        max_length=self.max_length, seed=self.cfg.ripple.seed,
+                                        prefix_cache=not self.cfg.ripple.full_model)
         return self._context
 
     def executing(self, lowest: Optional[int]):
