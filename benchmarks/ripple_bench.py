@@ -34,6 +34,60 @@ sys.path.insert(0, str(ROOT / "src"))
 from sections import put  # noqa: E402
 
 
+def ft_step_costs(model_name: str, pieces: Path, repeats: int = 20) -> dict:
+    """Milliseconds of one ft step (forward and backward, the first demo edit's prompt) through all blocks and
+    from block 26, and of the LM head's part of it (logits at the answer positions, forward and backward), which
+    both paths pay: medians of ``repeats``."""
+    import statistics
+
+    import torch
+
+    from gradcouple.layers import select_targets
+    from gradcouple.models import load_model
+    from gradcouple.pieces import read_pieces
+    from gradcouple.scoring import collate, encode, final_logits, score
+    from gradcouple.suffix import SuffixExecution
+
+    lm = load_model(model_name, device="cpu")
+    model = lm.model
+    edit = next(p for p in read_pieces(pieces) if p.role == "edit")
+    e = encode(lm.tokenizer, *edit.render())
+    batch = collate([e], lm.pad_id)
+    targets = select_targets(model, "last4")
+    weights = [t.module.weight for t in targets]
+    for w in weights:
+        w.requires_grad_(True)
+
+    def step():
+        lp, _ = score(model, batch)
+        (-lp.sum()).backward()
+        for w in weights:
+            w.grad = None
+
+    h = torch.randn(e.n_answer_tokens, model.config.hidden_size, requires_grad=True)
+
+    def head():
+        final_logits(model, h).log_softmax(-1)[:, 0].sum().backward()
+        h.grad = None
+
+    def median_ms(f):
+        f()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+        return 1000 * statistics.median(times)
+
+    with torch.enable_grad():
+        out = {"tokens": e.n_inputs, "answer": e.n_answer_tokens, "full": median_ms(step), "head": median_ms(head)}
+        with SuffixExecution(model, min(t.block for t in targets)):
+            out["suffix"] = median_ms(step)
+    for w in weights:
+        w.requires_grad_(False)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -80,6 +134,7 @@ def main() -> None:
                              "from": s.suffix.from_block if s.suffix else None})
             a, b = tests["full model"], tests["suffix"]
             diffs[method] = max(abs(a[k] - b[k]) for k in a)
+        step = ft_step_costs(args.model, pieces)
         total = time.perf_counter() - t_all
     finally:
         if args.work is None:
@@ -114,14 +169,22 @@ def main() -> None:
         f, s = by[(method, "full model")], by[(method, "suffix")]
         em = [r["phases"]["edit"] + r["phases"]["measure"] for r in (f, s)]
         lines.append(f"| {method} | {f['per_edit'] / s['per_edit']:.1f}x | {em[0] / em[1]:.1f}x | {diffs[method]:.1e} |")
-    lines += ["", "ft edits the last four blocks (26-29), so an edit step and a measurement run 4 of 30 blocks; ROME "
-              "edits block 4, so they run 26 of 30 and the suffix saves little: its time is the value optimisation "
-              "(21 templated prompts, up to 25 steps, forward and backward through blocks 4-29). The predictors "
-              "phase is the same on both paths: its cost is first order, <g_j, Δθ> over every test's stored tokens "
-              "(tokens x d_in x d_out per target, since an ft Δθ has full rank). The measured rises differ by float32 "
-              "rounding: a residual computed in one batch and reused in another differs in the last bits, and an "
-              "edit's optimiser carries that into its result; a suffix log-prob itself equals the full model's to "
-              "1e-5 nats (tests/test_suffix.py)."]
+    f, sf = by[("ft", "full model")], by[("ft", "suffix")]
+    lines += ["", f"ft edits the last four blocks (26-29), so an edit step and a measurement run 4 of 30 blocks. A "
+              f"measurement (about 50 sequences an edit, compute-bound) gains "
+              f"{f['phases']['measure'] / sf['phases']['measure']:.1f}x; an edit step on one {step['tokens']}-token prompt "
+              f"costs {step['full']:.0f} ms whole and {step['suffix']:.0f} ms from block 26, of which the LM head at the "
+              f"{step['answer']} answer position{'s' if step['answer'] != 1 else ''} is {step['head']:.0f} ms on both paths (its 49,152 x 576 matrix, the "
+              "tied embeddings, is read forward and again backward whatever the number of tokens), and Adam and the "
+              "weight copies add the same on both: so the edit phase gains "
+              f"{f['phases']['edit'] / sf['phases']['edit']:.1f}x and ft as a whole stays under 5x per edit. "
+              "ROME edits block 4, so the residual saves it little; its time is the value optimisation (21 templated "
+              "prompts, up to 25 steps), which now runs each prompt from the subject's last token on, the keys and "
+              "values before it computed once (`edits/value.py`, `PrefixKV`; `--full-model` runs whole prompts). The "
+              "predictors phase is the same on both paths: its cost is first order, <g_j, Δθ> over every test's stored "
+              "tokens. The measured rises differ by float32 rounding: a residual computed in one batch and reused in "
+              "another differs in the last bits, and an edit's optimiser carries that into its result; a suffix log-prob "
+              "itself equals the full model's to 1e-5 nats (tests/test_suffix.py)."]
     put(args.out, "ripple", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

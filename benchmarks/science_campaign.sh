@@ -5,7 +5,8 @@
 #   on the first 40 RippleEdits edits; the ported methods (ft-l, memit, alphaedit, rome, on an extraction of
 #   their blocks 4-8 beside the coupling blocks 26-29) on the first $N_PORTED RippleEdits edits (default 10)
 #   and the first $N_PORTED_MQUAKE MQuAKE cases (default 3; a case is about four rewrites): they cost
-#   10-30 s per rewrite on 2 cores, so N_PORTED=1000 N_PORTED_MQUAKE=1000 (every edit) takes hours on a CPU;
+#   4-11 s each per RippleEdits edit on 2 cores (29 s for the four), so N_PORTED=1000 adds about 80 min and
+#   N_PORTED_MQUAKE=1000 about 50 min on a CPU;
 #   every predictor; the report (with the sweep figure) and the tables.
 # Usage: benchmarks/science_campaign.sh [SHARED_DATA_DIR]     (default ../shared/data)
 set -euo pipefail
