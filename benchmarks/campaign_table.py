@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--wall", type=float, default=None, help="the campaign's wall time (s)")
     ap.add_argument("--n-ported", default=None, help="edits the ported methods made: RippleEdits/MQuAKE")
+    ap.add_argument("--note", default="", help="a sentence added to the header (how the runs were made, if not in one go)")
     a = ap.parse_args()
     head = ["## At scale: the campaign", "",
             "`benchmarks/science_campaign.sh` (SmolLM2-135M, 2-core CPU): every record of the shared RippleEdits sample "
@@ -102,7 +103,7 @@ def main() -> None:
             f"the first {a.n_ported or 'N'} edits of the RippleEdits/MQuAKE sets (their blocks 4-8 extracted "
             "beside 26-29, GradSim over 26-29); ft's learning-rate sweep is drawn in the report "
             "(`runs/science/campaign/rippleedits-ft/report/index.html`, 'Sweep')."
-            + (f" Wall time {a.wall / 60:.1f} min." if a.wall is not None else ""), ""]
+            + (f" Wall time {a.wall / 60:.1f} min." if a.wall is not None else "") + (f" {a.note}" if a.note else ""), "", ""]
     text = "\n".join(head) + tables(a.paths) + "\n"
     if a.out:
         put(a.out, "campaign", text)

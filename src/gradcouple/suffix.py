@@ -3,8 +3,9 @@ block L, unchanged; that residual is computed once per scored sequence and every
 blocks L..end and the head only.
 
 :class:`SuffixExecution` is a context manager over a causal LM. Inside it, every call of the model's
-base model (``model.base_model(input_ids=..., attention_mask=..., use_cache=False)``, the one way
-gradcouple scores, fine-tunes and optimises values) looks each row up by its unpadded tokens and
+base model (``model.base_model(input_ids=..., attention_mask=..., use_cache=False)``, the way
+gradcouple scores and fine-tunes; the value optimisation of ROME, MEMIT and AlphaEdit runs its prompts'
+tails against a KV cache instead, :class:`~gradcouple.edits.value.PrefixKV`, and so whole) looks each row up by its unpadded tokens and
 where they start; a row seen before gets its residual from memory, the others have it computed in
 one forward that stops at block L. The blocks below L then return their input untouched and block L
 receives the stored residual; embeddings, rotary positions, attention and sliding-window masks are

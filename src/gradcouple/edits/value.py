@@ -119,6 +119,11 @@ def _pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torc
     return ids.to(device), mask.to(device)
 
 
+def _by_row(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """A module's (B, T, d) input or output; OPT's MLP works on (B * T, d), viewed here as (B, T, d)."""
+    return t.view(batch, -1, t.shape[-1]) if t.dim() == 2 else t
+
+
 def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -134,7 +139,7 @@ def capture(model, modules: dict[str, nn.Module], rows: list[list[int]], positio
 
     def hook(name):
         def fn(m, args, out):
-            x, y = args[0], _first(out)
+            x, y = _by_row(args[0], len(rows)), _by_row(_first(out), len(rows))
             got[name] = tuple(t.detach()[b.to(t.device), pos.to(t.device)].double().cpu() for t in (x, y))
         return fn
 
@@ -164,11 +169,15 @@ class PrefixKV:
     computed once, in one no-grad forward of the left-padded prefixes, and each optimisation step runs
     only the tails (the lookup token and what follows it) against them, as batched generation does.
 
-    Row b's tail holds its tokens ``cut[b]:``; ``input_ids``/``attention_mask`` (B, T_tail) and
-    ``position_ids`` (B, T_tail) int64 are the tail call's, ``mask`` (B, P + T_tail) covers prefix and
-    tail. Positions are each row's own (0 at its first real token), so rotary, learned and ALiBi
-    positions and sliding windows see what the whole row would. The same scores as the whole rows to
-    float32 rounding (tests/test_edit_methods.py compares them for every family layers.py names).
+    Row b's tail holds its tokens ``cut[b]:``: ``input_ids`` and ``position_ids`` (B, T_tail) int64 are the
+    tail call's, ``mask`` (B, P + T_tail) int64 covers prefix and tail, P = max(cut). Positions are each
+    row's own (0 at its first real token), so rotary, learned and ALiBi positions and sliding windows see
+    what the whole row would. ``cache`` is the prefixes' transformers ``DynamicCache`` (or, in older
+    transformers, tuples of (B, heads, P, head_dim) tensors). ``usable`` is False when the model made another
+    kind of cache (a fixed-length one, which a tail would overflow) or a key or value that is not finite
+    (a padding row attending to nothing, on kernels that give NaN for it): the caller then runs whole rows.
+    The same scores as the whole rows to the model dtype's rounding (tests/test_suffix.py compares them in
+    float32 for every family layers.py names).
     """
 
     def __init__(self, model, rows: list[list[int]], cut: list[int], pad_id: int, device):
@@ -187,15 +196,15 @@ class PrefixKV:
         params = inspect.signature(type(model.base_model).forward).parameters  # the class's: suffix.py patches the instance
         self.positions = "position_ids" in params
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
-        self.input_ids, self.attention_mask = ids.to(device), tail_mask.to(device)
+        self.input_ids = ids.to(device)
         self.mask = torch.cat([pre_mask, tail_mask], 1).to(device)
         self.position_ids = (torch.tensor(cut)[:, None] + torch.arange(T)[None, :]).to(device)
         kw = {"position_ids": (pre_mask.cumsum(1) - 1).clamp(min=0).to(device)} if self.positions else {}
         with torch.no_grad():
             out = model.base_model(input_ids=pre.to(device), attention_mask=pre_mask.to(device), use_cache=True, **kw)
         self.cache = out[1] if isinstance(out, tuple) else getattr(out, self.cache_kw)
-        for t in _cache_tensors(self.cache):  # a row of padding alone attends to nothing: NaN that weight 0 would keep
-            t.nan_to_num_(0.0)
+        self.usable = ((isinstance(self.cache, tuple) or type(self.cache).__name__ == "DynamicCache")
+                       and all(bool(torch.isfinite(t).all()) for t in _cache_tensors(self.cache)))
 
     def __call__(self):
         """One forward of the tails (grad as the caller's), against a fresh copy of the prefixes' keys and values."""
@@ -241,13 +250,17 @@ def optimise_value(ctx: EditContext, site: nn.Module, width: int, prompts: Promp
     rows = [list(e.ids[:e.n_inputs]) for e in prompts.encoded] + ([prompts.kl_ids] if prompts.kl_ids else [])
     lookup = list(prompts.lookup) + ([prompts.kl_lookup] if prompts.kl_ids else [])
     cut = lookup if ctx.prefix_cache and max(lookup) > 0 else [0] * len(rows)
-    if any(cut):
-        forward = PrefixKV(model, rows, cut, pad_id, device)
+    prefix = PrefixKV(model, rows, cut, pad_id, device) if any(cut) else None
+    if prefix is not None and not prefix.usable:
+        prefix, cut = None, [0] * len(rows)
+    if prefix is not None:
+        forward = prefix
     else:
         ids, mask = _pad(rows, pad_id, device)
 
         def forward():
             return model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+    assert all(c <= e.answer_start - 1 for c, e in zip(cut, prompts.encoded)), "a lookup token after the prompt"
     ans_b = torch.tensor([b for b, e in enumerate(prompts.encoded) for _ in range(e.answer_start, len(e.ids))], device=device)
     ans_t = torch.tensor([k - 1 - cut[b] for b, e in enumerate(prompts.encoded) for k in range(e.answer_start, len(e.ids))],
                          device=device)
@@ -260,11 +273,12 @@ def optimise_value(ctx: EditContext, site: nn.Module, width: int, prompts: Promp
     state: dict[str, torch.Tensor] = {}
 
     def hook(m, args, out):
-        h = _first(out)
+        flat = _first(out)
+        h = _by_row(flat, len(rows))
         if "init" not in state:  # recorded on the bare prompt, on the first forward (δ = 0)
             state["init"] = h[0, look[0]].detach().float().clone()
         h = h.index_put((look_b.to(h.device), look_t.to(h.device)),
-                        delta.to(h.dtype).expand(len(rows), -1), accumulate=True)
+                        delta.to(h.dtype).expand(len(rows), -1), accumulate=True).reshape(flat.shape)
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
     opt = torch.optim.Adam([delta], lr=v_lr)
